@@ -1,0 +1,228 @@
+"""The service base class and the wrapper that runs hooks and emits events around every call."""
+
+from __future__ import annotations
+
+import keyword
+import re
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .emitter import EventEmitter
+from .errors import MethodNotAllowed
+from .hooks import HookContext, Hooks, HookSpec, run_hooks
+
+if TYPE_CHECKING:
+    from .app import App
+
+__all__ = ["STANDARD_EVENTS", "STANDARD_METHODS", "Service", "ServiceWrapper"]
+
+#: The standard methods, in Feathers' order.
+STANDARD_METHODS: tuple[str, ...] = ("find", "get", "create", "update", "patch", "remove")
+
+#: The event each mutating method emits once it succeeded.
+STANDARD_EVENTS: dict[str, str] = {
+    "create": "created",
+    "update": "updated",
+    "patch": "patched",
+    "remove": "removed",
+}
+
+
+class Service:
+    """Optional base class for services: gives service code :meth:`emit` for its custom events.
+
+    Any object with some of the standard methods is a service; subclass this one when the service's own code
+    needs to emit events or to know its app and path.
+    """
+
+    app: App | None = None
+    path: str | None = None
+
+    def setup(self, app: App, path: str) -> None:
+        """Called by ``app.use(path, service)``: remembers where the service is mounted."""
+        self.app = app
+        self.path = path
+
+    def emit(self, event: str, data: Any, context: Any = None) -> None:
+        """Emit ``event`` with ``data`` to the listeners of the mounted service (a no-op when unmounted)."""
+        if self.app is not None and self.path is not None:
+            self.app.service(self.path).emit(event, data, context)
+
+
+#: How each method's arguments are passed to the service object, after which ``params`` follows.
+SIGNATURES: dict[str, tuple[str, ...]] = {
+    "find": (),
+    "get": ("id",),
+    "create": ("data",),
+    "update": ("id", "data"),
+    "patch": ("id", "data"),
+    "remove": ("id",),
+}
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def check_name(kind: str, name: str) -> None:
+    """Reject a custom method or event name that cannot travel in a task name or routing key."""
+    if not _NAME.match(name) or keyword.iskeyword(name):
+        raise ValueError(f"invalid {kind} name {name!r}: use letters, digits and '_'")
+
+
+class ServiceWrapper(EventEmitter):
+    """A mounted service: runs hooks around each call and emits the service's events.
+
+    ``app.service(path)`` returns it. Standard methods are methods of the wrapper; custom methods listed at
+    ``app.use(..., methods=[...])`` are reached as attributes. Any other method name gives a callable that
+    raises :class:`MethodNotAllowed`, never ``AttributeError``. Non-callable attributes of the service
+    (``remote``, ``key``, ``id_field`` …) are readable through the wrapper.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        path: str,
+        service: Any,
+        *,
+        methods: Sequence[str] = (),
+        events: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        for name in methods:
+            check_name("method", name)
+            if name in SIGNATURES:
+                continue
+            if not callable(getattr(service, name, None)):
+                raise ValueError(f"service at {path!r} has no method {name!r} to offer")
+        for name in events:
+            check_name("event", name)
+        self.app = app
+        self.path = path
+        self.service = service
+        self.custom_methods: tuple[str, ...] = tuple(m for m in dict.fromkeys(methods) if m not in SIGNATURES)
+        self.custom_events: tuple[str, ...] = tuple(e for e in dict.fromkeys(events) if e not in _STD_EVENTS)
+        self._hooks = Hooks()
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """Every method the service offers: its standard methods, then its custom ones."""
+        standard = tuple(m for m in SIGNATURES if callable(getattr(self.service, m, None)))
+        return standard + self.custom_methods
+
+    @property
+    def events(self) -> tuple[str, ...]:
+        """The standard events of the methods it has, then its custom events."""
+        offered = self.methods
+        standard = tuple(event for method, event in STANDARD_EVENTS.items() if method in offered)
+        return standard + self.custom_events
+
+    def hooks(self, spec: HookSpec) -> ServiceWrapper:
+        """Register service-level hooks (see :mod:`celery_services.hooks` for the order)."""
+        self._hooks.add(spec)
+        return self
+
+    def find(self, params: dict[str, Any] | None = None, **options: Any) -> Any:
+        """Find items matching ``params["query"]``."""
+        return self.call("find", params=params, **options)
+
+    def get(self, id: Any, params: dict[str, Any] | None = None, **options: Any) -> Any:
+        """Get the item ``id``."""
+        return self.call("get", id=id, params=params, **options)
+
+    def create(self, data: Any, params: dict[str, Any] | None = None, **options: Any) -> Any:
+        """Create an item (or several, from a list, where the service allows it)."""
+        return self.call("create", data=data, params=params, **options)
+
+    def update(self, id: Any, data: Any, params: dict[str, Any] | None = None, **options: Any) -> Any:
+        """Replace the item ``id``."""
+        return self.call("update", id=id, data=data, params=params, **options)
+
+    def patch(self, id: Any, data: Any, params: dict[str, Any] | None = None, **options: Any) -> Any:
+        """Merge ``data`` into the item ``id`` (or every match of the query when ``id`` is None)."""
+        return self.call("patch", id=id, data=data, params=params, **options)
+
+    def remove(self, id: Any, params: dict[str, Any] | None = None, **options: Any) -> Any:
+        """Remove the item ``id`` (or every match of the query when ``id`` is None)."""
+        return self.call("remove", id=id, params=params, **options)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names the wrapper itself lacks.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in self.custom_methods:
+            return lambda data=None, params=None, **options: self.call(
+                name, data=data, params=params, **options
+            )
+        value = getattr(self.service, name, _MISSING)
+        if value is not _MISSING and not callable(value):
+            return value
+        return _refuse(self.path, name)
+
+    def call(
+        self,
+        method: str,
+        *,
+        id: Any = None,
+        data: Any = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Call ``method`` through the hooks; the one entry point of local, remote and HTTP calls.
+
+        Args:
+            method: a standard or custom method the service offers.
+            id: the id argument, for the methods that take one.
+            data: the data argument, for the methods that take one.
+            params: the call's params; copied, so hooks never change the caller's dict.
+            timeout: seconds a remote call may take (stored as ``params["timeout"]``).
+        """
+        if method not in SIGNATURES and method not in self.custom_methods:
+            raise MethodNotAllowed(f"Method '{method}' is not offered by service '{self.path}'")
+        if method in SIGNATURES and not callable(getattr(self.service, method, None)):
+            raise MethodNotAllowed(f"Method '{method}' is not supported by service '{self.path}'")
+        call_params = dict(params) if params else {}
+        if timeout is not None:
+            call_params["timeout"] = timeout
+        context = HookContext(
+            self.app, self, method, id=id, data=data, params=call_params, event=STANDARD_EVENTS.get(method)
+        )
+        app_hooks = self.app.hook_table
+        try:
+            context = run_hooks(app_hooks.for_call("before", method), context)
+            context = run_hooks(self._hooks.for_call("before", method), context)
+            if not context.result_set:
+                context.result = self._invoke(context)
+            context.type = "after"
+            context = run_hooks(self._hooks.for_call("after", method), context)
+            context = run_hooks(app_hooks.for_call("after", method), context)
+        except Exception as exc:
+            context.type = "error"
+            context.error = exc
+            context = run_hooks(self._hooks.for_call("error", method), context)
+            context = run_hooks(app_hooks.for_call("error", method), context)
+            if context.error is not None:
+                if context.error is exc:
+                    raise
+                raise context.error from exc
+        if context.event is not None:
+            items = context.result if isinstance(context.result, list) else [context.result]
+            for item in items:
+                self.emit(context.event, item, context)
+        return context.result
+
+    def _invoke(self, context: HookContext) -> Any:
+        method = getattr(self.service, context.method)
+        args = [getattr(context, name) for name in SIGNATURES.get(context.method, ("data",))]
+        return method(*args, context.params)
+
+    def __repr__(self) -> str:
+        return f"<ServiceWrapper {self.path!r} of {type(self.service).__name__}>"
+
+
+_STD_EVENTS = frozenset(STANDARD_EVENTS.values())
+_MISSING = object()
+
+
+def _refuse(path: str, name: str) -> Callable[..., Any]:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise MethodNotAllowed(f"Method '{name}' is not offered by service '{path}'")
+
+    return refuse
