@@ -75,7 +75,12 @@ class App(EventEmitter):
             ValueError: the path, a method or an event name is invalid, or a listed method is missing.
         """
         path = normalize_path(path)
-        wrapper = ServiceWrapper(self, path, service, methods=methods or (), events=events or ())
+        # A service may declare what it offers (proxies do): used when use() names nothing.
+        if methods is None:
+            methods = _declared(service, "methods")
+        if events is None:
+            events = _declared(service, "events")
+        wrapper = ServiceWrapper(self, path, service, methods=methods, events=events)
         with self._lock:
             if path in self._services:
                 raise Conflict(f"A service is already mounted at '{path}'", {"path": path})
@@ -108,3 +113,8 @@ class App(EventEmitter):
         if wrapper is None:
             raise NotFound(f"No service mounted at '{path.strip('/')}'", {"path": path})
         return wrapper
+
+
+def _declared(service: Any, name: str) -> Sequence[str]:
+    value = getattr(service, name, ())
+    return tuple(value) if isinstance(value, list | tuple) else ()

@@ -1,0 +1,259 @@
+"""Distribution: exposes an app's services as Celery tasks and gives it proxies of other apps' services.
+
+``distribute(app, settings)`` builds (or adopts) the Celery app, registers a task per exposed method,
+and returns the :class:`Distribution` that owns the parts (call transport, and later registry and event
+bus); ``finalize(app)`` stops them in reverse order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import uuid
+from typing import Any
+
+import redis
+from celery import Celery, signals
+
+from .app import App
+from .errors import Unavailable
+from .remote import RemoteService, Transport
+from .service import ServiceWrapper
+from .settings import DistributionSettings
+from .tasks import register_health, register_method
+
+__all__ = ["Distribution", "distribute", "finalize", "make_celery"]
+
+log = logging.getLogger("celery_services.distribution")
+
+#: Pools whose tasks run in the worker's own process, where a service mounted later can still be served.
+IN_PROCESS_POOLS = ("solo", "threads", "eventlet", "gevent")
+
+
+def make_celery(settings: DistributionSettings) -> Celery:
+    """A Celery app configured for remote calls: JSON only, prefetch 1, late acks, task events on."""
+    celery = Celery(
+        settings.key,
+        broker=settings.resolved_broker_url(),
+        backend=settings.resolved_result_backend(),
+        set_as_current=False,
+    )
+    # The Redis transport gives an unacked message of a dead worker back only after visibility_timeout
+    # (1 hour by default): derive it from the call timeout so a call lost with its replica is served by
+    # another one before its caller gives up, and sweep for such messages every second.
+    visibility = max(1.0, settings.timeout / 4)
+    celery.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        worker_prefetch_multiplier=1,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_default_queue=settings.key,
+        result_expires=3600,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=min(settings.timeout, 4.0),
+        broker_transport_options={
+            "visibility_timeout": visibility,
+            "unacked_restore_interval": 1,
+            "unacked_restore_throttle": 1,
+            "socket_connect_timeout": 2,
+        },
+        worker_hijack_root_logger=False,
+    )
+    return celery
+
+
+class Distribution:
+    """The parts that make an app's services remote, and remote services local.
+
+    Attributes:
+        app: the distributed app.
+        settings: its settings.
+        celery: the Celery app carrying its calls.
+        key: the app's key (its queue name).
+        instance: this process's unique instance id.
+    """
+
+    def __init__(self, app: App, settings: DistributionSettings, celery: Celery | None = None) -> None:
+        self.app = app
+        self.settings = settings
+        self.key = settings.key
+        self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.celery = celery if celery is not None else make_celery(settings)
+        self.celery.celery_services_distribution = self
+        self.replies = redis.Redis.from_url(settings.resolved_result_backend())
+        self.transport = Transport(self.celery, self.replies, settings, caller=self.key)
+        self.exposed: dict[str, tuple[str, ...]] = {}
+        self._worker_pool: str | None = None
+        self._consumer: Any = None
+        self._lock = threading.RLock()
+        self._closed = False
+
+    # -- exposing ---------------------------------------------------------------------------------------
+
+    def start(self) -> Distribution:
+        """Expose the app's selected services and follow its ``service`` events."""
+        register_health(self)
+        for wrapper in list(self.app.services.values()):
+            self._on_service(wrapper)
+        self.app.on("service", self._on_service)
+        self.app.on("service-removed", self._on_service_removed)
+        signals.worker_init.connect(self._on_worker_init, weak=False)
+        signals.worker_process_init.connect(self._on_worker_process_init, weak=False)
+        signals.worker_ready.connect(self._on_worker_ready, weak=False)
+        return self
+
+    def exposable_methods(self, wrapper: ServiceWrapper) -> tuple[str, ...]:
+        """The methods of ``wrapper`` this app distributes (none for proxies or unselected services)."""
+        if getattr(wrapper.service, "remote", False) or not self.settings.exposes(
+            wrapper.service, wrapper.path
+        ):
+            return ()
+        wanted = set(self.settings.distributed_methods) | set(wrapper.custom_methods)
+        return tuple(method for method in wrapper.methods if method in wanted)
+
+    def check_mount(self, wrapper: ServiceWrapper) -> None:
+        """Refuse a service a running prefork worker could never serve (its children were forked before)."""
+        pool = self._worker_pool
+        if pool is None or pool.endswith(IN_PROCESS_POOLS) or not self.exposable_methods(wrapper):
+            return
+        raise RuntimeError(
+            f"Cannot expose '{wrapper.path}' after the worker started: its {pool} pool runs calls in child "
+            "processes that were forked before this service existed and would never serve it. Mount it at "
+            "import of the app module (before the worker starts), or run the worker with "
+            "`--pool threads` / `--pool solo` (or an embedded worker) to add services at run time."
+        )
+
+    def _on_service(self, wrapper: ServiceWrapper) -> None:
+        if getattr(wrapper.service, "remote", False):
+            if self.settings.hooks:
+                wrapper.hooks(self.settings.hooks)
+            return
+        methods = self.exposable_methods(wrapper)
+        if not methods:
+            return
+        for method in methods:
+            register_method(self, wrapper.path, method)
+        with self._lock:
+            self.exposed[wrapper.path] = methods
+            consumer = self._consumer
+        if consumer is not None:
+            # A worker in this very process: let its consumer learn the new task names.
+            consumer.update_strategies()
+
+    def _on_service_removed(self, wrapper: ServiceWrapper) -> None:
+        with self._lock:
+            self.exposed.pop(wrapper.path, None)
+
+    def _on_worker_init(self, sender: Any = None, **_: Any) -> None:
+        if sender is not None and getattr(sender, "app", None) is self.celery:
+            pool_cls = getattr(sender, "pool_cls", None)
+            name = pool_cls if isinstance(pool_cls, str) else getattr(pool_cls, "__module__", "")
+            self._worker_pool = str(name or "prefork")
+
+    def _on_worker_process_init(self, **_: Any) -> None:
+        self._worker_pool = "prefork"
+
+    def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
+        if sender is not None and getattr(sender, "app", None) is self.celery:
+            self._consumer = sender
+
+    def local_health(self) -> dict[str, bool]:
+        """``{path: True}`` for each service this instance exposes and still has mounted."""
+        return {path: path in self.app.services for path in self.exposed}
+
+    def push_reply(self, key: str, body: str, ttl: int) -> None:
+        """Push a call's reply on its caller's list (kept ``ttl`` seconds for a caller that gave up)."""
+        try:
+            with self.replies.pipeline(transaction=False) as pipe:
+                pipe.lpush(key, body)
+                pipe.expire(key, ttl)
+                pipe.execute()
+        except redis.RedisError:
+            log.exception("could not push the reply %s", key)
+
+    # -- consuming --------------------------------------------------------------------------------------
+
+    def remote_service(
+        self,
+        key: str,
+        path: str,
+        methods: list[str] | tuple[str, ...] | None = None,
+        events: list[str] | tuple[str, ...] | None = None,
+        remote_options: dict[str, Any] | None = None,
+    ) -> RemoteService:
+        """A proxy of the service at ``path`` of the app ``key``; mount it with ``app.use(path, proxy)``.
+
+        A proxy of this app's own key calls the local service directly: a call from a worker to its own
+        queue could wait for itself.
+        """
+        offered = tuple(methods) if methods is not None else tuple(self.settings.distributed_methods)
+        evts = tuple(events) if events is not None else tuple(self.settings.distributed_events)
+        call = self._call_local if key == self.key else self.transport.call
+        return RemoteService(call, key, path, offered, evts, remote_options)
+
+    def _call_local(self, key: str, path: str, method: str, **fields: Any) -> Any:
+        return self.app.service(path).call(method, **fields)
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop following the app and release connections (parts stop in reverse order of start)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self.app.off("service", self._on_service)
+        self.app.off("service-removed", self._on_service_removed)
+        signals.worker_init.disconnect(self._on_worker_init)
+        signals.worker_process_init.disconnect(self._on_worker_process_init)
+        signals.worker_ready.disconnect(self._on_worker_ready)
+        self.replies.close()
+        try:
+            self.celery.pool.force_close_all()
+        except Exception:  # closing a pool that never connected
+            log.debug("closing the broker pool failed", exc_info=True)
+
+
+def distribute(
+    app: App,
+    settings: DistributionSettings | None = None,
+    *,
+    celery: Celery | None = None,
+    **options: Any,
+) -> Distribution:
+    """Distribute ``app``: expose its selected services and make remote ones usable.
+
+    Args:
+        app: the app to distribute.
+        settings: its settings; when omitted they are loaded (file, environment) with ``options`` on top.
+        celery: a Celery app of your own to carry the calls, instead of one built from the settings.
+        **options: settings given as keywords (``key="my-app"``, ``timeout=5`` …).
+
+    Returns:
+        The app's :class:`Distribution`, also set as ``app.distribution``.
+    """
+    if app.distribution is not None:
+        raise Unavailable("This app is already distributed: finalize(app) first")
+    if settings is None:
+        settings = DistributionSettings.load(**options)
+    elif options:
+        settings = settings.model_copy(update=options)
+    distribution = Distribution(app, settings, celery)
+    app.distribution = distribution
+    return distribution.start()
+
+
+def finalize(app: App) -> None:
+    """Undo :func:`distribute`: withdraw, stop the parts and close their connections."""
+    distribution = app.distribution
+    if distribution is None:
+        return
+    app.distribution = None
+    distribution.close()

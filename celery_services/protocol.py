@@ -1,0 +1,114 @@
+"""Wire protocol v1: task names, the call envelope, call headers and the reply.
+
+Both sides import this module and nothing else of each other, so a reader can check the contract here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import BadRequest
+
+__all__ = [
+    "HEADER_CALLER",
+    "HEADER_DEADLINE",
+    "HEADER_REPLY",
+    "PROTOCOL_VERSION",
+    "Envelope",
+    "mask_url",
+    "parse_envelope",
+    "reply_key",
+    "safe_params",
+    "split_task_name",
+    "task_name",
+]
+
+PROTOCOL_VERSION = 1
+
+#: Message headers of a call (the call id is Celery's own task id).
+HEADER_CALLER = "cs_caller"
+HEADER_DEADLINE = "cs_deadline"
+HEADER_REPLY = "cs_reply"
+
+#: Params that may travel with any call; ``provider``, ``user`` and ``authentication`` travel only when
+#: the ``authentication`` setting says so.
+BASE_PARAMS = ("query", "headers")
+AUTH_PARAMS = ("provider", "user", "authentication")
+#: Request headers that carry credentials: they travel only with ``authentication=True``.
+CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_-]+$")
+log = logging.getLogger("celery_services.protocol")
+
+
+def task_name(key: str, path: str, method: str) -> str:
+    """``"{key}.{path}.{method}"`` with ``/`` in the path written as ``.``."""
+    return f"{key}.{path.replace('/', '.')}.{method}"
+
+
+def split_task_name(name: str) -> tuple[str, str, str]:
+    """Split a task name back into ``(key, path, method)``; segments never contain ``.``."""
+    parts = name.split(".")
+    if len(parts) < 3 or not all(_SEGMENT.match(part) for part in parts):
+        raise ValueError(f"not a celery-services task name: {name!r}")
+    return parts[0], "/".join(parts[1:-1]), parts[-1]
+
+
+def reply_key(prefix: str, call_id: str) -> str:
+    """The Redis list a provider pushes the reply of ``call_id`` to."""
+    return f"{prefix}:reply:{call_id}"
+
+
+class Envelope(BaseModel):
+    """The keyword arguments of a call task, validated on the provider."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str | int | None = None
+    data: Any = None
+    params: dict[str, Any] = {}
+
+
+def parse_envelope(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Envelope:
+    """Validate a task's arguments as an :class:`Envelope`; anything else is a :class:`BadRequest`."""
+    if args:
+        raise BadRequest("Malformed call envelope: positional arguments are not accepted")
+    try:
+        return Envelope.model_validate(kwargs)
+    except ValidationError as exc:
+        fields = [".".join(str(p) for p in err["loc"]) or "envelope" for err in exc.errors()]
+        raise BadRequest(f"Malformed call envelope: bad {', '.join(fields)}", {"fields": fields}) from None
+
+
+def safe_params(params: dict[str, Any], *, authentication: bool, extra: Iterable[str] = ()) -> dict[str, Any]:
+    """The params that travel: whitelisted names with JSON-safe values only.
+
+    A value that cannot be serialized is dropped with a debug log rather than failing the call; with
+    ``authentication`` off, identity params and credential headers stay home (the gateway pattern).
+    """
+    allowed = [*BASE_PARAMS, *extra, *(AUTH_PARAMS if authentication else ())]
+    out: dict[str, Any] = {}
+    for name in allowed:
+        if name not in params or params[name] is None:
+            continue
+        value = params[name]
+        if name == "headers" and not authentication and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if str(k).lower() not in CREDENTIAL_HEADERS}
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            log.debug("param %r is not JSON-safe and is not sent", name)
+            continue
+        out[name] = value
+    return out
+
+
+def mask_url(url: str) -> str:
+    """The URL with its password replaced by ``***``, fit for messages and logs."""
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)

@@ -1,0 +1,240 @@
+"""The caller's half of a remote call: the proxy service and the lean call path behind it.
+
+A call is one task message published through a pooled producer, and one ``BLPOP`` on a reply list the
+provider fills (see :mod:`celery_services.tasks`). Celery's own ``send_task().get()`` would also subscribe to a
+result channel, ``GET`` the meta key and poll; none of that is needed when the provider answers on a list.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from kombu.exceptions import OperationalError
+
+from .errors import MethodNotAllowed, PayloadTooLarge, ServiceError, Timeout, Unavailable
+from .protocol import (
+    HEADER_CALLER,
+    HEADER_DEADLINE,
+    HEADER_REPLY,
+    mask_url,
+    reply_key,
+    safe_params,
+    task_name,
+)
+from .service import SIGNATURES
+
+if TYPE_CHECKING:
+    import redis
+    from celery import Celery
+
+    from .settings import DistributionSettings
+
+__all__ = ["RemoteService", "Transport", "current_deadline"]
+
+log = logging.getLogger("celery_services.remote")
+
+#: The deadline of the call being served in this context; nested calls never wait past it.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "celery_services_deadline", default=None
+)
+
+
+def current_deadline() -> float | None:
+    """The epoch deadline of the remote call being served here, if any."""
+    return _deadline.get()
+
+
+def set_deadline(deadline: float | None) -> contextvars.Token[float | None]:
+    """Make ``deadline`` the one nested calls inherit (the provider sets it while serving a call)."""
+    return _deadline.set(deadline)
+
+
+def reset_deadline(token: contextvars.Token[float | None]) -> None:
+    """Undo :func:`set_deadline`."""
+    _deadline.reset(token)
+
+
+class Transport:
+    """Sends calls to a key's queue and waits for their replies."""
+
+    def __init__(
+        self,
+        celery: Celery,
+        replies: redis.Redis,
+        settings: DistributionSettings,
+        *,
+        caller: str,
+    ) -> None:
+        self.celery = celery
+        self.replies = replies
+        self.settings = settings
+        self.caller = caller
+        self._broker = mask_url(celery.conf.broker_url or settings.resolved_broker_url())
+
+    def call(
+        self,
+        key: str,
+        path: str,
+        method: str,
+        *,
+        id: Any = None,
+        data: Any = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Any:
+        """Send one call and return its result, or raise the provider's error rebuilt by name.
+
+        Raises:
+            Timeout: no reply within ``timeout`` (or the inherited deadline, when shorter).
+            PayloadTooLarge: the envelope is over ``max_payload_bytes``; nothing is sent.
+            Unavailable: the broker cannot be reached.
+        """
+        settings = self.settings
+        now = time.time()
+        deadline = now + (timeout if timeout is not None else settings.timeout)
+        inherited = _deadline.get()
+        if inherited is not None:
+            deadline = min(deadline, inherited)
+        name = task_name(key, path, method)
+        if deadline <= now:
+            raise Timeout(f"No time left to call '{name}'", {"key": key, "path": path, "method": method})
+        kwargs = {
+            "id": id,
+            "data": data,
+            "params": safe_params(
+                params or {}, authentication=settings.authentication, extra=settings.extra_params
+            ),
+        }
+        try:
+            size = len(json.dumps(kwargs))
+        except (TypeError, ValueError) as exc:
+            raise ServiceError.from_dict(
+                {"name": "BadRequest", "message": f"Call data is not JSON serializable: {exc}"}
+            ) from None
+        if size > settings.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"Call to '{name}' is {size} bytes, over the {settings.max_payload_bytes} byte limit",
+                {"size": size, "limit": settings.max_payload_bytes},
+            )
+        call_id = str(uuid.uuid4())
+        self._publish(name, key, call_id, kwargs, deadline)
+        return self._wait(name, call_id, deadline)
+
+    def _publish(self, name: str, queue: str, call_id: str, kwargs: dict[str, Any], deadline: float) -> None:
+        celery = self.celery
+        expires = max(deadline - time.time(), 0.001)
+        message = celery.amqp.create_task_message(
+            call_id,
+            name,
+            (),
+            kwargs,
+            expires=expires,
+            create_sent_event=celery.conf.task_send_sent_event,
+            argsrepr="()",
+            kwargsrepr=_kwargsrepr(kwargs),
+        )
+        headers = {HEADER_CALLER: self.caller, HEADER_DEADLINE: deadline, HEADER_REPLY: True}
+        # A bounded retry: an unreachable broker must fail the call within its deadline, not hang it.
+        policy = {"max_retries": max(1, int(expires / 0.5)), "interval_start": 0, "interval_step": 0.5}
+        policy["interval_max"] = 0.5
+        try:
+            with celery.producer_or_acquire() as producer:
+                celery.amqp.send_task_message(
+                    producer,
+                    name,
+                    message,
+                    queue=queue,
+                    routing_key=queue,
+                    headers=headers,
+                    expiration=expires,
+                    retry=True,
+                    retry_policy=policy,
+                )
+        except (OperationalError, OSError, ConnectionError) as exc:
+            raise Unavailable(
+                f"Broker {self._broker} is unreachable: {exc}", {"broker": self._broker, "task": name}
+            ) from None
+
+    def _wait(self, name: str, call_id: str, deadline: float) -> Any:
+        import redis
+
+        key = reply_key(self.settings.registry_prefix, call_id)
+        try:
+            reply = self.replies.blpop([key], timeout=max(deadline - time.time(), 0.001))
+        except redis.RedisError as exc:
+            raise Unavailable(f"Reply store unreachable while waiting for '{name}': {exc}") from None
+        if reply is None:
+            raise Timeout(
+                f"Timeout of the call to '{name}' (no reply before its deadline)",
+                {"task": name, "call_id": call_id},
+            )
+        answer = json.loads(reply[1])
+        if "error" in answer:
+            raise ServiceError.from_dict(answer["error"])
+        return answer["result"]
+
+
+def _kwargsrepr(kwargs: dict[str, Any]) -> str:
+    # What Flower and worker logs show: never the identity of the caller, and never a huge payload.
+    params = {k: ("***" if k in ("user", "authentication") else v) for k, v in kwargs["params"].items()}
+    text = repr({"id": kwargs["id"], "data": kwargs["data"], "params": params})
+    return text if len(text) <= 1024 else text[:1021] + "..."
+
+
+class RemoteService:
+    """A proxy for the service at ``path`` of the app ``key``: each method sends the call and waits.
+
+    Mount it with ``app.use(path, proxy)``; the app's hooks and the distribution's proxy hooks then run
+    around its calls like any service's. Only the methods in ``methods`` exist on it, so any other is
+    refused with :class:`MethodNotAllowed` before anything is sent.
+
+    Attributes:
+        remote: always ``True``.
+        key: the provider app's key.
+        path: the service's path on the provider.
+        methods: the methods offered (standard and custom).
+        events: the events the provider publishes for it.
+        remote_options: service options the provider put in its manifest.
+    """
+
+    remote = True
+
+    def __init__(
+        self,
+        call: Callable[..., Any],
+        key: str,
+        path: str,
+        methods: Sequence[str],
+        events: Sequence[str] = (),
+        remote_options: dict[str, Any] | None = None,
+    ) -> None:
+        self._call = call
+        self.key = key
+        self.path = path
+        self.methods = tuple(methods)
+        self.events = tuple(events)
+        self.remote_options = dict(remote_options or {})
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        if name.startswith("_") or name not in self.__dict__.get("methods", ()):
+            raise AttributeError(name)
+        names = SIGNATURES.get(name, ("data",))
+
+        def method(*args: Any) -> Any:
+            if len(args) != len(names) + 1:
+                raise MethodNotAllowed(f"Method '{name}' of '{self.path}' takes {names} and params")
+            params = dict(args[-1] or {})
+            timeout = params.pop("timeout", None)
+            fields = dict(zip(names, args[:-1], strict=True))
+            return self._call(self.key, self.path, name, params=params, timeout=timeout, **fields)
+
+        return method
+
+    def __repr__(self) -> str:
+        return f"<RemoteService {self.key}/{self.path} {list(self.methods)}>"

@@ -1,0 +1,494 @@
+"""Settings of a distribution: which services travel, how, and where the broker and registry live.
+
+:class:`DistributionSettings` is the Python counterpart of the ``distribution`` object of a
+feathers-distributed configuration. Values come, highest priority first, from keyword arguments,
+``CELERY_SERVICES_*`` environment variables, ``config/{CELERY_SERVICES_ENV}.toml`` and the ``[distribution]``
+table of ``config/default.toml`` (see :meth:`DistributionSettings.load`). Filters and hooks that are
+functions can only be given in code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .service import STANDARD_EVENTS, STANDARD_METHODS
+
+__all__ = ["DistributionSettings"]
+
+#: Which local services are exposed: a predicate on the service, or path globs.
+ServiceFilter = Callable[[Any], bool] | list[str]
+#: Which remote services become proxies: a predicate on the manifest entry, or key / ``key/path`` globs.
+RemoteFilter = Callable[[Any], bool] | list[str]
+
+#: Environment variable prefix of every setting.
+ENV_PREFIX = "CELERY_SERVICES_"
+#: Environment variable naming the base configuration file.
+CONFIG_ENV_VAR = "CELERY_SERVICES_CONFIG"
+#: Environment variable naming the environment whose ``config/{name}.toml`` overrides the base file.
+ENV_NAME_VAR = "CELERY_SERVICES_ENV"
+#: The TOML table holding the settings.
+TABLE = "distribution"
+#: Broker, result backend and registry used when nothing is configured.
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_RESULT_BACKEND_SCHEMES = ("redis", "rediss", "redis+socket")
+_REGISTRY_SCHEMES = ("redis", "rediss", "unix")
+_HOOK_TYPES = ("before", "after", "error")
+
+#: Files read by the sources of the settings being built by :meth:`DistributionSettings.load`.
+_config_files: ContextVar[tuple[Path, ...]] = ContextVar("celery_services_config_files", default=())
+
+
+def _scheme(url: str) -> str:
+    return url.partition("://")[0].lower() if "://" in url else ""
+
+
+def _schemes(schemes: tuple[str, ...]) -> str:
+    return ", ".join(f"{scheme}://" for scheme in schemes)
+
+
+def _matches_any(name: str, globs: list[str]) -> bool:
+    return any(fnmatchcase(name, glob) for glob in globs)
+
+
+def _socket_to_unix(url: str) -> str:
+    """Celery's ``redis+socket:///path?virtual_host=N`` → redis-py's ``unix:///path?db=N``."""
+    parts = urlsplit(url)
+    query = [("db" if name == "virtual_host" else name, value) for name, value in parse_qsl(parts.query)]
+    encoded = urlencode(query)
+    return f"unix://{parts.netloc}{parts.path}" + (f"?{encoded}" if encoded else "")
+
+
+class _DistributionTableSource(TomlConfigSettingsSource):
+    """The ``[distribution]`` table of one TOML file; a file without that table gives no settings."""
+
+    def __init__(self, settings_cls: type[BaseSettings], toml_file: Path) -> None:
+        super().__init__(settings_cls, toml_file=toml_file, toml_table_header=(TABLE,))
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        try:
+            data = super()._read_file(file_path)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{file_path}: invalid TOML: {exc}") from exc
+        table = data.get(TABLE, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"{file_path}: [{TABLE}] must be a table, not {type(table).__name__}")
+        return {TABLE: table}
+
+
+class DistributionSettings(BaseSettings):
+    """Settings of the distribution of one app.
+
+    Build them in code (``DistributionSettings(key="my-app", services=lambda s: ...)``: keyword arguments
+    and ``CELERY_SERVICES_*`` environment variables), or with :meth:`load`, which also reads configuration
+    files. Every value is validated when the settings are built; an invalid one raises
+    :class:`pydantic.ValidationError` naming the field. Unknown fields are rejected, so typos fail loudly.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        extra="forbid",
+        validate_default=True,
+        use_attribute_docstrings=True,
+    )
+
+    key: str = "app"
+    """Name shared by every instance of the app: its queue, partition and task-name prefix
+    (``[A-Za-z0-9_-]+``)."""
+
+    services: ServiceFilter = Field(default_factory=lambda: ["*"])
+    """Local services exposed to other apps: ``(service) -> bool`` in code, or a list of path globs
+    (``["articles*"]``); ``[]`` exposes nothing."""
+
+    remote_services: RemoteFilter = Field(default_factory=lambda: ["*"])
+    """Remote services that become local proxies: ``(manifest_info) -> bool`` in code, or a list of globs,
+    each matched against the key alone when it has no ``/`` (``"my-app"``), else against ``"{key}/{path}"``
+    (``"my-app/articles*"``, ``"*/articles"``); ``[]`` consumes nothing."""
+
+    remote_service_path: Callable[[Any], str] | None = None
+    """Code only: ``(manifest_info) -> str`` giving the local path of a proxy (default: the remote path)."""
+
+    remote_service_options: list[str] | Callable[[Any], list[str]] = Field(default_factory=list)
+    """Options of an exposed service carried in its manifest (the names, or ``(service) -> names``)."""
+
+    distributed_methods: list[str] = Field(default_factory=lambda: list(STANDARD_METHODS))
+    """Methods exposed and proxied, custom ones included (``publish_article``)."""
+
+    distributed_events: list[str] = Field(default_factory=lambda: list(STANDARD_EVENTS.values()))
+    """Events published and re-emitted by proxies, custom ones included (``article_published``)."""
+
+    publish_events: bool = True
+    """Publish the distributed events of exposed services (``False``: calls only)."""
+
+    authentication: bool = False
+    """``False`` (gateway pattern): remote calls run as internal calls on the provider, no ``provider``,
+    ``user`` nor ``authentication`` travels. ``True``: they travel and the provider's hooks judge them."""
+
+    hooks: dict[str, Any] | None = None
+    """Code only: hooks applied to every proxy, ``{"before": {"all": [fn], "get": [fn]}, "after": {...},
+    "error": {...}}``; a single function stands for a list of one."""
+
+    timeout: PositiveFloat = 20.0
+    """Seconds a remote call may take before it fails with ``Timeout``; the call expires with it."""
+
+    heartbeat_interval: PositiveFloat = 5.0
+    """Seconds between two refreshes of this instance's manifest in the registry."""
+
+    registry_ttl: PositiveFloat | None = None
+    """Seconds a manifest lives without heartbeat (``None``: three heartbeat intervals)."""
+
+    rescan_interval: PositiveFloat | None = None
+    """Seconds between two full rescans of the registry, the backstop of its pub/sub announcements
+    (``None``: the distribution's default)."""
+
+    broker_url: str | None = None
+    """Celery broker (``redis://``, ``amqp://`` ...); ``None``: ``redis://127.0.0.1:6379/0``."""
+
+    result_backend: str | None = None
+    """Celery result backend, Redis only; ``None``: the broker when it is Redis, else the default Redis."""
+
+    registry_url: str | None = None
+    """Redis holding the manifests (``redis://``, ``rediss://``, ``unix://``); ``None``: the result
+    backend's."""
+
+    event_delivery: Literal["broadcast", "group"] = "broadcast"
+    """``broadcast``: every instance of a consumer re-emits every event (auto-deleted queue per instance);
+    ``group``: each event is handled once per consumer app (durable queue per key, kept while it is down)."""
+
+    max_payload_bytes: PositiveInt = 1_048_576
+    """Largest serialized call or event accepted; larger ones fail with ``BadRequest``."""
+
+    extra_params: list[str] = Field(default_factory=list)
+    """Params that travel with a call besides ``query``, ``provider``, ``user``, ``authentication`` and
+    ``headers``."""
+
+    event_context: list[str] = Field(default_factory=list)
+    """Extra context fields allowed in published events besides ``method``, ``id`` and ``params.query`` /
+    ``params.provider``."""
+
+    debug: bool = False
+    """Log every call, event and registry change."""
+
+    registry_prefix: Annotated[str, Field(pattern=r"^\S+$")] = "celery_services"
+    """Prefix of the registry keys and channel (``{prefix}:manifest:{key}:{instance}``)."""
+
+    events_exchange: Annotated[str, Field(pattern=r"^\S+$")] = "celery_services.events"
+    """Kombu topic exchange the events travel through."""
+
+    # -- validation ---------------------------------------------------------------------------------------
+
+    @field_validator("key")
+    @classmethod
+    def _check_key(cls, value: str) -> str:
+        if not _NAME.fullmatch(value):
+            raise ValueError(f"key {value!r} must match [A-Za-z0-9_-]+ (it names a queue and tasks)")
+        return value
+
+    @field_validator("services", "remote_services", mode="before")
+    @classmethod
+    def _one_glob_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("services", "remote_services")
+    @classmethod
+    def _check_globs(cls, value: ServiceFilter) -> ServiceFilter:
+        if isinstance(value, list) and any(not glob for glob in value):
+            raise ValueError("globs must not be empty strings")
+        return value
+
+    @field_validator("distributed_methods")
+    @classmethod
+    def _check_methods(cls, value: list[str]) -> list[str]:
+        for method in value:
+            if not method.isidentifier() or method.startswith("_"):
+                raise ValueError(f"method {method!r} must be a public Python identifier")
+        return value
+
+    @field_validator("distributed_events")
+    @classmethod
+    def _check_events(cls, value: list[str]) -> list[str]:
+        for event in value:
+            if not _NAME.fullmatch(event):
+                raise ValueError(f"event {event!r} must match [A-Za-z0-9_-]+ (it is part of a routing key)")
+        return value
+
+    @field_validator("extra_params", "event_context")
+    @classmethod
+    def _check_names(cls, value: list[str]) -> list[str]:
+        if any(not name for name in value):
+            raise ValueError("names must not be empty strings")
+        return value
+
+    @field_validator("hooks")
+    @classmethod
+    def _check_hooks(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        normalized: dict[str, Any] = {}
+        for hook_type, by_method in value.items():
+            if hook_type not in _HOOK_TYPES:
+                raise ValueError(f"hook type {hook_type!r} is not one of {', '.join(_HOOK_TYPES)}")
+            if not isinstance(by_method, dict):
+                raise ValueError(f"hooks[{hook_type!r}] must map 'all' or method names to hooks")
+            normalized[hook_type] = {}
+            for method, hooks in by_method.items():
+                listed = [hooks] if callable(hooks) else hooks
+                if not isinstance(listed, list | tuple) or not all(callable(hook) for hook in listed):
+                    raise ValueError(f"hooks[{hook_type!r}][{method!r}] must be a function or a list of them")
+                normalized[hook_type][method] = list(listed)
+        return normalized
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker(cls, value: str | None) -> str | None:
+        if value is not None and not _scheme(value):
+            raise ValueError(f"broker_url {value!r} is not a URL (scheme://...)")
+        return value
+
+    @field_validator("result_backend")
+    @classmethod
+    def _check_result_backend(cls, value: str | None) -> str | None:
+        if value is not None and _scheme(value) not in _RESULT_BACKEND_SCHEMES:
+            raise ValueError(
+                f"result_backend {value!r} must be a Redis URL ({_schemes(_RESULT_BACKEND_SCHEMES)}): "
+                "the registry and the callers read results from Redis"
+            )
+        return value
+
+    @field_validator("registry_url")
+    @classmethod
+    def _check_registry(cls, value: str | None) -> str | None:
+        if value is not None and _scheme(value) not in _REGISTRY_SCHEMES:
+            raise ValueError(
+                f"registry_url {value!r} must be a Redis URL ({_schemes(_REGISTRY_SCHEMES)}): "
+                "manifests live in Redis"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _check_ttl(self) -> Self:
+        if self.registry_ttl is not None and self.registry_ttl <= self.heartbeat_interval:
+            raise ValueError(
+                f"registry_ttl ({self.registry_ttl}) must exceed "
+                f"heartbeat_interval ({self.heartbeat_interval})"
+            )
+        return self
+
+    # -- resolved values ----------------------------------------------------------------------------------
+
+    def resolved_broker_url(self) -> str:
+        """The broker to use: :attr:`broker_url`, else the default local Redis.
+
+        Returns:
+            A Celery broker URL.
+        """
+        return self.broker_url or DEFAULT_REDIS_URL
+
+    def resolved_result_backend(self) -> str:
+        """The result backend: :attr:`result_backend`, else the broker when it is Redis, else the default.
+
+        Returns:
+            A Celery Redis result backend URL.
+        """
+        if self.result_backend:
+            return self.result_backend
+        if self.broker_url and _scheme(self.broker_url) in _RESULT_BACKEND_SCHEMES:
+            return self.broker_url
+        return DEFAULT_REDIS_URL
+
+    def resolved_registry_url(self) -> str:
+        """The Redis holding the manifests: :attr:`registry_url`, else the result backend's Redis.
+
+        Returns:
+            A URL for ``redis.Redis.from_url`` (a Celery ``redis+socket://`` URL is rewritten as ``unix://``).
+        """
+        if self.registry_url:
+            return self.registry_url
+        backend = self.resolved_result_backend()
+        return _socket_to_unix(backend) if _scheme(backend) == "redis+socket" else backend
+
+    def resolved_registry_ttl(self) -> float:
+        """Seconds a manifest lives without heartbeat: :attr:`registry_ttl`, else three heartbeat intervals.
+
+        Returns:
+            The TTL in seconds.
+        """
+        return self.registry_ttl if self.registry_ttl is not None else 3 * self.heartbeat_interval
+
+    # -- filters ------------------------------------------------------------------------------------------
+
+    def exposes(self, service: Any, path: str) -> bool:
+        """Whether a local service is exposed to other apps.
+
+        Args:
+            service: The service object, given to a :attr:`services` predicate.
+            path: Its path on the app, matched against :attr:`services` globs (outer slashes ignored).
+
+        Returns:
+            True when the service must be exposed.
+        """
+        if callable(self.services):
+            return bool(self.services(service))
+        return _matches_any(path.strip("/"), self.services)
+
+    def consumes(self, key: str, path: str, manifest_info: Any) -> bool:
+        """Whether a remote service becomes a local proxy.
+
+        Args:
+            key: Key of the app providing the service.
+            path: Path of the service on that app.
+            manifest_info: Its manifest entry, given to a :attr:`remote_services` predicate.
+
+        Returns:
+            True when the service must be proxied. Never true for this app's own key.
+        """
+        if key == self.key:
+            return False
+        if callable(self.remote_services):
+            return bool(self.remote_services(manifest_info))
+        full = f"{key}/{path.strip('/')}"
+        return any(fnmatchcase(full if "/" in glob else key, glob) for glob in self.remote_services)
+
+    def local_path(self, info: Any, default: str) -> str:
+        """Path under which a proxy is mounted locally.
+
+        Args:
+            info: The manifest entry of the remote service, given to :attr:`remote_service_path`.
+            default: The path to use without alias (usually the remote path).
+
+        Returns:
+            The local path.
+
+        Raises:
+            ValueError: The alias function did not return a non-empty string.
+        """
+        if self.remote_service_path is None:
+            return default
+        path = self.remote_service_path(info)
+        if not isinstance(path, str) or not path.strip("/"):
+            raise ValueError(f"remote_service_path returned {path!r}, not a non-empty path")
+        return path
+
+    def service_options(self, service: Any) -> list[str]:
+        """Names of the service options carried in the manifest of an exposed service.
+
+        Args:
+            service: The exposed service, given to a :attr:`remote_service_options` function.
+
+        Returns:
+            The option names.
+        """
+        if callable(self.remote_service_options):
+            return list(self.remote_service_options(service))
+        return list(self.remote_service_options)
+
+    # -- loading ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Keyword arguments, then environment variables, then the files chosen by :meth:`load`.
+
+        Files come last, the environment-specific one before the base one. Built directly (not by
+        :meth:`load`), the settings read no file.
+        """
+        files = _config_files.get()
+        return (
+            init_settings,
+            env_settings,
+            *(_DistributionTableSource(settings_cls, path) for path in reversed(files)),
+        )
+
+    @classmethod
+    def config_files(cls, path: str | os.PathLike[str] | None = None) -> list[Path]:
+        """The configuration files :meth:`load` reads, lowest priority first.
+
+        Args:
+            path: The base file; default: ``$CELERY_SERVICES_CONFIG``, else ``config/default.toml`` in the
+                current directory when it exists.
+
+        Returns:
+            The base file (when there is one), then ``{its directory}/{$CELERY_SERVICES_ENV}.toml`` when that
+            variable names an environment (``config/`` of the current directory without a base file).
+
+        Raises:
+            FileNotFoundError: A file named explicitly (argument or environment variable) does not exist.
+            ValueError: ``CELERY_SERVICES_ENV`` is not a plain name.
+        """
+        named = path if path is not None else os.environ.get(CONFIG_ENV_VAR) or None
+        files: list[Path] = []
+        if named is not None:
+            base = Path(named).resolve()
+            if not base.is_file():
+                raise FileNotFoundError(f"configuration file {base} does not exist")
+            files.append(base)
+        else:
+            default = (Path.cwd() / "config" / "default.toml").resolve()
+            if default.is_file():
+                files.append(default)
+        env_name = os.environ.get(ENV_NAME_VAR, "")
+        if env_name:
+            if not _NAME.fullmatch(env_name):
+                raise ValueError(f"{ENV_NAME_VAR}={env_name!r} must match [A-Za-z0-9_-]+")
+            folder = files[0].parent if files else (Path.cwd() / "config").resolve()
+            env_file = folder / f"{env_name}.toml"
+            if not env_file.is_file():
+                raise FileNotFoundError(f"{ENV_NAME_VAR}={env_name!r} but {env_file} does not exist")
+            if env_file not in files:
+                files.append(env_file)
+        return files
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str] | None = None, **overrides: Any) -> Self:
+        """Build the settings from files, environment and keyword arguments.
+
+        Priority, highest first: ``overrides``; ``CELERY_SERVICES_*`` environment variables (lists and
+        tables as JSON, ``CELERY_SERVICES_DISTRIBUTED_METHODS='["find"]'``); the ``[distribution]`` table
+        of ``config/{CELERY_SERVICES_ENV}.toml``; that of the base file (see :meth:`config_files`).
+
+        Args:
+            path: The base TOML file; see :meth:`config_files` for the default.
+            **overrides: Settings given in code (functions included).
+
+        Returns:
+            The validated settings.
+
+        Raises:
+            FileNotFoundError: A file named explicitly does not exist.
+            pydantic.ValidationError: A value is invalid or a field unknown; the error names the field.
+        """
+        with _reading(tuple(cls.config_files(path))):
+            return cls(**overrides)
+
+
+@contextmanager
+def _reading(files: tuple[Path, ...]) -> Iterator[None]:
+    token = _config_files.set(files)
+    try:
+        yield
+    finally:
+        _config_files.reset(token)
