@@ -4,6 +4,7 @@ The public API, grouped by concept.
 """
 
 from .app import App
+from .distribution import Distribution, distribute, finalize
 from .errors import (
     BadGateway,
     BadRequest,
@@ -26,7 +27,10 @@ from .errors import (
     Unprocessable,
 )
 from .hooks import HookContext
+from .memory import MemoryService
+from .remote import RemoteService
 from .service import Service, ServiceWrapper
+from .settings import DistributionSettings
 
 __all__ = [
     # app and services
@@ -34,6 +38,13 @@ __all__ = [
     "HookContext",
     "Service",
     "ServiceWrapper",
+    "MemoryService",
+    # distribution
+    "Distribution",
+    "DistributionSettings",
+    "RemoteService",
+    "distribute",
+    "finalize",
     # errors
     "BadGateway",
     "BadRequest",

@@ -1,8 +1,8 @@
 """The caller's half of a remote call: the proxy service and the lean call path behind it.
 
 A call is one task message published through a pooled producer, and one ``BLPOP`` on a reply list the
-provider fills (see :mod:`celery_services.tasks`). Celery's own ``send_task().get()`` would also subscribe to a
-result channel, ``GET`` the meta key and poll; none of that is needed when the provider answers on a list.
+provider fills (see :mod:`celery_services.tasks`). Celery's own ``send_task().get()`` would also subscribe
+to a result channel, ``GET`` the meta key and poll: not needed when the provider answers on a list.
 """
 
 from __future__ import annotations

@@ -1,0 +1,137 @@
+"""Test kit: real worker processes, polling with a deadline, and isolated settings.
+
+Use it to test your own services the way the project tests its own::
+
+    from celery_services.testing import WorkerProcess, wait_for
+
+    with WorkerProcess("myproject.worker", key="my-app", env={...}) as worker:
+        proxy = distribution.remote_service("my-app", "articles")
+        assert proxy.get(1, {})["id"] == 1
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
+
+__all__ = ["WorkerProcess", "wait_for"]
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that; never a blind sleep.
+
+    Raises:
+        TimeoutError: the condition did not hold within ``timeout`` seconds (``what`` names it).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"condition not met within {timeout}s: {what or predicate!r}")
+        time.sleep(interval)
+
+
+class WorkerProcess:
+    """A real ``celery worker`` subprocess serving one key's queue, in its own process group.
+
+    Args:
+        module: the module (or ``module:attr``) holding the Celery app, as ``celery -A`` takes it.
+        key: the queue to serve.
+        env: environment variables added for the worker (``CELERY_SERVICES_*`` settings).
+        pool: the worker pool (``solo`` is the quickest to start and to kill).
+        concurrency: pool size.
+        command: a full command to run instead of ``celery -A module worker …``.
+        ready_timeout: seconds to wait for the worker to answer a ping.
+    """
+
+    def __init__(
+        self,
+        module: str,
+        key: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        pool: str = "solo",
+        concurrency: int = 1,
+        command: Sequence[str] | None = None,
+        ready_timeout: float = 30.0,
+    ) -> None:
+        self.key = key
+        self.name = f"{key}-{uuid.uuid4().hex[:6]}@localhost"
+        self.env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+        self.command = list(command) if command else [
+            sys.executable, "-m", "celery", "-A", module, "worker",
+            "-Q", key, "-P", pool, "-c", str(concurrency), "-n", self.name,
+            "--without-gossip", "--without-mingle", "-l", "info",
+        ]  # fmt: skip
+        self.ready_timeout = ready_timeout
+        self.log_path = Path(tempfile.mkstemp(prefix="celery-services-worker-", suffix=".log")[1])
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        """The worker's main process id."""
+        assert self.process is not None, "worker not started"
+        return self.process.pid
+
+    def log(self) -> str:
+        """What the worker wrote so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def start(self) -> WorkerProcess:
+        """Start the worker and wait until it serves its queue (its log says ``ready``)."""
+        with self.log_path.open("wb") as out:
+            self.process = subprocess.Popen(
+                self.command, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+        def ready() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.process.returncode}:\n{self.log()}")
+            return " ready." in self.log()
+
+        try:
+            wait_for(ready, self.ready_timeout, interval=0.05, what=f"worker {self.name} ready")
+        except TimeoutError:
+            self.kill()
+            raise
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to the worker's whole process group and reap it."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=5)
+
+    def stop(self) -> None:
+        """Stop the worker (warm shutdown, then SIGKILL if it lingers) and remove its log."""
+        self.kill(signal.SIGTERM)
+        self.log_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> WorkerProcess:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
