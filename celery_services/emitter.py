@@ -22,7 +22,7 @@ class EventEmitter:
         self._listeners_lock = threading.Lock()
 
     def on(self, event: str, listener: Listener) -> Listener:
-        """Call ``listener(*args)`` on every ``emit(event, *args)``; returns the listener (usable as decorator)."""
+        """Call ``listener(*args)`` on every ``emit(event, *args)``; returns it (usable as a decorator)."""
         with self._listeners_lock:
             self._listeners.setdefault(event, []).append((listener, False))
         return listener

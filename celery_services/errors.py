@@ -1,9 +1,9 @@
 """One error tree for local and remote calls.
 
 Every error keeps its whole state in ``args`` (``message``, ``data``, and the original ``name`` when it
-differs from the class), so it survives ``pickle`` and Celery's JSON exception transport, which rebuilds an
-exception as ``cls(*args)``. Remote errors are rebuilt by name through :data:`ERRORS`, an allow-list: no module
-named in a message is ever imported.
+differs from the class), so it survives ``pickle`` and Celery's JSON exception transport, which rebuilds
+an exception as ``cls(*args)``. Remote errors are rebuilt by name through :data:`ERRORS`, an allow-list:
+no module named in a message is ever imported.
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ class GeneralError(ServiceError):
     class_name = "general-error"
 
 
-class NotImplemented(ServiceError):  # noqa: A001 - the Feathers name, scoped to this module
+class NotImplemented(ServiceError):  # the Feathers name; shadows the builtin in this module only
     """501."""
 
     code = 501

@@ -57,7 +57,12 @@ def test_documented_order() -> None:
     ]
     log.clear()
     svc.create({})
-    assert log == ["app-all:before:create", "svc-all:before:create", "svc-all:after:create", "app-all:after:create"]
+    assert log == [
+        "app-all:before:create",
+        "svc-all:before:create",
+        "svc-all:after:create",
+        "app-all:after:create",
+    ]
 
 
 def test_context_fields_and_params_copy() -> None:
