@@ -19,6 +19,7 @@ from celery import Celery, signals
 
 from .app import App
 from .errors import Unavailable
+from .lease import LeaseKeeper
 from .remote import RemoteService, Transport
 from .service import ServiceWrapper
 from .settings import DistributionSettings
@@ -89,6 +90,7 @@ class Distribution:
         self.celery.celery_services_distribution = self
         self.replies = redis.Redis.from_url(settings.resolved_result_backend())
         self.transport = Transport(self.celery, self.replies, settings, caller=self.key)
+        self.lease = _lease_keeper(self.celery)
         self.exposed: dict[str, tuple[str, ...]] = {}
         self._worker_pool: str | None = None
         self._consumer: Any = None
@@ -107,6 +109,7 @@ class Distribution:
         signals.worker_init.connect(self._on_worker_init, weak=False)
         signals.worker_process_init.connect(self._on_worker_process_init, weak=False)
         signals.worker_ready.connect(self._on_worker_ready, weak=False)
+        signals.task_received.connect(self._on_task_received, weak=False)
         return self
 
     def exposable_methods(self, wrapper: ServiceWrapper) -> tuple[str, ...]:
@@ -164,6 +167,13 @@ class Distribution:
         if sender is not None and getattr(sender, "app", None) is self.celery:
             self._consumer = sender
 
+    def _on_task_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        # The consumer holds the message (prefork children never see it): lease it from here.
+        if self.lease is not None and request is not None and getattr(sender, "app", None) is self.celery:
+            tag = getattr(getattr(request, "message", None), "delivery_tag", None)
+            if tag:
+                self.lease.hold(str(tag))
+
     def local_health(self) -> dict[str, bool]:
         """``{path: True}`` for each service this instance exposes and still has mounted."""
         return {path: path in self.app.services for path in self.exposed}
@@ -214,11 +224,21 @@ class Distribution:
         signals.worker_init.disconnect(self._on_worker_init)
         signals.worker_process_init.disconnect(self._on_worker_process_init)
         signals.worker_ready.disconnect(self._on_worker_ready)
+        signals.task_received.disconnect(self._on_task_received)
+        self.transport.close()
         self.replies.close()
-        try:
-            self.celery.pool.force_close_all()
-        except Exception:  # closing a pool that never connected
-            log.debug("closing the broker pool failed", exc_info=True)
+
+
+def _lease_keeper(celery: Celery) -> LeaseKeeper | None:
+    broker = str(celery.conf.broker_url or "")
+    if not broker.startswith(("redis://", "rediss://", "unix://")):
+        return None  # AMQP brokers give a dead consumer's messages back at once
+    options = celery.conf.broker_transport_options or {}
+    return LeaseKeeper(
+        broker,
+        float(options.get("visibility_timeout", 3600)),
+        str(options.get("unacked_index_key", "unacked_index")),
+    )
 
 
 def distribute(

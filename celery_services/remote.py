@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -76,6 +77,11 @@ class Transport:
         self.settings = settings
         self.caller = caller
         self._broker = mask_url(celery.conf.broker_url or settings.resolved_broker_url())
+        # One connection and producer per calling thread: kombu channels are not thread-safe, and a
+        # pool acquire per call costs more than the publish itself.
+        self._local = threading.local()
+        self._producers: list[Any] = []
+        self._producers_lock = threading.Lock()
 
     def call(
         self,
@@ -144,7 +150,8 @@ class Transport:
         policy = {"max_retries": max(1, int(expires / 0.5)), "interval_start": 0, "interval_step": 0.5}
         policy["interval_max"] = 0.5
         try:
-            with celery.producer_or_acquire() as producer:
+            producer = self._producer()
+            with producer.connection._reraise_as_library_errors():
                 celery.amqp.send_task_message(
                     producer,
                     name,
@@ -160,6 +167,26 @@ class Transport:
             raise Unavailable(
                 f"Broker {self._broker} is unreachable: {exc}", {"broker": self._broker, "task": name}
             ) from None
+
+    def _producer(self) -> Any:
+        producer = getattr(self._local, "producer", None)
+        if producer is None:
+            connection = self.celery.connection_for_write()
+            producer = self.celery.amqp.Producer(connection, auto_declare=False)
+            self._local.producer = producer
+            with self._producers_lock:
+                self._producers.append(producer)
+        return producer
+
+    def close(self) -> None:
+        """Close the connections of every calling thread."""
+        with self._producers_lock:
+            producers, self._producers = self._producers, []
+        for producer in producers:
+            try:
+                producer.connection.close()
+            except Exception:  # a connection that never opened
+                log.debug("closing a producer connection failed", exc_info=True)
 
     def _wait(self, name: str, call_id: str, deadline: float) -> Any:
         import redis

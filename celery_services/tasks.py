@@ -54,7 +54,6 @@ def register_method(distribution: Distribution, path: str, method: str) -> str:
         reject_on_worker_lost=True,
         # Expected errors are the caller's answer, not a worker failure: no traceback in the log for them.
         throws=(ServiceError,),
-        queue=distribution.key,
     )
     return name
 
@@ -66,7 +65,7 @@ def register_health(distribution: Distribution) -> str:
     def health(task: Task) -> dict[str, bool]:
         return distribution.local_health()
 
-    distribution.celery.task(health, name=name, bind=True, typing=False, queue=distribution.key)
+    distribution.celery.task(health, name=name, bind=True, typing=False)
     return name
 
 

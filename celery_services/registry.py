@@ -1,0 +1,403 @@
+"""The Redis registry: providers publish their manifests, consumers discover them (wire protocol v1).
+
+One key per app instance, ``{prefix}:manifest:{key}:{instance}``, holds its :class:`Manifest` JSON with a TTL
+of 3 heartbeats; a heartbeat thread rewrites it silently. The channel ``{prefix}:registry`` announces
+``{"op": "up"|"changed"|"down", "key", "instance"}``; a watcher applies each announcement with one GET, learns
+of deaths from Redis expiry notifications (``__keyevent@{db}__:expired``) and from one ``EXISTS`` over its
+known entries per heartbeat (Redis only expires a key it touches or samples), and rescans periodically as a
+backstop for anything pub/sub lost (e.g. while reconnecting).
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from celery_services.manifest import (
+    KeyInfo,
+    Manifest,
+    RegistryLayout,
+    View,
+    decode_manifest,
+    same_view,
+    summarize,
+)
+
+__all__ = ["OnChange", "Registry"]
+
+log = logging.getLogger("celery_services.registry")
+
+_POLL = 0.1  # longest a thread waits before noticing close()
+_MAX_BACKOFF = 5.0
+
+OnChange = Callable[[View], None]
+
+
+class Registry:
+    """Publish manifests to, and discover them from, a Redis registry. Thread-safe.
+
+    Args:
+        url: Redis URL (``redis://host:port/db``).
+        prefix: namespace of the registry keys and channel.
+        heartbeat_interval: seconds between heartbeats; entries live 3 intervals without one.
+        rescan_interval: seconds between the watcher's full rescans; 3 heartbeat intervals by default.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "celery_services",
+        heartbeat_interval: float = 5.0,
+        rescan_interval: float | None = None,
+    ) -> None:
+        if heartbeat_interval <= 0 or (rescan_interval is not None and rescan_interval <= 0):
+            raise ValueError("heartbeat_interval and rescan_interval must be positive")
+        self.layout = RegistryLayout(prefix)
+        self.heartbeat_interval = heartbeat_interval
+        self.rescan_interval = rescan_interval if rescan_interval is not None else 3 * heartbeat_interval
+        self.ttl_ms = max(1, round(3 * heartbeat_interval * 1000))
+        timeouts = {"socket_timeout": max(5.0, heartbeat_interval), "socket_connect_timeout": 5.0}
+        name = re.sub(r"\s", "_", f"{prefix}:registry")  # CLIENT LIST shows who is who
+        self._client = redis.Redis.from_url(url, client_name=name, **timeouts)
+        # No silent reconnect of the subscriber: a lost connection must surface so we resubscribe + rescan.
+        self._sub_client = redis.Redis.from_url(
+            url, client_name=f"{name}-watch", retry=Retry(NoBackoff(), 0), **timeouts
+        )
+        db = int(self._client.connection_pool.connection_kwargs.get("db", 0))
+        self.expired_channel = f"__keyevent@{db}__:expired"
+        self._closing = threading.Event()
+        self._lock = threading.RLock()  # provider state
+        self._suppliers: builtins.list[Callable[[], Manifest]] = []
+        self._published: dict[tuple[str, str], Manifest] = {}
+        self._withdrawn: set[tuple[str, str]] = set()
+        self._heartbeat_thread: threading.Thread | None = None
+        self._view_lock = threading.Lock()  # consumer state
+        self._view: View = {}
+        self._synced = threading.Event()
+        self._watch_thread: threading.Thread | None = None
+        self._reported: dict[str, int] = {}  # registry key → hash of the bad payload already logged
+        self._config_refused = False
+
+    # -- provider ------------------------------------------------------------------------------------------
+
+    def publish(self, manifest: Manifest, *, changed: bool = False) -> Manifest:
+        """Write a manifest (heartbeat stamped now, TTL 3 heartbeats) and announce it, in one round trip.
+
+        Args:
+            manifest: the instance's manifest.
+            changed: announce ``"changed"`` instead of ``"up"``.
+
+        Returns:
+            The manifest as written, with its new heartbeat.
+        """
+        stamped = manifest.model_copy(update={"heartbeat": time.time()})
+        ident = (manifest.key, manifest.instance)
+        with self._lock:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(self.layout.name(*ident), stamped.model_dump_json(), px=self.ttl_ms)
+            pipe.publish(
+                self.layout.channel, self.layout.announcement("changed" if changed else "up", *ident)
+            )
+            pipe.execute()
+            self._published[ident] = stamped
+            self._withdrawn.discard(ident)
+        return stamped
+
+    def start_heartbeat(self, supplier: Callable[[], Manifest]) -> None:
+        """Keep the manifest ``supplier`` returns alive until :meth:`withdraw` or :meth:`close`.
+
+        Right away, then every heartbeat interval, the entry is rewritten with a fresh heartbeat and TTL
+        (one ``SET XX``, no announcement). A vanished entry (expired, flushed, Redis restarted) is published
+        again as ``"up"``; content that differs from the last published is announced ``"changed"``. Several
+        suppliers share one daemon thread, which calls them.
+        """
+        with self._lock:
+            self._suppliers.append(supplier)
+            if self._heartbeat_thread is None:
+                self._heartbeat_thread = threading.Thread(
+                    target=self._heartbeat_loop, name="celery_services.registry.heartbeat", daemon=True
+                )
+                self._heartbeat_thread.start()
+
+    def withdraw(self, key: str, instance: str) -> None:
+        """Stop heartbeating an instance, delete its entry and announce ``"down"``.
+
+        Raises:
+            redis.RedisError: when Redis cannot be reached (the entry then expires after its TTL).
+        """
+        with self._lock:
+            self._withdrawn.add((key, instance))
+            self._published.pop((key, instance), None)
+            pipe = self._client.pipeline(transaction=True)
+            pipe.delete(self.layout.name(key, instance))
+            pipe.publish(self.layout.channel, self.layout.announcement("down", key, instance))
+            pipe.execute()
+
+    def _heartbeat_loop(self) -> None:
+        failing = False
+        deadline = time.monotonic()
+        while not self._closing.wait(max(0.0, deadline - time.monotonic())):
+            deadline = max(deadline + self.heartbeat_interval, time.monotonic())
+            with self._lock:
+                suppliers = builtins.list(self._suppliers)
+            errors: builtins.list[Exception] = []
+            for supplier in suppliers:
+                try:
+                    self._beat(supplier())
+                except Exception as exc:
+                    errors.append(exc)
+            if errors and not failing:
+                log.warning(
+                    "registry heartbeat failed (%r), retrying every %ss", errors[0], self.heartbeat_interval
+                )
+            elif failing and not errors:
+                log.info("registry heartbeat recovered")
+            failing = bool(errors)
+
+    def _beat(self, manifest: Manifest) -> None:
+        ident = (manifest.key, manifest.instance)
+        with self._lock:
+            if ident in self._withdrawn or self._closing.is_set():
+                return
+            last = self._published.get(ident)
+            if last is None or not last.same_content(manifest):
+                self.publish(manifest, changed=last is not None)
+                return
+            stamped = manifest.model_copy(update={"heartbeat": time.time()})
+            if self._client.set(self.layout.name(*ident), stamped.model_dump_json(), px=self.ttl_ms, xx=True):
+                self._published[ident] = stamped
+            else:
+                log.info("registry entry of %s:%s vanished, publishing it again", *ident)
+                self.publish(manifest)
+
+    # -- consumer ------------------------------------------------------------------------------------------
+
+    def snapshot(self) -> View:
+        """Read every live manifest: a SCAN walk, then its MGETs in one pipelined round trip.
+
+        Entries that are not valid v1 manifests of the instance their key names are logged and skipped.
+        """
+        names = builtins.list(
+            dict.fromkeys(self._client.scan_iter(match=self.layout.scan_pattern, count=1000))
+        )
+        pipe = self._client.pipeline(transaction=False)
+        for start in range(0, len(names), 1000):
+            pipe.mget(names[start : start + 1000])
+        values = [value for chunk in pipe.execute() for value in chunk] if names else []
+        view: View = {}
+        for name, raw in zip(names, values, strict=True):
+            manifest = self._decode(name, raw)
+            if manifest is not None:
+                view.setdefault(manifest.key, {})[manifest.instance] = manifest
+        return view
+
+    def list(self) -> builtins.list[KeyInfo]:
+        """Live keys → instances → services, with heartbeat ages, sorted (a fresh :meth:`snapshot`)."""
+        return summarize(self.snapshot())
+
+    def watch(self, on_change: OnChange) -> None:
+        """Start the watcher thread (one per registry), which keeps a live view and reports its changes.
+
+        ``on_change`` is called from the watcher thread with a fresh copy of the whole view: once when the
+        first snapshot is taken (even if empty), then only when the view changes (heartbeat timestamps alone
+        are no change). Exceptions it raises are logged. Connection errors are logged and retried with
+        backoff, then the watcher resubscribes and rescans.
+
+        Raises:
+            RuntimeError: when this registry already watches or is closed.
+        """
+        with self._view_lock:
+            if self._watch_thread is not None or self._closing.is_set():
+                raise RuntimeError("this registry already watches (or is closed)")
+            self._watch_thread = threading.Thread(
+                target=self._watch_loop, args=(on_change,), name="celery_services.registry.watch", daemon=True
+            )
+            self._watch_thread.start()
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        """Wait until the watcher delivered its first view; return whether it did within ``timeout``."""
+        return self._synced.wait(timeout)
+
+    @property
+    def view(self) -> View:
+        """A copy of the watcher's current view (empty before its first snapshot)."""
+        with self._view_lock:
+            return {key: dict(instances) for key, instances in self._view.items()}
+
+    def close(self) -> None:
+        """Stop the heartbeat and watcher threads (within ~0.1 s) and close connections. Idempotent.
+
+        Entries are not withdrawn: call :meth:`withdraw` first, or they expire after their TTL.
+        """
+        self._closing.set()
+        for thread in (self._heartbeat_thread, self._watch_thread):
+            if thread is not None and thread is not threading.current_thread():
+                thread.join(timeout=10.0)
+        self._client.close()
+        self._sub_client.close()
+
+    def __enter__(self) -> Registry:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _watch_loop(self, on_change: OnChange) -> None:
+        backoff = _POLL
+        while not self._closing.is_set():
+            pubsub = cast(Callable[[], Any], self._sub_client.pubsub)()
+            try:
+                self._subscribe(pubsub)
+                self._enable_expiry_events()
+                self._deliver(self.snapshot(), on_change)
+                backoff = _POLL
+                self._listen(pubsub, on_change)
+            except Exception as exc:
+                if self._closing.is_set():
+                    break
+                quiet = isinstance(exc, redis.ConnectionError | redis.TimeoutError)
+                log.warning("registry watcher: %r; retrying in %.1fs", exc, backoff, exc_info=not quiet)
+                self._closing.wait(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+            finally:
+                try:
+                    pubsub.close()
+                except Exception:  # pragma: no cover - best effort on a broken connection
+                    log.debug("closing the registry subscription failed", exc_info=True)
+
+    def _subscribe(self, pubsub: Any) -> None:
+        """Subscribe and wait for both confirmations, so that nothing announced after the snapshot is lost."""
+        pubsub.subscribe(self.layout.channel, self.expired_channel)
+        confirmed = 0
+        deadline = time.monotonic() + 5.0
+        while confirmed < 2:
+            if self._closing.is_set() or time.monotonic() > deadline:
+                raise redis.TimeoutError("no confirmation of the registry subscription")
+            message = pubsub.get_message(timeout=_POLL)
+            confirmed += message is not None and message["type"] == "subscribe"
+
+    def _listen(self, pubsub: Any, on_change: OnChange) -> None:
+        next_rescan = next_probe = time.monotonic()
+        next_rescan += self.rescan_interval
+        while not self._closing.is_set():
+            now = time.monotonic()
+            if now >= next_rescan:
+                self._deliver(self.snapshot(), on_change)
+                next_rescan, next_probe = now + self.rescan_interval, now + self.heartbeat_interval
+            elif now >= next_probe:
+                self._probe(on_change)
+                next_probe = now + self.heartbeat_interval
+            message = pubsub.get_message(timeout=min(_POLL, max(0.0, min(next_rescan, next_probe) - now)))
+            if message is not None and message["type"] == "message":
+                self._on_message(_text(message["channel"]), _text(message["data"]), on_change)
+
+    def _probe(self, on_change: OnChange) -> None:
+        """One EXISTS over the known entries, every heartbeat: Redis expires a key lazily when it is touched,
+        while its active expiry cycle may take minutes to find it among many volatile keys (task results)."""
+        with self._view_lock:
+            idents = [(key, instance) for key, instances in self._view.items() for instance in instances]
+        names = [self.layout.name(*ident) for ident in idents]
+        if not names or self._client.exists(*names) == len(names):
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(name)
+        for ident, found in zip(idents, pipe.execute(), strict=True):
+            if not found:
+                self._update(*ident, None, on_change)
+
+    def _on_message(self, channel: str, data: str, on_change: OnChange) -> None:
+        if channel == self.expired_channel:
+            ident = self.layout.split(data)
+            if ident is not None:
+                self._update(*ident, None, on_change)
+            return
+        announced = self.layout.parse_announcement(data)
+        if announced is None:
+            log.warning("ignoring malformed registry announcement %.200r", data)
+            return
+        op, key, instance = announced
+        manifest = None
+        if op != "down":
+            name = self.layout.name(key, instance)
+            try:
+                raw: bytes | str | None = self._client.get(name)
+            except redis.ResponseError as exc:  # e.g. WRONGTYPE: a foreign key under our prefix
+                raw = str(exc)
+            manifest = self._decode(name, raw)
+        self._update(key, instance, manifest, on_change)
+
+    def _update(self, key: str, instance: str, manifest: Manifest | None, on_change: OnChange) -> None:
+        with self._view_lock:
+            current = self._view.get(key, {}).get(instance)
+            if manifest is None:
+                if current is None:
+                    return
+                del self._view[key][instance]
+                if not self._view[key]:
+                    del self._view[key]
+            else:
+                self._view.setdefault(key, {})[instance] = manifest
+                if current is not None and current.same_content(manifest):
+                    return
+            view = {k: dict(instances) for k, instances in self._view.items()}
+        self._notify(on_change, view)
+
+    def _deliver(self, fresh: View, on_change: OnChange) -> None:
+        with self._view_lock:
+            same = self._synced.is_set() and same_view(self._view, fresh)
+            self._view = fresh
+            view = {key: dict(instances) for key, instances in fresh.items()}
+        if not same:
+            self._notify(on_change, view)
+        self._synced.set()
+
+    @staticmethod
+    def _notify(on_change: OnChange, view: View) -> None:
+        try:
+            on_change(view)
+        except Exception:
+            log.exception("registry on_change callback failed")
+
+    def _enable_expiry_events(self) -> None:
+        """Add ``Ex`` to ``notify-keyspace-events``, keeping other flags; if refused, rescans see deaths."""
+        try:
+            flags = _text(next(iter(self._client.config_get("notify-keyspace-events").values()), ""))
+            wanted = ("" if "E" in flags else "E") + ("" if "x" in flags or "A" in flags else "x")
+            if wanted:
+                self._client.config_set("notify-keyspace-events", flags + wanted)
+        except redis.ResponseError as exc:  # managed Redis may forbid CONFIG
+            if not self._config_refused:
+                log.warning("cannot enable expiry notifications (%s): deaths are seen by rescans only", exc)
+            self._config_refused = True
+
+    def _decode(self, name: str | bytes, raw: bytes | str | None) -> Manifest | None:
+        if raw is None:
+            return None
+        name = _text(name)
+        ident = self.layout.split(name)
+        try:
+            if ident is None:
+                raise ValueError("malformed registry key")
+            return decode_manifest(raw, key=ident[0], instance=ident[1])
+        except ValueError as exc:
+            if self._reported.get(name) != hash(raw):  # log each bad payload once, not at every rescan
+                if len(self._reported) > 10_000:
+                    self._reported.clear()
+                self._reported[name] = hash(raw)
+                log.warning("skipping registry entry %s: %s", name, exc)
+            return None
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

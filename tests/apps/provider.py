@@ -1,0 +1,70 @@
+"""A provider app for integration tests, configured by CELERY_SERVICES_* variables.
+
+Services:
+- ``articles``: the example MemoryService (``publish_article``, ``article_published``);
+- ``probe``: reports what the provider saw (params, deadline, pid) and records every run in the Redis list
+  ``TEST_RUNS_KEY`` so a test can assert that a call never ran; ``slow`` sleeps; ``boom`` fails;
+  ``nested`` calls the ``probe`` of ``TEST_NESTED_KEY`` (another app) and of its own key.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import redis
+
+from celery_services import App, NotFound, Service, distribute
+from celery_services.remote import current_deadline
+from celery_services.settings import DistributionSettings
+from workers.articles import Articles
+
+RUNS_KEY = os.environ.get("TEST_RUNS_KEY", "")
+_store = redis.Redis.from_url(os.environ.get("TEST_REPLY_STORE", "redis://127.0.0.1:6379/9"))
+
+
+def record(what: str) -> None:
+    if RUNS_KEY:
+        _store.rpush(RUNS_KEY, f"{what}:{os.getpid()}")
+
+
+class Probe(Service):
+    def get(self, id: Any, params: dict[str, Any]) -> Any:
+        record(f"get-{id}")
+        return {"id": id, "params": params, "deadline": current_deadline(), "pid": os.getpid()}
+
+    def find(self, params: dict[str, Any]) -> Any:
+        record("find")
+        return [{"pid": os.getpid()}]
+
+    def slow(self, data: Any, params: dict[str, Any]) -> Any:
+        record(f"slow-start-{data['tag']}")
+        time.sleep(float(data["seconds"]))
+        record(f"slow-end-{data['tag']}")
+        return {"tag": data["tag"], "pid": os.getpid()}
+
+    def boom(self, data: Any, params: dict[str, Any]) -> Any:
+        if data == "notfound":
+            raise NotFound("No record found for id 'x'", {"id": "x"})
+        raise KeyError("secret-internal-detail")
+
+    def nested(self, data: Any, params: dict[str, Any]) -> Any:
+        assert api.distribution is not None
+        other = api.distribution.remote_service(data["key"], "probe", ["get"])
+        mine = api.distribution.remote_service(api.distribution.key, "probe", ["get"])
+        return {
+            "outer_deadline": current_deadline(),
+            "inner": other.get(1, {}),
+            "self": mine.get(2, {}),
+            "pid": os.getpid(),
+        }
+
+
+settings = DistributionSettings.load()
+api = App()
+api.use("articles", Articles(), methods=["publish_article"], events=["article_published"])
+api.use("probe", Probe(), methods=["slow", "boom", "nested"])
+api.service("probe").hooks({"before": {"get": lambda ctx: ctx.params.setdefault("hooked", True) and None}})
+distribution = distribute(api, settings)
+app = distribution.celery

@@ -1,0 +1,446 @@
+"""Remote calls across processes: real `celery worker` subprocesses, real Redis (and RabbitMQ) brokers."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from celery_services import (
+    App,
+    BadRequest,
+    DistributionSettings,
+    GeneralError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Timeout,
+    Unavailable,
+    distribute,
+    finalize,
+)
+from celery_services.distribution import Distribution
+from celery_services.testing import WorkerProcess, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL = ["find", "get", "create", "update", "patch", "remove", "publish_article"]
+PROBE = ["get", "find", "slow", "boom", "nested"]
+
+
+@dataclass
+class Provider:
+    key: str
+    broker: str
+    backend: str
+    runs_key: str
+    env: dict[str, str]
+
+    def runs(self) -> list[str]:
+        return [r.decode() for r in redis.Redis.from_url(self.backend).lrange(self.runs_key, 0, -1)]
+
+    def worker(self, **kwargs: Any) -> WorkerProcess:
+        return WorkerProcess("tests.apps.provider", self.key, env=self.env, **kwargs)
+
+
+def provider_env(key: str, broker: str, backend: str, runs_key: str, **extra: str) -> dict[str, str]:
+    return {
+        "CELERY_SERVICES_KEY": key,
+        "CELERY_SERVICES_BROKER_URL": broker,
+        "CELERY_SERVICES_RESULT_BACKEND": backend,
+        "CELERY_SERVICES_SERVICES": '["*"]',
+        "CELERY_SERVICES_TIMEOUT": "8",
+        "TEST_RUNS_KEY": runs_key,
+        "TEST_REPLY_STORE": backend,
+        "PYTHONPATH": str(ROOT),
+        **extra,
+    }
+
+
+def cleanup(broker: str, backend: str, *names: str) -> None:
+    store = redis.Redis.from_url(backend)
+    for name in names:
+        store.delete(name)
+    if broker.startswith("amqp"):
+        from kombu import Connection
+
+        with Connection(broker) as conn:
+            channel = conn.channel()
+            for name in names:
+                try:
+                    channel.queue_delete(name)
+                except Exception:
+                    channel = conn.channel()
+    else:
+        broker_store = redis.Redis.from_url(broker)
+        broker_store.delete(*names)
+        broker_store.close()
+    store.close()
+
+
+@pytest.fixture(scope="module", params=["redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest, redis_url: str) -> str:
+    if request.param == "redis":
+        return redis_url
+    return str(request.getfixturevalue("rabbitmq_url"))
+
+
+@pytest.fixture(scope="module")
+def provider(broker: str, redis_url: str) -> Iterator[Provider]:
+    key = f"prov-{os.urandom(4).hex()}"
+    runs = f"test-runs:{key}"
+    prov = Provider(key, broker, redis_url, runs, provider_env(key, broker, redis_url, runs))
+    with prov.worker():
+        yield prov
+    cleanup(broker, redis_url, key, runs)
+
+
+def make_caller(provider: Provider, **options: Any) -> tuple[App, Distribution]:
+    app = App()
+    settings = DistributionSettings(
+        key=f"caller-{os.urandom(3).hex()}",
+        broker_url=provider.broker,
+        result_backend=provider.backend,
+        services=[],
+        timeout=8,
+        **options,
+    )
+    return app, distribute(app, settings)
+
+
+@pytest.fixture
+def caller(provider: Provider) -> Iterator[tuple[App, Distribution]]:
+    app, distribution = make_caller(provider)
+    yield app, distribution
+    finalize(app)
+
+
+def test_crud_through_proxy_equals_local(provider: Provider, caller: tuple[App, Distribution]) -> None:
+    from workers.articles import Articles
+
+    app, distribution = caller
+    app.use("articles", distribution.remote_service(provider.key, "articles", ALL))
+    local = App().use("articles", Articles(), methods=["publish_article"])
+    remote = app.service("articles")
+    tag = os.urandom(4).hex()
+    for svc in (local, remote):
+        created = svc.create({"title": "first", "tag": tag})
+        assert svc.get(created["id"]) == created
+        assert svc.update(created["id"], {"title": "replaced", "tag": tag}) == {
+            "id": created["id"],
+            "title": "replaced",
+            "tag": tag,
+        }
+        assert svc.patch(created["id"], {"n": 1})["n"] == 1
+        assert svc.find({"query": {"tag": tag}}) == [svc.get(created["id"])]
+        assert svc.publish_article({"id": created["id"]})["published"] is True
+        assert svc.remove(created["id"])["title"] == "replaced"
+        with pytest.raises(NotFound):
+            svc.get(created["id"])
+
+
+def test_method_outside_list_is_refused_without_sending(provider: Provider, redis_url: str) -> None:
+    app, distribution = make_caller(provider)
+    try:
+        app.use("probe", distribution.remote_service("nobody-" + provider.key, "probe", ["get"]))
+        with pytest.raises(MethodNotAllowed):
+            app.service("probe").find()
+        with pytest.raises(MethodNotAllowed):
+            app.service("probe").slow({"tag": "x", "seconds": 0})
+        if not provider.broker.startswith("amqp"):
+            assert redis.Redis.from_url(provider.broker).llen("nobody-" + provider.key) == 0
+    finally:
+        finalize(app)
+
+
+def test_errors_come_back_typed(provider: Provider, caller: tuple[App, Distribution]) -> None:
+    app, distribution = caller
+    app.use("probe", distribution.remote_service(provider.key, "probe", PROBE))
+    with pytest.raises(NotFound) as not_found:
+        app.service("probe").boom("notfound")
+    assert not_found.value.message == "No record found for id 'x'"
+    assert not_found.value.code == 404
+    assert not_found.value.data == {"id": "x"}
+    with pytest.raises(GeneralError) as general:
+        app.service("probe").boom("other")
+    assert "secret-internal-detail" in general.value.message
+    assert general.value.data is None  # no traceback or module path without debug
+
+
+def test_provider_hooks_run_with_from_remote_and_gateway_params(
+    provider: Provider, caller: tuple[App, Distribution]
+) -> None:
+    app, distribution = caller
+    app.use("probe", distribution.remote_service(provider.key, "probe", PROBE))
+    seen = app.service("probe").get(
+        7,
+        {
+            "query": {"a": 1},
+            "provider": "rest",
+            "user": {"email": "a@b", "password": "hash"},
+            "authentication": {"accessToken": "tok"},
+            "headers": {"authorization": "Bearer tok", "x-trace": "1"},
+            "connection": object(),  # not JSON-safe, not whitelisted: never sent, never crashes
+            "secret": "not whitelisted",
+        },
+    )
+    assert seen["params"] == {
+        "query": {"a": 1},
+        "headers": {"x-trace": "1"},
+        "from_remote": True,
+        "hooked": True,
+    }
+
+
+def test_proxy_hooks_from_settings(provider: Provider) -> None:
+    log: list[str] = []
+    app, distribution = make_caller(
+        provider,
+        hooks={
+            "before": {"all": [lambda ctx: log.append(f"before:{ctx.method}")]},
+            "after": {"get": [lambda ctx: log.append(f"after:{ctx.result['id']}")]},
+        },
+    )
+    try:
+        app.use("probe", distribution.remote_service(provider.key, "probe", PROBE))
+        app.service("probe").get(3)
+        assert log == ["before:get", "after:3"]
+    finally:
+        finalize(app)
+
+
+def test_nested_calls_inherit_deadline_and_self_calls_short_circuit(provider: Provider) -> None:
+    # The probe's nested method calls another app (a second provider key) and its own key, from a solo
+    # worker of concurrency 1: a self call sent to its own queue would wait for itself forever.
+    other = f"other-{os.urandom(3).hex()}"
+    env = provider_env(other, provider.broker, provider.backend, provider.runs_key)
+    app, distribution = make_caller(provider)
+    try:
+        with WorkerProcess("tests.apps.provider", other, env=env):
+            app.use("probe", distribution.remote_service(provider.key, "probe", PROBE))
+            before = time.time()
+            out = app.service("probe").nested({"key": other}, {"timeout": 6})
+            outer = out["outer_deadline"]
+            assert before + 5 < outer <= time.time() + 6
+            assert out["inner"]["deadline"] == pytest.approx(outer)
+            assert out["inner"]["params"]["from_remote"] is True
+            assert out["self"]["id"] == 2
+            assert out["self"]["pid"] == out["pid"]  # served in-process, not through the queue
+    finally:
+        finalize(app)
+        cleanup(provider.broker, provider.backend, other)
+
+
+def test_bad_envelope_and_oversize_payload(provider: Provider, caller: tuple[App, Distribution]) -> None:
+    app, distribution = caller
+    celery = distribution.celery
+    name = f"{provider.key}.probe.get"
+    bad = celery.send_task(name, kwargs={"unexpected": 1}, queue=provider.key)
+    with pytest.raises(BadRequest, match="Malformed call envelope"):
+        bad.get(timeout=8)
+    positional = celery.send_task(name, args=(1, 2), queue=provider.key)
+    with pytest.raises(BadRequest):
+        positional.get(timeout=8)
+    big = "x" * (1_048_576 + 10)
+    oversize = celery.send_task(name, kwargs={"id": 1, "data": big, "params": {}}, queue=provider.key)
+    with pytest.raises(PayloadTooLarge):
+        oversize.get(timeout=8)
+    app.use("probe", distribution.remote_service(provider.key, "probe", PROBE))
+    with pytest.raises(PayloadTooLarge):
+        app.service("probe").slow({"tag": big, "seconds": 0})
+    assert not any("slow" in run for run in provider.runs())
+    assert app.service("probe").get(1)["id"] == 1  # the worker is alive and serving
+
+
+def test_timeout_and_expired_call_never_runs(provider: Provider, redis_url: str) -> None:
+    key = f"late-{os.urandom(3).hex()}"
+    runs = f"test-runs:{key}"
+    env = provider_env(key, provider.broker, provider.backend, runs)
+    app, distribution = make_caller(provider)
+    try:
+        app.use("probe", distribution.remote_service(key, "probe", PROBE))
+        started = time.monotonic()
+        with pytest.raises(Timeout) as timed_out:
+            app.service("probe").get("late", timeout=1.0)
+        assert 0.9 < time.monotonic() - started < 3
+        assert timed_out.value.code == 408
+        with pytest.raises(Timeout):
+            app.service("probe").get("late-params", {"timeout": 0.5})
+        late = Provider(key, provider.broker, provider.backend, runs, env)
+        with late.worker():
+            assert app.service("probe").get("after")["id"] == "after"
+            runs_seen = late.runs()
+        assert any(r.startswith("get-after:") for r in runs_seen)
+        assert not any(r.startswith("get-late") for r in runs_seen)
+    finally:
+        finalize(app)
+        cleanup(provider.broker, provider.backend, key, runs)
+
+
+def test_flower_and_logs_never_see_user_or_authentication(provider: Provider, redis_url: str) -> None:
+    if provider.broker.startswith("amqp"):
+        pytest.skip("the queued message is read back from Redis")
+    key = f"idle-{os.urandom(3).hex()}"
+    app, distribution = make_caller(provider, authentication=True)
+    try:
+        app.use("probe", distribution.remote_service(key, "probe", PROBE))
+        with pytest.raises(Timeout):
+            app.service("probe").get(
+                1,
+                {
+                    "user": {"password": "hunter2"},
+                    "authentication": {"accessToken": "tok-123"},
+                    "timeout": 0.3,
+                },
+            )
+        raw = redis.Redis.from_url(provider.broker).lrange(key, 0, -1)
+        message = json.loads(raw[0])
+        headers = message["headers"]
+        assert "hunter2" not in headers["kwargsrepr"] and "tok-123" not in headers["kwargsrepr"]
+        assert "***" in headers["kwargsrepr"]
+        assert headers["expires"] is not None
+    finally:
+        finalize(app)
+        cleanup(provider.broker, provider.backend, key)
+
+
+def test_unreachable_broker_is_unavailable_with_masked_url(redis_url: str) -> None:
+    app = App()
+    distribution = distribute(
+        app,
+        DistributionSettings(
+            key="lonely",
+            broker_url="redis://:s3cret@127.0.0.1:1/0",
+            result_backend=redis_url,
+            services=[],
+            timeout=2,
+        ),
+    )
+    try:
+        app.use("probe", distribution.remote_service("nobody", "probe", ["get"]))
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as unavailable:
+            app.service("probe").get(1)
+        assert time.monotonic() - started < 4
+        assert "127.0.0.1:1" in unavailable.value.message
+        assert "s3cret" not in unavailable.value.message and "***" in unavailable.value.message
+    finally:
+        finalize(app)
+
+
+def test_authentication_true_lets_identity_travel(provider: Provider, redis_url: str) -> None:
+    key = f"auth-{os.urandom(3).hex()}"
+    env = provider_env(key, provider.broker, provider.backend, provider.runs_key)
+    env["CELERY_SERVICES_AUTHENTICATION"] = "true"
+    app, distribution = make_caller(provider, authentication=True)
+    try:
+        with WorkerProcess("tests.apps.provider", key, env=env):
+            app.use("probe", distribution.remote_service(key, "probe", PROBE))
+            params = app.service("probe").get(
+                1,
+                {
+                    "provider": "rest",
+                    "user": {"id": 1},
+                    "authentication": {"accessToken": "tok"},
+                    "headers": {"authorization": "Bearer tok"},
+                },
+            )["params"]
+        assert params["user"] == {"id": 1}
+        assert params["authentication"] == {"accessToken": "tok"}
+        assert params["provider"] == "rest"
+        assert params["headers"] == {"authorization": "Bearer tok"}
+    finally:
+        finalize(app)
+        cleanup(provider.broker, provider.backend, key)
+
+
+def test_two_replicas_share_the_calls(provider: Provider) -> None:
+    app, distribution = make_caller(provider)
+    try:
+        with provider.worker():
+            app.use("probe", distribution.remote_service(provider.key, "probe", PROBE))
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(8) as pool:
+                pids = list(pool.map(lambda i: app.service("probe").find()[0]["pid"], range(200)))
+        counts = {pid: pids.count(pid) for pid in set(pids)}
+        assert len(counts) == 2, counts
+        assert min(counts.values()) >= 20, counts
+    finally:
+        finalize(app)
+
+
+def test_call_in_flight_on_killed_replica_completes_on_the_other(provider: Provider) -> None:
+    key = f"replicas-{os.urandom(3).hex()}"
+    runs = f"test-runs:{key}"
+    replicas = Provider(
+        key,
+        provider.broker,
+        provider.backend,
+        runs,
+        provider_env(key, provider.broker, provider.backend, runs),
+    )
+    app, distribution = make_caller(provider)
+    first = replicas.worker()
+    second = replicas.worker()
+    try:
+        first.start()
+        second.start()
+        app.use("probe", distribution.remote_service(key, "probe", PROBE))
+        tag = os.urandom(3).hex()
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as pool:
+            started = time.monotonic()
+            future = pool.submit(app.service("probe").slow, {"tag": tag, "seconds": 1.0}, {"timeout": 8})
+            start_run = wait_for(
+                lambda: next((r for r in replicas.runs() if r.startswith(f"slow-start-{tag}:")), None),
+                timeout=5,
+                what="slow call started",
+            )
+            victim_pid = int(start_run.rsplit(":", 1)[1])
+            victim = first if first.pid == victim_pid else second
+            survivor = second if victim is first else first
+            victim.kill()
+            result = future.result(timeout=10)
+        assert time.monotonic() - started < 8
+        assert result["tag"] == tag
+        assert result["pid"] == survivor.pid
+    finally:
+        first.stop()
+        second.stop()
+        finalize(app)
+        cleanup(provider.broker, provider.backend, key, runs)
+
+
+def test_long_call_is_not_served_twice(provider: Provider) -> None:
+    # The workers' visibility timeout is 2 s (timeout 8 / 4): without the lease kept on a call in flight,
+    # the idle replica would take this 4 s call back from the unacked index and run it a second time.
+    key = f"lease-{os.urandom(3).hex()}"
+    runs = f"test-runs:{key}"
+    replicas = Provider(
+        key,
+        provider.broker,
+        provider.backend,
+        runs,
+        provider_env(key, provider.broker, provider.backend, runs),
+    )
+    app, distribution = make_caller(provider)
+    try:
+        with replicas.worker(), replicas.worker():
+            app.use("probe", distribution.remote_service(key, "probe", PROBE))
+            tag = os.urandom(3).hex()
+            assert app.service("probe").slow({"tag": tag, "seconds": 4}, {"timeout": 8})["tag"] == tag
+            # Give a duplicate the chance to show: the other replica sweeps every second.
+            assert app.service("probe").get("after")["id"] == "after"
+        starts = [r for r in replicas.runs() if r.startswith(f"slow-start-{tag}:")]
+        assert len(starts) == 1, replicas.runs()
+    finally:
+        finalize(app)
+        cleanup(provider.broker, provider.backend, key, runs)
