@@ -7,10 +7,12 @@ bus); ``finalize(app)`` stops them in reverse order.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -18,12 +20,15 @@ import redis
 from celery import Celery, signals
 
 from .app import App
-from .errors import Unavailable
+from .discovery import Discovery
+from .errors import NotFound, ServiceError, Unavailable
 from .lease import LeaseKeeper
+from .manifest import Manifest, ServiceManifest
+from .registry import Registry
 from .remote import RemoteService, Transport
 from .service import ServiceWrapper
 from .settings import DistributionSettings
-from .tasks import register_health, register_method
+from .tasks import health_task_name, register_health, register_method
 
 __all__ = ["Distribution", "distribute", "finalize", "make_celery"]
 
@@ -91,25 +96,42 @@ class Distribution:
         self.replies = redis.Redis.from_url(settings.resolved_result_backend())
         self.transport = Transport(self.celery, self.replies, settings, caller=self.key)
         self.lease = _lease_keeper(self.celery)
-        self.exposed: dict[str, tuple[str, ...]] = {}
+        self.exposed: dict[str, ServiceManifest] = {}
+        self.started_at = time.time()
+        self.registry = Registry(
+            settings.resolved_registry_url(),
+            prefix=settings.registry_prefix,
+            heartbeat_interval=settings.heartbeat_interval,
+            rescan_interval=settings.rescan_interval,
+        )
+        self.discovery = Discovery(self)
         self._worker_pool: str | None = None
         self._consumer: Any = None
         self._lock = threading.RLock()
         self._closed = False
+        self._started = False
 
     # -- exposing ---------------------------------------------------------------------------------------
 
     def start(self) -> Distribution:
-        """Expose the app's selected services and follow its ``service`` events."""
+        """Expose the app's selected services, publish its manifest, and mount the remote services."""
         register_health(self)
         for wrapper in list(self.app.services.values()):
             self._on_service(wrapper)
         self.app.on("service", self._on_service)
         self.app.on("service-removed", self._on_service_removed)
+        self.registry.publish(self.manifest())
+        self._started = True
+        self.registry.start_heartbeat(self.manifest)
+        self.registry.watch(self.discovery.on_view)
+        # The first view is mounted before distribute() returns: no start-up delay, whatever the order.
+        if not self.registry.wait_synced(timeout=max(self.settings.timeout, 5.0)):
+            log.warning("the registry did not answer in time: remote services will appear when it does")
         signals.worker_init.connect(self._on_worker_init, weak=False)
         signals.worker_process_init.connect(self._on_worker_process_init, weak=False)
         signals.worker_ready.connect(self._on_worker_ready, weak=False)
         signals.task_received.connect(self._on_task_received, weak=False)
+        signals.worker_shutdown.connect(self._on_worker_shutdown, weak=False)
         return self
 
     def exposable_methods(self, wrapper: ServiceWrapper) -> tuple[str, ...]:
@@ -143,16 +165,55 @@ class Distribution:
             return
         for method in methods:
             register_method(self, wrapper.path, method)
+        wanted = set(self.settings.distributed_events)
+        entry = ServiceManifest(
+            path=wrapper.path,
+            methods=list(methods),
+            events=[event for event in wrapper.events if event in wanted or event in wrapper.custom_events],
+            options=self._service_options(wrapper.service),
+        )
         with self._lock:
-            self.exposed[wrapper.path] = methods
+            self.exposed[wrapper.path] = entry
             consumer = self._consumer
         if consumer is not None:
             # A worker in this very process: let its consumer learn the new task names.
             consumer.update_strategies()
+        if self._started:
+            self.registry.publish(self.manifest(), changed=True)
 
     def _on_service_removed(self, wrapper: ServiceWrapper) -> None:
         with self._lock:
-            self.exposed.pop(wrapper.path, None)
+            removed = self.exposed.pop(wrapper.path, None)
+        if removed is not None and self._started:
+            self.registry.publish(self.manifest(), changed=True)
+
+    def _service_options(self, service: Any) -> dict[str, Any]:
+        names = self.settings.service_options(service)
+        source = getattr(service, "options", None)
+        options: dict[str, Any] = {}
+        for name in names:
+            value = source.get(name) if isinstance(source, dict) else getattr(service, name, None)
+            try:
+                json.dumps(value)
+            except (TypeError, ValueError):
+                log.warning("service option %r of %r is not JSON-safe: not published", name, service)
+                continue
+            options[name] = value
+        return options
+
+    def manifest(self) -> Manifest:
+        """This instance's manifest: what it exposes now."""
+        with self._lock:
+            services = list(self.exposed.values())
+        return Manifest(
+            key=self.key,
+            instance=self.instance,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self.started_at,
+            heartbeat=time.time(),
+            services=services,
+        )
 
     def _on_worker_init(self, sender: Any = None, **_: Any) -> None:
         if sender is not None and getattr(sender, "app", None) is self.celery:
@@ -166,6 +227,11 @@ class Distribution:
     def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
         if sender is not None and getattr(sender, "app", None) is self.celery:
             self._consumer = sender
+
+    def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
+        # A worker stopping warmly withdraws at once; consumers need not wait for the TTL.
+        if self.app.distribution is self:
+            finalize(self.app)
 
     def _on_task_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
         # The consumer holds the message (prefork children never see it): lease it from here.
@@ -211,6 +277,42 @@ class Distribution:
     def _call_local(self, key: str, path: str, method: str, **fields: Any) -> Any:
         return self.app.service(path).call(method, **fields)
 
+    def wait_for(self, path: str, timeout: float | None = None) -> ServiceWrapper:
+        """The service at ``path`` once it is mounted (a remote one may still be on its way).
+
+        Raises:
+            Timeout: it did not appear within ``timeout`` seconds (default: the call timeout).
+        """
+        return self.discovery.wait_for(path, self.settings.timeout if timeout is None else timeout)
+
+    def healthcheck(self, key: str | None = None, timeout: float = 2.0) -> dict[str, bool]:
+        """Ask the providers whether each remote service (of ``key``, or all) is up: ``{path: bool}``.
+
+        Raises:
+            NotFound: no live app offers services under ``key``.
+            Unavailable: some service is down; ``data`` carries the whole ``{path: bool}`` answer.
+        """
+        targets = {
+            local: info for local, info in self.discovery.mounted.items() if key is None or info.key == key
+        }
+        if key is not None and not targets:
+            raise NotFound(f"No remote services of key '{key}'", {"key": key})
+        health: dict[str, bool] = {}
+        for provider in sorted({info.key for info in targets.values()}):
+            try:
+                answer = self.transport.request(
+                    health_task_name(provider), provider, {}, time.time() + timeout
+                )
+            except ServiceError:
+                answer = {}
+            for local, info in targets.items():
+                if info.key == provider:
+                    health[local] = bool(answer.get(info.path))
+        if not all(health.values()):
+            down = sorted(path for path, up in health.items() if not up)
+            raise Unavailable(f"Unhealthy remote services: {', '.join(down)}", health)
+        return health
+
     # -- lifecycle --------------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -219,12 +321,19 @@ class Distribution:
             if self._closed:
                 return
             self._closed = True
+        try:
+            self.registry.withdraw(self.key, self.instance)
+        except redis.RedisError:
+            log.warning("could not withdraw the manifest: it expires after its TTL", exc_info=True)
+        self.registry.close()
         self.app.off("service", self._on_service)
         self.app.off("service-removed", self._on_service_removed)
+        self.discovery.unmount_all()
         signals.worker_init.disconnect(self._on_worker_init)
         signals.worker_process_init.disconnect(self._on_worker_process_init)
         signals.worker_ready.disconnect(self._on_worker_ready)
         signals.task_received.disconnect(self._on_task_received)
+        signals.worker_shutdown.disconnect(self._on_worker_shutdown)
         self.transport.close()
         self.replies.close()
 

@@ -2,10 +2,10 @@
 
 Kombu's Redis transport gives an unacknowledged message back to the queue once it is older than
 ``visibility_timeout``. The distribution keeps that timeout short, so a call lost with a killed replica is
-served by another one before its caller gives up; a live worker must then keep telling the broker that its
-long calls are still in hand, or they would be served twice. From the moment the consumer receives a call, its delivery
-tag's score in the transport's ``unacked_index`` is refreshed every third of the visibility timeout
-(``ZADD XX CH``: a tag acknowledged meanwhile is never added back, and is forgotten).
+served by another one before its caller gives up; a live worker must then keep telling the broker that
+its long calls are still in hand, or they would be served twice. From the moment the consumer receives a
+call, its delivery tag's score in the transport's ``unacked_index`` is refreshed every third of the
+visibility timeout (``ZADD XX CH``: a tag acknowledged meanwhile is never added back, and is forgotten).
 """
 
 from __future__ import annotations

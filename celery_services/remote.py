@@ -128,8 +128,12 @@ class Transport:
                 f"Call to '{name}' is {size} bytes, over the {settings.max_payload_bytes} byte limit",
                 {"size": size, "limit": settings.max_payload_bytes},
             )
+        return self.request(name, key, kwargs, deadline)
+
+    def request(self, name: str, queue: str, kwargs: dict[str, Any], deadline: float) -> Any:
+        """Publish the task ``name`` on ``queue`` and wait for its reply until ``deadline`` (epoch)."""
         call_id = str(uuid.uuid4())
-        self._publish(name, key, call_id, kwargs, deadline)
+        self._publish(name, queue, call_id, kwargs, deadline)
         return self._wait(name, call_id, deadline)
 
     def _publish(self, name: str, queue: str, call_id: str, kwargs: dict[str, Any], deadline: float) -> None:
@@ -209,8 +213,9 @@ class Transport:
 
 def _kwargsrepr(kwargs: dict[str, Any]) -> str:
     # What Flower and worker logs show: never the identity of the caller, and never a huge payload.
-    params = {k: ("***" if k in ("user", "authentication") else v) for k, v in kwargs["params"].items()}
-    text = repr({"id": kwargs["id"], "data": kwargs["data"], "params": params})
+    params = kwargs.get("params") or {}
+    masked = {k: ("***" if k in ("user", "authentication") else v) for k, v in params.items()}
+    text = repr({**kwargs, "params": masked}) if kwargs else "{}"
     return text if len(text) <= 1024 else text[:1021] + "..."
 
 
@@ -231,6 +236,8 @@ class RemoteService:
     """
 
     remote = True
+    #: Set when discovery removed the proxy: calls then fail at once instead of waiting for a timeout.
+    gone = False
 
     def __init__(
         self,
@@ -254,6 +261,10 @@ class RemoteService:
         names = SIGNATURES.get(name, ("data",))
 
         def method(*args: Any) -> Any:
+            if self.gone:
+                raise Unavailable(
+                    f"No instance of '{self.key}' offers '{self.path}' any more", {"key": self.key}
+                )
             if len(args) != len(names) + 1:
                 raise MethodNotAllowed(f"Method '{name}' of '{self.path}' takes {names} and params")
             params = dict(args[-1] or {})

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import PayloadTooLarge, ServiceError, Timeout, error_from_exception
@@ -38,15 +39,30 @@ def health_task_name(key: str) -> str:
 def register_method(distribution: Distribution, path: str, method: str) -> str:
     """Register the task serving ``method`` of the service at ``path``; returns its name."""
     name = task_name(distribution.key, path, method)
-    celery = distribution.celery
-    if name in celery.tasks:
-        return name
+    if name not in distribution.celery.tasks:
 
-    def serve(task: Task, *args: Any, **kwargs: Any) -> Any:
-        return _serve(distribution, task, path, method, args, kwargs)
+        def serve(task: Task, *args: Any, **kwargs: Any) -> Any:
+            return _answer(distribution, task, lambda: _run(distribution, path, method, args, kwargs))
 
-    celery.task(
-        serve,
+        _register(distribution, serve, name)
+    return name
+
+
+def register_health(distribution: Distribution) -> str:
+    """Register the key's health task: ``{path: bool}`` for every exposed service of the instance."""
+    name = health_task_name(distribution.key)
+    if name not in distribution.celery.tasks:
+
+        def health(task: Task, *args: Any, **kwargs: Any) -> Any:
+            return _answer(distribution, task, distribution.local_health)
+
+        _register(distribution, health, name)
+    return name
+
+
+def _register(distribution: Distribution, fn: Any, name: str) -> None:
+    distribution.celery.task(
+        fn,
         name=name,
         bind=True,
         typing=False,
@@ -55,44 +71,25 @@ def register_method(distribution: Distribution, path: str, method: str) -> str:
         # Expected errors are the caller's answer, not a worker failure: no traceback in the log for them.
         throws=(ServiceError,),
     )
-    return name
 
 
-def register_health(distribution: Distribution) -> str:
-    """Register the key's health task: ``{path: bool}`` for every exposed service of this instance."""
-    name = health_task_name(distribution.key)
-
-    def health(task: Task) -> dict[str, bool]:
-        return distribution.local_health()
-
-    distribution.celery.task(health, name=name, bind=True, typing=False)
-    return name
-
-
-def _serve(
-    distribution: Distribution,
-    task: Task,
-    path: str,
-    method: str,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
+def _answer(distribution: Distribution, task: Task, work: Callable[[], Any]) -> Any:
+    """Run a call with its deadline set for nested calls; reply on the caller's list, then to Celery."""
     request = task.request
-    call_id = str(request.id)
     deadline = getattr(request, HEADER_DEADLINE, None)
-    reply_to = (
-        reply_key(distribution.settings.registry_prefix, call_id)
-        if getattr(request, HEADER_REPLY, None)
-        else None
-    )
+    reply_to = None
+    if getattr(request, HEADER_REPLY, None):
+        reply_to = reply_key(distribution.settings.registry_prefix, str(request.id))
     token = set_deadline(float(deadline) if deadline is not None else None)
     try:
-        result = _run(distribution, path, method, args, kwargs, deadline)
+        if deadline is not None and float(deadline) < time.time():
+            raise Timeout(f"Call '{request.task}' arrived after its caller's deadline")
+        result = work()
         body = json.dumps({"result": result})
     except Exception as exc:
         error = error_from_exception(exc, debug=distribution.settings.debug)
         if error is not exc:
-            log.exception("call %s %s.%s failed", call_id, path, method)
+            log.exception("call %s (%s) failed", request.id, request.task)
         if reply_to:
             distribution.push_reply(reply_to, json.dumps({"error": _json_safe(error.to_dict())}), REPLY_TTL)
         raise error from None
@@ -109,11 +106,8 @@ def _run(
     method: str,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    deadline: Any,
 ) -> Any:
     settings = distribution.settings
-    if deadline is not None and float(deadline) < time.time():
-        raise Timeout(f"Call to '{path}.{method}' arrived after its caller's deadline")
     envelope = parse_envelope(args, kwargs)
     size = len(json.dumps(kwargs))
     if size > settings.max_payload_bytes:
@@ -127,9 +121,7 @@ def _run(
         for name in AUTH_PARAMS:
             params.pop(name, None)
     params["from_remote"] = True
-    service = distribution.app.service(path)
-    result = service.call(method, id=envelope.id, data=envelope.data, params=params)
-    return result
+    return distribution.app.service(path).call(method, id=envelope.id, data=envelope.data, params=params)
 
 
 def _json_safe(payload: dict[str, Any]) -> dict[str, Any]:

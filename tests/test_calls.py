@@ -108,6 +108,7 @@ def make_caller(provider: Provider, **options: Any) -> tuple[App, Distribution]:
         broker_url=provider.broker,
         result_backend=provider.backend,
         services=[],
+        remote_services=[],  # these tests mount their proxies by hand, with remote_service()
         timeout=8,
         **options,
     )
@@ -319,6 +320,7 @@ def test_unreachable_broker_is_unavailable_with_masked_url(redis_url: str) -> No
             broker_url="redis://:s3cret@127.0.0.1:1/0",
             result_backend=redis_url,
             services=[],
+            remote_services=[],
             timeout=2,
         ),
     )

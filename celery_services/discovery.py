@@ -1,0 +1,169 @@
+"""Discovery: turns the registry's live view into proxies mounted on the consumer app.
+
+The registry's watcher calls :meth:`Discovery.on_view` with every change of the view (key → instance →
+manifest); this module decides which remote services the app wants, mounts a proxy for each at its local
+path, and unmounts the ones whose last provider instance withdrew or died.
+
+Collisions: when two keys offer services that land on the same local path, the proxy already mounted
+stays; among new claimants, the alphabetically first key wins. The losers are logged as a warning and
+listed in :attr:`Discovery.collisions`. A local service always wins over a proxy.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import Conflict, Timeout
+from .manifest import View
+
+if TYPE_CHECKING:
+    from .distribution import Distribution
+    from .service import ServiceWrapper
+
+__all__ = ["Discovery", "RemoteServiceInfo"]
+
+log = logging.getLogger("celery_services.discovery")
+
+
+@dataclass(frozen=True)
+class RemoteServiceInfo:
+    """A remote service as the registry describes it (what ``remote_services`` filters receive).
+
+    Attributes:
+        key: the provider app's key.
+        path: the service's path on the provider.
+        methods: the methods offered by at least one live instance.
+        events: the events published by at least one live instance.
+        options: the service options from the manifest.
+        instances: the live instances offering it.
+    """
+
+    key: str
+    path: str
+    methods: tuple[str, ...]
+    events: tuple[str, ...]
+    options: dict[str, Any] = field(default_factory=dict, compare=False)
+    instances: tuple[str, ...] = field(default=(), compare=False)
+
+
+def remote_services(view: View) -> dict[tuple[str, str], RemoteServiceInfo]:
+    """Merge the instances of each key: (key, path) → what its live instances offer together."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, instances in view.items():
+        for instance, manifest in sorted(instances.items()):
+            for service in manifest.services:
+                entry = merged.setdefault(
+                    (key, service.path),
+                    {"methods": {}, "events": {}, "options": dict(service.options), "instances": []},
+                )
+                entry["methods"].update(dict.fromkeys(service.methods))
+                entry["events"].update(dict.fromkeys(service.events))
+                entry["instances"].append(instance)
+    return {
+        (key, path): RemoteServiceInfo(
+            key, path, tuple(e["methods"]), tuple(e["events"]), e["options"], tuple(e["instances"])
+        )
+        for (key, path), e in merged.items()
+    }
+
+
+class Discovery:
+    """Keeps the app's proxies in step with the registry."""
+
+    def __init__(self, distribution: Distribution) -> None:
+        self.distribution = distribution
+        #: local path → the remote service mounted there.
+        self.mounted: dict[str, RemoteServiceInfo] = {}
+        #: local path → keys whose service was refused there (a collision).
+        self.collisions: dict[str, list[str]] = {}
+        self.keys: set[str] = set()
+        self._changed = threading.Condition()
+
+    def on_view(self, view: View) -> None:
+        """Mount, update and unmount proxies to match ``view`` (called on the registry's watcher thread)."""
+        distribution = self.distribution
+        settings = distribution.settings
+        claims: dict[str, list[RemoteServiceInfo]] = {}
+        for (key, path), info in sorted(remote_services(view).items()):
+            if settings.consumes(key, path, info):
+                claims.setdefault(settings.local_path(info, path).strip("/"), []).append(info)
+        wanted: dict[str, RemoteServiceInfo] = {}
+        collisions: dict[str, list[str]] = {}
+        for local, infos in claims.items():
+            current = self.mounted.get(local)
+            winner = next((i for i in infos if current is not None and i.key == current.key), infos[0])
+            wanted[local] = winner
+            losers = [info.key for info in infos if info is not winner]
+            if losers:
+                collisions[local] = losers
+        for local, keys in collisions.items():
+            if self.collisions.get(local) != keys:
+                log.warning(
+                    "service path collision at '%s': %s kept, %s refused",
+                    local,
+                    wanted[local].key,
+                    ", ".join(keys),
+                )
+        self.collisions = collisions
+        for local, info in list(self.mounted.items()):
+            if wanted.get(local) != info:
+                self._unmount(local)
+        for local, info in wanted.items():
+            if local not in self.mounted:
+                self._mount(local, info)
+        self.keys = set(view)
+        with self._changed:
+            self._changed.notify_all()
+
+    def _mount(self, local: str, info: RemoteServiceInfo) -> None:
+        app = self.distribution.app
+        proxy = self.distribution.remote_service(info.key, info.path, info.methods, info.events, info.options)
+        try:
+            app.use(local, proxy)
+        except Conflict:
+            existing = app.services.get(local)
+            log.warning(
+                "service path collision at '%s': %s kept, %s refused",
+                local,
+                "a local service" if existing is not None and not _is_proxy(existing) else "another",
+                info.key,
+            )
+            self.collisions.setdefault(local, []).append(info.key)
+            return
+        self.mounted[local] = info
+        log.info("remote service %s/%s mounted at '%s'", info.key, info.path, local)
+
+    def _unmount(self, local: str) -> None:
+        info = self.mounted.pop(local)
+        wrapper = self.distribution.app.services.get(local)
+        if wrapper is None or not _is_proxy(wrapper):
+            return
+        wrapper.service.gone = True
+        self.distribution.app.unuse(local)
+        log.info("remote service %s/%s removed from '%s'", info.key, info.path, local)
+
+    def unmount_all(self) -> None:
+        """Remove every proxy this discovery mounted (at finalize)."""
+        for local in list(self.mounted):
+            self._unmount(local)
+
+    def wait_for(self, path: str, timeout: float) -> ServiceWrapper:
+        """The service mounted at ``path`` once it is there; :class:`Timeout` after ``timeout`` seconds."""
+        path = path.strip("/")
+        app = self.distribution.app
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while path not in app.services:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise Timeout(f"Service '{path}' did not appear within {timeout}s", {"path": path})
+                self._changed.wait(min(remaining, 0.5))
+        return app.service(path)
+
+
+def _is_proxy(wrapper: ServiceWrapper) -> bool:
+    return bool(getattr(wrapper.service, "remote", False))
