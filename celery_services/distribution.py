@@ -35,7 +35,7 @@ __all__ = ["Distribution", "distribute", "finalize", "make_celery"]
 log = logging.getLogger("celery_services.distribution")
 
 #: Pools whose tasks run in the worker's own process, where a service mounted later can still be served.
-IN_PROCESS_POOLS = ("solo", "threads", "eventlet", "gevent")
+IN_PROCESS_POOLS = frozenset({"solo", "thread", "threads", "eventlet", "gevent"})
 
 
 def make_celery(settings: DistributionSettings) -> Celery:
@@ -146,7 +146,7 @@ class Distribution:
     def check_mount(self, wrapper: ServiceWrapper) -> None:
         """Refuse a service a running prefork worker could never serve (its children were forked before)."""
         pool = self._worker_pool
-        if pool is None or pool.endswith(IN_PROCESS_POOLS) or not self.exposable_methods(wrapper):
+        if pool is None or pool.rsplit(".", 1)[-1] in IN_PROCESS_POOLS or not self.exposable_methods(wrapper):
             return
         raise RuntimeError(
             f"Cannot expose '{wrapper.path}' after the worker started: its {pool} pool runs calls in child "
@@ -230,7 +230,7 @@ class Distribution:
 
     def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
         # A worker stopping warmly withdraws at once; consumers need not wait for the TTL.
-        if self.app.distribution is self:
+        if getattr(sender, "app", None) is self.celery and self.app.distribution is self:
             finalize(self.app)
 
     def _on_task_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:

@@ -66,6 +66,7 @@ def _register(distribution: Distribution, fn: Any, name: str) -> None:
         name=name,
         bind=True,
         typing=False,
+        shared=False,  # a task of this app only: other apps in the process may serve the same name
         acks_late=True,
         reject_on_worker_lost=True,
         # Expected errors are the caller's answer, not a worker failure: no traceback in the log for them.

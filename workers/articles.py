@@ -11,19 +11,9 @@ services app, the counterpart of a Feathers app.
 
 from __future__ import annotations
 
-from typing import Any
-
-from celery_services import App, MemoryService, distribute
+from celery_services import App, distribute
 from celery_services.settings import DistributionSettings
-
-
-class Articles(MemoryService):
-    """Articles, with the custom method ``publish_article`` emitting ``article_published``."""
-
-    def publish_article(self, data: Any, params: dict[str, Any] | None = None) -> Any:
-        article = self.patch(data["id"], {"published": True}, params)
-        self.emit("article_published", article)
-        return article
+from workers.services import Articles
 
 
 def build() -> App:

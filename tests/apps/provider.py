@@ -18,7 +18,7 @@ import redis
 from celery_services import App, NotFound, Service, distribute
 from celery_services.remote import current_deadline
 from celery_services.settings import DistributionSettings
-from workers.articles import Articles
+from workers.services import Articles
 
 RUNS_KEY = os.environ.get("TEST_RUNS_KEY", "")
 _store = redis.Redis.from_url(os.environ.get("TEST_REPLY_STORE", "redis://127.0.0.1:6379/9"))

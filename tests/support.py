@@ -1,0 +1,63 @@
+"""Helpers shared by the integration tests: provider worker processes and their clean-up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from celery_services.testing import WorkerProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Provider:
+    key: str
+    broker: str
+    backend: str
+    runs_key: str
+    env: dict[str, str]
+
+    def runs(self) -> list[str]:
+        return [r.decode() for r in redis.Redis.from_url(self.backend).lrange(self.runs_key, 0, -1)]
+
+    def worker(self, **kwargs: Any) -> WorkerProcess:
+        return WorkerProcess("tests.apps.provider", self.key, env=self.env, **kwargs)
+
+
+def provider_env(key: str, broker: str, backend: str, runs_key: str, **extra: str) -> dict[str, str]:
+    return {
+        "CELERY_SERVICES_KEY": key,
+        "CELERY_SERVICES_BROKER_URL": broker,
+        "CELERY_SERVICES_RESULT_BACKEND": backend,
+        "CELERY_SERVICES_SERVICES": '["*"]',
+        "CELERY_SERVICES_TIMEOUT": "8",
+        "TEST_RUNS_KEY": runs_key,
+        "TEST_REPLY_STORE": backend,
+        "PYTHONPATH": str(ROOT),
+        **extra,
+    }
+
+
+def cleanup(broker: str, backend: str, *names: str) -> None:
+    store = redis.Redis.from_url(backend)
+    for name in names:
+        store.delete(name)
+    if broker.startswith("amqp"):
+        from kombu import Connection
+
+        with Connection(broker) as conn:
+            channel = conn.channel()
+            for name in names:
+                try:
+                    channel.queue_delete(name)
+                except Exception:
+                    channel = conn.channel()
+    else:
+        broker_store = redis.Redis.from_url(broker)
+        broker_store.delete(*names)
+        broker_store.close()
+    store.close()

@@ -1,0 +1,295 @@
+"""Registry-driven discovery across processes: real provider workers, real consumer apps, real Redis."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from celery_services import (
+    App,
+    DistributionSettings,
+    NotFound,
+    Timeout,
+    Unavailable,
+    distribute,
+    finalize,
+)
+from celery_services.distribution import Distribution
+from celery_services.testing import WorkerProcess, wait_for
+
+from .support import Provider, cleanup, provider_env
+
+HEARTBEAT = 0.5  # entries live 1.5 s without a heartbeat
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    name = f"cs-test-{os.urandom(4).hex()}"
+    yield name
+    store = redis.Redis.from_url(redis_url)
+    for key in store.scan_iter(f"{name}:*"):
+        store.delete(key)
+
+
+def provider(redis_url: str, prefix: str, key: str | None = None, **extra: str) -> Provider:
+    key = key or f"prov-{os.urandom(3).hex()}"
+    runs = f"test-runs:{key}"
+    env = provider_env(
+        key,
+        redis_url,
+        redis_url,
+        runs,
+        CELERY_SERVICES_REGISTRY_PREFIX=prefix,
+        CELERY_SERVICES_HEARTBEAT_INTERVAL=str(HEARTBEAT),
+        **extra,
+    )
+    return Provider(key, redis_url, redis_url, runs, env)
+
+
+class Consumer:
+    """A consumer app recording its ``service`` / ``service-removed`` events."""
+
+    def __init__(self, redis_url: str, prefix: str, **options: Any) -> None:
+        self.app = App()
+        self.events: list[tuple[str, str]] = []
+        self.proxies: list[Any] = []
+        self.app.on("service", self._mounted)
+        self.app.on("service-removed", lambda svc: self.events.append(("removed", svc.path)))
+        settings = DistributionSettings(
+            key=options.pop("key", f"consumer-{os.urandom(3).hex()}"),
+            broker_url=redis_url,
+            result_backend=redis_url,
+            registry_prefix=prefix,
+            heartbeat_interval=HEARTBEAT,
+            services=options.pop("services", []),
+            timeout=8,
+            **options,
+        )
+        self.distribution: Distribution = distribute(self.app, settings)
+
+    def _mounted(self, svc: Any) -> None:
+        self.events.append(("service", svc.path))
+        self.proxies.append(svc)
+
+    def close(self) -> None:
+        finalize(self.app)
+
+
+@pytest.fixture
+def consumers(redis_url: str, prefix: str) -> Iterator[list[Consumer]]:
+    made: list[Consumer] = []
+    yield made
+    for consumer in made:
+        consumer.close()
+
+
+def test_consumer_started_before_provider(redis_url: str, prefix: str, consumers: list[Consumer]) -> None:
+    prov = provider(redis_url, prefix)
+    consumer = Consumer(redis_url, prefix, remote_services=[prov.key])
+    consumers.append(consumer)
+    assert "articles" not in consumer.app.services
+    with pytest.raises(Timeout):
+        consumer.distribution.wait_for("articles", timeout=0.2)
+    try:
+        with prov.worker():
+            articles = consumer.distribution.wait_for("articles", timeout=10)
+            assert articles.create({"title": "hi"})["title"] == "hi"
+            proxy = next(p for p in consumer.proxies if p.path == "articles")
+            assert proxy.remote is True
+            assert proxy.key == prov.key
+            assert "publish_article" in proxy.methods
+            assert "article_published" in proxy.events
+            assert proxy.remote_options == {}
+            assert proxy.publish_article({"id": 0})["published"] is True
+            assert "probe" in consumer.app.services
+        # A warm stop withdraws at once: the proxies go without waiting for the TTL.
+        wait_for(lambda: ("removed", "articles") in consumer.events, timeout=2, what="articles removed")
+    finally:
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+def test_provider_first_is_mounted_when_distribute_returns_and_restart(
+    redis_url: str, prefix: str, consumers: list[Consumer]
+) -> None:
+    prov = provider(redis_url, prefix)
+    try:
+        with prov.worker():
+            started = time.monotonic()
+            consumer = Consumer(redis_url, prefix, remote_services=[prov.key])
+            consumers.append(consumer)
+            assert time.monotonic() - started < 2
+            assert "articles" in consumer.app.services  # no discovery delay
+            assert consumer.app.service("articles").find() == []
+        wait_for(lambda: "articles" not in consumer.app.services, timeout=3, what="withdrawn")
+        with prov.worker():
+            consumer.distribution.wait_for("articles", timeout=10)
+            assert consumer.app.service("articles").find() == []
+        assert consumer.events.count(("service", "articles")) == 2
+        assert consumer.events.count(("removed", "articles")) >= 1
+    finally:
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+def test_replicas_killed_one_then_the_other(redis_url: str, prefix: str, consumers: list[Consumer]) -> None:
+    prov = provider(redis_url, prefix)
+    first, second = prov.worker(), prov.worker()
+    try:
+        first.start()
+        second.start()
+        consumer = Consumer(redis_url, prefix, remote_services=[prov.key])
+        consumers.append(consumer)
+        probe = consumer.app.service("probe")
+        assert len(consumer.distribution.discovery.mounted["probe"].instances) == 2
+        first.kill()
+        for i in range(20):  # calls keep working on the survivor, the proxy stays
+            assert probe.get(i)["pid"] == second.pid
+        assert "probe" in consumer.app.services
+        second.kill()
+        killed = time.monotonic()
+        wait_for(lambda: ("removed", "probe") in consumer.events, timeout=10, what="probe removed")
+        detected = time.monotonic() - killed
+        assert detected < 3 * HEARTBEAT + 1.0, detected
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            probe.get(1)  # a proxy whose provider is gone fails fast
+        assert time.monotonic() - started < 0.5
+        with pytest.raises(NotFound):
+            consumer.app.service("probe")
+    finally:
+        first.stop()
+        second.stop()
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+def write_manifest(redis_url: str, prefix: str, key: str, paths: list[str], instance: str = "fake-1") -> None:
+    manifest = {
+        "key": key,
+        "instance": instance,
+        "host": "nowhere",
+        "pid": 1,
+        "started_at": time.time(),
+        "heartbeat": time.time(),
+        "protocol": 1,
+        "services": [{"path": p, "methods": ["get"], "events": ["created"], "options": {}} for p in paths],
+    }
+    store = redis.Redis.from_url(redis_url)
+    store.set(f"{prefix}:manifest:{key}:{instance}", json.dumps(manifest), ex=60)
+    store.publish(f"{prefix}:registry", json.dumps({"op": "up", "key": key, "instance": instance}))
+
+
+def test_malformed_manifest_is_skipped(
+    redis_url: str, prefix: str, consumers: list[Consumer], caplog: pytest.LogCaptureFixture
+) -> None:
+    store = redis.Redis.from_url(redis_url)
+    store.set(f"{prefix}:manifest:broken:1", b"{not json", ex=60)
+    store.set(f"{prefix}:manifest:foreign:1", json.dumps({"hello": "world"}), ex=60)
+    write_manifest(redis_url, prefix, "good", ["things"])
+    with caplog.at_level(logging.WARNING, logger="celery_services.registry"):
+        consumer = Consumer(redis_url, prefix)
+        consumers.append(consumer)
+    assert "things" in consumer.app.services
+    assert "broken" in caplog.text and "foreign" in caplog.text
+
+
+def test_collisions_first_mounted_wins_and_is_reported(
+    redis_url: str, prefix: str, consumers: list[Consumer], caplog: pytest.LogCaptureFixture
+) -> None:
+    write_manifest(redis_url, prefix, "zeta", ["shared"])
+    consumer = Consumer(redis_url, prefix)
+    consumers.append(consumer)
+    assert consumer.app.services["shared"].key == "zeta"
+    with caplog.at_level(logging.WARNING, logger="celery_services.discovery"):
+        write_manifest(redis_url, prefix, "alpha", ["shared"])
+        wait_for(lambda: consumer.distribution.discovery.collisions, timeout=5, what="collision seen")
+    assert consumer.app.services["shared"].key == "zeta"  # first mounted wins, not the alphabet
+    assert consumer.distribution.discovery.collisions == {"shared": ["alpha"]}
+    assert "collision" in caplog.text and "alpha" in caplog.text
+    # A fresh consumer seeing both at once picks deterministically: the alphabetically first key.
+    fresh = Consumer(redis_url, prefix)
+    consumers.append(fresh)
+    assert fresh.app.services["shared"].key == "alpha"
+    assert fresh.distribution.discovery.collisions == {"shared": ["zeta"]}
+
+
+def test_own_key_never_proxied_and_globs(redis_url: str, prefix: str, consumers: list[Consumer]) -> None:
+    write_manifest(redis_url, prefix, "mine", ["own"])
+    write_manifest(redis_url, prefix, "other", ["wanted", "unwanted"])
+    consumer = Consumer(redis_url, prefix, key="mine", remote_services=["other/wanted"])
+    consumers.append(consumer)
+    assert set(consumer.app.services) == {"wanted"}
+
+
+def test_alias_path_and_callable_filter(redis_url: str, prefix: str, consumers: list[Consumer]) -> None:
+    write_manifest(redis_url, prefix, "other", ["articles", "users"])
+    consumer = Consumer(
+        redis_url,
+        prefix,
+        remote_services=lambda info: info.path == "articles",
+        remote_service_path=lambda info: f"{info.key}/{info.path}",
+    )
+    consumers.append(consumer)
+    assert set(consumer.app.services) == {"other/articles"}
+
+
+def test_healthcheck_ok_unknown_and_failing(redis_url: str, prefix: str, consumers: list[Consumer]) -> None:
+    prov = provider(redis_url, prefix)
+    write_manifest(redis_url, prefix, "ghost", ["phantom"])  # registered, but no worker serves it
+    try:
+        with prov.worker():
+            consumer = Consumer(redis_url, prefix)
+            consumers.append(consumer)
+            assert consumer.distribution.healthcheck(prov.key) == {"articles": True, "probe": True}
+            with pytest.raises(NotFound):
+                consumer.distribution.healthcheck("nobody")
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as unhealthy:
+                consumer.distribution.healthcheck("ghost", timeout=0.5)
+            assert time.monotonic() - started < 2
+            assert unhealthy.value.code == 503
+            assert unhealthy.value.data == {"phantom": False}
+            with pytest.raises(Unavailable) as partial:
+                consumer.distribution.healthcheck(timeout=0.5)
+            assert partial.value.data == {"articles": True, "probe": True, "phantom": False}
+    finally:
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key, "ghost")
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_dynamic_custom_service(redis_url: str, prefix: str, consumers: list[Consumer], pool: str) -> None:
+    prov = provider(redis_url, prefix, TEST_COMMANDS_KEY=f"test-commands:{os.urandom(3).hex()}")
+    commands = prov.env["TEST_COMMANDS_KEY"]
+    store = redis.Redis.from_url(redis_url)
+
+    def command(what: str) -> str:
+        store.rpush(commands, what)
+        _, outcome = store.blpop([f"{commands}:done"], timeout=10) or (None, b"no answer")
+        return str(outcome.decode())
+
+    consumer = Consumer(
+        redis_url, prefix, remote_services=[prov.key], remote_service_path=lambda info: f"remote-{info.path}"
+    )
+    consumers.append(consumer)
+    worker = WorkerProcess("tests.apps.dynamic", prov.key, env=prov.env, pool=pool, concurrency=2)
+    try:
+        with worker:
+            outcome = command("add")
+            if pool == "prefork":
+                assert outcome.startswith("refused:") and "--pool threads" in outcome
+                return
+            assert outcome == "added"
+            custom = consumer.distribution.wait_for("remote-custom", timeout=5)
+            assert custom.shout("hello") == "HELLO"
+            assert custom.get(3) == {"id": 3}
+            assert "shouted" in custom.events
+            assert command("remove") == "removed"
+            wait_for(lambda: ("removed", "remote-custom") in consumer.events, timeout=5, what="removed")
+    finally:
+        store.rpush(commands, "stop")
+        cleanup(redis_url, redis_url, prov.key, commands, f"{commands}:done")
