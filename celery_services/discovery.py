@@ -121,7 +121,11 @@ class Discovery:
 
     def _mount(self, local: str, info: RemoteServiceInfo) -> None:
         app = self.distribution.app
-        proxy = self.distribution.remote_service(info.key, info.path, info.methods, info.events, info.options)
+        settings = self.distribution.settings
+        # As in feathers-distributed, the consumer's own lists say what it uses of what is offered.
+        methods = [m for m in info.methods if m in settings.distributed_methods]
+        events = [e for e in info.events if e in settings.distributed_events]
+        proxy = self.distribution.remote_service(info.key, info.path, methods, events, info.options)
         try:
             app.use(local, proxy)
         except Conflict:

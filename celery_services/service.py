@@ -109,7 +109,9 @@ class ServiceWrapper(EventEmitter):
 
     @property
     def events(self) -> tuple[str, ...]:
-        """The standard events of the methods it has, then its custom events."""
+        """The standard events of the methods it has, then its custom events (a proxy's: what it receives)."""
+        if getattr(self.service, "remote", False):
+            return tuple(self.service.events)
         offered = self.methods
         standard = tuple(event for method, event in STANDARD_EVENTS.items() if method in offered)
         return standard + self.custom_events

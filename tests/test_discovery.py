@@ -15,6 +15,7 @@ import redis
 from celery_services import (
     App,
     DistributionSettings,
+    MethodNotAllowed,
     NotFound,
     Timeout,
     Unavailable,
@@ -26,6 +27,7 @@ from celery_services.testing import WorkerProcess, wait_for
 
 from .support import Provider, cleanup, provider_env
 
+STANDARD = ["find", "get", "create", "update", "patch", "remove"]
 HEARTBEAT = 0.5  # entries live 1.5 s without a heartbeat
 
 
@@ -92,7 +94,13 @@ def consumers(redis_url: str, prefix: str) -> Iterator[list[Consumer]]:
 
 def test_consumer_started_before_provider(redis_url: str, prefix: str, consumers: list[Consumer]) -> None:
     prov = provider(redis_url, prefix)
-    consumer = Consumer(redis_url, prefix, remote_services=[prov.key])
+    consumer = Consumer(
+        redis_url,
+        prefix,
+        remote_services=[prov.key],
+        distributed_methods=[*STANDARD, "publish_article"],
+        distributed_events=["created", "article_published"],
+    )
     consumers.append(consumer)
     assert "articles" not in consumer.app.services
     with pytest.raises(Timeout):
@@ -105,7 +113,9 @@ def test_consumer_started_before_provider(redis_url: str, prefix: str, consumers
             assert proxy.remote is True
             assert proxy.key == prov.key
             assert "publish_article" in proxy.methods
-            assert "article_published" in proxy.events
+            assert proxy.events == ("created", "article_published")  # what the consumer asked for
+            with pytest.raises(MethodNotAllowed):
+                consumer.app.service("probe").slow({})  # offered, but not in the consumer's list
             assert proxy.remote_options == {}
             assert proxy.publish_article({"id": 0})["published"] is True
             assert "probe" in consumer.app.services
@@ -273,7 +283,12 @@ def test_dynamic_custom_service(redis_url: str, prefix: str, consumers: list[Con
         return str(outcome.decode())
 
     consumer = Consumer(
-        redis_url, prefix, remote_services=[prov.key], remote_service_path=lambda info: f"remote-{info.path}"
+        redis_url,
+        prefix,
+        remote_services=[prov.key],
+        remote_service_path=lambda info: f"remote-{info.path}",
+        distributed_methods=["get", "shout"],
+        distributed_events=["shouted"],
     )
     consumers.append(consumer)
     worker = WorkerProcess("tests.apps.dynamic", prov.key, env=prov.env, pool=pool, concurrency=2)
