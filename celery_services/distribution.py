@@ -103,6 +103,7 @@ class Distribution:
             prefix=settings.registry_prefix,
             heartbeat_interval=settings.heartbeat_interval,
             rescan_interval=settings.rescan_interval,
+            ttl=settings.resolved_registry_ttl(),
         )
         self.discovery = Discovery(self)
         self._worker_pool: str | None = None

@@ -48,7 +48,10 @@ class Registry:
     Args:
         url: Redis URL (``redis://host:port/db``).
         prefix: namespace of the registry keys and channel.
-        heartbeat_interval: seconds between heartbeats; entries live 3 intervals without one.
+        heartbeat_interval: seconds between heartbeats.
+        ttl: seconds an entry lives without a heartbeat (2.5 intervals by default: one missed beat is
+            tolerated, and with the watcher probing every quarter interval a dead instance is gone
+            within 3 intervals of its death).
         rescan_interval: seconds between the watcher's full rescans; 3 heartbeat intervals by default.
     """
 
@@ -59,13 +62,15 @@ class Registry:
         prefix: str = "celery_services",
         heartbeat_interval: float = 5.0,
         rescan_interval: float | None = None,
+        ttl: float | None = None,
     ) -> None:
         if heartbeat_interval <= 0 or (rescan_interval is not None and rescan_interval <= 0):
             raise ValueError("heartbeat_interval and rescan_interval must be positive")
         self.layout = RegistryLayout(prefix)
         self.heartbeat_interval = heartbeat_interval
         self.rescan_interval = rescan_interval if rescan_interval is not None else 3 * heartbeat_interval
-        self.ttl_ms = max(1, round(3 * heartbeat_interval * 1000))
+        self.ttl_ms = max(1, round((ttl if ttl is not None else 2.5 * heartbeat_interval) * 1000))
+        self.probe_interval = max(heartbeat_interval / 4, 0.05)
         timeouts = {"socket_timeout": max(5.0, heartbeat_interval), "socket_connect_timeout": 5.0}
         name = re.sub(r"\s", "_", f"{prefix}:registry")  # CLIENT LIST shows who is who
         self._client = redis.Redis.from_url(url, client_name=name, **timeouts)
@@ -293,10 +298,10 @@ class Registry:
             now = time.monotonic()
             if now >= next_rescan:
                 self._deliver(self.snapshot(), on_change)
-                next_rescan, next_probe = now + self.rescan_interval, now + self.heartbeat_interval
+                next_rescan, next_probe = now + self.rescan_interval, now + self.probe_interval
             elif now >= next_probe:
                 self._probe(on_change)
-                next_probe = now + self.heartbeat_interval
+                next_probe = now + self.probe_interval
             message = pubsub.get_message(timeout=min(_POLL, max(0.0, min(next_rescan, next_probe) - now)))
             if message is not None and message["type"] == "message":
                 self._on_message(_text(message["channel"]), _text(message["data"]), on_change)

@@ -153,7 +153,8 @@ class DistributionSettings(BaseSettings):
     """Seconds between two refreshes of this instance's manifest in the registry."""
 
     registry_ttl: PositiveFloat | None = None
-    """Seconds a manifest lives without heartbeat (``None``: three heartbeat intervals)."""
+    """Seconds a manifest lives without heartbeat (``None``: 2.5 heartbeat intervals, so that a dead
+    instance is forgotten within three intervals)."""
 
     rescan_interval: PositiveFloat | None = None
     """Seconds between two full rescans of the registry, the backstop of its pub/sub announcements
@@ -326,12 +327,12 @@ class DistributionSettings(BaseSettings):
         return _socket_to_unix(backend) if _scheme(backend) == "redis+socket" else backend
 
     def resolved_registry_ttl(self) -> float:
-        """Seconds a manifest lives without heartbeat: :attr:`registry_ttl`, else three heartbeat intervals.
+        """Seconds a manifest lives without heartbeat: :attr:`registry_ttl`, else 2.5 heartbeat intervals.
 
         Returns:
             The TTL in seconds.
         """
-        return self.registry_ttl if self.registry_ttl is not None else 3 * self.heartbeat_interval
+        return self.registry_ttl if self.registry_ttl is not None else 2.5 * self.heartbeat_interval
 
     # -- filters ------------------------------------------------------------------------------------------
 

@@ -157,7 +157,7 @@ def test_publish_snapshot_round_trip(make: Callable[..., Registry], raw: redis.R
     snapshot = registry.snapshot()
     assert set(snapshot) == {"app-a", "app-b"} and set(snapshot["app-a"]) == {"i1", "i2"}
     assert snapshot["app-a"]["i1"] == written and written.same_content(original)
-    assert 5000 < raw.pttl(RegistryLayout(prefix).name("app-a", "i1")) <= 6000  # TTL = 3 heartbeats
+    assert 4000 < raw.pttl(RegistryLayout(prefix).name("app-a", "i1")) <= 5000  # TTL = 2.5 heartbeats
 
     rows = registry.list()
     assert [row.key for row in rows] == ["app-a", "app-b"]

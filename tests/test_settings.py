@@ -433,8 +433,8 @@ def test_unknown_keyword_is_rejected() -> None:
 
 
 def test_registry_ttl() -> None:
-    assert DistributionSettings().resolved_registry_ttl() == 15.0
-    assert DistributionSettings(heartbeat_interval=2).resolved_registry_ttl() == 6.0
+    assert DistributionSettings().resolved_registry_ttl() == 12.5
+    assert DistributionSettings(heartbeat_interval=2).resolved_registry_ttl() == 5.0
     assert DistributionSettings(registry_ttl=30).resolved_registry_ttl() == 30.0
     with pytest.raises(ValidationError, match="registry_ttl"):
         DistributionSettings(heartbeat_interval=5, registry_ttl=5)
