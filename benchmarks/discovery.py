@@ -4,8 +4,8 @@ Prints (and saves to ``benchmarks/results/discovery.md``), measured in one run a
 
 - provider ``distribute()`` → proxy mounted on a running consumer (p50 / p99 over N runs), next to a bare
   Redis pub/sub round trip as the baseline;
-- a SIGKILLed last replica → ``service-removed`` on the consumer, against the 3 × heartbeat bound;
-- consumer start-up (``distribute()`` returning with every proxy mounted) with 200 keys × 5 services
+- a SIGKILLed last replica → ``service-removed`` on the consumer, against the 3 x heartbeat bound;
+- consumer start-up (``distribute()`` returning with every proxy mounted) with 200 keys x 5 services
   registered, next to the bare registry snapshot (SCAN + MGET) of the same entries.
 
 Usage: ``python benchmarks/discovery.py [--runs 20] [--redis URL]``.
@@ -105,7 +105,7 @@ def pubsub_baseline(url: str, runs: int) -> list[float]:
 
 def mount_latency(url: str, prefix: str, runs: int) -> list[float]:
     out = []
-    with consumer(url, prefix) as (app, changed, seen):
+    with consumer(url, prefix) as (_, changed, seen):
         for i in range(runs):
             provider = App()
             path = f"things{i}"
@@ -204,21 +204,21 @@ def main() -> None:
             f"{statistics.median(mounts) * ms:.1f} ms",
             f"{percentile(mounts, 0.99) * ms:.1f} ms",
             f"pub/sub round trip {statistics.median(baseline) * ms:.2f} ms",
-            f"{statistics.median(mounts) / statistics.median(baseline):.0f}×",
+            f"{statistics.median(mounts) / statistics.median(baseline):.0f}x",
         ),
         (
             "SIGKILL of last replica → service-removed (3 runs)",
             f"{statistics.median(deaths) * ms:.0f} ms",
             f"{max(deaths) * ms:.0f} ms",
-            f"bound 3 × heartbeat = {3 * HEARTBEAT * ms:.0f} ms",
+            f"bound 3 x heartbeat = {3 * HEARTBEAT * ms:.0f} ms",
             f"{statistics.median(deaths) / (3 * HEARTBEAT):.2f}",
         ),
         (
-            f"consumer start-up, 200 × 5 services ({mounted} proxies)",
+            f"consumer start-up, 200 x 5 services ({mounted} proxies)",
             f"{full * ms:.0f} ms",
             "",
             f"registry snapshot alone {bare * ms:.1f} ms",
-            f"{full / bare:.0f}×",
+            f"{full / bare:.0f}x",
         ),
     ]
     for row in rows:
@@ -228,7 +228,8 @@ def main() -> None:
     out = ROOT / "benchmarks" / "results" / "discovery.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     lines = [
-        f"# Discovery benchmark ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, {platform.python_version()})",
+        f"# Discovery benchmark ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()})",
         "",
         "| measure | p50 | p99 | baseline | ratio |",
         "|---|---|---|---|---|",

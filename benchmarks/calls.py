@@ -1,0 +1,537 @@
+"""Cost of a call: the local service, raw Celery (``send_task().get()``) and the proxy, on one broker.
+
+Usage: ``python benchmarks/calls.py [--calls N] [--broker URL] [--backend URL] [--replicas 1,2]``.
+
+Measured in one run, for each path, with ``articles.get(id)`` on the same 100 items:
+
+- (a) the local service: ``App().use("articles", MemoryService(...))`` then ``svc.get(id)``;
+- (b) raw Celery: ``celery.send_task(name, kwargs={"id": id}).get()`` to the plain task of
+  ``benchmarks/plain_tasks.py`` (default Celery settings except JSON), served by ``celery worker -P solo``;
+- (c) the proxy: ``app.service("articles").get(id)`` through ``distribution.remote_service(...)`` to
+  ``celery -A workers.articles worker -P solo`` (its own Celery settings, from ``make_celery``).
+
+For each: p50 / p99 latency with one call in flight, and calls/s with 1 and 8 caller threads; (b) and (c)
+are served by the same number of solo workers (one row per ``--replicas`` value). The default broker and
+result backend is Redis db 9 on 127.0.0.1:6379, else an embedded Redis started (and stopped) here. Queues,
+result keys and broker bindings created by the run are deleted at the end, even on error. Nothing here
+asserts a time: it is a benchmark.
+
+Writes the table to ``benchmarks/results/calls.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import itertools
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import celery as celery_pkg
+import kombu
+import redis
+from celery import Celery
+from rich.console import Console
+from rich.table import Table
+
+from celery_services import App, DistributionSettings, MemoryService, distribute, finalize
+from celery_services.protocol import mask_url
+from celery_services.testing import WorkerProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = ROOT / "benchmarks"
+RESULTS = BENCH_DIR / "results" / "calls.md"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/9"
+ITEM_COUNT = 100
+WARMUP = 50
+THREADS = 8
+#: Local calls are ~100x quicker: run more of them so the measure lasts long enough to mean something.
+LOCAL_SCALE = 20
+CALL_TIMEOUT = 10.0
+#: Raw Redis keys of the Redis transport's priority queues (kombu's ``sep`` and default priority steps).
+PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+#: The Redis transport's binding tables of an exchange (``_kombu.{table}.{exchange}``).
+BINDING_TABLES = ("binding", "binding_permanent")
+
+#: Runs ``celery -A workers.articles worker ...`` after seeding its articles with the benchmark's items
+#: (straight into the MemoryService, so no hook or event runs), and with the Celery result keys of the
+#: provider under the run's prefix so they can be deleted afterwards. Arguments follow ``-c``.
+PROVIDER_BOOT = """\
+import json, os, sys
+from workers.articles import api, app
+app.conf.result_backend_transport_options = {"global_keyprefix": os.environ["BENCH_KEYPREFIX"]}
+store = api.service("articles").service
+for item in json.loads(os.environ["BENCH_ITEMS"]):
+    store.create(item)
+sys.argv = ["celery", *sys.argv[1:]]
+from celery.__main__ import main
+main()
+"""
+
+Call = Callable[[int], Any]
+
+
+def make_items(count: int = ITEM_COUNT) -> list[dict[str, Any]]:
+    """The items every path serves: small articles, ~300 bytes of JSON each."""
+    return [
+        {
+            "id": n,
+            "title": f"Article {n}",
+            "body": "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 3,
+            "tags": ["bench", f"t{n % 7}"],
+            "published": n % 2 == 0,
+        }
+        for n in range(count)
+    ]
+
+
+# -- measuring --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the table: a path and what it measured."""
+
+    path: str
+    workers: str
+    p50_ms: float
+    p99_ms: float
+    rate_1: float
+    rate_n: float
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``samples``, nearest rank."""
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def latency(call: Call, ids: Sequence[int], count: int) -> tuple[float, float]:
+    """p50 and p99 in ms of ``count`` calls made one after the other (one call in flight)."""
+    times = []
+    for n in range(count):
+        item_id = ids[n % len(ids)]
+        start = time.perf_counter()
+        call(item_id)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times), percentile(times, 0.99)
+
+
+class Callers:
+    """``size`` persistent caller threads: their per-thread connections live from warm-up to measure."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.pool = ThreadPoolExecutor(size, thread_name_prefix="bench-caller")
+
+    def rate(self, call: Call, ids: Sequence[int], total: int) -> float:
+        """Calls per second of ``total`` calls shared by every thread (each waits for its reply)."""
+        counter = itertools.count()
+        barrier = threading.Barrier(self.size + 1)
+
+        def work() -> None:
+            barrier.wait()
+            while (n := next(counter)) < total:
+                call(ids[n % len(ids)])
+
+        futures = [self.pool.submit(work) for _ in range(self.size)]
+        barrier.wait()
+        start = time.perf_counter()
+        for future in futures:
+            future.result()
+        return total / (time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def single_rate(call: Call, ids: Sequence[int], total: int) -> float:
+    """Calls per second of ``total`` calls from this thread."""
+    start = time.perf_counter()
+    for n in range(total):
+        call(ids[n % len(ids)])
+    return total / (time.perf_counter() - start)
+
+
+def measure(
+    path: str, workers: str, call: Call, ids: Sequence[int], calls: int, callers: Callers, check: Call
+) -> Row:
+    """Warm up (checking the answers), then the latency and both throughputs of one path."""
+    for n in range(WARMUP):
+        check(ids[n % len(ids)])
+    callers.rate(check, ids, THREADS * 5)  # opens the connections of every caller thread
+    p50, p99 = latency(call, ids, max(calls // 4, 20))
+    rate_1 = single_rate(call, ids, calls)
+    rate_n = callers.rate(call, ids, calls)
+    return Row(path, workers, p50, p99, rate_1, rate_n)
+
+
+def checked(call: Call, items: dict[int, dict[str, Any]]) -> Call:
+    """``call`` that fails loudly when an answer is not the expected item (used during warm-up only)."""
+
+    def check(item_id: int) -> Any:
+        result = call(item_id)
+        if result != items[item_id]:
+            raise RuntimeError(f"wrong answer for id {item_id}: {result!r}")
+        return result
+
+    return check
+
+
+# -- the environment --------------------------------------------------------------------------------------
+
+
+def answers(url: str) -> bool:
+    """Whether something listens at the host and port of ``url``."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Bench:
+    """The run's names, workers and the ids of what it created, for the cleanup."""
+
+    broker: str
+    backend: str
+    items: list[dict[str, Any]]
+    token: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    workers: list[WorkerProcess] = field(default_factory=list)
+    raw_ids: list[str] = field(default_factory=list)
+
+    @property
+    def raw_queue(self) -> str:
+        return f"bench-plain-{self.token}"
+
+    @property
+    def raw_task(self) -> str:
+        return f"bench_plain_{self.token}.articles.get"
+
+    @property
+    def provider_key(self) -> str:
+        return f"bench-articles-{self.token}"
+
+    @property
+    def prefix(self) -> str:
+        """Registry prefix (reply lists, manifests) of both sides, and result-key prefix of the provider."""
+        return f"bench-calls-{self.token}"
+
+    def raw_worker(self) -> WorkerProcess:
+        env = {
+            "BENCH_BROKER_URL": self.broker,
+            "BENCH_RESULT_BACKEND": self.backend,
+            "BENCH_TASK_NAME": self.raw_task,
+            "BENCH_ITEMS": json.dumps(self.items),
+            "PYTHONPATH": str(BENCH_DIR),
+        }
+        return WorkerProcess("plain_tasks", self.raw_queue, env=env)
+
+    def provider_worker(self) -> WorkerProcess:
+        env = {
+            "CELERY_SERVICES_CONFIG": str(ROOT / "config" / "default.toml"),
+            "CELERY_SERVICES_KEY": self.provider_key,
+            "CELERY_SERVICES_BROKER_URL": self.broker,
+            "CELERY_SERVICES_RESULT_BACKEND": self.backend,
+            "CELERY_SERVICES_SERVICES": '["*"]',
+            "BENCH_ITEMS": json.dumps(self.items),
+            "CELERY_SERVICES_REGISTRY_PREFIX": self.prefix,
+            "BENCH_KEYPREFIX": f"{self.prefix}:",
+            "PYTHONPATH": str(ROOT),
+        }
+        worker = WorkerProcess("workers.articles", self.provider_key, env=env)
+        # The same command WorkerProcess builds (`python -m celery -A workers.articles worker -Q key -P solo
+        # -c 1 ...`), run through PROVIDER_BOOT to seed the items first.
+        assert worker.command[1:3] == ["-m", "celery"], worker.command
+        worker.command[1:3] = ["-c", PROVIDER_BOOT]
+        return worker
+
+    def start(self, workers: list[WorkerProcess]) -> None:
+        """Start ``workers`` side by side (each is stopped at the end, even when its start failed)."""
+        self.workers.extend(workers)
+        with ThreadPoolExecutor(len(workers)) as pool:
+            for future in [pool.submit(worker.start) for worker in workers]:
+                future.result()
+
+    def stop_workers(self) -> None:
+        for worker in self.workers:
+            with contextlib.suppress(Exception):
+                worker.stop()  # SIGTERM to its process group, SIGKILL if it lingers
+
+    def cleanup(self) -> None:
+        """Delete the queues, bindings and result keys of the run."""
+        queues = [self.raw_queue, self.provider_key]
+        nodes = [worker.name for worker in self.workers]
+        store = redis.Redis.from_url(self.backend)
+        try:
+            for start in range(0, len(self.raw_ids), 1000):
+                store.delete(*(f"celery-task-meta-{i}" for i in self.raw_ids[start : start + 1000]))
+            prefixed = list(store.scan_iter(match=f"{self.prefix}:*", count=1000))
+            for start in range(0, len(prefixed), 1000):
+                store.delete(*prefixed[start : start + 1000])
+        finally:
+            store.close()
+        if self.broker.startswith("amqp"):
+            with kombu.Connection(self.broker) as conn:
+                channel = conn.channel()
+                for queue in queues:
+                    try:
+                        channel.queue_delete(queue)
+                    except Exception:  # the channel closes on a missing queue
+                        channel = conn.channel()
+            return
+        broker = redis.Redis.from_url(self.broker)
+        try:
+            broker.delete(*(q + s for q in queues for s in PRIORITY_SUFFIXES))
+            broker.delete(*(f"_kombu.{table}.{q}" for q in queues for table in BINDING_TABLES))
+            for table in BINDING_TABLES:  # the workers' pidbox queues, bound to the shared control exchange
+                pidbox = f"_kombu.{table}.celery.pidbox"
+                stale = [m for m in broker.smembers(pidbox) if any(n.encode() in m for n in nodes)]
+                if stale:
+                    broker.srem(pidbox, *stale)
+        finally:
+            broker.close()
+
+
+@contextlib.contextmanager
+def redis_server(url: str | None) -> Iterator[str]:
+    """``url``, else Redis db 9 on 127.0.0.1:6379, else an embedded Redis for the run."""
+    if url:
+        yield url
+        return
+    if answers(DEFAULT_REDIS):
+        yield DEFAULT_REDIS
+        return
+    from celery_services.embedded import EmbeddedRedis
+
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+# -- the run ----------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, backend: str) -> tuple[list[Row], dict[str, str]]:
+    broker = args.broker or backend
+    items = make_items()
+    by_id = {item["id"]: item for item in items}
+    ids = [item["id"] for item in items]
+    bench = Bench(broker, backend, items)
+    rows: list[Row] = []
+    callers = Callers(THREADS)
+
+    raw = Celery("bench-raw-caller", broker=broker, backend=backend, set_as_current=False)
+    raw.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+    )
+
+    def raw_call(item_id: int) -> Any:
+        result = raw.send_task(bench.raw_task, kwargs={"id": item_id}, queue=bench.raw_queue)
+        bench.raw_ids.append(result.id)
+        return result.get(timeout=CALL_TIMEOUT)
+
+    caller = App()
+    try:
+        local = App().use("articles", MemoryService(store=by_id))
+        rows.append(
+            measure(
+                "(a) local service",
+                "in-process",
+                local.get,
+                ids,
+                args.calls * LOCAL_SCALE,
+                callers,
+                checked(local.get, by_id),
+            )
+        )
+        distribution = distribute(
+            caller,
+            DistributionSettings(
+                key=f"bench-caller-{bench.token}",
+                broker_url=broker,
+                result_backend=backend,
+                services=[],
+                # The proxy is mounted by hand; the registry of the run is its own.
+                remote_services=[],
+                registry_prefix=bench.prefix,
+                timeout=CALL_TIMEOUT,
+            ),
+        )
+        caller.use("articles", distribution.remote_service(bench.provider_key, "articles", ["get"]))
+        proxy = caller.service("articles")
+        started = 0
+        for replicas in args.replicas:
+            if replicas > started:
+                more = replicas - started
+                bench.start(
+                    [bench.raw_worker() for _ in range(more)] + [bench.provider_worker() for _ in range(more)]
+                )
+                started = replicas
+            label = f"{replicas} solo"
+            print(f"measuring with {label} worker(s) per path ...", file=sys.stderr)
+            rows.append(
+                measure("(b) raw Celery", label, raw_call, ids, args.calls, callers, checked(raw_call, by_id))
+            )
+            rows.append(
+                measure("(c) proxy", label, proxy.get, ids, args.calls, callers, checked(proxy.get, by_id))
+            )
+    finally:
+        callers.close()
+        bench.stop_workers()
+        finalize(caller)
+        raw.close()
+        bench.cleanup()
+
+    server = redis.Redis.from_url(backend)
+    try:
+        redis_version = str(server.info("server").get("redis_version", "?"))
+    finally:
+        server.close()
+    about = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} cores, {platform.machine()} ({cpu_model()}), "
+        f"Python {platform.python_version()}",
+        "broker": mask_url(broker),
+        "result backend": f"{mask_url(backend)} (Redis {redis_version})",
+        "celery": f"{celery_pkg.__version__} (kombu {kombu.__version__})",
+        "calls": (
+            f"{WARMUP} warm-up; latency: {max(args.calls // 4, 20)} sequential calls; throughput: "
+            f"{args.calls} calls (local: {args.calls * LOCAL_SCALE}) with 1 and {THREADS} caller threads"
+        ),
+    }
+    return rows, about
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+# -- output -----------------------------------------------------------------------------------------------
+
+
+def fmt_ms(value: float) -> str:
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}"
+
+
+def tables(rows: list[Row]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
+    """The results table and the proxy-over-raw table, as headers and cells."""
+    head = ["path", "workers", "p50 ms", "p99 ms", "calls/s, 1 caller", f"calls/s, {THREADS} callers"]
+    cells = [
+        [r.path, r.workers, fmt_ms(r.p50_ms), fmt_ms(r.p99_ms), f"{r.rate_1:,.0f}", f"{r.rate_n:,.0f}"]
+        for r in rows
+    ]
+    ratio_head = [
+        "workers",
+        "p50 proxy / raw",
+        "p99 proxy / raw",
+        "calls/s raw / proxy, 1 caller",
+        f"calls/s raw / proxy, {THREADS} callers",
+    ]
+    ratios = []
+    for raw, proxy in zip(rows[1::2], rows[2::2], strict=True):
+        ratios.append(
+            [
+                raw.workers,
+                f"{proxy.p50_ms / raw.p50_ms:.2f}",
+                f"{proxy.p99_ms / raw.p99_ms:.2f}",
+                f"{raw.rate_1 / proxy.rate_1:.2f}",
+                f"{raw.rate_n / proxy.rate_n:.2f}",
+            ]
+        )
+    return head, cells, ratio_head, ratios
+
+
+def markdown_table(head: list[str], cells: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(lines)
+
+
+def report(rows: list[Row], about: dict[str, str]) -> str:
+    head, cells, ratio_head, ratios = tables(rows)
+    console = Console()
+    table = Table(title="articles.get(id): one call")
+    for name in head:
+        table.add_column(name, justify="left" if name in ("path", "workers") else "right")
+    for row in cells:
+        table.add_row(*row)
+    console.print(table)
+    overhead = Table(title="Proxy overhead over raw Celery (> 1: the proxy is slower)")
+    for name in ratio_head:
+        overhead.add_column(name, justify="left" if name == "workers" else "right")
+    for row in ratios:
+        overhead.add_row(*row)
+    console.print(overhead)
+    for name, value in about.items():
+        console.print(f"[bold]{name}[/bold]: {value}")
+    return "\n".join(
+        [
+            "# Calls: local service, raw Celery and the proxy",
+            "",
+            "Generated by `.venv/bin/python benchmarks/calls.py`.",
+            "",
+            *(f"- **{name}**: {value}" for name, value in about.items()),
+            "- **paths**: (a) `App().use('articles', MemoryService(...)).get(id)`; (b) "
+            "`celery.send_task(name, kwargs={'id': id}).get()` to the plain task of "
+            "`benchmarks/plain_tasks.py` (default Celery settings + JSON); (c) "
+            "`app.service('articles').get(id)` through `distribution.remote_service(...)` to "
+            "`celery -A workers.articles worker`. (b) and (c) "
+            "have the same number of `-P solo` workers, one process each.",
+            "",
+            markdown_table(head, cells),
+            "",
+            "Proxy overhead over raw Celery (> 1: the proxy is slower):",
+            "",
+            markdown_table(ratio_head, ratios),
+            "",
+        ]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000, help="calls per throughput measure (default 2000)")
+    parser.add_argument("--broker", default=None, help="Celery broker URL (default: the result backend)")
+    parser.add_argument(
+        "--backend", default=None, help=f"Redis result backend (default {DEFAULT_REDIS}, else embedded)"
+    )
+    parser.add_argument(
+        "--replicas",
+        type=lambda text: sorted({int(n) for n in text.split(",")}),
+        default=[1, 2],
+        help="solo workers per path, one row each (default 1,2)",
+    )
+    args = parser.parse_args()
+    with redis_server(args.backend) as backend:
+        rows, about = run(args, backend)
+    text = report(rows, about)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(text)
+    print(f"written to {RESULTS.relative_to(ROOT)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
