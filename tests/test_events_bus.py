@@ -1,0 +1,453 @@
+"""EventBus against real brokers: Redis (kombu's virtual topic routing) and RabbitMQ (skipped when absent)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from kombu.connection import Connection as _Connection
+
+from celery_services.events import EventBus, EventEnvelope, routing_key
+
+Connection: Any = _Connection  # kombu's API is unannotated
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it holds, failing after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        pause.wait(0.01)
+
+
+class Collector:
+    """An ``on_event`` that records envelopes and lets a test wait for a count."""
+
+    def __init__(self) -> None:
+        self.items: list[EventEnvelope] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, envelope: EventEnvelope) -> None:
+        with self._cond:
+            self.items.append(envelope)
+            self._cond.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 15.0) -> list[EventEnvelope]:
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self.items) >= count, timeout):
+                raise AssertionError(f"got {len(self.items)} events, wanted {count}")
+            return list(self.items)
+
+    def data(self) -> list[Any]:
+        with self._cond:
+            return [item.data for item in self.items]
+
+
+class Broker:
+    """One broker under test, with unique names, inspection helpers and cleanup."""
+
+    def __init__(self, kind: str, url: str, unique: str) -> None:
+        self.kind, self.url, self.unique = kind, url, unique
+        self.exchange = self.prefix = f"test.{unique}"
+        self.buses: list[EventBus] = []
+        self.redis = redis.Redis.from_url(url) if kind == "redis" else None
+
+    def bus(self, **kwargs: Any) -> EventBus:
+        bus = EventBus(self.url, exchange=self.exchange, queue_prefix=self.prefix, **kwargs)
+        self.buses.append(bus)
+        return bus
+
+    def queue_size(self, name: str) -> int | None:
+        """Messages ready in queue ``name``; None when the broker has no such queue (AMQP only)."""
+        if self.redis is not None:
+            return int(self.redis.llen(name))
+        with Connection(self.url) as conn:
+            try:
+                return int(conn.channel().queue_declare(queue=name, passive=True).message_count)
+            except conn.channel_errors:
+                return None
+
+    def bound_queues(self) -> dict[str, set[str]]:
+        """Redis only: queue name -> routing keys, from kombu's binding set of the exchange."""
+        assert self.redis is not None
+        table: dict[str, set[str]] = {}
+        for member in self.redis.smembers(f"_kombu.binding.{self.exchange}"):
+            text = member.decode() if isinstance(member, bytes) else member
+            key, _pattern, queue = text.split("\x06\x16")
+            table.setdefault(queue, set()).add(key)
+        return table
+
+    def cleanup(self) -> None:
+        for bus in self.buses:
+            bus.close()
+        if self.redis is not None:
+            keys = [*self.redis.keys(f"{self.prefix}*"), *self.redis.keys(f"_kombu.binding*.{self.exchange}")]
+            if keys:
+                self.redis.delete(*keys)
+            return
+        with Connection(self.url) as conn:
+            for name in {bus.queue_name for bus in self.buses if bus.queue_name}:
+                conn.channel().queue_delete(name)
+            conn.channel().exchange_delete(self.exchange)
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+def broker(request: pytest.FixtureRequest, unique: str) -> Iterator[Broker]:
+    url = request.getfixturevalue(f"{request.param}_url")
+    b = Broker(request.param, url, unique)
+    yield b
+    b.cleanup()
+
+
+@pytest.fixture
+def redis_broker(redis_url: str, unique: str) -> Iterator[Broker]:
+    b = Broker("redis", redis_url, unique)
+    yield b
+    b.cleanup()
+
+
+def test_routing_key() -> None:
+    assert (
+        routing_key("my-app", "/api/articles/", "article_published")
+        == "my-app.api.articles.article_published"
+    )
+    for bad in (("a.b", "p", "e"), ("a", "p*", "e"), ("a", "p", "#"), ("a", "", "e")):
+        with pytest.raises(ValueError):
+            routing_key(*bad)
+
+
+def test_envelope_keeps_data_beside_routing_fields(broker: Broker) -> None:
+    got = Collector()
+    consumer = broker.bus(consumer_key="gw", on_event=got)
+    consumer.bind("app", "api/articles", "created")
+    consumer.start()
+    publisher = broker.bus()
+    data = {"id": 1, "key": "not-the-app", "event": "mine", "nested": [1, 2.5, None, {"a": "é"}]}
+    assert publisher.publish("app", "api/articles", "created", data, {"method": "create", "id": None})
+    [envelope] = got.wait_for(1)
+    assert envelope.data == data
+    assert (envelope.key, envelope.path, envelope.event) == ("app", "api/articles", "created")
+    assert envelope.context == {"method": "create", "id": None}
+    assert (publisher.published, publisher.publish_failures, consumer.received) == (1, 0, 1)
+
+
+def test_filtering_happens_at_the_broker(broker: Broker) -> None:
+    got = Collector()
+    consumer = broker.bus(consumer_key="gw", on_event=got)
+    consumer.bind("app", "articles", "created")  # not started yet: the queue shows what the broker routed
+    publisher = broker.bus()
+    for event in ("created", "updated", "updated", "removed"):
+        assert publisher.publish("app", "articles", event, event)
+    assert publisher.publish("other", "articles", "created", "other app")
+    assert consumer.queue_name is not None
+    assert broker.queue_size(consumer.queue_name) == 1
+    consumer.start()
+    got.wait_for(1)
+    publisher.publish("app", "articles", "updated", "late update")
+    publisher.publish("app", "articles", "created", "marker")
+    got.wait_for(2)
+    assert got.data() == ["created", "marker"]
+    assert consumer.received == 2
+    wait_until(lambda: broker.queue_size(consumer.queue_name or "") == 0, what="empty queue")
+
+
+def test_broadcast_consumers_each_get_every_event_once(broker: Broker) -> None:
+    collectors = [Collector(), Collector()]
+    buses = [broker.bus(consumer_key="gw", on_event=c) for c in collectors]
+    assert buses[0].queue_name != buses[1].queue_name
+    for bus in buses:
+        bus.bind("app", "articles", "created")
+        bus.start()
+    publisher = broker.bus()
+    for i in range(50):
+        publisher.publish("app", "articles", "created", i)
+    publisher.publish("app", "articles", "created", "marker")  # order per publisher: nothing can follow it
+    for collector in collectors:
+        collector.wait_for(51)
+        assert collector.data() == [*range(50), "marker"]
+
+
+def test_group_consumers_share_events_exactly_once(broker: Broker) -> None:
+    collectors = [Collector(), Collector()]
+    buses = [broker.bus(consumer_key="gw", delivery="group", on_event=c) for c in collectors]
+    assert buses[0].queue_name == buses[1].queue_name == f"{broker.prefix}.gw"
+    for bus in buses:
+        bus.bind("app", "articles", "created")
+        bus.start()
+    publisher = broker.bus()
+    for i in range(200):
+        assert publisher.publish("app", "articles", "created", i)
+    wait_until(lambda: sum(len(c.items) for c in collectors) >= 200, what="200 events")
+    wait_until(lambda: broker.queue_size(f"{broker.prefix}.gw") == 0, what="empty group queue")
+    for bus in buses:
+        bus.close()
+    values = collectors[0].data() + collectors[1].data()
+    assert sorted(values) == list(range(200))
+    assert buses[0].received + buses[1].received == 200
+    for collector in collectors:  # each instance still sees its share in publish order
+        assert collector.data() == sorted(collector.data())
+
+
+def test_group_instance_leaving_mid_stream_loses_and_duplicates_nothing(broker: Broker) -> None:
+    collectors = [Collector(), Collector()]
+    buses = [broker.bus(consumer_key="gw", delivery="group", on_event=c) for c in collectors]
+    for bus in buses:
+        bus.bind("app", "articles", "created")
+        bus.start()
+    publisher = broker.bus()
+    thread = threading.Thread(
+        target=lambda: [publisher.publish("app", "articles", "created", i) for i in range(1000)]
+    )
+    thread.start()
+    collectors[0].wait_for(20)
+    buses[0].close()  # one replica stops while events flow: the other gets the rest, none twice
+    thread.join()
+    wait_until(lambda: len(collectors[0].items) + len(collectors[1].items) >= 1000, what="1000 events")
+    buses[1].close()
+    assert sorted(collectors[0].data() + collectors[1].data()) == list(range(1000))
+
+
+def test_group_queue_keeps_events_while_the_app_is_down(broker: Broker) -> None:
+    first = broker.bus(consumer_key="gw", delivery="group", on_event=Collector())
+    first.bind("app", "articles", "created")
+    first.close()  # the whole consumer app goes down; its group queue and bindings stay
+    publisher = broker.bus()
+    for i in range(20):
+        assert publisher.publish("app", "articles", "created", i)
+    assert broker.queue_size(f"{broker.prefix}.gw") == 20
+    got = Collector()
+    second = broker.bus(consumer_key="gw", delivery="group", on_event=got)
+    second.bind("app", "articles", "created")
+    second.start()
+    got.wait_for(20)
+    assert got.data() == list(range(20))
+    second.close()
+    second.delete_queue()  # after close(): a running consumer would declare it again
+    assert broker.queue_size(f"{broker.prefix}.gw") in (0, None)
+
+
+def test_order_preserved_over_1000_events(broker: Broker) -> None:
+    got = Collector()
+    consumer = broker.bus(consumer_key="gw", on_event=got)
+    consumer.bind("app", "articles", "patched")
+    consumer.start()
+    publisher = broker.bus()
+    for i in range(1000):
+        publisher.publish("app", "articles", "patched", i)
+    got.wait_for(1000, timeout=30)
+    assert got.data() == list(range(1000))
+
+
+def test_concurrent_publishers_and_binding_while_consuming(broker: Broker) -> None:
+    got = Collector()
+    consumer = broker.bus(consumer_key="gw", on_event=got)
+    consumer.start()  # binds come later, while the consumer thread drains its own connection
+    consumer.bind("app", "articles", "created")
+    publisher = broker.bus()
+
+    def run(n: int) -> None:
+        for i in range(50):
+            assert publisher.publish("app", "articles", "created", [n, i])
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    got.wait_for(400)
+    assert publisher.published == 400
+    for n in range(8):  # order per publishing thread
+        assert [i for t, i in got.data() if t == n] == list(range(50))
+
+
+def test_unbind_stops_delivery(broker: Broker) -> None:
+    got = Collector()
+    consumer = broker.bus(consumer_key="gw", on_event=got)
+    consumer.bind("app", "articles", "created")
+    consumer.bind("app", "articles", "updated")
+    consumer.start()
+    publisher = broker.bus()
+    publisher.publish("app", "articles", "created", 1)
+    got.wait_for(1)
+    consumer.unbind("app", "articles", "created")
+    assert consumer.bindings == {"app.articles.updated"}
+    publisher.publish("app", "articles", "created", 2)
+    publisher.publish("app", "articles", "updated", 3)
+    got.wait_for(2)
+    assert got.data() == [1, 3]
+    if broker.redis is not None:
+        assert broker.bound_queues() == {consumer.queue_name: {"app.articles.updated"}}
+    consumer.bind("app", "articles", "created")  # and binding again works (kombu's state must not skip it)
+    publisher.publish("app", "articles", "created", 4)
+    got.wait_for(3)
+    assert got.data() == [1, 3, 4]
+
+
+def test_handler_errors_do_not_stop_the_consumer(broker: Broker) -> None:
+    got = Collector()
+
+    def handler(envelope: EventEnvelope) -> None:
+        if envelope.data == "boom":
+            raise RuntimeError("handler bug")
+        got(envelope)
+
+    consumer = broker.bus(consumer_key="gw", on_event=handler)
+    consumer.bind("app", "articles", "created")
+    consumer.start()
+    publisher = broker.bus()
+    publisher.publish("app", "articles", "created", "boom")
+    publisher.publish("app", "articles", "created", "fine")
+    got.wait_for(1)
+    assert got.data() == ["fine"]
+    assert consumer.received == 2
+
+
+def test_close_deletes_the_broadcast_queue(broker: Broker) -> None:
+    got = Collector()
+    consumer = broker.bus(consumer_key="gw", on_event=got)
+    consumer.bind("app", "articles", "created")
+    consumer.start()
+    publisher = broker.bus()
+    publisher.publish("app", "articles", "created", 1)
+    got.wait_for(1)
+    started = time.monotonic()
+    consumer.close()
+    assert time.monotonic() - started < 3
+    name = consumer.queue_name or ""
+    publisher.publish("app", "articles", "created", 2)
+    if broker.redis is not None:
+        assert broker.bound_queues() == {}
+        assert broker.queue_size(name) == 0
+        assert not broker.redis.keys(f"{name}*")
+    else:
+        assert broker.queue_size(name) is None
+
+
+def test_sweep_removes_queues_of_dead_consumers(broker: Broker) -> None:
+    dead_got, live_got = Collector(), Collector()
+    dead = broker.bus(consumer_key="gw", instance="dead", on_event=dead_got)
+    other_app = broker.bus(consumer_key="other", instance="gone")
+    group = broker.bus(consumer_key="gw", delivery="group")
+    for bus in (dead, other_app, group):
+        bus.bind("app", "articles", "created")
+    dead.start()
+    publisher = broker.bus()
+    publisher.publish("app", "articles", "created", 0)
+    dead_got.wait_for(1)
+    dead._stop_consumer()  # the process 'dies': no close(), no queue deletion
+    dead._release_connections()
+    other_app._release_connections()
+    live = broker.bus(consumer_key="gw", instance="live", on_event=live_got)
+    live.bind("app", "articles", "created")
+    live.start()
+    if broker.redis is not None:
+        assert set(broker.bound_queues()) == {
+            dead.queue_name,
+            other_app.queue_name,
+            group.queue_name,
+            live.queue_name,
+        }
+        assert live.sweep(["live"]) == [dead.queue_name]
+        assert set(broker.bound_queues()) == {other_app.queue_name, group.queue_name, live.queue_name}
+        assert live.sweep(["live"], all_keys=True) == [other_app.queue_name]
+        assert set(broker.bound_queues()) == {group.queue_name, live.queue_name}
+    else:  # RabbitMQ auto-deletes the queue when its consumer's connection goes; nothing to sweep
+        wait_until(lambda: broker.queue_size(dead.queue_name or "") is None, what="auto-delete")
+        assert live.sweep(["live"]) == []
+    publisher.publish("app", "articles", "created", 1)
+    live_got.wait_for(1)
+    assert live_got.data() == [1]
+    assert broker.queue_size(dead.queue_name or "") in (0, None)
+    assert broker.queue_size(group.queue_name or "") == 2
+    group.delete_queue()
+
+
+def test_consumer_reconnects_and_redeclares_after_losing_its_connection(redis_broker: Broker) -> None:
+    broker = redis_broker  # killing exactly the consumer's connections needs Redis CLIENT KILL
+    assert broker.redis is not None
+    got = Collector()
+    consumer = broker.bus(consumer_key="gw", on_event=got)
+    consumer.bind("app", "articles", "created")
+    consumer.start()
+    publisher = broker.bus()
+    publisher.publish("app", "articles", "created", 1)
+    got.wait_for(1)
+    clients = [c for c in broker.redis.client_list() if c.get("name") == consumer.queue_name]
+    assert clients
+    for client in clients:
+        broker.redis.client_kill_filter(_id=client["id"])
+    publisher.publish("app", "articles", "created", 2)
+    got.wait_for(2)
+    assert got.data() == [1, 2]
+
+
+def test_lost_redis_bindings_come_back(redis_broker: Broker, caplog: pytest.LogCaptureFixture) -> None:
+    broker = redis_broker
+    assert broker.redis is not None
+    got = Collector()
+    consumer = broker.bus(consumer_key="gw", on_event=got)
+    consumer.bind("app", "articles", "created")
+    consumer.start()
+    publisher = broker.bus()
+    publisher.publish("app", "articles", "created", 0)
+    got.wait_for(1)  # the consumer thread has declared everything
+    broker.redis.delete(f"_kombu.binding.{broker.exchange}")  # e.g. a sweep that raced with this consumer
+    assert broker.bound_queues() == {}
+    wait_until(lambda: consumer.queue_name in broker.bound_queues(), timeout=15, what="bindings re-added")
+    assert "re-added 1 lost bindings" in caplog.text
+    publisher.publish("app", "articles", "created", 1)
+    assert [e.data for e in got.wait_for(2)] == [0, 1]
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "amqp://guest:guest@127.0.0.1:1//"])
+def test_publish_to_unreachable_broker_fails_fast(url: str) -> None:
+    bus = EventBus(url, exchange="test.unreachable")
+    try:
+        started = time.monotonic()
+        assert bus.publish("app", "articles", "created", {"id": 1}) is False
+        assert bus.publish("app", "articles", "created", {"id": 2}) is False
+        assert time.monotonic() - started < 3
+        assert (bus.published, bus.publish_failures) == (0, 2)
+    finally:
+        bus.close()
+
+
+def test_publish_to_a_hung_broker_returns_within_bounds() -> None:
+    with socket.socket() as silent:  # accepts TCP connections, never answers: a hung broker
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        port = silent.getsockname()[1]
+        for url in (f"redis://127.0.0.1:{port}/0", f"amqp://guest:guest@127.0.0.1:{port}//"):
+            bus = EventBus(url, exchange="test.hung")
+            started = time.monotonic()
+            assert bus.publish("app", "articles", "created", 1) is False
+            assert time.monotonic() - started < 3
+            started = time.monotonic()  # meanwhile other publishes fail at once
+            assert bus.publish("app", "articles", "created", 2) is False
+            assert time.monotonic() - started < 0.1
+            assert bus.publish_failures == 2
+            bus.close()
+
+
+def test_publish_never_raises(broker: Broker) -> None:
+    bus = broker.bus()
+    assert bus.publish("app", "articles", "created", object()) is False
+    assert bus.publish("app", "bad path!", "created", 1) is False
+    assert bus.publish("app", "articles", "created", 1) is True
+    assert (bus.published, bus.publish_failures) == (1, 2)
+
+
+def test_invalid_configuration() -> None:
+    with pytest.raises(ValueError):
+        EventBus("redis://127.0.0.1:1/0", on_event=print)  # consuming needs a consumer key
+    with pytest.raises(ValueError):
+        EventBus("redis://127.0.0.1:1/0", consumer_key="a.b")
+    with pytest.raises(ValueError):
+        EventBus("redis://127.0.0.1:1/0").bind("app", "articles", "created")
