@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -21,7 +22,9 @@ from celery import Celery, signals
 
 from .app import App
 from .discovery import Discovery
+from .emitter import Listener
 from .errors import NotFound, ServiceError, Unavailable
+from .events import EventBus, EventEnvelope, event_context
 from .lease import LeaseKeeper
 from .manifest import Manifest, ServiceManifest
 from .registry import Registry
@@ -90,7 +93,9 @@ class Distribution:
         self.app = app
         self.settings = settings
         self.key = settings.key
-        self.instance = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        # Names a broadcast queue too: only [A-Za-z0-9_-].
+        host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())
+        self.instance = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.celery = celery if celery is not None else make_celery(settings)
         self.celery.celery_services_distribution = self
         self.replies = redis.Redis.from_url(settings.resolved_result_backend())
@@ -106,6 +111,17 @@ class Distribution:
             ttl=settings.resolved_registry_ttl(),
         )
         self.discovery = Discovery(self)
+        self.events = EventBus(
+            self.celery.conf.broker_url or settings.resolved_broker_url(),
+            exchange=settings.events_exchange,
+            consumer_key=self.key,
+            instance=self.instance,
+            delivery=settings.event_delivery,
+            on_event=self._on_remote_event,
+            # Queues are named in the registry's namespace: a sweep only judges instances it can see.
+            queue_prefix=f"{settings.registry_prefix}.events",
+        )
+        self._publishers: dict[str, list[tuple[ServiceWrapper, str, Listener]]] = {}
         self._worker_pool: str | None = None
         self._consumer: Any = None
         self._lock = threading.RLock()
@@ -176,6 +192,7 @@ class Distribution:
         with self._lock:
             self.exposed[wrapper.path] = entry
             consumer = self._consumer
+        self._publish_events_of(wrapper, entry.events)
         if consumer is not None:
             # A worker in this very process: let its consumer learn the new task names.
             consumer.update_strategies()
@@ -183,10 +200,38 @@ class Distribution:
             self.registry.publish(self.manifest(), changed=True)
 
     def _on_service_removed(self, wrapper: ServiceWrapper) -> None:
+        self._stop_publishing(wrapper.path)
         with self._lock:
             removed = self.exposed.pop(wrapper.path, None)
         if removed is not None and self._started:
             self.registry.publish(self.manifest(), changed=True)
+
+    def _publish_events_of(self, wrapper: ServiceWrapper, events: list[str]) -> None:
+        if not self.settings.publish_events:
+            return
+        extra = self.settings.event_context
+        listeners = []
+        for event in events:
+
+            def publish(data: Any, context: Any = None, event: str = event) -> None:
+                self.events.publish(self.key, wrapper.path, event, data, event_context(context, extra))
+
+            wrapper.on(event, publish)
+            listeners.append((wrapper, event, publish))
+        with self._lock:
+            self._publishers[wrapper.path] = listeners
+
+    def _stop_publishing(self, path: str) -> None:
+        with self._lock:
+            listeners = self._publishers.pop(path, [])
+        for wrapper, event, listener in listeners:
+            wrapper.off(event, listener)
+
+    def _on_remote_event(self, envelope: EventEnvelope) -> None:
+        # Re-emitted on the proxy: its listeners cannot tell a remote event from a local one.
+        wrapper = self.discovery.proxy_of(envelope.key, envelope.path)
+        if wrapper is not None and envelope.event in wrapper.events:
+            wrapper.emit(envelope.event, envelope.data, envelope.context)
 
     def _service_options(self, service: Any) -> dict[str, Any]:
         names = self.settings.service_options(service)
@@ -329,7 +374,10 @@ class Distribution:
         self.registry.close()
         self.app.off("service", self._on_service)
         self.app.off("service-removed", self._on_service_removed)
-        self.discovery.unmount_all()
+        for path in list(self._publishers):
+            self._stop_publishing(path)
+        self.discovery.unmount_all(unbind=False)  # a group queue keeps its bindings while the app is down
+        self.events.close()
         signals.worker_init.disconnect(self._on_worker_init)
         signals.worker_process_init.disconnect(self._on_worker_process_init)
         signals.worker_ready.disconnect(self._on_worker_ready)

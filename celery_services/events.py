@@ -15,6 +15,7 @@ Traps of kombu's Redis transport handled here:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import threading
@@ -29,7 +30,7 @@ import kombu.messaging
 import kombu.utils.encoding
 from pydantic import BaseModel, Field, ValidationError
 
-__all__ = ["EventBus", "EventEnvelope", "routing_key"]
+__all__ = ["EventBus", "EventEnvelope", "event_context", "routing_key"]
 
 log = logging.getLogger("celery_services.events")
 
@@ -71,6 +72,30 @@ def routing_key(key: str, path: str, event: str) -> str:
     if not all(_NAME.fullmatch(part) for part in parts):
         raise ValueError(f"invalid event address {key!r} {path!r} {event!r}: names match [A-Za-z0-9_-]+")
     return ".".join(parts)
+
+
+def event_context(context: Any, extra: Iterable[str] = ()) -> dict[str, Any]:
+    """The context that travels with an event: ``method``, ``id``, ``params.query``, ``params.provider``.
+
+    Nothing else leaves the provider (no ``user``, ``authentication``, headers or tokens) unless named in
+    ``extra`` (the ``event_context`` setting): those params are added under ``params`` when JSON-safe.
+    """
+    if context is None:
+        return {}
+
+    def get(name: str) -> Any:
+        return context.get(name) if isinstance(context, dict) else getattr(context, name, None)
+
+    params = get("params") or {}
+    kept = {name: params[name] for name in ("query", "provider", *extra) if params.get(name) is not None}
+    safe: dict[str, Any] = {}
+    for name, value in kept.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue
+        safe[name] = value
+    return {"method": get("method"), "id": get("id"), "params": safe}
 
 
 class EventBus:
@@ -284,7 +309,7 @@ class EventBus:
         """
         if not self._redis:
             return []
-        prefix, dead = f"{self.queue_prefix}.", set()
+        prefix, dead = f"{self.queue_prefix}.", set[str]()
         any_key = all_keys or self.consumer_key is None
 
         def collect(channel: Any) -> None:
