@@ -65,6 +65,10 @@ settings = DistributionSettings.load()
 api = App()
 api.use("articles", Articles(), methods=["publish_article"], events=["article_published"])
 api.use("probe", Probe(), methods=["slow", "boom", "nested"])
+# An authentication-like hook: what it puts on params must never leave in an event's context.
+api.service("articles").hooks(
+    {"before": {"all": lambda ctx: ctx.params.update(user={"email": "a@b", "password": "hash"}) and None}}
+)
 api.service("probe").hooks({"before": {"get": lambda ctx: ctx.params.setdefault("hooked", True) and None}})
 distribution = distribute(api, settings)
 app = distribution.celery
