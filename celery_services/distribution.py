@@ -123,7 +123,7 @@ class Distribution:
         )
         self._publishers: dict[str, list[tuple[ServiceWrapper, str, Listener]]] = {}
         self._worker_pool: str | None = None
-        self._consumer: Any = None
+        self._worker: Any = None
         self._lock = threading.RLock()
         self._closed = False
         self._started = False
@@ -146,7 +146,6 @@ class Distribution:
             log.warning("the registry did not answer in time: remote services will appear when it does")
         signals.worker_init.connect(self._on_worker_init, weak=False)
         signals.worker_process_init.connect(self._on_worker_process_init, weak=False)
-        signals.worker_ready.connect(self._on_worker_ready, weak=False)
         signals.task_received.connect(self._on_task_received, weak=False)
         signals.worker_shutdown.connect(self._on_worker_shutdown, weak=False)
         return self
@@ -191,7 +190,7 @@ class Distribution:
         )
         with self._lock:
             self.exposed[wrapper.path] = entry
-            consumer = self._consumer
+            consumer = getattr(self._worker, "consumer", None)
         self._publish_events_of(wrapper, entry.events)
         if consumer is not None:
             # A worker in this very process: let its consumer learn the new task names.
@@ -266,13 +265,10 @@ class Distribution:
             pool_cls = getattr(sender, "pool_cls", None)
             name = pool_cls if isinstance(pool_cls, str) else getattr(pool_cls, "__module__", "")
             self._worker_pool = str(name or "prefork")
+            self._worker = sender  # its consumer learns the tasks of services mounted later
 
     def _on_worker_process_init(self, **_: Any) -> None:
         self._worker_pool = "prefork"
-
-    def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
-        if sender is not None and getattr(sender, "app", None) is self.celery:
-            self._consumer = sender
 
     def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
         # A worker stopping warmly withdraws at once; consumers need not wait for the TTL.
@@ -380,7 +376,6 @@ class Distribution:
         self.events.close()
         signals.worker_init.disconnect(self._on_worker_init)
         signals.worker_process_init.disconnect(self._on_worker_process_init)
-        signals.worker_ready.disconnect(self._on_worker_ready)
         signals.task_received.disconnect(self._on_task_received)
         signals.worker_shutdown.disconnect(self._on_worker_shutdown)
         self.transport.close()

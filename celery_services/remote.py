@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.exceptions import OperationalError
 
-from .errors import MethodNotAllowed, PayloadTooLarge, ServiceError, Timeout, Unavailable
+from .errors import BadRequest, MethodNotAllowed, PayloadTooLarge, ServiceError, Timeout, Unavailable
 from .protocol import (
     HEADER_CALLER,
     HEADER_DEADLINE,
@@ -120,9 +120,7 @@ class Transport:
         try:
             size = len(json.dumps(kwargs))
         except (TypeError, ValueError) as exc:
-            raise ServiceError.from_dict(
-                {"name": "BadRequest", "message": f"Call data is not JSON serializable: {exc}"}
-            ) from None
+            raise BadRequest(f"Call to '{name}' is not JSON serializable: {exc}") from None
         if size > settings.max_payload_bytes:
             raise PayloadTooLarge(
                 f"Call to '{name}' is {size} bytes, over the {settings.max_payload_bytes} byte limit",

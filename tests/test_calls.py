@@ -395,3 +395,35 @@ def test_long_call_is_not_served_twice(provider: Provider) -> None:
     finally:
         finalize(app)
         cleanup(provider.broker, provider.backend, key, runs)
+
+
+def test_own_celery_app_with_an_in_process_worker_serves_services_mounted_later(redis_url: str) -> None:
+    from celery import Celery
+    from celery.contrib.testing.worker import start_worker
+
+    from celery_services import MemoryService
+
+    key = f"mine-{os.urandom(3).hex()}"
+    mine = Celery("mine", broker=redis_url, backend=redis_url, set_as_current=False)
+    mine.conf.update(task_serializer="json", accept_content=["json"], result_serializer="json")
+    provider = App()
+    provider.use("articles", MemoryService())
+    common = {"broker_url": redis_url, "result_backend": redis_url, "remote_services": []}
+    dist = distribute(provider, DistributionSettings(key=key, **common), celery=mine)
+    caller, caller_dist = App(), None
+    try:
+        assert dist.celery is mine
+        assert f"{key}.articles.get" in mine.tasks
+        caller_dist = distribute(caller, DistributionSettings(key=f"c-{key}", services=[], **common))
+        with start_worker(mine, pool="threads", concurrency=2, perform_ping_check=False, queues=[key]):
+            caller.use("articles", caller_dist.remote_service(key, "articles", ["create", "get"]))
+            item = caller.service("articles").create({"title": "served by my own app"})
+            assert caller.service("articles").get(item["id"]) == item
+            # Mounted after the worker started: served too, the worker runs in this process.
+            provider.use("late", MemoryService())
+            caller.use("late", caller_dist.remote_service(key, "late", ["create"]))
+            assert caller.service("late").create({"n": 1}) == {"n": 1, "id": 0}
+    finally:
+        finalize(caller)
+        finalize(provider)
+        cleanup(redis_url, redis_url, key)
