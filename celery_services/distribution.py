@@ -363,17 +363,19 @@ class Distribution:
             if self._closed:
                 return
             self._closed = True
+        self.app.off("service", self._on_service)
+        self.app.off("service-removed", self._on_service_removed)
+        for path in list(self._publishers):
+            self._stop_publishing(path)
+        # The event consumer stops before the manifest goes: other instances then sweep nothing of ours
+        # that we would put back.
+        self.events.close()
         try:
             self.registry.withdraw(self.key, self.instance)
         except redis.RedisError:
             log.warning("could not withdraw the manifest: it expires after its TTL", exc_info=True)
         self.registry.close()
-        self.app.off("service", self._on_service)
-        self.app.off("service-removed", self._on_service_removed)
-        for path in list(self._publishers):
-            self._stop_publishing(path)
         self.discovery.unmount_all(unbind=False)  # a group queue keeps its bindings while the app is down
-        self.events.close()
         signals.worker_init.disconnect(self._on_worker_init)
         signals.worker_process_init.disconnect(self._on_worker_process_init)
         signals.task_received.disconnect(self._on_task_received)

@@ -181,7 +181,9 @@ class EventBus:
             if self._producer is None:
                 conn = self._connection()
                 conn.ensure_connection(**_RETRY)
-                self._producer = Producer(conn.channel(), exchange=self.exchange, auto_declare=True)
+                channel = conn.channel()
+                self.exchange(channel).declare()  # once, not re-checked on every publish
+                self._producer = Producer(channel, exchange=self.exchange, auto_declare=False)
             if self._redis:
                 _reuse_client(self._producer.channel)
             self._producer.publish(
