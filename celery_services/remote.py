@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -178,17 +179,23 @@ class Transport:
             self._local.producer = producer
             with self._producers_lock:
                 self._producers.append(producer)
+            # Callers' threads come and go (thread pools): a thread's connection goes with it.
+            weakref.finalize(threading.current_thread(), self._forget, producer)
         return producer
+
+    def _forget(self, producer: Any) -> None:
+        with self._producers_lock:
+            if producer not in self._producers:
+                return
+            self._producers.remove(producer)
+        _close_quietly(producer)
 
     def close(self) -> None:
         """Close the connections of every calling thread."""
         with self._producers_lock:
             producers, self._producers = self._producers, []
         for producer in producers:
-            try:
-                producer.connection.close()
-            except Exception:  # a connection that never opened
-                log.debug("closing a producer connection failed", exc_info=True)
+            _close_quietly(producer)
 
     def _wait(self, name: str, call_id: str, deadline: float) -> Any:
         import redis
@@ -207,6 +214,13 @@ class Transport:
         if "error" in answer:
             raise ServiceError.from_dict(answer["error"])
         return answer["result"]
+
+
+def _close_quietly(producer: Any) -> None:
+    try:
+        producer.connection.close()
+    except Exception:  # a connection that never opened
+        log.debug("closing a producer connection failed", exc_info=True)
 
 
 def _kwargsrepr(kwargs: dict[str, Any]) -> str:

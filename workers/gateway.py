@@ -3,6 +3,10 @@
 It follows the seed's gateway scenario (``authentication = false``: it authenticates its own clients, and
 its calls run as internal calls on the provider) and its KDK step: a ``service`` listener decorates each
 remote service as it appears, the place to register permissions for it.
+
+Serve it over HTTP (REST with Feathers' conventions, ``/events``, the healthcheck, the page at ``/``)::
+
+    celery-services serve workers.gateway:api --port 8000
 """
 
 from __future__ import annotations

@@ -1,0 +1,663 @@
+"""HTTP gateway: every service of an app over REST with Feathers' conventions, its events over SSE.
+
+:func:`asgi_app` builds a Starlette application serving the services mounted on an :class:`~.App` — local
+services and remote proxies alike, resolved at each request, so services mounted or removed later are
+served (or gone) at once::
+
+    GET    /articles?title=x&$limit=5    find       (query string: see celery_services.query)
+    GET    /articles/1                   get        ("1" → 1: an integer string id becomes an int)
+    POST   /articles                     create     (201)
+    POST   /articles + X-Service-Method: publish_article   a custom method (data = the body)
+    PUT    /articles/1                   update
+    PATCH  /articles/1                   patch      (PATCH /articles?… patches every match)
+    DELETE /articles/1                   remove     (DELETE /articles?… removes every match)
+    GET    /events?path=articles&event=created          Server-Sent Events of every service
+    GET    /distribution/healthcheck[/{key}]            {path: bool}: 200, 404 unknown key, 503 unhealthy
+    GET    /                             a small live page listing articles (static/index.html)
+
+Service paths may be nested (``api/v1/users``); the longest mounted path that prefixes the URL wins, and
+at most one segment may follow it: the id (percent-encoded, so ``a%2Fb`` is the id ``a/b``). Ids made of
+an optional ``-`` and at most 18 digits without a leading zero become ints; any other id stays a string.
+``events`` and ``distribution/healthcheck`` are answered by the gateway itself for ``GET``.
+
+Requests: the body is JSON (an empty body reads as ``{}``, as Feathers' body parser gives);
+``X-Service-Method`` must name a custom method of the service (standard methods have their verbs); ``POST``
+to an id and verbs other than these are a 405. Every call carries ``params = {"provider": "rest", "query":
+{...}, "headers": {lowercased headers}}`` plus ``"authentication": {"strategy": "jwt", "accessToken": t}``
+for ``Authorization: Bearer t``. Service calls are synchronous: each runs in one of the gateway's own
+threads (at most ``threads`` at once), never on the event loop. A result of ``None`` answers 204.
+
+Errors answer the JSON of :meth:`~.ServiceError.to_dict` with the error's code as HTTP status: unknown path
+404, method not offered 405, body not JSON 400, body over ``max_body_bytes`` 413 (from ``Content-Length``,
+and counted while reading), remote timeout 408, dead provider 503; any other exception is logged and
+answers a 500 ``GeneralError`` that reveals nothing of it.
+
+Events: ``/events`` streams ``event: <event>`` / ``data: {"path", "event", "data"}`` messages of every
+mounted service, local or remote, including services mounted after the client connected; ``path`` and
+``event`` (repeated or comma-separated) filter them. Each client has a bounded queue fed from the emitting
+threads with ``loop.call_soon_threadsafe``; an event for a full queue is dropped and counted, and the
+client then receives a ``dropped`` event (``"path": null``, ``"data": {"dropped": n}``: its cue to
+reload), so a slow client never holds back the services or the other clients. A ``: ping`` comment is sent
+every ``heartbeat`` seconds.
+The :class:`EventHub` listens to the services only while clients are connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import html
+import json
+import logging
+import re
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import quote, unquote
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from .app import App
+from .errors import (
+    ERRORS,
+    BadRequest,
+    GeneralError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    Unavailable,
+)
+from .query import Coerce, parse_id, parse_query
+from .service import ServiceWrapper
+
+__all__ = ["EventHub", "asgi_app", "make_server", "serve"]
+
+log = logging.getLogger("celery_services.http")
+
+T = TypeVar("T")
+
+_JSON = "application/json"
+_METHODS = {"PUT": "update", "PATCH": "patch", "DELETE": "remove"}
+#: What the service route accepts; any other verb answers a 405 MethodNotAllowed.
+_VERBS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+_BEARER = re.compile(r"^\s*(?:Bearer|JWT)\s+(\S+)\s*$", re.IGNORECASE)
+_PREFIX = re.compile(r"^(/[A-Za-z0-9_.~-]+)*$")
+_ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+
+
+# -- events -------------------------------------------------------------------------------------------------
+
+
+class _Client:
+    """One ``/events`` connection: its filters and bounded queue, living on the server's event loop."""
+
+    def __init__(
+        self,
+        hub: EventHub,
+        loop: asyncio.AbstractEventLoop,
+        paths: frozenset[str],
+        events: frozenset[str],
+        size: int,
+    ) -> None:
+        self.hub = hub
+        self.loop = loop
+        self.paths = paths
+        self.events = events
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=size)
+        self.dropped = 0
+        self.closed = False
+
+    def wants(self, path: str, event: str) -> bool:
+        return (not self.paths or path in self.paths) and (not self.events or event in self.events)
+
+    def offer(self, message: bytes | None) -> None:
+        """Hand ``message`` to the client's loop (any thread); ``None`` ends the stream."""
+        with contextlib.suppress(RuntimeError):  # a closed loop: the client is gone
+            self.loop.call_soon_threadsafe(self._put, message)
+
+    def _put(self, message: bytes | None) -> None:
+        if self.closed:
+            return
+        if message is None:
+            self.closed = True
+            while self.queue.full():  # the end must get through: drop what the client has not read
+                self.queue.get_nowait()
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            self.hub.count_drop()
+
+
+class EventHub:
+    """Fans the events of an app's services out to ``/events`` clients.
+
+    While at least one client is connected, the hub listens to the app's ``service`` / ``service-removed``
+    events and to every event of every mounted service (``wrapper.events``); the last client leaving
+    removes all these listeners. Each event is serialized once, in the emitting thread, then offered to
+    the clients whose filters want it.
+
+    Args:
+        app: the app whose services' events are streamed.
+        queue_size: the events a client may have pending before new ones are dropped for it.
+
+    Attributes:
+        dropped: events dropped so far, over all clients, because their queue was full.
+    """
+
+    def __init__(self, app: App, *, queue_size: int = 256) -> None:
+        if queue_size < 1:
+            raise ValueError("queue_size must be at least 1")
+        self.app = app
+        self.queue_size = queue_size
+        self.dropped = 0
+        self._clients: set[_Client] = set()
+        self._attached: dict[ServiceWrapper, list[tuple[str, Callable[..., None]]]] = {}
+        self._lock = threading.RLock()
+        # Bound once: ``off`` removes a listener by identity, and each attribute access binds anew.
+        self._service_listener = self._on_service
+        self._removed_listener = self._on_service_removed
+
+    @property
+    def clients(self) -> int:
+        """How many clients are connected."""
+        with self._lock:
+            return len(self._clients)
+
+    def attached(self) -> dict[str, tuple[str, ...]]:
+        """Path → events the hub listens to now (empty while no client is connected)."""
+        with self._lock:
+            return {wrapper.path: tuple(e for e, _ in entries) for wrapper, entries in self._attached.items()}
+
+    def connect(
+        self, loop: asyncio.AbstractEventLoop, paths: Iterable[str] = (), events: Iterable[str] = ()
+    ) -> _Client:
+        """Register a client on ``loop`` (filters: empty means everything)."""
+        client = _Client(self, loop, frozenset(paths), frozenset(events), self.queue_size)
+        with self._lock:
+            first = not self._clients
+            self._clients.add(client)
+            if first:
+                self._listen()
+        return client
+
+    def disconnect(self, client: _Client) -> None:
+        """Forget ``client``; the last one leaving removes the hub's listeners."""
+        with self._lock:
+            self._clients.discard(client)
+            if not self._clients:
+                self._unlisten()
+
+    def close(self) -> None:
+        """End every client's stream (thread-safe), e.g. before the server shuts down."""
+        with self._lock:
+            clients = list(self._clients)
+        for client in clients:
+            client.offer(None)
+
+    def count_drop(self) -> None:
+        """Count one event dropped for a full client queue."""
+        with self._lock:
+            self.dropped += 1
+
+    def _listen(self) -> None:
+        self.app.on("service", self._service_listener)
+        self.app.on("service-removed", self._removed_listener)
+        for wrapper in list(self.app.services.values()):
+            self._attach(wrapper)
+
+    def _unlisten(self) -> None:
+        self.app.off("service", self._service_listener)
+        self.app.off("service-removed", self._removed_listener)
+        for wrapper in list(self._attached):
+            self._detach(wrapper)
+
+    def _on_service(self, wrapper: ServiceWrapper) -> None:
+        with self._lock:
+            if self._clients:
+                self._attach(wrapper)
+
+    def _on_service_removed(self, wrapper: ServiceWrapper) -> None:
+        with self._lock:
+            self._detach(wrapper)
+
+    def _attach(self, wrapper: ServiceWrapper) -> None:
+        if wrapper in self._attached:
+            return
+        entries = []
+        for event in wrapper.events:
+            listener = self._listener(wrapper.path, event)
+            wrapper.on(event, listener)
+            entries.append((event, listener))
+        self._attached[wrapper] = entries
+
+    def _detach(self, wrapper: ServiceWrapper) -> None:
+        for event, listener in self._attached.pop(wrapper, []):
+            wrapper.off(event, listener)
+
+    def _listener(self, path: str, event: str) -> Callable[..., None]:
+        def listener(data: Any, context: Any = None) -> None:
+            self.publish(path, event, data)
+
+        return listener
+
+    def publish(self, path: str, event: str, data: Any) -> None:
+        """Offer ``event`` of ``path`` to the clients that want it (called from any thread)."""
+        with self._lock:
+            clients = [client for client in self._clients if client.wants(path, event)]
+        if not clients:
+            return
+        try:
+            payload = json.dumps(
+                {"path": path, "event": event, "data": data}, ensure_ascii=False, default=str
+            )
+        except (TypeError, ValueError):
+            log.warning("event %s of %s is not JSON serializable: not streamed", event, path)
+            return
+        message = f"event: {event}\ndata: {payload}\n\n".encode()
+        for client in clients:
+            client.offer(message)
+
+
+class _EventStream(StreamingResponse):
+    """The SSE response: registers its client when it starts streaming, forgets it however it ends."""
+
+    def __init__(
+        self, hub: EventHub, paths: frozenset[str], events: frozenset[str], heartbeat: float
+    ) -> None:
+        super().__init__(
+            self._messages(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self.hub = hub
+        self.paths = paths
+        self.events = events
+        self.heartbeat = heartbeat
+        self.client: _Client | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.client = self.hub.connect(asyncio.get_running_loop(), self.paths, self.events)
+        try:
+            await super().__call__(scope, receive, send)
+        except (ClientDisconnect, OSError):
+            pass
+        finally:
+            self.hub.disconnect(self.client)
+
+    async def _messages(self) -> AsyncIterator[bytes]:
+        yield b"retry: 2000\n: connected\n\n"
+        client = self.client
+        assert client is not None
+        reported = 0
+        while True:
+            try:
+                message = await asyncio.wait_for(client.queue.get(), self.heartbeat)
+            except TimeoutError:
+                yield b": ping\n\n"
+                continue
+            if message is None:
+                return
+            if client.dropped != reported:
+                reported = client.dropped
+                notice = {"path": None, "event": "dropped", "data": {"dropped": reported}}
+                yield f"event: dropped\ndata: {json.dumps(notice)}\n\n".encode()
+            yield message
+
+
+# -- REST ---------------------------------------------------------------------------------------------------
+
+
+def _json_response(body: Any, status: int = 200) -> Response:
+    content = json.dumps(body, ensure_ascii=False, allow_nan=False, default=str).encode()
+    return Response(content, status_code=status, media_type=_JSON)
+
+
+def _error_response(exc: BaseException, request: Request | None = None) -> Response:
+    if isinstance(exc, ServiceError):
+        error = exc
+    else:
+        where = f"{request.method} {request.url.path}" if request is not None else "HTTP request"
+        log.error("%s failed", where, exc_info=exc)
+        error = GeneralError("Internal server error")
+    status = error.code if 400 <= error.code <= 599 else 500
+    return _json_response(error.to_dict(), status)
+
+
+def _encode(result: Any) -> bytes:
+    try:
+        return json.dumps(result, ensure_ascii=False, allow_nan=False).encode()
+    except (TypeError, ValueError) as exc:
+        raise GeneralError(f"The result is not JSON serializable: {exc}") from None
+
+
+def _decode(body: bytes) -> Any:
+    if not body.strip():
+        return {}
+    try:
+        return json.loads(body, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise BadRequest(f"The body is not valid JSON: {exc}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _authentication(header: str | None) -> dict[str, str] | None:
+    if not header:
+        return None
+    match = _BEARER.match(header)
+    return {"strategy": "jwt", "accessToken": match.group(1)} if match else None
+
+
+def _normalize_prefix(prefix: str) -> str:
+    stripped = prefix.strip("/")
+    normalized = f"/{stripped}" if stripped else ""
+    if not _PREFIX.match(normalized):
+        raise ValueError(f"invalid prefix {prefix!r}: use URL-safe segments joined by '/'")
+    return normalized
+
+
+class _Gateway:
+    """The request handlers of one :func:`asgi_app`."""
+
+    def __init__(
+        self,
+        app: App,
+        prefix: str,
+        max_body_bytes: int,
+        coerce: Coerce,
+        threads: int,
+        hub: EventHub,
+        heartbeat: float,
+    ) -> None:
+        self.app = app
+        self.prefix = prefix
+        self.max_body_bytes = max_body_bytes
+        self.coerce: Coerce = coerce
+        self.threads = threads
+        self.hub = hub
+        self.heartbeat = heartbeat
+        # A pool of our own, of fixed threads: the remote transport keeps one broker connection per calling
+        # thread, so threads that come and go (anyio's idle workers exit after 10 s) would leave
+        # connections behind; and service calls never compete with Starlette's own thread pool.
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="celery-services-http")
+
+    async def in_thread(self, function: Callable[[], T]) -> T:
+        """Run blocking ``function`` in one of the gateway's ``threads`` (context variables included)."""
+        context = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self.executor, context.run, function)
+
+    # services
+
+    async def service(self, request: Request) -> Response:
+        try:
+            return await self._service(request)
+        except ClientDisconnect:  # gone while sending its body: nobody reads the answer
+            return Response(status_code=400)
+        except Exception as exc:
+            return _error_response(exc, request)
+
+    async def _service(self, request: Request) -> Response:
+        self._check_length(request)
+        wrapper, id = self._resolve(request)
+        method = self._method(request, wrapper, id)
+        data = await self._body(request) if request.method in ("POST", "PUT", "PATCH") else None
+        query = parse_query(request.url.query, coerce=self.coerce)
+        params = self._params(request, query)
+
+        def call() -> bytes | None:
+            result = wrapper.call(
+                method, id=id, data=_decode(data) if data is not None else None, params=params
+            )
+            return None if result is None else _encode(result)
+
+        content = await self.in_thread(call)
+        if content is None:
+            return Response(status_code=204)
+        return Response(content, status_code=201 if method == "create" else 200, media_type=_JSON)
+
+    def _check_length(self, request: Request) -> None:
+        length = request.headers.get("content-length")
+        if length is None:
+            return
+        if not length.strip().isdigit():
+            raise BadRequest("Invalid Content-Length header")
+        if int(length) > self.max_body_bytes:
+            raise PayloadTooLarge(
+                f"The body is {int(length)} bytes, over the {self.max_body_bytes} byte limit",
+                {"size": int(length), "limit": self.max_body_bytes},
+            )
+
+    async def _body(self, request: Request) -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise PayloadTooLarge(
+                    f"The body is over the {self.max_body_bytes} byte limit", {"limit": self.max_body_bytes}
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _segments(self, request: Request) -> list[str]:
+        """The URL path after the prefix, split into percent-decoded segments (``%2F`` stays in its one)."""
+        scope = request.scope
+        start = str(scope.get("root_path", "")) + self.prefix
+        raw = scope.get("raw_path")
+        text = raw.decode("latin-1") if isinstance(raw, bytes) else quote(str(scope["path"]))
+        if not text.startswith(start):  # a proxy rewrote the path: use the decoded one
+            text = quote(str(request.path_params.get("path", "")))
+            start = ""
+        try:
+            return [unquote(part, errors="strict") for part in text[len(start) :].split("/") if part]
+        except UnicodeDecodeError:
+            raise BadRequest("The URL path is not valid UTF-8") from None
+
+    def _resolve(self, request: Request) -> tuple[ServiceWrapper, int | str | None]:
+        segments = self._segments(request)
+        services = self.app.services
+        for end in range(len(segments), 0, -1):
+            wrapper = services.get("/".join(segments[:end]))
+            if wrapper is None:
+                continue
+            rest = segments[end:]
+            if len(rest) <= 1:
+                return wrapper, parse_id(rest[0]) if rest else None
+            break
+        path = "/".join(segments)
+        raise NotFound(f"Page not found: '{path}'", {"path": path})
+
+    def _method(self, request: Request, wrapper: ServiceWrapper, id: int | str | None) -> str:
+        verb = request.method.upper()
+        custom = request.headers.get("x-service-method")
+        if verb == "GET":
+            method = "find" if id is None else "get"
+        elif verb == "POST":
+            if id is not None:
+                raise MethodNotAllowed(f"POST is not allowed on an id of '{wrapper.path}': use PUT or PATCH")
+            method = custom.strip() if custom else "create"
+            if custom and method not in wrapper.custom_methods:
+                raise MethodNotAllowed(
+                    f"Method '{method}' is not a custom method of '{wrapper.path}'", {"method": method}
+                )
+        elif verb in _METHODS:
+            method = _METHODS[verb]
+        else:
+            raise MethodNotAllowed(f"HTTP method {verb} is not allowed", {"method": verb})
+        if method not in wrapper.methods:
+            raise MethodNotAllowed(
+                f"Method '{method}' is not offered by service '{wrapper.path}'", {"method": method}
+            )
+        return method
+
+    def _params(self, request: Request, query: dict[str, Any]) -> dict[str, Any]:
+        headers: dict[str, str] = {}
+        for name, value in request.headers.items():
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        params: dict[str, Any] = {"provider": "rest", "query": query, "headers": headers}
+        authentication = _authentication(headers.get("authorization"))
+        if authentication is not None:
+            params["authentication"] = authentication
+        return params
+
+    # events, health, page
+
+    async def events(self, request: Request) -> Response:
+        def wanted(name: str) -> frozenset[str]:
+            values = request.query_params.getlist(name)
+            return frozenset(item.strip() for value in values for item in value.split(",") if item.strip())
+
+        return _EventStream(self.hub, wanted("path"), wanted("event"), self.heartbeat)
+
+    async def healthcheck(self, request: Request) -> Response:
+        key = request.path_params.get("key")
+        distribution = self.app.distribution
+
+        def check() -> dict[str, bool]:
+            if distribution is None:
+                if key is not None:
+                    raise NotFound(f"No remote services of key '{key}'", {"key": key})
+                return {}
+            return distribution.healthcheck(key)
+
+        try:
+            return _json_response(await self.in_thread(check))
+        except Unavailable as exc:
+            if isinstance(exc.data, dict):
+                return _json_response(exc.data, 503)
+            return _error_response(exc)
+        except Exception as exc:
+            return _error_response(exc, request)
+
+    async def page(self, request: Request) -> Response:
+        base = str(request.scope.get("root_path", "")) + self.prefix
+        text = _asset("index.html").replace("__API_PREFIX__", html.escape(base, quote=True))
+        return Response(text, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+
+    async def asset(self, request: Request) -> Response:
+        name = str(request.path_params["name"])
+        if name not in _ASSETS:
+            return _error_response(NotFound(f"No static file '{name}'"))
+        return Response(_asset(name), media_type=_ASSETS[name], headers={"Cache-Control": "no-cache"})
+
+
+@functools.cache
+def _asset(name: str) -> str:
+    return (resources.files("celery_services") / "static" / name).read_text(encoding="utf-8")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    # Only Starlette's own routing errors reach here (the handlers answer theirs): 404 and 405.
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    error_class = next(
+        (cls for cls in ERRORS.values() if cls.code == status and cls is not ServiceError), GeneralError
+    )
+    return _error_response(error_class(f"{request.method} {request.url.path}: {status}", {"status": status}))
+
+
+def asgi_app(
+    app: App,
+    *,
+    prefix: str = "",
+    max_body_bytes: int = 1_048_576,
+    coerce: Coerce = "operators",
+    threads: int = 64,
+    heartbeat: float = 15.0,
+    queue_size: int = 256,
+    page: bool = True,
+) -> Starlette:
+    """A Starlette application serving every service mounted on ``app`` over REST, and their events.
+
+    Args:
+        app: the app whose services are served (resolved per request: later mounts are served too).
+        prefix: URL prefix of the services, ``/events`` and ``/distribution/healthcheck`` (``"/api"``);
+            the page stays at ``/``.
+        max_body_bytes: largest request body accepted (413 beyond it).
+        coerce: which query-string values become numbers / booleans / null besides ``$limit``, ``$skip``
+            and ``$sort``: ``"operators"`` (values of ``$gt``, ``$in``…), ``"all"`` or ``"none"``
+            (see :mod:`celery_services.query`).
+        threads: service calls running at once (in worker threads) per event loop.
+        heartbeat: seconds between two ``: ping`` comments on an idle ``/events`` stream.
+        queue_size: events pending per ``/events`` client before new ones are dropped for it.
+        page: serve the example page at ``/`` (and its files at ``/static/``).
+
+    Returns:
+        The application; ``.state.hub`` is its :class:`EventHub`, ``.state.executor`` the thread pool
+        of its service calls.
+    """
+    if max_body_bytes < 0:
+        raise ValueError("max_body_bytes must not be negative")
+    if threads < 1:
+        raise ValueError("threads must be at least 1")
+    if heartbeat <= 0:
+        raise ValueError("heartbeat must be positive")
+    base = _normalize_prefix(prefix)
+    hub = EventHub(app, queue_size=queue_size)
+    gateway = _Gateway(app, base, max_body_bytes, coerce, threads, hub, heartbeat)
+    routes = [
+        Route(f"{base}/events", gateway.events, methods=["GET"]),
+        Route(f"{base}/distribution/healthcheck", gateway.healthcheck, methods=["GET"]),
+        Route(f"{base}/distribution/healthcheck/{{key}}", gateway.healthcheck, methods=["GET"]),
+    ]
+    if page:
+        routes += [
+            Route("/", gateway.page, methods=["GET"]),
+            Route("/static/{name}", gateway.asset, methods=["GET"]),
+        ]
+    routes.append(Route(f"{base}/{{path:path}}", gateway.service, methods=_VERBS))
+    starlette = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
+    starlette.state.hub = hub
+    starlette.state.executor = gateway.executor
+    return starlette
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that ends the ``/events`` streams first when it shuts down, and its threads last."""
+
+    def __init__(self, config: uvicorn.Config, application: Starlette) -> None:
+        super().__init__(config)
+        self.application = application
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self.application.state.hub.close()
+        await super().shutdown(sockets)
+        self.application.state.executor.shutdown(wait=False)
+
+
+def make_server(
+    app: App, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info", **options: Any
+) -> uvicorn.Server:
+    """A uvicorn server for :func:`asgi_app` ``(app, **options)``; ``run()`` it, set ``should_exit`` to stop.
+
+    ``port=0`` picks a free port: read it from ``server.servers[0].sockets[0].getsockname()`` once
+    ``server.started``. Open ``/events`` streams are ended on shutdown, so it never waits for them.
+    """
+    application = asgi_app(app, **options)
+    config = uvicorn.Config(
+        application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off"
+    )
+    return _Server(config, application)
+
+
+def serve(
+    app: App, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info", **options: Any
+) -> None:
+    """Serve ``app`` over HTTP with uvicorn until interrupted (``options`` go to :func:`asgi_app`).
+
+    The app stays distributed when it returns: ``finalize(app)`` is the caller's.
+    """
+    make_server(app, host, port, log_level=log_level, **options).run()
