@@ -407,6 +407,7 @@ def test_snapshot_of_a_large_registry(make: Callable[..., Registry]) -> None:
 def test_watcher_survives_a_killed_connection(
     make: Callable[..., Registry], raw: redis.Redis, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger=LOGGER)
     consumer, provider = make(rescan_interval=60), make()
     seen = Recorder()
     consumer.watch(seen)
