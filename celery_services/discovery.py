@@ -81,7 +81,6 @@ class Discovery:
         #: local path → keys whose service was refused there (a collision).
         self.collisions: dict[str, list[str]] = {}
         self.keys: set[str] = set()
-        self._locals: dict[tuple[str, str], str] = {}
         self._instances: set[str] | None = None
         self._changed = threading.Condition()
 
@@ -117,6 +116,8 @@ class Discovery:
         for local, info in wanted.items():
             if local not in self.mounted:
                 self._mount(local, info)
+            else:
+                self.mounted[local] = info  # same service; its live instances may differ
         self.keys = set(view)
         instances = {instance for per_key in view.values() for instance in per_key}
         if self._instances is None or self._instances - instances:
@@ -158,39 +159,21 @@ class Discovery:
             self.collisions.setdefault(local, []).append(info.key)
             return
         self.mounted[local] = info
-        self._locals[(info.key, info.path)] = local
-        bus = self.distribution.events
-        for event in events:
-            bus.bind(info.key, info.path, event)
-        if events:
-            bus.start()
         log.info("remote service %s/%s mounted at '%s'", info.key, info.path, local)
 
-    def _unmount(self, local: str, *, unbind: bool = True) -> None:
+    def _unmount(self, local: str) -> None:
         info = self.mounted.pop(local)
-        self._locals.pop((info.key, info.path), None)
         wrapper = self.distribution.app.services.get(local)
         if wrapper is None or not _is_proxy(wrapper):
             return
         wrapper.service.gone = True
-        if unbind:
-            for event in wrapper.service.events:
-                try:
-                    self.distribution.events.unbind(info.key, info.path, event)
-                except Exception:  # the consumer thread re-applies bindings when the broker is back
-                    log.warning("could not unbind %s/%s %s", info.key, info.path, event, exc_info=True)
         self.distribution.app.unuse(local)
         log.info("remote service %s/%s removed from '%s'", info.key, info.path, local)
 
-    def unmount_all(self, *, unbind: bool = True) -> None:
+    def unmount_all(self) -> None:
         """Remove every proxy this discovery mounted (at finalize)."""
         for local in list(self.mounted):
-            self._unmount(local, unbind=unbind)
-
-    def proxy_of(self, key: str, path: str) -> ServiceWrapper | None:
-        """The mounted proxy of the service ``path`` of ``key``, if any."""
-        local = self._locals.get((key, path))
-        return self.distribution.app.services.get(local) if local is not None else None
+            self._unmount(local)
 
     def wait_for(self, path: str, timeout: float) -> ServiceWrapper:
         """The service mounted at ``path`` once it is there; :class:`Timeout` after ``timeout`` seconds."""

@@ -122,6 +122,7 @@ class Distribution:
             queue_prefix=f"{settings.registry_prefix}.events",
         )
         self._publishers: dict[str, list[tuple[ServiceWrapper, str, Listener]]] = {}
+        self._proxies: dict[tuple[str, str], ServiceWrapper] = {}
         self._worker_pool: str | None = None
         self._worker: Any = None
         self._lock = threading.RLock()
@@ -173,8 +174,7 @@ class Distribution:
 
     def _on_service(self, wrapper: ServiceWrapper) -> None:
         if getattr(wrapper.service, "remote", False):
-            if self.settings.hooks:
-                wrapper.hooks(self.settings.hooks)
+            self._follow_proxy(wrapper)
             return
         methods = self.exposable_methods(wrapper)
         if not methods:
@@ -199,6 +199,9 @@ class Distribution:
             self.registry.publish(self.manifest(), changed=True)
 
     def _on_service_removed(self, wrapper: ServiceWrapper) -> None:
+        if getattr(wrapper.service, "remote", False):
+            self._unfollow_proxy(wrapper)
+            return
         self._stop_publishing(wrapper.path)
         with self._lock:
             removed = self.exposed.pop(wrapper.path, None)
@@ -226,9 +229,33 @@ class Distribution:
         for wrapper, event, listener in listeners:
             wrapper.off(event, listener)
 
+    def _follow_proxy(self, wrapper: ServiceWrapper) -> None:
+        # A proxy, mounted by discovery or by hand: the settings' proxy hooks, and its events bound.
+        proxy: RemoteService = wrapper.service
+        if self.settings.hooks:
+            wrapper.hooks(self.settings.hooks)
+        with self._lock:
+            self._proxies[(proxy.key, proxy.path)] = wrapper
+        for event in proxy.events:
+            self.events.bind(proxy.key, proxy.path, event)
+        if proxy.events:
+            self.events.start()
+
+    def _unfollow_proxy(self, wrapper: ServiceWrapper) -> None:
+        proxy: RemoteService = wrapper.service
+        with self._lock:
+            if self._proxies.get((proxy.key, proxy.path)) is wrapper:
+                del self._proxies[(proxy.key, proxy.path)]
+        for event in proxy.events:
+            try:
+                self.events.unbind(proxy.key, proxy.path, event)
+            except Exception:  # the consumer thread re-applies its bindings when the broker is back
+                log.warning("could not unbind %s/%s %s", proxy.key, proxy.path, event, exc_info=True)
+
     def _on_remote_event(self, envelope: EventEnvelope) -> None:
         # Re-emitted on the proxy: its listeners cannot tell a remote event from a local one.
-        wrapper = self.discovery.proxy_of(envelope.key, envelope.path)
+        with self._lock:
+            wrapper = self._proxies.get((envelope.key, envelope.path))
         if wrapper is not None and envelope.event in wrapper.events:
             wrapper.emit(envelope.event, envelope.data, envelope.context)
 
@@ -375,7 +402,9 @@ class Distribution:
         except redis.RedisError:
             log.warning("could not withdraw the manifest: it expires after its TTL", exc_info=True)
         self.registry.close()
-        self.discovery.unmount_all(unbind=False)  # a group queue keeps its bindings while the app is down
+        # Unmounted once the app is no longer followed, so nothing is unbound: a group queue keeps its
+        # bindings while the app is down.
+        self.discovery.unmount_all()
         signals.worker_init.disconnect(self._on_worker_init)
         signals.worker_process_init.disconnect(self._on_worker_process_init)
         signals.task_received.disconnect(self._on_task_received)

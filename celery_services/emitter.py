@@ -40,7 +40,8 @@ class EventEmitter:
                 self._listeners.pop(event, None)
                 return
             entries = self._listeners.get(event, [])
-            self._listeners[event] = [entry for entry in entries if entry[0] is not listener]
+            # ``==``, not ``is``: each access to a bound method makes a new (equal) object.
+            self._listeners[event] = [entry for entry in entries if entry[0] != listener]
 
     def listeners(self, event: str) -> list[Listener]:
         """The listeners of ``event``, in registration order."""

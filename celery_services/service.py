@@ -204,7 +204,8 @@ class ServiceWrapper(EventEmitter):
                 if context.error is exc:
                     raise
                 raise context.error from exc
-        if context.event is not None:
+        # A proxy's events come from its provider through the event bus: emitting them here would double them.
+        if context.event is not None and not getattr(self.service, "remote", False):
             items = context.result if isinstance(context.result, list) else [context.result]
             for item in items:
                 self.emit(context.event, item, context)

@@ -84,6 +84,19 @@ def test_setup_is_called_and_once_off() -> None:
     assert calls == ["a"]
     assert app.emit("custom", 1) is False
 
+    class Owner:
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def listener(self, svc: Any) -> None:
+            self.seen.append(svc.path)
+
+    owner = Owner()
+    app.on("service", owner.listener)
+    app.off("service", owner.listener)  # another bound-method object, equal to the first
+    app.use("d", Articles())
+    assert owner.seen == []
+
 
 def test_missing_method_is_method_not_allowed_never_attribute_error() -> None:
     app = App()

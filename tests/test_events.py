@@ -132,6 +132,14 @@ def test_broadcast_and_group_counts_across_two_apps(setup: dict[str, Any]) -> No
     assert group_ids == sorted([*created, marker])  # once per app: no loss, no duplicate
 
 
+def test_a_consumer_calling_its_proxy_hears_each_event_once(setup: dict[str, Any]) -> None:
+    inst = setup["instance"]("app-self", events=["created"])
+    own = inst.app.service("articles").create({"title": "mine"})
+    marker = setup["articles"].create({"title": "marker"})  # same queue, after ours: then nothing is missing
+    wait_for(lambda: marker in inst.of("created"), timeout=10, what="marker")
+    assert inst.of("created") == [own, marker]
+
+
 def test_custom_event_context_filtering_and_no_secrets(setup: dict[str, Any]) -> None:
     only_created = setup["instance"]("app-c", events=["created", "article_published"])
     articles = setup["articles"]

@@ -1,0 +1,216 @@
+"""docker/compose.yml and docker/Dockerfile: valid, and running the commands the test suite exercises.
+
+No Docker engine runs here: the file is validated with ``docker-compose config`` (Debian package
+``docker-compose``, installed by ``.ci/run``), and the commands of its services run outside Docker below and
+in tests/test_cli.py and tests/test_flower.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from celery_services.testing import wait_for
+
+from .support import ROOT, cleanup, provider_env
+from .test_cli import (
+    CLI,
+    FLOWER_COMMAND,
+    GATEWAY_HEALTHCHECK,
+    PROVIDER_COMMAND,
+    PROVIDER_HEALTHCHECK,
+    cli_worker,
+)
+from .test_flower import free_port
+
+COMPOSE_FILE = ROOT / "docker" / "compose.yml"
+GATEWAY_COMMAND = ["celery-services", "serve", "workers.gateway:api", "--host", "0.0.0.0", "--port", "8000"]
+TESTS_COMMAND = ["python", "-m", "pytest"]
+BROKER = "redis://redis:6379/0"
+APP_SERVICES = ("provider", "gateway", "flower", "tests")
+
+COMPOSE = shutil.which("docker-compose")
+needs_compose = pytest.mark.skipif(
+    COMPOSE is None,
+    reason="docker-compose is not installed (.ci/run installs the Debian package docker-compose)",
+)
+
+
+def compose(*args: str, auth: bool = True) -> subprocess.CompletedProcess[str]:
+    assert COMPOSE is not None
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("FLOWER_", "CELERY_"))}
+    if auth:
+        env["FLOWER_BASIC_AUTH"] = "admin:test-secret"
+    return subprocess.run(
+        [COMPOSE, "-f", str(COMPOSE_FILE), *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def load_yaml(text: str) -> dict[str, Any]:
+    """Parse ``docker-compose config`` output: JSON from Compose v2, else YAML read by Compose v1's Python.
+
+    Compose v1 is a Python program that depends on PyYAML, so its own interpreter can read what it wrote
+    (the project itself does not depend on PyYAML).
+    """
+    assert COMPOSE is not None
+    shebang = Path(COMPOSE).read_bytes()[:200].split(b"\n", 1)[0]
+    interpreter = shebang[2:].decode().strip().split() if shebang.startswith(b"#!") else []
+    if not interpreter:
+        pytest.skip("docker-compose is not Compose v1 (Python) and gave no JSON: cannot read its YAML")
+    script = "import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin)))"
+    done = subprocess.run(
+        [*interpreter, "-c", script], input=text, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0, done.stderr
+    parsed: dict[str, Any] = json.loads(done.stdout)
+    return parsed
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    done = compose("config", "--format", "json")  # Compose v2; v1 answers with its usage
+    if done.returncode == 0 and done.stdout.lstrip().startswith("{"):
+        parsed: dict[str, Any] = json.loads(done.stdout)
+        return parsed
+    done = compose("config")
+    assert done.returncode == 0, done.stderr
+    return load_yaml(done.stdout)
+
+
+@needs_compose
+def test_compose_file_is_valid_with_each_profile() -> None:
+    for profile in ([], ["--profile", "rabbitmq"], ["--profile", "tests"]):
+        done = compose(*profile, "config", "--quiet")
+        assert done.returncode == 0, (profile, done.stderr)
+
+
+@needs_compose
+def test_flower_needs_its_basic_auth() -> None:
+    done = compose("config", "--quiet", auth=False)
+    assert done.returncode != 0
+    assert "FLOWER_BASIC_AUTH" in done.stderr
+
+
+@needs_compose
+def test_services_run_the_commands_the_tests_exercise(config: dict[str, Any]) -> None:
+    services = config["services"]
+    assert set(services) == {"redis", "rabbitmq", *APP_SERVICES}
+
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert services["rabbitmq"]["profiles"] == ["rabbitmq"]
+    for name in APP_SERVICES:
+        assert services[name]["environment"]["CELERY_SERVICES_BROKER_URL"] == BROKER, name
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy", name
+
+    provider = services["provider"]
+    assert (
+        provider["command"] == PROVIDER_COMMAND
+    )  # test_cli: test_worker_spellings_serve_the_example_provider
+    assert provider["deploy"]["replicas"] == 2
+    assert provider["healthcheck"]["test"] == ["CMD", *PROVIDER_HEALTHCHECK]  # test_cli: test_ping
+
+    gateway = services["gateway"]
+    assert gateway["command"] == GATEWAY_COMMAND  # test_gateway_command_serves_and_is_healthy below
+    assert gateway["healthcheck"]["test"] == ["CMD", *GATEWAY_HEALTHCHECK]  # test_cli: test_health
+
+    flower = services["flower"]
+    assert flower["command"] == FLOWER_COMMAND  # test_flower
+    assert flower["environment"]["FLOWER_BASIC_AUTH"] == "admin:test-secret"
+    assert "FLOWER_UNAUTHENTICATED_API" not in flower["environment"]
+
+    tests = services["tests"]
+    assert tests["command"] == TESTS_COMMAND
+    assert tests["environment"]["CELERY_SERVICES_TEST_REDIS"].startswith("redis://redis:6379/")
+    assert tests["build"]["args"]["EXTRAS"] == "http,dev"
+
+
+def test_dockerfile_installs_the_package_for_a_non_root_user() -> None:
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    lines = [line.strip() for line in dockerfile.splitlines() if line.strip() and not line.startswith("#")]
+    assert lines[0] == "FROM python:3.11-slim"
+    assert "ARG EXTRAS=http" in lines
+    assert 'RUN pip install ".[${EXTRAS}]"' in lines
+    user = [line for line in lines if line.startswith("USER ")]
+    assert user and user[-1] not in ("USER root", "USER 0")
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv"} <= set(ignored)
+    for copied in ("celery_services", "workers", "config", "tests"):
+        assert f"COPY {copied} ./{copied}" in lines
+
+
+@pytest.fixture
+def gateway(redis_url: str) -> Iterator[tuple[str, str, dict[str, str]]]:
+    """The compose gateway command (on a free port) over a provider of a key of its own."""
+    key = f"compose-{uuid.uuid4().hex[:6]}"
+    prefix = f"cs-compose-{uuid.uuid4().hex[:6]}"
+    runs = f"test-runs:{key}"
+    env = {
+        "CELERY_SERVICES_BROKER_URL": redis_url,
+        "CELERY_SERVICES_RESULT_BACKEND": redis_url,
+        "CELERY_SERVICES_REGISTRY_PREFIX": prefix,
+        "CELERY_SERVICES_TIMEOUT": "8",
+        "PYTHONPATH": str(ROOT),
+    }
+    port = free_port()
+    command = [CLI, *GATEWAY_COMMAND[1:]]
+    command[command.index("--port") + 1] = str(port)
+    command[command.index("--host") + 1] = "127.0.0.1"
+    worker = cli_worker(
+        "tests.apps.provider:app", key, {**provider_env(key, redis_url, redis_url, runs), **env}
+    )
+    # config/gateway.toml consumes my-app: point it at this test's provider instead.
+    gateway_env = {**os.environ, **env, "CELERY_SERVICES_REMOTE_SERVICES": json.dumps([key])}
+    with worker, tempfile.NamedTemporaryFile(prefix="gateway-", suffix=".log") as log:
+        process = subprocess.Popen(
+            command, env=gateway_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+
+            def up() -> bool:
+                if process.poll() is not None:
+                    raise RuntimeError(f"gateway exited: {Path(log.name).read_text()}")
+                try:
+                    return httpx.get(f"{url}/distribution/healthcheck/{key}", timeout=1).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_for(up, timeout=30, interval=0.1, what="gateway serves")
+            yield url, key, env
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(timeout=5)
+            cleanup(redis_url, redis_url, key, runs)
+
+
+@pytest.mark.timeout(90)
+def test_gateway_command_serves_and_is_healthy(gateway: tuple[str, str, dict[str, str]]) -> None:
+    url, key, env = gateway
+    assert httpx.get(f"{url}/distribution/healthcheck/{key}", timeout=5).json() == {
+        "articles": True,
+        "probe": True,
+    }
+    created = httpx.post(f"{url}/articles", json={"title": "through the gateway"}, timeout=10)
+    assert created.status_code in (200, 201), created.text
+    assert created.json()["title"] == "through the gateway"
+    # The gateway's healthcheck, as compose runs it, for the key this gateway consumes here.
+    check = subprocess.run(
+        [CLI, *GATEWAY_HEALTHCHECK[1:-1], key], env={**os.environ, **env}, capture_output=True, timeout=30
+    )
+    assert check.returncode == 0, check.stderr

@@ -1,0 +1,177 @@
+"""``celery-services demo`` as ``make demo`` runs it: the story's milestones, and nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+from celery_services.testing import wait_for
+
+from .support import ROOT
+from .test_cli import CLI
+
+MILESTONES = [
+    "'service' event on gateway: articles mounted and decorated",
+    'create({"title": "Celery"})',
+    "find()",
+    "get(0)",
+    'patch(0, {"draft": true})',
+    'update(0, {"title": "Celery 5"})',
+    "remove(1)",
+    'publish_article({"id": 0})',
+    '"published": true',
+    "get(999) → NotFound 404: No record found for id '999'",
+    "10 calls: replica 1 served",
+    "20/20 calls succeeded after the kill",
+    "the registry dropped the killed replica",
+    "healthcheck('my-app') → {\"articles\": true}",
+    "left behind: 0 keys, 0 processes",
+    "Done in",
+]
+
+
+def demo_env(marker: str, **extra: str) -> dict[str, str]:
+    """The caller's environment without any celery-services setting, plus a marker every child inherits."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("CELERY_SERVICES_")}
+    return {**env, "CELERY_SERVICES_DEMO_TEST_MARK": marker, **extra}
+
+
+def marked_processes(marker: str) -> list[int]:
+    """Processes whose environment carries ``marker``: the demo, its workers, its redis-server."""
+    needle = f"CELERY_SERVICES_DEMO_TEST_MARK={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue  # gone meanwhile, or not ours to read
+    return found
+
+
+def answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def run_demo(env: dict[str, str]) -> tuple[int, str, float]:
+    started = time.monotonic()
+    done = subprocess.run([CLI, "demo"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=100)
+    return done.returncode, done.stdout + done.stderr, time.monotonic() - started
+
+
+def embedded_port(transcript: str) -> int:
+    found = re.search(r"Embedded Redis on redis://127\.0\.0\.1:(\d+)/0", transcript)
+    assert found is not None, transcript
+    return int(found.group(1))
+
+
+def events_shown(transcript: str) -> bool:
+    arrived = all(f"{event} {{" in transcript for event in ("created", "patched", "updated", "removed"))
+    return (
+        arrived and "article_published {" in transcript
+    ) or "(events arrive once the event bus" in transcript
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/environ").exists(), reason="needs /proc to find the demo's processes"
+)
+@pytest.mark.timeout(120)
+def test_demo_on_an_embedded_redis_tells_the_story_and_leaves_nothing() -> None:
+    marker = uuid.uuid4().hex
+    code, transcript, elapsed = run_demo(demo_env(marker))
+    assert code == 0, transcript
+    assert elapsed < 60, elapsed
+    for milestone in MILESTONES:
+        assert milestone in transcript, f"{milestone!r} missing from:\n{transcript}"
+    assert events_shown(transcript), transcript
+    steps = [int(n) for n in re.findall(r"^ ?(\d+) [A-Z]", transcript, flags=re.M)]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 10, steps
+    port = embedded_port(transcript)
+    assert "embedded Redis stopped" in transcript
+    assert not answers(port), "the embedded redis-server is still running"
+    assert marked_processes(marker) == []
+
+
+@pytest.mark.timeout(120)
+def test_demo_on_a_shared_broker_removes_what_it_created(redis_url: str) -> None:
+    store = redis.Redis.from_url(redis_url)
+    if next(iter(store.scan_iter("celery_services:manifest:my-app:*")), None) is not None:
+        pytest.skip("a my-app runs on the test broker: the demo refuses to start beside it (shown below)")
+    before = {name for name in ("my-app", "_kombu.binding.my-app") if store.exists(name)}
+    marker = uuid.uuid4().hex
+    code, transcript, _ = run_demo(demo_env(marker, CELERY_SERVICES_BROKER_URL=redis_url))
+    assert code == 0, transcript
+    assert f"Your broker {redis_url}" in transcript
+    assert "left behind: 0 keys, 0 processes" in transcript
+    found = re.search(r"registry prefix: (\S+)", transcript)
+    assert found is not None, transcript
+    assert list(store.scan_iter(f"{found.group(1)}*")) == []
+    assert {name for name in ("my-app", "_kombu.binding.my-app") if store.exists(name)} <= before
+    members = [str(m) for m in store.smembers("_kombu.binding.celery.pidbox")]
+    assert [m for m in members if re.search(r"my-app-\d-[0-9a-f]{6}@", m)] == []
+    assert marked_processes(marker) == []
+    store.close()
+
+
+@pytest.mark.timeout(120)
+def test_demo_refuses_a_broker_where_my_app_runs(redis_url: str) -> None:
+    store = redis.Redis.from_url(redis_url)
+    name = f"celery_services:manifest:my-app:demo-test-{uuid.uuid4().hex[:6]}"
+    store.set(name, "{}", ex=30)  # what a live my-app looks like from the demo's check
+    try:
+        code, transcript, _ = run_demo(demo_env(uuid.uuid4().hex, CELERY_SERVICES_BROKER_URL=redis_url))
+    finally:
+        store.delete(name)
+        store.close()
+    assert code == 1
+    assert "a 'my-app' app is running on" in transcript
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/environ").exists(), reason="needs /proc to find the demo's processes"
+)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_demo_interrupted_stops_everything(sig: signal.Signals) -> None:
+    marker = uuid.uuid4().hex
+    with tempfile.NamedTemporaryFile(prefix="demo-", suffix=".log") as log:
+        demo = subprocess.Popen(
+            [CLI, "demo"], env=demo_env(marker), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_for(
+                lambda: b"worker ready (pid" in Path(log.name).read_bytes(), timeout=60, what="a replica up"
+            )
+            assert len(marked_processes(marker)) >= 2  # the demo and a worker
+            port = embedded_port(Path(log.name).read_text())
+            assert answers(port)
+            demo.send_signal(sig)
+            assert demo.wait(timeout=60) == 130
+        finally:
+            if demo.poll() is None:  # SIGTERM unwinds like Ctrl-C; SIGKILL would orphan its workers
+                demo.terminate()
+                try:
+                    demo.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    demo.kill()
+                    demo.wait()
+        transcript = Path(log.name).read_text()
+    assert "interrupted: stopping everything" in transcript
+    assert "embedded Redis stopped" in transcript
+    assert marked_processes(marker) == [], transcript
+    assert not answers(port), "the embedded redis-server is still running"
