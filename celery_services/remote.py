@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from kombu.exceptions import OperationalError
 
 from .errors import BadRequest, MethodNotAllowed, PayloadTooLarge, ServiceError, Timeout, Unavailable
+from .logs import call_fields
 from .protocol import (
     HEADER_CALLER,
     HEADER_DEADLINE,
@@ -127,11 +128,20 @@ class Transport:
                 f"Call to '{name}' is {size} bytes, over the {settings.max_payload_bytes} byte limit",
                 {"size": size, "limit": settings.max_payload_bytes},
             )
-        return self.request(name, key, kwargs, deadline)
-
-    def request(self, name: str, queue: str, kwargs: dict[str, Any], deadline: float) -> Any:
-        """Publish the task ``name`` on ``queue`` and wait for its reply until ``deadline`` (epoch)."""
         call_id = str(uuid.uuid4())
+        fields = call_fields(key, path, method, call_id)
+        log.debug("call sent", extra=fields)
+        try:
+            return self.request(name, key, kwargs, deadline, call_id=call_id)
+        except ServiceError as exc:
+            log.info("call failed: %s (%s) %s", exc.name, exc.code, exc.message, extra=fields)
+            raise
+
+    def request(
+        self, name: str, queue: str, kwargs: dict[str, Any], deadline: float, *, call_id: str | None = None
+    ) -> Any:
+        """Publish the task ``name`` on ``queue`` and wait for its reply until ``deadline`` (epoch)."""
+        call_id = call_id or str(uuid.uuid4())
         self._publish(name, queue, call_id, kwargs, deadline)
         return self._wait(name, call_id, deadline)
 

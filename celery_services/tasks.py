@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .errors import PayloadTooLarge, ServiceError, Timeout, error_from_exception
@@ -40,9 +41,12 @@ def register_method(distribution: Distribution, path: str, method: str) -> str:
     """Register the task serving ``method`` of the service at ``path``; returns its name."""
     name = task_name(distribution.key, path, method)
     if name not in distribution.celery.tasks:
+        fields = {"key": distribution.key, "path": path, "method": method}
 
         def serve(task: Task, *args: Any, **kwargs: Any) -> Any:
-            return _answer(distribution, task, lambda: _run(distribution, path, method, args, kwargs))
+            return _answer(
+                distribution, task, partial(_run, distribution, path, method, args, kwargs), fields
+            )
 
         _register(distribution, serve, name)
     return name
@@ -52,9 +56,10 @@ def register_health(distribution: Distribution) -> str:
     """Register the key's health task: ``{path: bool}`` for every exposed service of the instance."""
     name = health_task_name(distribution.key)
     if name not in distribution.celery.tasks:
+        fields = {"key": distribution.key, "path": "", "method": HEALTH_METHOD}
 
         def health(task: Task, *args: Any, **kwargs: Any) -> Any:
-            return _answer(distribution, task, distribution.local_health)
+            return _answer(distribution, task, distribution.local_health, fields)
 
         _register(distribution, health, name)
     return name
@@ -74,9 +79,10 @@ def _register(distribution: Distribution, fn: Any, name: str) -> None:
     )
 
 
-def _answer(distribution: Distribution, task: Task, work: Callable[[], Any]) -> Any:
+def _answer(distribution: Distribution, task: Task, work: Callable[[], Any], fields: dict[str, str]) -> Any:
     """Run a call with its deadline set for nested calls; reply on the caller's list, then to Celery."""
     request = task.request
+    extra = {**fields, "call_id": str(request.id)}
     deadline = getattr(request, HEADER_DEADLINE, None)
     reply_to = None
     if getattr(request, HEADER_REPLY, None):
@@ -90,7 +96,9 @@ def _answer(distribution: Distribution, task: Task, work: Callable[[], Any]) -> 
     except Exception as exc:
         error = error_from_exception(exc, debug=distribution.settings.debug)
         if error is not exc:
-            log.exception("call %s (%s) failed", request.id, request.task)
+            log.exception("call failed: %s", type(exc).__name__, extra=extra)
+        else:
+            log.info("call answered %s (%s): %s", error.name, error.code, error.message, extra=extra)
         if reply_to:
             distribution.push_reply(reply_to, json.dumps({"error": _json_safe(error.to_dict())}), REPLY_TTL)
         raise error from None
@@ -98,6 +106,7 @@ def _answer(distribution: Distribution, task: Task, work: Callable[[], Any]) -> 
         reset_deadline(token)
     if reply_to:
         distribution.push_reply(reply_to, body, REPLY_TTL)
+    log.debug("call served", extra=extra)
     return result
 
 

@@ -23,7 +23,7 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from celery_services import App, DistributionSettings, distribute, finalize
+from celery_services import App, DistributionSettings, NotFound, distribute, finalize
 from celery_services import logs as cs_logs
 from celery_services.cli import EXIT_CLIENT_ERROR, EXIT_SERVER_ERROR, app
 from celery_services.events import EventBus
@@ -292,7 +292,7 @@ def spellings(key: str) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("spelling", ["cli-celery-app", "cli-services-app", "plain-celery"])
 def test_worker_spellings_serve_the_example_provider(
-    spelling: str, env: dict[str, str], redis_url: str, prefix: str
+    spelling: str, env: dict[str, str], redis_url: str, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     key = f"cli-articles-{uuid.uuid4().hex[:6]}"
     worker_env = {
@@ -321,6 +321,13 @@ def test_worker_spellings_serve_the_example_provider(
             articles = distribution.wait_for("articles", timeout=10)
             assert articles.create({"title": spelling})["title"] == spelling
             assert articles.publish_article({"id": 0})["published"] is True
+            with caplog.at_level(logging.INFO, logger="celery_services.remote"), pytest.raises(NotFound):
+                articles.get(999)
+            failed = next(r for r in caplog.records if r.getMessage().startswith("call failed"))
+            assert (failed.key, failed.path, failed.method) == (key, "articles", "get")  # type: ignore[attr-defined]
+            if spelling.startswith("cli"):  # its log lines show the fields, on the provider's side too
+                answered = f"[key={key} path=articles method=get call={failed.call_id}]"  # type: ignore[attr-defined]
+                wait_for(lambda: answered in worker.log(), timeout=5, what="provider log line")
             banner = worker.log()
             assert f".> {key}" in banner  # the worker consumes the app's key queue
             assert "task events: ON" in banner  # Flower sees the calls
