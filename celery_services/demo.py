@@ -83,6 +83,8 @@ class Demo:
         self.console = console
         self.broker_url = broker_url
         self.root = root
+        if str(root) not in sys.path:  # the gateway here uses the examples' listener (workers/services.py)
+            sys.path.insert(0, str(root))
         token = uuid.uuid4().hex[:8]
         self.prefix = f"celery_services.demo-{token}"
         self.exchange = f"{self.prefix}.events"
@@ -145,10 +147,12 @@ class Demo:
         return api
 
     def _decorate(self, service: ServiceWrapper) -> None:
-        # What workers/gateway.py's listener does (the KDK's decorateDistributedService), plus listening.
+        # workers/gateway.py's listener (the KDK's decorateDistributedService), plus listening.
+        from workers.services import decorate
+
         if not getattr(service, "remote", False) or service.key != PROVIDER:
             return
-        service.hooks({"before": {"all": [_mark_gateway]}})
+        decorate(service)
         for event in EVENTS:
             service.on(event, lambda data, *_, event=event: self._on_event(event, data))
         if service.path == "articles" and not self.discovered.is_set():
@@ -390,10 +394,6 @@ class Demo:
             return ["?"]
         finally:
             self.store.close()
-
-
-def _mark_gateway(context: Any) -> None:
-    context.params.setdefault("headers", {})["x-gateway"] = CONSUMER
 
 
 def _table(distribution: Distribution) -> Any:
