@@ -122,7 +122,7 @@ class Distribution:
             queue_prefix=f"{settings.registry_prefix}.events",
         )
         self._publishers: dict[str, list[tuple[ServiceWrapper, str, Listener]]] = {}
-        self._proxies: dict[tuple[str, str], ServiceWrapper] = {}
+        self._proxies: dict[tuple[str, str], list[ServiceWrapper]] = {}
         self._worker_pool: str | None = None
         self._worker: Any = None
         self._lock = threading.RLock()
@@ -231,33 +231,44 @@ class Distribution:
 
     def _follow_proxy(self, wrapper: ServiceWrapper) -> None:
         # A proxy, mounted by discovery or by hand: the settings' proxy hooks, and its events bound.
+        # Several proxies may share a remote service (and its bindings): each gets every event.
         proxy: RemoteService = wrapper.service
         if self.settings.hooks:
             wrapper.hooks(self.settings.hooks)
         with self._lock:
-            self._proxies[(proxy.key, proxy.path)] = wrapper
+            sharing = self._proxies.setdefault((proxy.key, proxy.path), [])
+            bound = {event for other in sharing for event in other.service.events}
+            sharing.append(wrapper)
         for event in proxy.events:
-            self.events.bind(proxy.key, proxy.path, event)
+            if event not in bound:
+                self.events.bind(proxy.key, proxy.path, event)
         if proxy.events:
             self.events.start()
 
     def _unfollow_proxy(self, wrapper: ServiceWrapper) -> None:
         proxy: RemoteService = wrapper.service
         with self._lock:
-            if self._proxies.get((proxy.key, proxy.path)) is wrapper:
-                del self._proxies[(proxy.key, proxy.path)]
+            sharing = self._proxies.get((proxy.key, proxy.path), [])
+            if wrapper in sharing:
+                sharing.remove(wrapper)
+            if not sharing:
+                self._proxies.pop((proxy.key, proxy.path), None)
+            still = {event for other in sharing for event in other.service.events}
         for event in proxy.events:
+            if event in still:
+                continue
             try:
                 self.events.unbind(proxy.key, proxy.path, event)
             except Exception:  # the consumer thread re-applies its bindings when the broker is back
                 log.warning("could not unbind %s/%s %s", proxy.key, proxy.path, event, exc_info=True)
 
     def _on_remote_event(self, envelope: EventEnvelope) -> None:
-        # Re-emitted on the proxy: its listeners cannot tell a remote event from a local one.
+        # Re-emitted on the proxies: their listeners cannot tell a remote event from a local one.
         with self._lock:
-            wrapper = self._proxies.get((envelope.key, envelope.path))
-        if wrapper is not None and envelope.event in wrapper.events:
-            wrapper.emit(envelope.event, envelope.data, envelope.context)
+            wrappers = list(self._proxies.get((envelope.key, envelope.path), ()))
+        for wrapper in wrappers:
+            if envelope.event in wrapper.events:
+                wrapper.emit(envelope.event, envelope.data, envelope.context)
 
     def _service_options(self, service: Any) -> dict[str, Any]:
         names = self.settings.service_options(service)

@@ -140,6 +140,20 @@ def test_a_consumer_calling_its_proxy_hears_each_event_once(setup: dict[str, Any
     assert inst.of("created") == [own, marker]
 
 
+def test_proxies_sharing_a_service_share_its_events(setup: dict[str, Any]) -> None:
+    inst = setup["instance"]("app-share", events=["created"])
+    key = setup["provider"].key
+    extra: list[Any] = []
+    second = inst.app.use("second", inst.distribution.remote_service(key, "articles", ["get"], ["created"]))
+    second.on("created", lambda data, ctx: extra.append(data))
+    first = setup["articles"].create({"title": "both hear it"})
+    wait_for(lambda: first in extra and first in inst.of("created"), timeout=10, what="both proxies")
+    inst.app.unuse("second")  # its bindings are the discovered proxy's too: they stay
+    again = setup["articles"].create({"title": "still heard"})
+    wait_for(lambda: again in inst.of("created"), timeout=10, what="event after the other proxy left")
+    assert extra == [first]
+
+
 def test_custom_event_context_filtering_and_no_secrets(setup: dict[str, Any]) -> None:
     only_created = setup["instance"]("app-c", events=["created", "article_published"])
     articles = setup["articles"]
