@@ -27,6 +27,7 @@ from .errors import NotFound, ServiceError, Unavailable
 from .events import EventBus, EventEnvelope, event_context
 from .lease import LeaseKeeper
 from .manifest import Manifest, ServiceManifest
+from .redis_transport import reuse_sync_clients
 from .registry import Registry
 from .remote import RemoteService, Transport
 from .service import ServiceWrapper
@@ -43,6 +44,7 @@ IN_PROCESS_POOLS = frozenset({"solo", "thread", "threads", "eventlet", "gevent"}
 
 def make_celery(settings: DistributionSettings) -> Celery:
     """A Celery app configured for remote calls: JSON only, prefetch 1, late acks, task events on."""
+    reuse_sync_clients()
     celery = Celery(
         settings.key,
         broker=settings.resolved_broker_url(),

@@ -154,7 +154,10 @@ class Transport:
             (),
             kwargs,
             expires=expires,
-            create_sent_event=celery.conf.task_send_sent_event,
+            # The reply list carries the result: the worker need not also store it in the backend, and
+            # Flower follows the call from the worker's task events (received, started, succeeded/failed).
+            ignore_result=True,
+            create_sent_event=False,
             argsrepr="()",
             kwargsrepr=_kwargsrepr(kwargs),
         )
