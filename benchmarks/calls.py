@@ -1,6 +1,7 @@
 """Cost of a call: the local service, raw Celery (``send_task().get()``) and the proxy, on one broker.
 
-Usage: ``python benchmarks/calls.py [--calls N] [--broker URL] [--backend URL] [--replicas 1,2]``.
+Usage: ``python benchmarks/calls.py [--calls N] [--broker URL] [--backend URL] [--replicas 1,2]
+[--output FILE]``.
 
 Measured in one run, for each path, with ``articles.get(id)`` on the same 100 items:
 
@@ -26,8 +27,10 @@ import contextlib
 import datetime as dt
 import itertools
 import json
+import math
 import os
 import platform
+import signal
 import socket
 import statistics
 import sys
@@ -45,6 +48,7 @@ import celery as celery_pkg
 import kombu
 import redis
 from celery import Celery
+from kombu.connection import Connection
 from rich.console import Console
 from rich.table import Table
 
@@ -59,6 +63,8 @@ DEFAULT_REDIS = "redis://127.0.0.1:6379/9"
 ITEM_COUNT = 100
 WARMUP = 50
 THREADS = 8
+#: Each measure is split in this many rounds, interleaved between the paths compared.
+ROUNDS = 4
 #: Local calls are ~100x quicker: run more of them so the measure lasts long enough to mean something.
 LOCAL_SCALE = 20
 CALL_TIMEOUT = 10.0
@@ -104,7 +110,7 @@ def make_items(count: int = ITEM_COUNT) -> list[dict[str, Any]]:
 
 @dataclass
 class Row:
-    """One line of the table: a path and what it measured."""
+    """One line of the table: a path and what it measured (CPU: ms per call in the multi-caller runs)."""
 
     path: str
     workers: str
@@ -112,6 +118,9 @@ class Row:
     p99_ms: float
     rate_1: float
     rate_n: float
+    cpu_caller_ms: float
+    cpu_workers_ms: float | None
+    cpu_redis_ms: float | None
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -120,15 +129,23 @@ def percentile(samples: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-def latency(call: Call, ids: Sequence[int], count: int) -> tuple[float, float]:
-    """p50 and p99 in ms of ``count`` calls made one after the other (one call in flight)."""
+def latencies(call: Call, ids: Sequence[int], count: int) -> list[float]:
+    """The times in ms of ``count`` calls made one after the other (one call in flight)."""
     times = []
     for n in range(count):
         item_id = ids[n % len(ids)]
         start = time.perf_counter()
         call(item_id)
         times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times), percentile(times, 0.99)
+    return times
+
+
+def sequential(call: Call, ids: Sequence[int], total: int) -> float:
+    """Seconds taken by ``total`` calls from this thread."""
+    start = time.perf_counter()
+    for n in range(total):
+        call(ids[n % len(ids)])
+    return time.perf_counter() - start
 
 
 class Callers:
@@ -137,15 +154,16 @@ class Callers:
     def __init__(self, size: int) -> None:
         self.size = size
         self.pool = ThreadPoolExecutor(size, thread_name_prefix="bench-caller")
+        self.stopped = threading.Event()
 
-    def rate(self, call: Call, ids: Sequence[int], total: int) -> float:
-        """Calls per second of ``total`` calls shared by every thread (each waits for its reply)."""
+    def run(self, call: Call, ids: Sequence[int], total: int) -> float:
+        """Seconds taken by ``total`` calls shared by every thread (each waits for its reply)."""
         counter = itertools.count()
         barrier = threading.Barrier(self.size + 1)
 
         def work() -> None:
             barrier.wait()
-            while (n := next(counter)) < total:
+            while (n := next(counter)) < total and not self.stopped.is_set():
                 call(ids[n % len(ids)])
 
         futures = [self.pool.submit(work) for _ in range(self.size)]
@@ -153,31 +171,93 @@ class Callers:
         start = time.perf_counter()
         for future in futures:
             future.result()
-        return total / (time.perf_counter() - start)
+        return time.perf_counter() - start
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        """Stop the threads after their call in flight (an interrupted run does not finish its share)."""
+        self.stopped.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def single_rate(call: Call, ids: Sequence[int], total: int) -> float:
-    """Calls per second of ``total`` calls from this thread."""
-    start = time.perf_counter()
-    for n in range(total):
-        call(ids[n % len(ids)])
-    return total / (time.perf_counter() - start)
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process ``pid``, from ``/proc``; NaN elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return math.nan
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuProbe:
+    """CPU seconds used so far by this process, by some worker processes, and by the Redis server."""
+
+    def __init__(self, store: redis.Redis) -> None:
+        self.store = store
+
+    def read(self, pids: Sequence[int]) -> tuple[float, float, float]:
+        info = self.store.info("cpu")
+        used = float(info.get("used_cpu_sys", math.nan)) + float(info.get("used_cpu_user", math.nan))
+        return time.process_time(), sum(process_cpu(pid) for pid in pids), used
+
+
+@dataclass
+class Target:
+    """A path under measure: its call, its worker processes, and what its rounds measured so far."""
+
+    path: str
+    workers: str
+    call: Call
+    check: Call
+    pids: list[int] = field(default_factory=list)
+    times_ms: list[float] = field(default_factory=list)
+    single: list[tuple[int, float]] = field(default_factory=list)
+    multi: list[tuple[int, float]] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+
+    def row(self) -> Row:
+        calls_n = sum(n for n, _ in self.multi)
+        caller, workers, server = (1000 * used / calls_n for used in self.cpu)
+        return Row(
+            self.path,
+            self.workers,
+            statistics.median(self.times_ms),
+            percentile(self.times_ms, 0.99),
+            sum(n for n, _ in self.single) / sum(s for _, s in self.single),
+            calls_n / sum(s for _, s in self.multi),
+            caller,
+            workers if self.pids and not math.isnan(workers) else None,
+            server if self.pids and not math.isnan(server) else None,
+        )
 
 
 def measure(
-    path: str, workers: str, call: Call, ids: Sequence[int], calls: int, callers: Callers, check: Call
-) -> Row:
-    """Warm up (checking the answers), then the latency and both throughputs of one path."""
-    for n in range(WARMUP):
-        check(ids[n % len(ids)])
-    callers.rate(check, ids, THREADS * 5)  # opens the connections of every caller thread
-    p50, p99 = latency(call, ids, max(calls // 4, 20))
-    rate_1 = single_rate(call, ids, calls)
-    rate_n = callers.rate(call, ids, calls)
-    return Row(path, workers, p50, p99, rate_1, rate_n)
+    targets: Sequence[Target],
+    ids: Sequence[int],
+    calls: int,
+    callers: Callers,
+    probe: CpuProbe,
+    rounds: int = ROUNDS,
+) -> list[Row]:
+    """Warm up every target (checking its answers), then measure them in interleaved rounds.
+
+    Each round runs, for each target in turn (the order alternates), a share of the sequential calls timed
+    one by one, of the calls from one thread and of the calls from ``THREADS`` threads, so that a change of
+    the machine's load during the run weighs on every target alike.
+    """
+    for target in targets:
+        for n in range(WARMUP):
+            target.check(ids[n % len(ids)])
+        callers.run(target.check, ids, THREADS * 5)  # opens the connections of every caller thread
+    share, latency_share = max(calls // rounds, THREADS), max(calls // 4 // rounds, 5)
+    for number in range(rounds):
+        for target in targets if number % 2 == 0 else list(reversed(targets)):
+            target.times_ms += latencies(target.call, ids, latency_share)
+            target.single.append((share, sequential(target.call, ids, share)))
+            before = probe.read(target.pids)
+            target.multi.append((share, callers.run(target.call, ids, share)))
+            after = probe.read(target.pids)
+            target.cpu = [total + b - a for total, a, b in zip(target.cpu, before, after, strict=True)]
+    return [target.row() for target in targets]
 
 
 def checked(call: Call, items: dict[int, dict[str, Any]]) -> Call:
@@ -288,7 +368,7 @@ class Bench:
         finally:
             store.close()
         if self.broker.startswith("amqp"):
-            with kombu.Connection(self.broker) as conn:
+            with Connection(self.broker) as conn:  # type: ignore[no-untyped-call]
                 channel = conn.channel()
                 for queue in queues:
                     try:
@@ -334,7 +414,10 @@ def run(args: argparse.Namespace, backend: str) -> tuple[list[Row], dict[str, st
     ids = [item["id"] for item in items]
     bench = Bench(broker, backend, items)
     rows: list[Row] = []
+    load_before = os.getloadavg()[0]
     callers = Callers(THREADS)
+    store = redis.Redis.from_url(backend)
+    probe = CpuProbe(store)
 
     raw = Celery("bench-raw-caller", broker=broker, backend=backend, set_as_current=False)
     raw.conf.update(
@@ -345,24 +428,17 @@ def run(args: argparse.Namespace, backend: str) -> tuple[list[Row], dict[str, st
     )
 
     def raw_call(item_id: int) -> Any:
-        result = raw.send_task(bench.raw_task, kwargs={"id": item_id}, queue=bench.raw_queue)
-        bench.raw_ids.append(result.id)
+        task_id = str(uuid.uuid4())
+        bench.raw_ids.append(task_id)  # before sending: an interrupted call's result is deleted too
+        result = raw.send_task(bench.raw_task, kwargs={"id": item_id}, queue=bench.raw_queue, task_id=task_id)
         return result.get(timeout=CALL_TIMEOUT)
 
     caller = App()
     try:
+        print("measuring the local service ...", file=sys.stderr)
         local = App().use("articles", MemoryService(store=by_id))
-        rows.append(
-            measure(
-                "(a) local service",
-                "in-process",
-                local.get,
-                ids,
-                args.calls * LOCAL_SCALE,
-                callers,
-                checked(local.get, by_id),
-            )
-        )
+        target = Target("(a) local service", "in-process", local.get, checked(local.get, by_id))
+        rows += measure([target], ids, args.calls * LOCAL_SCALE, callers, probe)
         distribution = distribute(
             caller,
             DistributionSettings(
@@ -378,22 +454,31 @@ def run(args: argparse.Namespace, backend: str) -> tuple[list[Row], dict[str, st
         )
         caller.use("articles", distribution.remote_service(bench.provider_key, "articles", ["get"]))
         proxy = caller.service("articles")
-        started = 0
+        raw_workers: list[WorkerProcess] = []
+        provider_workers: list[WorkerProcess] = []
         for replicas in args.replicas:
-            if replicas > started:
-                more = replicas - started
-                bench.start(
-                    [bench.raw_worker() for _ in range(more)] + [bench.provider_worker() for _ in range(more)]
-                )
-                started = replicas
+            more = replicas - len(raw_workers)
+            if more > 0:
+                new_raw = [bench.raw_worker() for _ in range(more)]
+                new_providers = [bench.provider_worker() for _ in range(more)]
+                bench.start(new_raw + new_providers)
+                raw_workers += new_raw
+                provider_workers += new_providers
             label = f"{replicas} solo"
-            print(f"measuring with {label} worker(s) per path ...", file=sys.stderr)
-            rows.append(
-                measure("(b) raw Celery", label, raw_call, ids, args.calls, callers, checked(raw_call, by_id))
-            )
-            rows.append(
-                measure("(c) proxy", label, proxy.get, ids, args.calls, callers, checked(proxy.get, by_id))
-            )
+            print(f"measuring raw Celery and the proxy with {label} worker(s) each ...", file=sys.stderr)
+            targets = [
+                Target(
+                    "(b) raw Celery", label, raw_call, checked(raw_call, by_id), [w.pid for w in raw_workers]
+                ),
+                Target(
+                    "(c) proxy",
+                    label,
+                    proxy.get,
+                    checked(proxy.get, by_id),
+                    [w.pid for w in provider_workers],
+                ),
+            ]
+            rows += measure(targets, ids, args.calls, callers, probe)
     finally:
         callers.close()
         bench.stop_workers()
@@ -401,21 +486,26 @@ def run(args: argparse.Namespace, backend: str) -> tuple[list[Row], dict[str, st
         raw.close()
         bench.cleanup()
 
-    server = redis.Redis.from_url(backend)
     try:
-        redis_version = str(server.info("server").get("redis_version", "?"))
+        redis_version = str(store.info("server").get("redis_version", "?"))
     finally:
-        server.close()
+        store.close()
     about = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} cores, {platform.machine()} ({cpu_model()}), "
-        f"Python {platform.python_version()}",
+        f"Python {platform.python_version()}; load average (1 min) {load_before:.2f} before the run, "
+        f"{os.getloadavg()[0]:.2f} after",
         "broker": mask_url(broker),
         "result backend": f"{mask_url(backend)} (Redis {redis_version})",
         "celery": f"{celery_pkg.__version__} (kombu {kombu.__version__})",
         "calls": (
-            f"{WARMUP} warm-up; latency: {max(args.calls // 4, 20)} sequential calls; throughput: "
-            f"{args.calls} calls (local: {args.calls * LOCAL_SCALE}) with 1 and {THREADS} caller threads"
+            f"{WARMUP} warm-up calls, then {ROUNDS} rounds interleaving (b) and (c); in all, per path: "
+            f"{args.calls // 4} sequential calls timed one by one (p50, p99), {args.calls} calls from 1 "
+            f"thread and {args.calls} from {THREADS} threads (local: {args.calls * LOCAL_SCALE})"
+        ),
+        "CPU": (
+            f"ms per call during the {THREADS}-caller runs: the caller process (all its threads), the "
+            "path's worker processes, the Redis server (whole server: other clients of it count too)"
         ),
     }
     return rows, about
@@ -438,9 +528,29 @@ def fmt_ms(value: float) -> str:
 
 def tables(rows: list[Row]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
     """The results table and the proxy-over-raw table, as headers and cells."""
-    head = ["path", "workers", "p50 ms", "p99 ms", "calls/s, 1 caller", f"calls/s, {THREADS} callers"]
+    head = [
+        "path",
+        "workers",
+        "p50 ms",
+        "p99 ms",
+        "calls/s, 1 caller",
+        f"calls/s, {THREADS} callers",
+        "CPU ms/call: caller",
+        "CPU: workers",
+        "CPU: Redis",
+    ]
     cells = [
-        [r.path, r.workers, fmt_ms(r.p50_ms), fmt_ms(r.p99_ms), f"{r.rate_1:,.0f}", f"{r.rate_n:,.0f}"]
+        [
+            r.path,
+            r.workers,
+            fmt_ms(r.p50_ms),
+            fmt_ms(r.p99_ms),
+            f"{r.rate_1:,.0f}",
+            f"{r.rate_n:,.0f}",
+            fmt_ms(r.cpu_caller_ms),
+            "-" if r.cpu_workers_ms is None else fmt_ms(r.cpu_workers_ms),
+            "-" if r.cpu_redis_ms is None else fmt_ms(r.cpu_redis_ms),
+        ]
         for r in rows
     ]
     ratio_head = [
@@ -472,7 +582,7 @@ def markdown_table(head: list[str], cells: list[list[str]]) -> str:
 
 def report(rows: list[Row], about: dict[str, str]) -> str:
     head, cells, ratio_head, ratios = tables(rows)
-    console = Console()
+    console = Console(width=max(Console().width, 150))
     table = Table(title="articles.get(id): one call")
     for name in head:
         table.add_column(name, justify="left" if name in ("path", "workers") else "right")
@@ -500,6 +610,10 @@ def report(rows: list[Row], about: dict[str, str]) -> str:
             "`app.service('articles').get(id)` through `distribution.remote_service(...)` to "
             "`celery -A workers.articles worker`. (b) and (c) "
             "have the same number of `-P solo` workers, one process each.",
+            "- **settings**: (b) Celery's defaults (prefetch 4, early ack, no task events, result in the "
+            "backend); (c) those of `make_celery` (prefetch 1, late ack, task events from the worker and "
+            "task-sent events from the caller, the result pushed on the caller's reply list and also stored "
+            "in the backend).",
             "",
             markdown_table(head, cells),
             "",
@@ -509,6 +623,10 @@ def report(rows: list[Row], about: dict[str, str]) -> str:
             "",
         ]
     )
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 def main() -> None:
@@ -524,13 +642,23 @@ def main() -> None:
         default=[1, 2],
         help="solo workers per path, one row each (default 1,2)",
     )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS,
+        help=f"markdown file written (default {RESULTS.relative_to(ROOT)})",
+    )
     args = parser.parse_args()
+    # A run stopped by SIGTERM or SIGHUP cleans up like an interrupted one (workers, queues, keys).
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     with redis_server(args.backend) as backend:
         rows, about = run(args, backend)
     text = report(rows, about)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
-    print(f"written to {RESULTS.relative_to(ROOT)}", file=sys.stderr)
+    output: Path = args.output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    print(f"written to {output}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ ITEMS: dict[Any, dict[str, Any]] = {
 }
 
 
-@app.task(name=TASK_NAME)
+@app.task(name=TASK_NAME)  # type: ignore[untyped-decorator]
 def get(id: Any) -> dict[str, Any]:
     """The item ``id`` (a copy, as a MemoryService hands out)."""
     return copy.deepcopy(ITEMS[id])
