@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,4 +64,32 @@ def cleanup(broker: str, backend: str, *names: str) -> None:
         broker_store = redis.Redis.from_url(broker)
         broker_store.delete(*names)
         broker_store.close()
+    store.close()
+
+
+def fresh_prefix(redis_url: str, label: str) -> Iterator[str]:
+    """A registry prefix of one test (module); its keys are deleted afterwards. Use in a fixture."""
+    name = f"cs-{label}-{os.urandom(4).hex()}"
+    yield name
+    store = redis.Redis.from_url(redis_url)
+    for key in store.scan_iter(f"{name}*"):
+        store.delete(key)
+    store.close()
+
+
+def write_manifest(redis_url: str, prefix: str, key: str, paths: list[str], instance: str = "fake-1") -> None:
+    """Register by hand an instance of ``key`` offering ``paths`` (no worker serves them), and announce it."""
+    manifest = {
+        "key": key,
+        "instance": instance,
+        "host": "nowhere",
+        "pid": 1,
+        "started_at": time.time(),
+        "heartbeat": time.time(),
+        "protocol": 1,
+        "services": [{"path": p, "methods": ["get"], "events": ["created"], "options": {}} for p in paths],
+    }
+    store = redis.Redis.from_url(redis_url)
+    store.set(f"{prefix}:manifest:{key}:{instance}", json.dumps(manifest), ex=60)
+    store.publish(f"{prefix}:registry", json.dumps({"op": "up", "key": key, "instance": instance}))
     store.close()

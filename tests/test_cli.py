@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +28,7 @@ from celery_services.cli import EXIT_CLIENT_ERROR, EXIT_SERVER_ERROR, app
 from celery_services.events import EventBus
 from celery_services.testing import WorkerProcess, wait_for
 
-from .support import ROOT, cleanup, provider_env
+from .support import ROOT, cleanup, fresh_prefix, provider_env, write_manifest
 
 #: The console script installed by pyproject (``celery_services.cli:main``).
 CLI = str(Path(sys.executable).with_name("celery-services"))
@@ -44,12 +43,7 @@ HEARTBEAT = "0.5"
 
 @pytest.fixture(scope="module")
 def prefix(redis_url: str) -> Iterator[str]:
-    name = f"cs-cli-{uuid.uuid4().hex[:8]}"
-    yield name
-    store = redis.Redis.from_url(redis_url)
-    for key in store.scan_iter(f"{name}*"):
-        store.delete(key)
-    store.close()
+    yield from fresh_prefix(redis_url, "cli")
 
 
 @pytest.fixture(scope="module")
@@ -90,23 +84,6 @@ def provider(env: dict[str, str], redis_url: str) -> Iterator[tuple[str, WorkerP
 
 def invoke(env: dict[str, str], *args: str) -> Any:
     return CliRunner().invoke(app, list(args), env=env)
-
-
-def write_manifest(redis_url: str, prefix: str, key: str, paths: list[str]) -> None:
-    """A live-looking manifest of an app with no worker behind it."""
-    manifest = {
-        "key": key,
-        "instance": "fake-1",
-        "host": "nowhere",
-        "pid": 1,
-        "started_at": time.time(),
-        "heartbeat": time.time(),
-        "protocol": 1,
-        "services": [{"path": p, "methods": ["get"], "events": ["created"], "options": {}} for p in paths],
-    }
-    store = redis.Redis.from_url(redis_url)
-    store.set(f"{prefix}:manifest:{key}:fake-1", json.dumps(manifest), ex=60)
-    store.close()
 
 
 @pytest.mark.parametrize("command", [None, *COMMANDS])

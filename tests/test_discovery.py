@@ -25,7 +25,7 @@ from celery_services import (
 from celery_services.distribution import Distribution
 from celery_services.testing import WorkerProcess, wait_for
 
-from .support import Provider, cleanup, provider_env
+from .support import Provider, cleanup, fresh_prefix, provider_env, write_manifest
 
 STANDARD = ["find", "get", "create", "update", "patch", "remove"]
 HEARTBEAT = 0.5  # entries live 1.5 s without a heartbeat
@@ -33,11 +33,7 @@ HEARTBEAT = 0.5  # entries live 1.5 s without a heartbeat
 
 @pytest.fixture
 def prefix(redis_url: str) -> Iterator[str]:
-    name = f"cs-test-{os.urandom(4).hex()}"
-    yield name
-    store = redis.Redis.from_url(redis_url)
-    for key in store.scan_iter(f"{name}:*"):
-        store.delete(key)
+    yield from fresh_prefix(redis_url, "disc")
 
 
 def provider(redis_url: str, prefix: str, key: str | None = None, **extra: str) -> Provider:
@@ -176,22 +172,6 @@ def test_replicas_killed_one_then_the_other(redis_url: str, prefix: str, consume
         first.stop()
         second.stop()
         cleanup(redis_url, redis_url, prov.key, prov.runs_key)
-
-
-def write_manifest(redis_url: str, prefix: str, key: str, paths: list[str], instance: str = "fake-1") -> None:
-    manifest = {
-        "key": key,
-        "instance": instance,
-        "host": "nowhere",
-        "pid": 1,
-        "started_at": time.time(),
-        "heartbeat": time.time(),
-        "protocol": 1,
-        "services": [{"path": p, "methods": ["get"], "events": ["created"], "options": {}} for p in paths],
-    }
-    store = redis.Redis.from_url(redis_url)
-    store.set(f"{prefix}:manifest:{key}:{instance}", json.dumps(manifest), ex=60)
-    store.publish(f"{prefix}:registry", json.dumps({"op": "up", "key": key, "instance": instance}))
 
 
 def test_malformed_manifest_is_skipped(

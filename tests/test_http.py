@@ -22,7 +22,7 @@ from celery_services import App, DistributionSettings, MemoryService, distribute
 from celery_services.http import EventHub, asgi_app, make_server
 from celery_services.testing import wait_for
 
-from .support import Provider, cleanup, provider_env
+from .support import Provider, cleanup, fresh_prefix, provider_env
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -59,12 +59,7 @@ class Echo:
 
 @pytest.fixture(scope="module")
 def registry_prefix(redis_url: str) -> Iterator[str]:
-    name = f"cs-http-{os.urandom(4).hex()}"
-    yield name
-    store = redis.Redis.from_url(redis_url)
-    for key in store.scan_iter(f"{name}:*"):
-        store.delete(key)
-    store.close()
+    yield from fresh_prefix(redis_url, "http")
 
 
 @pytest.fixture(scope="module")
