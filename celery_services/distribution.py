@@ -1,8 +1,8 @@
 """Distribution: exposes an app's services as Celery tasks and gives it proxies of other apps' services.
 
 ``distribute(app, settings)`` builds (or adopts) the Celery app, registers a task per exposed method,
-and returns the :class:`Distribution` that owns the parts (call transport, and later registry and event
-bus); ``finalize(app)`` stops them in reverse order.
+and returns the :class:`Distribution` that owns the parts: the call transport, the registry (manifest,
+heartbeat, discovery of remote services) and the event bus; ``finalize(app)`` stops them.
 """
 
 from __future__ import annotations
