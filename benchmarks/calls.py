@@ -434,6 +434,7 @@ def run(args: argparse.Namespace, backend: str) -> tuple[list[Row], dict[str, st
         return result.get(timeout=CALL_TIMEOUT)
 
     caller = App()
+    settings_note = ""
     try:
         print("measuring the local service ...", file=sys.stderr)
         local = App().use("articles", MemoryService(store=by_id))
@@ -454,6 +455,11 @@ def run(args: argparse.Namespace, backend: str) -> tuple[list[Row], dict[str, st
         )
         caller.use("articles", distribution.remote_service(bench.provider_key, "articles", ["get"]))
         proxy = caller.service("articles")
+        settings_note = (
+            f"(b) {worker_settings(raw)}, the reply read from the result backend; "
+            f"(c) {worker_settings(distribution.celery)} (`make_celery`), the reply read from the caller's "
+            "reply list"
+        )
         raw_workers: list[WorkerProcess] = []
         provider_workers: list[WorkerProcess] = []
         for replicas in args.replicas:
@@ -503,12 +509,21 @@ def run(args: argparse.Namespace, backend: str) -> tuple[list[Row], dict[str, st
             f"{args.calls // 4} sequential calls timed one by one (p50, p99), {args.calls} calls from 1 "
             f"thread and {args.calls} from {THREADS} threads (local: {args.calls * LOCAL_SCALE})"
         ),
+        "settings": settings_note,
         "CPU": (
             f"ms per call during the {THREADS}-caller runs: the caller process (all its threads), the "
             "path's worker processes, the Redis server (whole server: other clients of it count too)"
         ),
     }
     return rows, about
+
+
+def worker_settings(app: Celery) -> str:
+    """What a worker of ``app`` does per call beyond running it: prefetch, ack, task events."""
+    conf = app.conf
+    ack = "late" if conf.task_acks_late else "early"
+    events = "on" if conf.worker_send_task_events else "off"
+    return f"prefetch multiplier {conf.worker_prefetch_multiplier}, {ack} ack, worker task events {events}"
 
 
 def cpu_model() -> str:
@@ -610,10 +625,6 @@ def report(rows: list[Row], about: dict[str, str]) -> str:
             "`app.service('articles').get(id)` through `distribution.remote_service(...)` to "
             "`celery -A workers.articles worker`. (b) and (c) "
             "have the same number of `-P solo` workers, one process each.",
-            "- **settings**: (b) Celery's defaults (prefetch 4, early ack, no task events, result in the "
-            "backend); (c) those of `make_celery` (prefetch 1, late ack, task events from the worker and "
-            "task-sent events from the caller, the result pushed on the caller's reply list and also stored "
-            "in the backend).",
             "",
             markdown_table(head, cells),
             "",

@@ -21,6 +21,7 @@ import redis
 from celery import Celery, signals
 
 from .app import App
+from .bootsteps import add_bootsteps
 from .discovery import Discovery
 from .emitter import Listener
 from .errors import NotFound, ServiceError, Unavailable
@@ -100,6 +101,7 @@ class Distribution:
         self.instance = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.celery = celery if celery is not None else make_celery(settings)
         self.celery.celery_services_distribution = self
+        add_bootsteps(self.celery)
         self.replies = redis.Redis.from_url(settings.resolved_result_backend())
         self.transport = Transport(self.celery, self.replies, settings, caller=self.key)
         self.lease = _lease_keeper(self.celery)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 import time
@@ -389,7 +388,7 @@ def test_consumer_reconnects_and_redeclares_after_losing_its_connection(redis_br
     assert got.data() == [1, 2]
 
 
-def test_lost_redis_bindings_come_back(redis_broker: Broker, caplog: pytest.LogCaptureFixture) -> None:
+def test_lost_redis_bindings_come_back(redis_broker: Broker) -> None:
     broker = redis_broker
     assert broker.redis is not None
     got = Collector()
@@ -399,11 +398,11 @@ def test_lost_redis_bindings_come_back(redis_broker: Broker, caplog: pytest.LogC
     publisher = broker.bus()
     publisher.publish("app", "articles", "created", 0)
     got.wait_for(1)  # the consumer thread has declared everything
-    with caplog.at_level(logging.WARNING, logger="celery_services.events"):
-        broker.redis.delete(f"_kombu.binding.{broker.exchange}")  # e.g. a sweep that raced with this consumer
-        assert broker.bound_queues() == {}
-        wait_until(lambda: consumer.queue_name in broker.bound_queues(), timeout=15, what="bindings re-added")
-    assert "re-added 1 lost bindings" in caplog.text
+    broker.redis.delete(f"_kombu.binding.{broker.exchange}")  # e.g. a sweep that raced with this consumer
+    assert broker.bound_queues() == {}
+    # The consumer's periodic check puts them back (a reconnect under load would too, without its log line,
+    # so the test asserts the outcome rather than the message).
+    wait_until(lambda: consumer.queue_name in broker.bound_queues(), timeout=15, what="bindings re-added")
     publisher.publish("app", "articles", "created", 1)
     assert [e.data for e in got.wait_for(2)] == [0, 1]
 
