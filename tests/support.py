@@ -47,6 +47,7 @@ def provider_env(key: str, broker: str, backend: str, runs_key: str, **extra: st
 
 
 def cleanup(broker: str, backend: str, *names: str) -> None:
+    """Delete the queues (and Redis keys) ``names`` that a test created, on its broker and backend."""
     store = redis.Redis.from_url(backend)
     for name in names:
         store.delete(name)
@@ -61,8 +62,11 @@ def cleanup(broker: str, backend: str, *names: str) -> None:
                 except Exception:
                     channel = conn.channel()
     else:
+        # A worker's queue on Redis: its list, its priority lists, and kombu's binding tables for it.
         broker_store = redis.Redis.from_url(broker)
-        broker_store.delete(*names)
+        for name in names:
+            broker_store.delete(name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")
+            broker_store.delete(*[f"{name}\x06\x16{priority}" for priority in range(1, 10)])
         broker_store.close()
     store.close()
 
