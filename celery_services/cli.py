@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -255,7 +256,17 @@ def serve(
     with _failures():
         api = load_target(target).app
     http = importlib.import_module("celery_services.http")  # optional dependencies: pip install .[http]
-    http.serve(api, host=host, port=port)
+    # uvicorn shuts down on SIGTERM, then raises it again: exit through Python so the app is finalized
+    # (manifest withdrawn, event queue deleted) rather than killed.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        http.serve(api, host=host, port=port)
+    finally:
+        finalize(api)
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 @app.command(context_settings=PASS_THROUGH)

@@ -75,9 +75,18 @@ def fresh_prefix(redis_url: str, label: str) -> Iterator[str]:
     """A registry prefix of one test (module); its keys are deleted afterwards. Use in a fixture."""
     name = f"cs-{label}-{os.urandom(4).hex()}"
     yield name
+    purge_prefix(redis_url, name)
+
+
+def purge_prefix(redis_url: str, prefix: str) -> None:
+    """Delete a registry prefix's keys, and the event bindings of its queues (group queues outlive apps,
+    and a consumer killed in a test leaves its broadcast queue bound)."""
     store = redis.Redis.from_url(redis_url)
-    for key in store.scan_iter(f"{name}*"):
+    for key in store.scan_iter(f"{prefix}*"):
         store.delete(key)
+    for table in store.scan_iter("_kombu.binding*.celery_services.events"):
+        if stale := [m for m in store.smembers(table) if f"{prefix}.events.".encode() in m]:
+            store.srem(table, *stale)
     store.close()
 
 

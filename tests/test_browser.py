@@ -16,13 +16,12 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from celery_services import App, DistributionSettings, distribute, finalize
 from celery_services.http import make_server
 from celery_services.testing import wait_for
 
-from .support import ROOT, Provider, cleanup, provider_env
+from .support import ROOT, Provider, cleanup, provider_env, purge_prefix
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -103,10 +102,7 @@ def gateway(redis_url: str) -> Iterator[tuple[App, str]]:
         finalize(api)
         worker.stop()
         cleanup(redis_url, redis_url, key, runs)
-        store = redis.Redis.from_url(redis_url)
-        for name in store.scan_iter(f"{prefix}:*"):
-            store.delete(name)
-        store.close()
+        purge_prefix(redis_url, prefix)
 
 
 @pytest.fixture

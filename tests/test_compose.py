@@ -20,10 +20,11 @@ from typing import Any
 
 import httpx
 import pytest
+import redis
 
 from celery_services.testing import wait_for
 
-from .support import ROOT, cleanup, provider_env
+from .support import ROOT, cleanup, provider_env, purge_prefix
 from .test_cli import (
     CLI,
     FLOWER_COMMAND,
@@ -189,14 +190,19 @@ def gateway(redis_url: str) -> Iterator[tuple[str, str, dict[str, str]]]:
             wait_for(up, timeout=30, interval=0.1, what="gateway serves")
             yield url, key, env
         finally:
-            if process.poll() is None:
+            stopped_warmly = process.poll() is None
+            if stopped_warmly:
                 os.killpg(process.pid, signal.SIGTERM)
                 try:
                     process.wait(timeout=10)
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait(timeout=5)
+            # A gateway stopped by SIGTERM (docker stop) withdraws its manifest on the way out.
+            left = list(redis.Redis.from_url(redis_url).scan_iter(f"{prefix}:manifest:gateway:*"))
             cleanup(redis_url, redis_url, key, runs)
+            purge_prefix(redis_url, prefix)
+            assert not (stopped_warmly and left), left
 
 
 @pytest.mark.timeout(90)

@@ -17,7 +17,7 @@ from celery_services import App, DistributionSettings, distribute, finalize
 from celery_services.distribution import Distribution
 from celery_services.testing import wait_for
 
-from .support import ROOT, Provider, cleanup, provider_env
+from .support import ROOT, Provider, cleanup, provider_env, purge_prefix
 
 ARTICLES = ["find", "get", "create", "update", "patch", "remove", "publish_article"]
 
@@ -103,11 +103,11 @@ def setup(broker: str, redis_url: str) -> Iterator[dict[str, Any]]:
         for inst in made:
             if inst.app.distribution is not None:
                 inst.close()
+            if inst.distribution.settings.event_delivery == "group":
+                inst.distribution.events.delete_queue()  # it outlives the app by design
         finalize(caller)
     cleanup(broker, redis_url, key, runs)
-    store = redis.Redis.from_url(redis_url)
-    for name in store.scan_iter(f"{prefix}*"):
-        store.delete(name)
+    purge_prefix(redis_url, prefix)
 
 
 def test_broadcast_and_group_counts_across_two_apps(setup: dict[str, Any]) -> None:

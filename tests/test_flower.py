@@ -14,12 +14,11 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from celery_services import App, DistributionSettings, NotFound, distribute, finalize
 from celery_services.testing import wait_for
 
-from .support import Provider, cleanup, provider_env
+from .support import Provider, cleanup, provider_env, purge_prefix
 from .test_cli import CLI, FLOWER_COMMAND
 
 
@@ -112,7 +111,4 @@ def test_flower_shows_remote_calls_with_their_state(flower: str, redis_url: str)
     finally:
         finalize(api)
         cleanup(redis_url, redis_url, key, runs)
-        store = redis.Redis.from_url(redis_url)
-        for name in store.scan_iter(f"{prefix}*"):
-            store.delete(name)
-        store.close()
+        purge_prefix(redis_url, prefix)
