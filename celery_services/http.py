@@ -45,15 +45,13 @@ The :class:`EventHub` listens to the services only while clients are connected.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import html
 import json
 import logging
 import re
-import threading
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any, TypeVar
@@ -63,9 +61,8 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from .app import App
 from .errors import (
@@ -80,6 +77,7 @@ from .errors import (
 )
 from .query import Coerce, parse_id, parse_query
 from .service import ServiceWrapper
+from .sse import EventHub, EventStream
 
 __all__ = ["EventHub", "asgi_app", "make_server", "serve"]
 
@@ -94,229 +92,6 @@ _VERBS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _BEARER = re.compile(r"^\s*(?:Bearer|JWT)\s+(\S+)\s*$", re.IGNORECASE)
 _PREFIX = re.compile(r"^(/[A-Za-z0-9_.~-]+)*$")
 _ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
-
-
-# -- events -------------------------------------------------------------------------------------------------
-
-
-class _Client:
-    """One ``/events`` connection: its filters and bounded queue, living on the server's event loop."""
-
-    def __init__(
-        self,
-        hub: EventHub,
-        loop: asyncio.AbstractEventLoop,
-        paths: frozenset[str],
-        events: frozenset[str],
-        size: int,
-    ) -> None:
-        self.hub = hub
-        self.loop = loop
-        self.paths = paths
-        self.events = events
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=size)
-        self.dropped = 0
-        self.closed = False
-
-    def wants(self, path: str, event: str) -> bool:
-        return (not self.paths or path in self.paths) and (not self.events or event in self.events)
-
-    def offer(self, message: bytes | None) -> None:
-        """Hand ``message`` to the client's loop (any thread); ``None`` ends the stream."""
-        with contextlib.suppress(RuntimeError):  # a closed loop: the client is gone
-            self.loop.call_soon_threadsafe(self._put, message)
-
-    def _put(self, message: bytes | None) -> None:
-        if self.closed:
-            return
-        if message is None:
-            self.closed = True
-            while self.queue.full():  # the end must get through: drop what the client has not read
-                self.queue.get_nowait()
-        try:
-            self.queue.put_nowait(message)
-        except asyncio.QueueFull:
-            self.dropped += 1
-            self.hub.count_drop()
-
-
-class EventHub:
-    """Fans the events of an app's services out to ``/events`` clients.
-
-    While at least one client is connected, the hub listens to the app's ``service`` / ``service-removed``
-    events and to every event of every mounted service (``wrapper.events``); the last client leaving
-    removes all these listeners. Each event is serialized once, in the emitting thread, then offered to
-    the clients whose filters want it.
-
-    Args:
-        app: the app whose services' events are streamed.
-        queue_size: the events a client may have pending before new ones are dropped for it.
-
-    Attributes:
-        dropped: events dropped so far, over all clients, because their queue was full.
-    """
-
-    def __init__(self, app: App, *, queue_size: int = 256) -> None:
-        if queue_size < 1:
-            raise ValueError("queue_size must be at least 1")
-        self.app = app
-        self.queue_size = queue_size
-        self.dropped = 0
-        self._clients: set[_Client] = set()
-        self._attached: dict[ServiceWrapper, list[tuple[str, Callable[..., None]]]] = {}
-        self._lock = threading.RLock()
-        # Bound once: ``off`` removes a listener by identity, and each attribute access binds anew.
-        self._service_listener = self._on_service
-        self._removed_listener = self._on_service_removed
-
-    @property
-    def clients(self) -> int:
-        """How many clients are connected."""
-        with self._lock:
-            return len(self._clients)
-
-    def attached(self) -> dict[str, tuple[str, ...]]:
-        """Path → events the hub listens to now (empty while no client is connected)."""
-        with self._lock:
-            return {wrapper.path: tuple(e for e, _ in entries) for wrapper, entries in self._attached.items()}
-
-    def connect(
-        self, loop: asyncio.AbstractEventLoop, paths: Iterable[str] = (), events: Iterable[str] = ()
-    ) -> _Client:
-        """Register a client on ``loop`` (filters: empty means everything)."""
-        client = _Client(self, loop, frozenset(paths), frozenset(events), self.queue_size)
-        with self._lock:
-            first = not self._clients
-            self._clients.add(client)
-            if first:
-                self._listen()
-        return client
-
-    def disconnect(self, client: _Client) -> None:
-        """Forget ``client``; the last one leaving removes the hub's listeners."""
-        with self._lock:
-            self._clients.discard(client)
-            if not self._clients:
-                self._unlisten()
-
-    def close(self) -> None:
-        """End every client's stream (thread-safe), e.g. before the server shuts down."""
-        with self._lock:
-            clients = list(self._clients)
-        for client in clients:
-            client.offer(None)
-
-    def count_drop(self) -> None:
-        """Count one event dropped for a full client queue."""
-        with self._lock:
-            self.dropped += 1
-
-    def _listen(self) -> None:
-        self.app.on("service", self._service_listener)
-        self.app.on("service-removed", self._removed_listener)
-        for wrapper in list(self.app.services.values()):
-            self._attach(wrapper)
-
-    def _unlisten(self) -> None:
-        self.app.off("service", self._service_listener)
-        self.app.off("service-removed", self._removed_listener)
-        for wrapper in list(self._attached):
-            self._detach(wrapper)
-
-    def _on_service(self, wrapper: ServiceWrapper) -> None:
-        with self._lock:
-            if self._clients:
-                self._attach(wrapper)
-
-    def _on_service_removed(self, wrapper: ServiceWrapper) -> None:
-        with self._lock:
-            self._detach(wrapper)
-
-    def _attach(self, wrapper: ServiceWrapper) -> None:
-        if wrapper in self._attached:
-            return
-        entries = []
-        for event in wrapper.events:
-            listener = self._listener(wrapper.path, event)
-            wrapper.on(event, listener)
-            entries.append((event, listener))
-        self._attached[wrapper] = entries
-
-    def _detach(self, wrapper: ServiceWrapper) -> None:
-        for event, listener in self._attached.pop(wrapper, []):
-            wrapper.off(event, listener)
-
-    def _listener(self, path: str, event: str) -> Callable[..., None]:
-        def listener(data: Any, context: Any = None) -> None:
-            self.publish(path, event, data)
-
-        return listener
-
-    def publish(self, path: str, event: str, data: Any) -> None:
-        """Offer ``event`` of ``path`` to the clients that want it (called from any thread)."""
-        with self._lock:
-            clients = [client for client in self._clients if client.wants(path, event)]
-        if not clients:
-            return
-        try:
-            payload = json.dumps(
-                {"path": path, "event": event, "data": data}, ensure_ascii=False, default=str
-            )
-        except (TypeError, ValueError):
-            log.warning("event %s of %s is not JSON serializable: not streamed", event, path)
-            return
-        message = f"event: {event}\ndata: {payload}\n\n".encode()
-        for client in clients:
-            client.offer(message)
-
-
-class _EventStream(StreamingResponse):
-    """The SSE response: registers its client when it starts streaming, forgets it however it ends."""
-
-    def __init__(
-        self, hub: EventHub, paths: frozenset[str], events: frozenset[str], heartbeat: float
-    ) -> None:
-        super().__init__(
-            self._messages(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-        self.hub = hub
-        self.paths = paths
-        self.events = events
-        self.heartbeat = heartbeat
-        self.client: _Client | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.client = self.hub.connect(asyncio.get_running_loop(), self.paths, self.events)
-        try:
-            await super().__call__(scope, receive, send)
-        except (ClientDisconnect, OSError):
-            pass
-        finally:
-            self.hub.disconnect(self.client)
-
-    async def _messages(self) -> AsyncIterator[bytes]:
-        yield b"retry: 2000\n: connected\n\n"
-        client = self.client
-        assert client is not None
-        reported = 0
-        while True:
-            try:
-                message = await asyncio.wait_for(client.queue.get(), self.heartbeat)
-            except TimeoutError:
-                yield b": ping\n\n"
-                continue
-            if message is None:
-                return
-            if client.dropped != reported:
-                reported = client.dropped
-                notice = {"path": None, "event": "dropped", "data": {"dropped": reported}}
-                yield f"event: dropped\ndata: {json.dumps(notice)}\n\n".encode()
-            yield message
-
-
-# -- REST ---------------------------------------------------------------------------------------------------
 
 
 def _json_response(body: Any, status: int = 200) -> Response:
@@ -521,7 +296,7 @@ class _Gateway:
             values = request.query_params.getlist(name)
             return frozenset(item.strip() for value in values for item in value.split(",") if item.strip())
 
-        return _EventStream(self.hub, wanted("path"), wanted("event"), self.heartbeat)
+        return EventStream(self.hub, wanted("path"), wanted("event"), self.heartbeat)
 
     async def healthcheck(self, request: Request) -> Response:
         key = request.path_params.get("key")
