@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -284,3 +285,30 @@ def test_queues_of_a_sigkilled_consumer_are_swept(redis_url: str) -> None:
             proc.kill()
         for app in (survivor, provider):
             finalize(app)
+
+
+def test_a_broker_failure_never_breaks_the_call_that_emitted(redis_url: str) -> None:
+    from celery_services import MemoryService
+
+    prefix = f"cs-ev-{os.urandom(4).hex()}"
+    app = App()
+    app.use("articles", MemoryService())
+    distribute(
+        app,
+        DistributionSettings(
+            key="cut-off",
+            broker_url="redis://127.0.0.1:1/0",  # the events' broker is down; the registry is not
+            result_backend=redis_url,
+            registry_prefix=prefix,
+            remote_services=[],
+        ),
+    )
+    try:
+        started = time.monotonic()
+        assert app.service("articles").create({"title": "still created"})["title"] == "still created"
+        assert app.service("articles").create({"title": "and again"})["id"] == 1
+        assert time.monotonic() - started < 5
+        assert app.distribution is not None and app.distribution.events.publish_failures == 2
+    finally:
+        finalize(app)
+        purge_prefix(redis_url, prefix)
