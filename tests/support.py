@@ -31,6 +31,14 @@ class Provider:
     def worker(self, **kwargs: Any) -> WorkerProcess:
         return WorkerProcess("tests.apps.provider", self.key, env=self.env, **kwargs)
 
+    def sibling(self, label: str) -> Provider:
+        """Another provider key on the same broker and backend (its own queue and run log)."""
+        key = f"{label}-{os.urandom(3).hex()}"
+        runs = f"test-runs:{key}"
+        return Provider(
+            key, self.broker, self.backend, runs, provider_env(key, self.broker, self.backend, runs)
+        )
+
 
 def provider_env(key: str, broker: str, backend: str, runs_key: str, **extra: str) -> dict[str, str]:
     return {

@@ -331,15 +331,8 @@ def test_two_replicas_share_the_calls(provider: Provider) -> None:
 
 
 def test_call_in_flight_on_killed_replica_completes_on_the_other(provider: Provider) -> None:
-    key = f"replicas-{os.urandom(3).hex()}"
-    runs = f"test-runs:{key}"
-    replicas = Provider(
-        key,
-        provider.broker,
-        provider.backend,
-        runs,
-        provider_env(key, provider.broker, provider.backend, runs),
-    )
+    replicas = provider.sibling("replicas")
+    key, runs = replicas.key, replicas.runs_key
     app, distribution = make_caller(provider)
     first = replicas.worker()
     second = replicas.worker()
@@ -376,15 +369,8 @@ def test_call_in_flight_on_killed_replica_completes_on_the_other(provider: Provi
 def test_long_call_is_not_served_twice(provider: Provider) -> None:
     # The workers' visibility timeout is 2 s (timeout 8 / 4): without the lease kept on a call in flight,
     # the idle replica would take this 4 s call back from the unacked index and run it a second time.
-    key = f"lease-{os.urandom(3).hex()}"
-    runs = f"test-runs:{key}"
-    replicas = Provider(
-        key,
-        provider.broker,
-        provider.backend,
-        runs,
-        provider_env(key, provider.broker, provider.backend, runs),
-    )
+    replicas = provider.sibling("lease")
+    key, runs = replicas.key, replicas.runs_key
     app, distribution = make_caller(provider)
     try:
         with replicas.worker(), replicas.worker():
