@@ -373,6 +373,44 @@ class Demo:
         self.step("Health check of my-app (also: celery-services health my-app)")
         self.say(f"healthcheck('{PROVIDER}') → {json.dumps(self.distribution.healthcheck(PROVIDER))}")
 
+        self.step(
+            "The gateway over HTTP, for web clients (celery-services serve workers.gateway:api --port 8000)",
+            "REST with Feathers' conventions, /events (Server-Sent Events), and a live page at /.",
+        )
+        self.serve_once()
+
+    def serve_once(self) -> None:
+        """Serve the gateway app on a free port for a moment and read the articles through it."""
+        import threading
+        import urllib.request
+
+        from .http import make_server
+
+        assert self.gateway is not None
+        server = make_server(self.gateway, port=0, log_level="warning")
+        thread = threading.Thread(target=server.run, name="demo-http", daemon=True)
+        thread.start()
+        try:
+            if not self.wait(lambda: server.started, 5.0):
+                self.say("[yellow]the HTTP server did not start[/]")
+                return
+            port = server.servers[0].sockets[0].getsockname()[1]
+            url = f"http://127.0.0.1:{port}"
+            create = urllib.request.Request(
+                f"{url}/articles",
+                data=json.dumps({"title": "Over HTTP"}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(create, timeout=5) as response:
+                created = json.loads(response.read())
+            with urllib.request.urlopen(f"{url}/articles/{created['id']}", timeout=5) as response:
+                body = response.read().decode()
+            self.say(f"serving on {url}")
+            self.say(f"POST {url}/articles → 201, then GET /articles/{created['id']} → {escape(body)}")
+        finally:
+            server.should_exit = True
+            thread.join(timeout=10)
+
     def close(self) -> list[str]:
         """Stop everything the demo started and remove what it left on the broker (idempotent).
 
