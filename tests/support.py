@@ -79,6 +79,22 @@ def cleanup(broker: str, backend: str, *names: str) -> None:
     store.close()
 
 
+def registered_provider(redis_url: str, prefix: str, label: str = "prov", **extra: str) -> Provider:
+    """A provider of a new key in the registry ``prefix``, heartbeat 0.5 s, on Redis (start its workers)."""
+    key = f"{label}-{os.urandom(3).hex()}"
+    runs = f"test-runs:{key}"
+    env = provider_env(
+        key,
+        redis_url,
+        redis_url,
+        runs,
+        CELERY_SERVICES_REGISTRY_PREFIX=prefix,
+        CELERY_SERVICES_HEARTBEAT_INTERVAL="0.5",
+        **extra,
+    )
+    return Provider(key, redis_url, redis_url, runs, env)
+
+
 def fresh_prefix(redis_url: str, label: str) -> Iterator[str]:
     """A registry prefix of one test (module); its keys are deleted afterwards. Use in a fixture."""
     name = f"cs-{label}-{os.urandom(4).hex()}"

@@ -21,7 +21,7 @@ from celery_services import App, DistributionSettings, distribute, finalize
 from celery_services.http import make_server
 from celery_services.testing import wait_for
 
-from .support import ROOT, Provider, cleanup, provider_env, purge_prefix
+from .support import ROOT, cleanup, purge_prefix, registered_provider
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -57,17 +57,9 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 def gateway(redis_url: str) -> Iterator[tuple[App, str]]:
     """A consumer app proxying a real provider worker's ``articles``, served by uvicorn on a free port."""
     prefix = f"cs-browser-{os.urandom(4).hex()}"
-    key = f"browser-prov-{os.urandom(3).hex()}"
-    runs = f"test-runs:{key}"
-    env = provider_env(
-        key,
-        redis_url,
-        redis_url,
-        runs,
-        CELERY_SERVICES_REGISTRY_PREFIX=prefix,
-        CELERY_SERVICES_HEARTBEAT_INTERVAL="0.5",
-    )
-    worker = Provider(key, redis_url, redis_url, runs, env).worker()
+    provider = registered_provider(redis_url, prefix, "browser-prov")
+    key, runs = provider.key, provider.runs_key
+    worker = provider.worker()
     worker.start()
     api = App()
     server = None

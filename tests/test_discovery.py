@@ -25,30 +25,15 @@ from celery_services import (
 from celery_services.distribution import Distribution
 from celery_services.testing import WorkerProcess, wait_for
 
-from .support import Provider, cleanup, fresh_prefix, provider_env, write_manifest
+from .support import cleanup, fresh_prefix, registered_provider, write_manifest
 
 STANDARD = ["find", "get", "create", "update", "patch", "remove"]
-HEARTBEAT = 0.5  # entries live 1.5 s without a heartbeat
+HEARTBEAT = 0.5  # as registered_provider's; entries live 1.25 s without a heartbeat
 
 
 @pytest.fixture
 def prefix(redis_url: str) -> Iterator[str]:
     yield from fresh_prefix(redis_url, "disc")
-
-
-def provider(redis_url: str, prefix: str, key: str | None = None, **extra: str) -> Provider:
-    key = key or f"prov-{os.urandom(3).hex()}"
-    runs = f"test-runs:{key}"
-    env = provider_env(
-        key,
-        redis_url,
-        redis_url,
-        runs,
-        CELERY_SERVICES_REGISTRY_PREFIX=prefix,
-        CELERY_SERVICES_HEARTBEAT_INTERVAL=str(HEARTBEAT),
-        **extra,
-    )
-    return Provider(key, redis_url, redis_url, runs, env)
 
 
 class Consumer:
@@ -89,7 +74,7 @@ def consumers(redis_url: str, prefix: str) -> Iterator[list[Consumer]]:
 
 
 def test_consumer_started_before_provider(redis_url: str, prefix: str, consumers: list[Consumer]) -> None:
-    prov = provider(redis_url, prefix)
+    prov = registered_provider(redis_url, prefix)
     consumer = Consumer(
         redis_url,
         prefix,
@@ -124,7 +109,7 @@ def test_consumer_started_before_provider(redis_url: str, prefix: str, consumers
 def test_provider_first_is_mounted_when_distribute_returns_and_restart(
     redis_url: str, prefix: str, consumers: list[Consumer]
 ) -> None:
-    prov = provider(redis_url, prefix)
+    prov = registered_provider(redis_url, prefix)
     try:
         with prov.worker():
             started = time.monotonic()
@@ -144,7 +129,7 @@ def test_provider_first_is_mounted_when_distribute_returns_and_restart(
 
 
 def test_replicas_killed_one_then_the_other(redis_url: str, prefix: str, consumers: list[Consumer]) -> None:
-    prov = provider(redis_url, prefix)
+    prov = registered_provider(redis_url, prefix)
     first, second = prov.worker(), prov.worker()
     try:
         first.start()
@@ -229,7 +214,7 @@ def test_alias_path_and_callable_filter(redis_url: str, prefix: str, consumers: 
 
 
 def test_healthcheck_ok_unknown_and_failing(redis_url: str, prefix: str, consumers: list[Consumer]) -> None:
-    prov = provider(redis_url, prefix)
+    prov = registered_provider(redis_url, prefix)
     write_manifest(redis_url, prefix, "ghost", ["phantom"])  # registered, but no worker serves it
     try:
         with prov.worker():
@@ -253,7 +238,7 @@ def test_healthcheck_ok_unknown_and_failing(redis_url: str, prefix: str, consume
 
 @pytest.mark.parametrize("pool", ["threads", "prefork"])
 def test_dynamic_custom_service(redis_url: str, prefix: str, consumers: list[Consumer], pool: str) -> None:
-    prov = provider(redis_url, prefix, TEST_COMMANDS_KEY=f"test-commands:{os.urandom(3).hex()}")
+    prov = registered_provider(redis_url, prefix, TEST_COMMANDS_KEY=f"test-commands:{os.urandom(3).hex()}")
     commands = prov.env["TEST_COMMANDS_KEY"]
     store = redis.Redis.from_url(redis_url)
 

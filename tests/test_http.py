@@ -22,7 +22,7 @@ from celery_services import App, DistributionSettings, MemoryService, distribute
 from celery_services.http import EventHub, asgi_app, make_server
 from celery_services.testing import wait_for
 
-from .support import Provider, cleanup, fresh_prefix, provider_env
+from .support import Provider, cleanup, fresh_prefix, registered_provider
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,24 +64,14 @@ def registry_prefix(redis_url: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def provider(redis_url: str, registry_prefix: str) -> Iterator[Provider]:
-    key = f"http-prov-{os.urandom(3).hex()}"
-    runs = f"test-runs:{key}"
-    env = provider_env(
-        key,
-        redis_url,
-        redis_url,
-        runs,
-        CELERY_SERVICES_REGISTRY_PREFIX=registry_prefix,
-        CELERY_SERVICES_HEARTBEAT_INTERVAL="0.5",
-    )
-    prov = Provider(key, redis_url, redis_url, runs, env)
+    prov = registered_provider(redis_url, registry_prefix, "http-prov")
     worker = prov.worker()
     worker.start()
     try:
         yield prov
     finally:
         worker.stop()
-        cleanup(redis_url, redis_url, key, runs)
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
 
 
 @pytest.fixture(scope="module")
