@@ -80,7 +80,6 @@ class Discovery:
         self.mounted: dict[str, RemoteServiceInfo] = {}
         #: local path → keys whose service was refused there (a collision).
         self.collisions: dict[str, list[str]] = {}
-        self.keys: set[str] = set()
         self._instances: set[str] | None = None
         self._changed = threading.Condition()
 
@@ -118,7 +117,6 @@ class Discovery:
                 self._mount(local, info)
             else:
                 self.mounted[local] = info  # same service; its live instances may differ
-        self.keys = set(view)
         instances = {instance for per_key in view.values() for instance in per_key}
         if self._instances is None or self._instances - instances:
             self._sweep()

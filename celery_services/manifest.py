@@ -18,6 +18,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
+from .protocol import PROTOCOL_VERSION  # entries of another version are ignored
+
 __all__ = [
     "INSTANCE_PATTERN",
     "KEY_PATTERN",
@@ -33,9 +35,6 @@ __all__ = [
     "same_view",
     "summarize",
 ]
-
-PROTOCOL_VERSION = 1
-"""Version of the wire protocol; entries of another version are ignored by this library."""
 
 KEY_PATTERN = r"^[A-Za-z0-9_-]+$"
 """An app key: also a queue name and the first part of task names and event routing keys."""

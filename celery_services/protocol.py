@@ -25,7 +25,6 @@ __all__ = [
     "parse_envelope",
     "reply_key",
     "safe_params",
-    "split_task_name",
     "task_name",
 ]
 
@@ -43,21 +42,12 @@ AUTH_PARAMS = ("provider", "user", "authentication")
 #: Request headers that carry credentials: they travel only with ``authentication=True``.
 CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9_-]+$")
 log = logging.getLogger("celery_services.protocol")
 
 
 def task_name(key: str, path: str, method: str) -> str:
     """``"{key}.{path}.{method}"`` with ``/`` in the path written as ``.``."""
     return f"{key}.{path.replace('/', '.')}.{method}"
-
-
-def split_task_name(name: str) -> tuple[str, str, str]:
-    """Split a task name back into ``(key, path, method)``; segments never contain ``.``."""
-    parts = name.split(".")
-    if len(parts) < 3 or not all(_SEGMENT.match(part) for part in parts):
-        raise ValueError(f"not a celery-services task name: {name!r}")
-    return parts[0], "/".join(parts[1:-1]), parts[-1]
 
 
 def reply_key(prefix: str, call_id: str) -> str:
