@@ -1,11 +1,12 @@
 """The Redis registry: providers publish their manifests, consumers discover them (wire protocol v1).
 
 One key per app instance, ``{prefix}:manifest:{key}:{instance}``, holds its :class:`Manifest` JSON with a TTL
-of 3 heartbeats; a heartbeat thread rewrites it silently. The channel ``{prefix}:registry`` announces
+of 2.5 heartbeats; a heartbeat thread rewrites it silently. The channel ``{prefix}:registry`` announces
 ``{"op": "up"|"changed"|"down", "key", "instance"}``; a watcher applies each announcement with one GET, learns
-of deaths from Redis expiry notifications (``__keyevent@{db}__:expired``) and from one ``EXISTS`` over its
-known entries per heartbeat (Redis only expires a key it touches or samples), and rescans periodically as a
-backstop for anything pub/sub lost (e.g. while reconnecting).
+of deaths from one ``EXISTS`` over its known entries every quarter heartbeat (Redis only expires a key it
+touches or samples) and from expiry notifications (``__keyevent@{db}__:expired``) where the server's operator
+enabled them (the library never changes ``notify-keyspace-events``: server configuration is shared by every
+app on it), and rescans periodically as a backstop for anything pub/sub lost (e.g. while reconnecting).
 """
 
 from __future__ import annotations
@@ -91,7 +92,6 @@ class Registry:
         self._synced = threading.Event()
         self._watch_thread: threading.Thread | None = None
         self._reported: dict[str, int] = {}  # registry key → hash of the bad payload already logged
-        self._config_refused = False
 
     # -- provider ------------------------------------------------------------------------------------------
 
@@ -233,6 +233,13 @@ class Registry:
         """Wait until the watcher delivered its first view; return whether it did within ``timeout``."""
         return self._synced.wait(timeout)
 
+    def has_key(self, key: str) -> bool | None:
+        """Whether the watcher's view holds a live instance of ``key``; ``None`` before its first view."""
+        if not self._synced.is_set():
+            return None
+        with self._view_lock:
+            return bool(self._view.get(key))
+
     @property
     def view(self) -> View:
         """A copy of the watcher's current view (empty before its first snapshot)."""
@@ -263,7 +270,6 @@ class Registry:
             pubsub = cast(Callable[[], Any], self._sub_client.pubsub)()
             try:
                 self._subscribe(pubsub)
-                self._enable_expiry_events()
                 self._deliver(self.snapshot(), on_change)
                 backoff = _POLL
                 self._listen(pubsub, on_change)
@@ -373,18 +379,6 @@ class Registry:
             on_change(view)
         except Exception:
             log.exception("registry on_change callback failed")
-
-    def _enable_expiry_events(self) -> None:
-        """Add ``Ex`` to ``notify-keyspace-events``, keeping other flags; if refused, rescans see deaths."""
-        try:
-            flags = _text(next(iter(self._client.config_get("notify-keyspace-events").values()), ""))
-            wanted = ("" if "E" in flags else "E") + ("" if "x" in flags or "A" in flags else "x")
-            if wanted:
-                self._client.config_set("notify-keyspace-events", flags + wanted)
-        except redis.ResponseError as exc:  # managed Redis may forbid CONFIG
-            if not self._config_refused:
-                log.warning("cannot enable expiry notifications (%s): deaths are seen by rescans only", exc)
-            self._config_refused = True
 
     def _decode(self, name: str | bytes, raw: bytes | str | None) -> Manifest | None:
         if raw is None:
