@@ -80,16 +80,28 @@ class App(EventEmitter):
             methods = _declared(service, "methods")
         if events is None:
             events = _declared(service, "events")
-        wrapper = ServiceWrapper(self, path, service, methods=methods, events=events)
+        return self.mount(ServiceWrapper(self, path, service, methods=methods, events=events))
+
+    def mount(self, wrapper: ServiceWrapper) -> ServiceWrapper:
+        """Mount a wrapper made for this app at its path, and emit ``service``.
+
+        :meth:`use` builds the wrapper; the distribution mounts again the very wrapper of a proxy whose
+        provider came back, so that a handle held by user code keeps its listeners and hooks.
+
+        Raises:
+            Conflict: a service is already mounted at the wrapper's path.
+        """
+        if wrapper.app is not self:
+            raise ValueError("this wrapper belongs to another app")
         with self._lock:
-            if path in self._services:
-                raise Conflict(f"A service is already mounted at '{path}'", {"path": path})
+            if wrapper.path in self._services:
+                raise Conflict(f"A service is already mounted at '{wrapper.path}'", {"path": wrapper.path})
             if self.distribution is not None:
                 self.distribution.check_mount(wrapper)
-            self._services[path] = wrapper
-        setup = getattr(service, "setup", None)
+            self._services[wrapper.path] = wrapper
+        setup = getattr(wrapper.service, "setup", None)
         if callable(setup):
-            setup(self, path)
+            setup(self, wrapper.path)
         self.emit("service", wrapper)
         return wrapper
 

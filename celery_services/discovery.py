@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import Conflict, Timeout
 from .manifest import View
+from .service import SIGNATURES
 
 if TYPE_CHECKING:
     from .distribution import Distribution
@@ -82,6 +83,8 @@ class Discovery:
         self.collisions: dict[str, list[str]] = {}
         self._instances: set[str] | None = None
         self._changed = threading.Condition()
+        #: local path → the proxy wrapper unmounted there, mounted again if the same service comes back.
+        self._retired: dict[str, ServiceWrapper] = {}
 
     def on_view(self, view: View) -> None:
         """Mount, update and unmount proxies to match ``view`` (called on the registry's watcher thread)."""
@@ -143,9 +146,16 @@ class Discovery:
         # As in feathers-distributed, the consumer's own lists say what it uses of what is offered.
         methods = [m for m in info.methods if m in settings.distributed_methods]
         events = [e for e in info.events if e in settings.distributed_events]
-        proxy = self.distribution.remote_service(info.key, info.path, methods, events, info.options)
+        wrapper = self._retired.pop(local, None)
         try:
-            app.use(local, proxy)
+            if wrapper is not None and (wrapper.service.key, wrapper.service.path) == (info.key, info.path):
+                # The provider is back: the handle user code holds works again, listeners and all.
+                wrapper.service._offer(methods, events, info.options)
+                wrapper.custom_methods = tuple(m for m in methods if m not in SIGNATURES)
+                app.mount(wrapper)
+            else:
+                proxy = self.distribution.remote_service(info.key, info.path, methods, events, info.options)
+                app.use(local, proxy)
         except Conflict:
             existing = app.services.get(local)
             log.warning(
@@ -164,14 +174,15 @@ class Discovery:
         wrapper = self.distribution.app.services.get(local)
         if wrapper is None or not _is_proxy(wrapper):
             return
-        wrapper.service.gone = True
         self.distribution.app.unuse(local)
+        self._retired[local] = wrapper
         log.info("remote service %s/%s removed from '%s'", info.key, info.path, local)
 
     def unmount_all(self) -> None:
         """Remove every proxy this discovery mounted (at finalize)."""
         for local in list(self.mounted):
             self._unmount(local)
+        self._retired.clear()
 
     def wait_for(self, path: str, timeout: float) -> ServiceWrapper:
         """The service mounted at ``path`` once it is there; :class:`Timeout` after ``timeout`` seconds."""

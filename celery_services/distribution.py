@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from typing import Any
 
 import redis
@@ -24,10 +25,11 @@ from .app import App
 from .bootsteps import add_bootsteps
 from .discovery import Discovery
 from .emitter import Listener
-from .errors import NotFound, ServiceError, Unavailable
+from .errors import MethodNotAllowed, NotFound, ServiceError, Unavailable
 from .events import EventBus, EventEnvelope, event_context
 from .lease import LeaseKeeper
 from .manifest import Manifest, ServiceManifest
+from .protocol import HEADER_DEADLINE, HEADER_REPLY, reply_key, split_task_name
 from .redis_transport import reuse_sync_clients
 from .registry import Registry
 from .remote import RemoteService, Transport
@@ -38,6 +40,19 @@ from .tasks import health_task_name, register_health, register_method
 __all__ = ["Distribution", "distribute", "finalize", "make_celery"]
 
 log = logging.getLogger("celery_services.distribution")
+
+#: Seconds a reply of a call without deadline (a plain caller's) waits to be popped.
+DEFAULT_REPLY_TTL = 60.0
+
+# The first reply of a call wins: a call redelivered from a paused replica may run twice, never answer twice.
+_PUSH_REPLY = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then
+  redis.call('LPUSH', KEYS[1], ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
 
 #: Pools whose tasks run in the worker's own process, where a service mounted later can still be served.
 IN_PROCESS_POOLS = frozenset({"solo", "thread", "threads", "eventlet", "gevent"})
@@ -52,10 +67,6 @@ def make_celery(settings: DistributionSettings) -> Celery:
         backend=settings.resolved_result_backend(),
         set_as_current=False,
     )
-    # The Redis transport gives an unacked message of a dead worker back only after visibility_timeout
-    # (1 hour by default): derive it from the call timeout so a call lost with its replica is served by
-    # another one before its caller gives up, and sweep for such messages every second.
-    visibility = max(1.0, settings.timeout / 4)
     celery.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -70,12 +81,16 @@ def make_celery(settings: DistributionSettings) -> Celery:
         result_expires=3600,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=min(settings.timeout, 4.0),
+        # Client timeouts are set here, never left to the client library. Nothing broker-wide is changed:
+        # Celery's visibility timeout (shared by every app on a Redis database) keeps its default, and the
+        # calls of a dead replica come back through the library's own leases (lease.py).
         broker_transport_options={
-            "visibility_timeout": visibility,
-            "unacked_restore_interval": 1,
-            "unacked_restore_throttle": 1,
-            "socket_connect_timeout": 2,
+            "socket_connect_timeout": 2.0,
+            # A publish never blocks longer than a call may last.
+            "socket_timeout": settings.timeout,
         },
+        redis_socket_connect_timeout=2.0,
+        redis_socket_timeout=settings.timeout,
         worker_hijack_root_logger=False,
     )
     return celery
@@ -102,9 +117,12 @@ class Distribution:
         self.celery = celery if celery is not None else make_celery(settings)
         self.celery.celery_services_distribution = self
         add_bootsteps(self.celery)
-        self.replies = redis.Redis.from_url(settings.resolved_result_backend())
-        self.transport = Transport(self.celery, self.replies, settings, caller=self.key)
-        self.lease = _lease_keeper(self.celery)
+        # Every command of this client is short (the reply wait sets its own read timeout).
+        self.replies = redis.Redis.from_url(
+            settings.resolved_result_backend(), socket_timeout=5.0, socket_connect_timeout=2.0
+        )
+        self._push = self.replies.register_script(_PUSH_REPLY)
+        self.lease = _lease_keeper(self.celery, settings)
         self.exposed: dict[str, ServiceManifest] = {}
         self.started_at = time.time()
         self.registry = Registry(
@@ -115,6 +133,9 @@ class Distribution:
             ttl=settings.resolved_registry_ttl(),
         )
         self.discovery = Discovery(self)
+        self.transport = Transport(
+            self.celery, self.replies, settings, caller=self.key, is_live=self._is_live
+        )
         self.events = EventBus(
             self.celery.conf.broker_url or settings.resolved_broker_url(),
             exchange=settings.events_exchange,
@@ -127,6 +148,7 @@ class Distribution:
         )
         self._publishers: dict[str, list[tuple[ServiceWrapper, str, Listener]]] = {}
         self._proxies: dict[tuple[str, str], list[ServiceWrapper]] = {}
+        self._hooked: weakref.WeakSet[ServiceWrapper] = weakref.WeakSet()
         self._worker_pool: str | None = None
         self._worker: Any = None
         self._lock = threading.RLock()
@@ -151,7 +173,9 @@ class Distribution:
             log.warning("the registry did not answer in time: remote services will appear when it does")
         signals.worker_init.connect(self._on_worker_init, weak=False)
         signals.worker_process_init.connect(self._on_worker_process_init, weak=False)
+        signals.worker_ready.connect(self._on_worker_ready, weak=False)
         signals.task_received.connect(self._on_task_received, weak=False)
+        signals.task_unknown.connect(self._on_task_unknown, weak=False)
         signals.worker_shutdown.connect(self._on_worker_shutdown, weak=False)
         return self
 
@@ -237,7 +261,9 @@ class Distribution:
         # A proxy, mounted by discovery or by hand: the settings' proxy hooks, and its events bound.
         # Several proxies may share a remote service (and its bindings): each gets every event.
         proxy: RemoteService = wrapper.service
-        if self.settings.hooks:
+        if self.settings.hooks and wrapper not in self._hooked:
+            # Once per wrapper: a proxy mounted again (its provider came back) keeps the hooks it has.
+            self._hooked.add(wrapper)
             wrapper.hooks(self.settings.hooks)
         with self._lock:
             sharing = self._proxies.setdefault((proxy.key, proxy.path), [])
@@ -312,31 +338,76 @@ class Distribution:
     def _on_worker_process_init(self, **_: Any) -> None:
         self._worker_pool = "prefork"
 
+    def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
+        # The consumer's process (the parent of a prefork pool) leases and restores calls of the key.
+        if self.lease is not None and getattr(sender, "app", None) is self.celery:
+            self.lease.start()
+
     def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
         # A worker stopping warmly withdraws at once; consumers need not wait for the TTL.
         if getattr(sender, "app", None) is self.celery and self.app.distribution is self:
             finalize(self.app)
 
     def _on_task_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
-        # The consumer holds the message (prefork children never see it): lease it from here.
-        if self.lease is not None and request is not None and getattr(sender, "app", None) is self.celery:
-            tag = getattr(getattr(request, "message", None), "delivery_tag", None)
-            if tag:
-                self.lease.hold(str(tag))
+        # The consumer holds the message (prefork children never see it): lease it from here. Only calls
+        # of this key's queue: the restore gives a call back to that queue.
+        if self.lease is None or request is None or getattr(sender, "app", None) is not self.celery:
+            return
+        message = getattr(request, "message", None)
+        delivery = getattr(message, "delivery_info", None) or {}
+        tag = getattr(message, "delivery_tag", None)
+        if tag and delivery.get("routing_key") == self.key:
+            self.lease.hold(str(tag))
+
+    def _on_task_unknown(
+        self, sender: Any = None, message: Any = None, name: str = "", id: str = "", **_: Any
+    ) -> None:
+        # A call this worker does not serve (a newer caller, an older provider): Celery drops it, so the
+        # caller is answered here at once instead of waiting out its timeout.
+        if getattr(sender, "app", None) is not self.celery or message is None:
+            return
+        headers = getattr(message, "headers", None) or {}
+        if not headers.get(HEADER_REPLY):
+            return
+        key, path, method = split_task_name(name)
+        deadline = headers.get(HEADER_DEADLINE)
+        error = MethodNotAllowed(
+            f"No instance of '{key}' serving this call offers '{path}.{method}' (task '{name}' unknown)",
+            {"key": key, "path": path, "method": method},
+        )
+        self.push_reply(
+            reply_key(self.settings.registry_prefix, str(id)),
+            json.dumps({"error": error.to_dict()}),
+            float(deadline) if deadline is not None else None,
+        )
 
     def local_health(self) -> dict[str, bool]:
         """``{path: True}`` for each service this instance exposes and still has mounted."""
         return {path: path in self.app.services for path in self.exposed}
 
-    def push_reply(self, key: str, body: str, ttl: int) -> None:
-        """Push a call's reply on its caller's list (kept ``ttl`` seconds for a caller that gave up)."""
+    def push_reply(self, key: str, body: str, deadline: float | None) -> bool:
+        """Push a call's reply on its caller's list, once per call, while its caller still waits.
+
+        Nothing is pushed after the deadline (nobody would pop it), nor a second time for the same call (a
+        redelivered call that ran twice): the first reply wins. The list and its marker expire shortly after
+        the deadline. Returns whether the reply was pushed.
+        """
+        ttl = (deadline - time.time()) if deadline is not None else DEFAULT_REPLY_TTL
+        if ttl <= 0:
+            log.info("reply %s not pushed: its caller's deadline has passed", key)
+            return False
         try:
-            with self.replies.pipeline(transaction=False) as pipe:
-                pipe.lpush(key, body)
-                pipe.expire(key, ttl)
-                pipe.execute()
+            pushed = bool(self._push(keys=[key, f"{key}:sent"], args=[body, int((ttl + 1.0) * 1000)]))
         except redis.RedisError:
             log.exception("could not push the reply %s", key)
+            return False
+        if not pushed:
+            log.info("reply %s not pushed: the call was already answered", key)
+        return pushed
+
+    def _is_live(self, key: str) -> bool | None:
+        """Whether some instance of ``key`` is in the registry (``None`` before its first answer)."""
+        return self.registry.has_key(key)
 
     # -- consuming --------------------------------------------------------------------------------------
 
@@ -358,7 +429,7 @@ class Distribution:
         call = self._call_local if key == self.key else self.transport.call
         return RemoteService(call, key, path, offered, evts, remote_options)
 
-    def _call_local(self, key: str, path: str, method: str, **fields: Any) -> Any:
+    def _call_local(self, key: str, path: str, method: str, *, wait: bool = False, **fields: Any) -> Any:
         return self.app.service(path).call(method, **fields)
 
     def wait_for(self, path: str, timeout: float | None = None) -> ServiceWrapper:
@@ -422,21 +493,26 @@ class Distribution:
         self.discovery.unmount_all()
         signals.worker_init.disconnect(self._on_worker_init)
         signals.worker_process_init.disconnect(self._on_worker_process_init)
+        signals.worker_ready.disconnect(self._on_worker_ready)
         signals.task_received.disconnect(self._on_task_received)
+        signals.task_unknown.disconnect(self._on_task_unknown)
         signals.worker_shutdown.disconnect(self._on_worker_shutdown)
+        if self.lease is not None:
+            self.lease.stop()
         self.transport.close()
         self.replies.close()
 
 
-def _lease_keeper(celery: Celery) -> LeaseKeeper | None:
+def _lease_keeper(celery: Celery, settings: DistributionSettings) -> LeaseKeeper | None:
     broker = str(celery.conf.broker_url or "")
     if not broker.startswith(("redis://", "rediss://", "unix://")):
         return None  # AMQP brokers give a dead consumer's messages back at once
-    options = celery.conf.broker_transport_options or {}
     return LeaseKeeper(
         broker,
-        float(options.get("visibility_timeout", 3600)),
-        str(options.get("unacked_index_key", "unacked_index")),
+        settings.key,
+        settings.resolved_lease_timeout(),
+        prefix=settings.registry_prefix,
+        transport_options=dict(celery.conf.broker_transport_options or {}),
     )
 
 

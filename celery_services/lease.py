@@ -1,64 +1,198 @@
-"""Leases on calls in flight, for the Redis transport.
+"""Leases on calls in flight, and the prompt redelivery of calls a dead or paused replica held (Redis broker).
 
-Kombu's Redis transport gives an unacknowledged message back to the queue once it is older than
-``visibility_timeout``. The distribution keeps that timeout short, so a call lost with a killed replica is
-served by another one before its caller gives up; a live worker must then keep telling the broker that
-its long calls are still in hand, or they would be served twice. From the moment the consumer receives a
-call, its delivery tag's score in the transport's ``unacked_index`` is refreshed every third of the
-visibility timeout (``ZADD XX CH``: a tag acknowledged meanwhile is never added back, and is forgotten).
+Kombu's Redis transport keeps every unacknowledged message of a database in one hash (``unacked``) with
+one index (``unacked_index``), and any worker on that database gives back whatever is older than *its own*
+``visibility_timeout``. A short timeout would make every late-ack task of every app sharing the database
+run again, so the library leaves Celery's default (one hour) alone and redelivers only its own calls:
+
+- the worker that received a call writes a lease for its delivery tag in ``{prefix}:leases:{key}`` (a
+  sorted set, score = last renewal) and renews it every third of :attr:`LeaseKeeper.lease_timeout` while
+  kombu's unacked hash still holds the tag (an acknowledged call's lease is dropped);
+- every worker of the key looks, at the same pace, for leases older than ``lease_timeout``: their holder is
+  dead or paused. One atomic script moves such a message from kombu's unacked hash back to the front of the
+  key's queue, with a new delivery tag (the paused holder's late ack then removes nothing of the new
+  delivery) and the header ``cs_redelivered`` counting redeliveries.
+
+Only tags leased under this key are ever touched: other apps' messages, in flight or not, are left to Celery.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import os
 import threading
 import time
+import uuid
+from typing import Any
 
 import redis
 
-__all__ = ["LeaseKeeper"]
+__all__ = ["HEADER_REDELIVERED", "LeaseKeeper"]
 
 log = logging.getLogger("celery_services.lease")
 
+#: Message header counting how many times the library gave a call back to its queue.
+HEADER_REDELIVERED = "cs_redelivered"
+
+# Renews the leases of the tags still unacknowledged; returns those (the others were acked: forgotten).
+_RENEW = """
+local alive = {}
+for i = 2, #ARGV do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+    redis.call('ZADD', KEYS[2], ARGV[1], ARGV[i])
+    alive[#alive + 1] = ARGV[i]
+  else
+    redis.call('ZREM', KEYS[2], ARGV[i])
+  end
+end
+return alive
+"""
+
+# Gives one lapsed call back to its queue, unless its lease was renewed or the call acked meanwhile.
+_RESTORE = """
+local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end
+redis.call('ZREM', KEYS[3], ARGV[1])
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('RPUSH', KEYS[4], ARGV[3])
+return 1
+"""
+
 
 class LeaseKeeper:
-    """Refreshes the unacked-index score of the delivery tags in flight in this process."""
+    """Leases the calls this worker process holds, and redelivers the lapsed calls of its key.
 
-    def __init__(self, broker_url: str, visibility_timeout: float, index_key: str = "unacked_index") -> None:
+    Args:
+        broker_url: the Redis broker.
+        key: the app key; its queue is the list ``{global_keyprefix}{key}``.
+        lease_timeout: seconds without renewal after which a call's holder is taken for dead.
+        prefix: the registry prefix naming the lease set.
+        transport_options: Celery's ``broker_transport_options`` (``global_keyprefix``, ``unacked_key`` …).
+    """
+
+    def __init__(
+        self,
+        broker_url: str,
+        key: str,
+        lease_timeout: float,
+        *,
+        prefix: str,
+        transport_options: dict[str, Any] | None = None,
+    ) -> None:
+        options = transport_options or {}
+        keyprefix = str(options.get("global_keyprefix") or "")
+        self.lease_timeout = lease_timeout
+        self.interval = max(lease_timeout / 3, 0.05)
+        self.unacked = keyprefix + str(options.get("unacked_key", "unacked"))
+        self.index = keyprefix + str(options.get("unacked_index_key", "unacked_index"))
+        self.queue = keyprefix + key
+        self.leases = f"{prefix}:leases:{key}"
+        self.restored = 0
         self._url = broker_url
-        self._index = index_key
-        self.interval = max(visibility_timeout / 3, 0.1)
         self._tags: set[str] = set()
         self._lock = threading.Lock()
-        self._pid = 0
         self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self._client: redis.Redis | None = None
 
+    def start(self) -> None:
+        """Start renewing and restoring in this process (idempotent; call it where the consumer runs)."""
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            # Every command is short: a bounded socket timeout, so a dead Redis never parks the thread.
+            timeout = max(self.interval, 1.0)
+            self._client = redis.Redis.from_url(
+                self._url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="celery-services-lease", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread; leases left behind lapse and other replicas redeliver their calls."""
+        self._stop.set()
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        self._thread = None
+        if self._client is not None:
+            self._client.close()
+
     def hold(self, tag: str) -> None:
-        """Keep ``tag`` leased until its message is acknowledged."""
+        """Lease ``tag`` from now until its message is acknowledged (the thread writes it at once)."""
         with self._lock:
             self._tags.add(tag)
-            if self._pid != os.getpid():  # first use in this (possibly forked) process
-                self._pid = os.getpid()
-                self._client = redis.Redis.from_url(self._url)
-                threading.Thread(target=self._run, name="celery-services-lease", daemon=True).start()
+        self._wake.set()
 
     def _run(self) -> None:
-        while not self._wake.wait(self.interval):
-            with self._lock:
-                tags = list(self._tags)
-                client = self._client
-            if not tags or client is None:
-                continue
+        client = self._client
+        assert client is not None
+        renew, restore = client.register_script(_RENEW), client.register_script(_RESTORE)
+        next_scan = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
             try:
-                now = time.time()
-                with client.pipeline(transaction=False) as pipe:
-                    for tag in tags:
-                        pipe.zadd(self._index, {tag: now}, xx=True, ch=True)
-                    renewed = pipe.execute()
-            except redis.RedisError:
-                log.warning("could not renew the lease of %d call(s) in flight", len(tags), exc_info=True)
+                self._renew(renew)
+                if time.monotonic() >= next_scan:
+                    next_scan = time.monotonic() + self.interval
+                    self._restore_lapsed(client, restore)
+            except redis.RedisError as exc:
+                log.warning("leases of calls in flight not renewed: %r; retrying", exc)
+                self._stop.wait(self.interval)
+
+    def _renew(self, renew: Any) -> None:
+        with self._lock:
+            tags = list(self._tags)
+        if not tags:
+            return
+        alive = {_text(tag) for tag in renew(keys=[self.unacked, self.leases], args=[time.time(), *tags])}
+        with self._lock:
+            self._tags.difference_update(tag for tag in tags if tag not in alive)
+
+    def _restore_lapsed(self, client: redis.Redis, restore: Any) -> None:
+        cutoff = time.time() - self.lease_timeout
+        with self._lock:
+            mine = set(self._tags)
+        lapsed = [
+            tag
+            for tag in map(_text, client.zrangebyscore(self.leases, "-inf", cutoff, start=0, num=100))
+            if tag not in mine  # ours are renewed by this very thread: only a stall made them look old
+        ]
+        if not lapsed:
+            return
+        for tag, raw in zip(lapsed, client.hmget(self.unacked, lapsed), strict=True):
+            payload = _redelivery(raw)
+            if payload is None:  # acked meanwhile, or not a message we can read: drop the lease only
+                client.zrem(self.leases, tag)
                 continue
-            with self._lock:
-                self._tags.difference_update(tag for tag, done in zip(tags, renewed, strict=True) if not done)
+            if restore(keys=[self.unacked, self.index, self.leases, self.queue], args=[tag, cutoff, payload]):
+                self.restored += 1
+                log.warning("call %s of a dead or paused replica given back to queue %s", tag, self.queue)
+
+
+def _redelivery(raw: Any) -> str | None:
+    """The message of an unacked entry ``[message, exchange, routing_key]``, ready to be queued again."""
+    if raw is None:
+        return None
+    try:
+        message = json.loads(raw)[0]
+        headers = message.setdefault("headers", {})
+        headers[HEADER_REDELIVERED] = int(headers.get(HEADER_REDELIVERED) or 0) + 1
+        properties = message.setdefault("properties", {})
+        # A new tag: the paused holder's late ack must not remove the entry of this new delivery.
+        properties["delivery_tag"] = str(uuid.uuid4())
+        properties.setdefault("delivery_info", {})["redelivered"] = True
+        return json.dumps(message)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        log.warning("unreadable unacked message left to Celery's own restore", exc_info=True)
+        return None
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

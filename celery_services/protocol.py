@@ -25,6 +25,7 @@ __all__ = [
     "parse_envelope",
     "reply_key",
     "safe_params",
+    "split_task_name",
     "task_name",
 ]
 
@@ -48,6 +49,14 @@ log = logging.getLogger("celery_services.protocol")
 def task_name(key: str, path: str, method: str) -> str:
     """``"{key}.{path}.{method}"`` with ``/`` in the path written as ``.``."""
     return f"{key}.{path.replace('/', '.')}.{method}"
+
+
+def split_task_name(name: str) -> tuple[str, str, str]:
+    """``(key, path, method)`` of a task name made by :func:`task_name` (names match ``[A-Za-z0-9_-]+``)."""
+    parts = name.split(".")
+    if len(parts) < 2:
+        return name, "", ""
+    return parts[0], "/".join(parts[1:-1]), parts[-1]
 
 
 def reply_key(prefix: str, call_id: str) -> str:

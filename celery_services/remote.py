@@ -19,7 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.exceptions import OperationalError
 
-from .errors import BadRequest, MethodNotAllowed, PayloadTooLarge, ServiceError, Timeout, Unavailable
+from .errors import (
+    BadGateway,
+    BadRequest,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    ServiceError,
+    Timeout,
+    Unavailable,
+)
 from .logs import call_fields
 from .protocol import (
     HEADER_CALLER,
@@ -41,6 +49,9 @@ if TYPE_CHECKING:
 __all__ = ["RemoteService", "Transport", "current_deadline"]
 
 log = logging.getLogger("celery_services.remote")
+
+#: Seconds a reply read may take past the deadline the server's BLPOP itself honours (network, scheduling).
+_READ_MARGIN = 2.0
 
 #: The deadline of the call being served in this context; nested calls never wait past it.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
@@ -73,8 +84,10 @@ class Transport:
         settings: DistributionSettings,
         *,
         caller: str,
+        is_live: Callable[[str], bool | None] | None = None,
     ) -> None:
         self.celery = celery
+        self.is_live = is_live
         self.replies = replies
         self.settings = settings
         self.caller = caller
@@ -95,13 +108,20 @@ class Transport:
         data: Any = None,
         params: dict[str, Any] | None = None,
         timeout: float | None = None,
+        wait: bool = False,
     ) -> Any:
         """Send one call and return its result, or raise the provider's error rebuilt by name.
+
+        Args:
+            wait: send the call even when no instance of ``key`` is live now, and wait for one until the
+                deadline (default: fail at once, leaving nothing queued).
 
         Raises:
             Timeout: no reply within ``timeout`` (or the inherited deadline, when shorter).
             PayloadTooLarge: the envelope is over ``max_payload_bytes``; nothing is sent.
-            Unavailable: the broker cannot be reached.
+            Unavailable: the broker cannot be reached, or no instance of ``key`` is live (nothing is sent).
+            MethodNotAllowed: the provider's workers do not serve ``path.method``.
+            BadGateway: the reply is not one the protocol knows.
         """
         settings = self.settings
         now = time.time()
@@ -112,6 +132,12 @@ class Transport:
         name = task_name(key, path, method)
         if deadline <= now:
             raise Timeout(f"No time left to call '{name}'", {"key": key, "path": path, "method": method})
+        if not wait and self.is_live is not None and self.is_live(key) is False:
+            # A rolling deploy or a typo must not cost a whole timeout, nor leave a message nobody takes.
+            raise Unavailable(
+                f"No live instance of '{key}' in the registry to call '{name}'",
+                {"key": key, "path": path, "method": method},
+            )
         kwargs = {
             "id": id,
             "data": data,
@@ -215,18 +241,65 @@ class Transport:
 
         key = reply_key(self.settings.registry_prefix, call_id)
         try:
-            reply = self.replies.blpop([key], timeout=max(deadline - time.time(), 0.001))
-        except redis.RedisError as exc:
-            raise Unavailable(f"Reply store unreachable while waiting for '{name}': {exc}") from None
-        if reply is None:
+            raw = self._pop(key, deadline)
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            raise Unavailable(
+                f"Reply store unreachable while waiting for '{name}': {type(exc).__name__}",
+                {"task": name, "call_id": call_id},
+            ) from None
+        if raw is None:
             raise Timeout(
                 f"Timeout of the call to '{name}' (no reply before its deadline)",
                 {"task": name, "call_id": call_id},
             )
-        answer = json.loads(reply[1])
-        if "error" in answer:
-            raise ServiceError.from_dict(answer["error"])
+        return _decode_reply(name, call_id, raw)
+
+    def _pop(self, key: str, deadline: float) -> bytes | None:
+        """``BLPOP key`` until ``deadline``, reading with a socket timeout set from that deadline.
+
+        The client's own socket timeout (redis-py 8 defaults to 5 s) would cut a longer call short; a Redis
+        that stops answering must not hang the call either. A pooled connection that died while idle (a
+        Redis restart) is replaced once.
+        """
+        import redis
+
+        pool = self.replies.connection_pool
+        for attempt in (1, 2):
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                return None
+            connection: Any = pool.get_connection()
+            try:
+                connection.send_command("BLPOP", key, max(remaining, 0.001))
+                reply = connection.read_response(timeout=remaining + _READ_MARGIN)
+            except (redis.ConnectionError, OSError):
+                connection.disconnect()
+                if attempt == 2:
+                    raise
+                continue
+            except BaseException:
+                connection.disconnect()  # a read cut short leaves a reply in flight on this connection
+                raise
+            finally:
+                pool.release(connection)
+            return None if reply is None else reply[1]
+        return None
+
+
+def _decode_reply(name: str, call_id: str, raw: bytes) -> Any:
+    """The result of a reply, or its error rebuilt by name; anything else is a :class:`BadGateway`."""
+    try:
+        answer = json.loads(raw)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict) and "error" in answer and isinstance(answer["error"], dict):
+        raise ServiceError.from_dict(answer["error"])
+    if isinstance(answer, dict) and "result" in answer:
         return answer["result"]
+    raise BadGateway(
+        f"Malformed reply to '{name}': not a protocol reply ({len(raw)} bytes)",
+        {"task": name, "call_id": call_id},
+    )
 
 
 def _close_quietly(producer: Any) -> None:
@@ -261,8 +334,6 @@ class RemoteService:
     """
 
     remote = True
-    #: Set when discovery removed the proxy: calls then fail at once instead of waiting for a timeout.
-    gone = False
 
     def __init__(
         self,
@@ -280,22 +351,29 @@ class RemoteService:
         self.events = tuple(events)
         self.remote_options = dict(remote_options or {})
 
+    def _offer(
+        self, methods: Sequence[str], events: Sequence[str], remote_options: dict[str, Any] | None = None
+    ) -> None:
+        # What the provider offers now (discovery mounts a returning provider's proxy again). Private: any
+        # public name could be one of the remote service's methods.
+        self.methods = tuple(methods)
+        self.events = tuple(events)
+        self.remote_options = dict(remote_options or {})
+
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("_") or name not in self.__dict__.get("methods", ()):
             raise AttributeError(name)
         names = SIGNATURES.get(name, ("data",))
 
         def method(*args: Any) -> Any:
-            if self.gone:
-                raise Unavailable(
-                    f"No instance of '{self.key}' offers '{self.path}' any more", {"key": self.key}
-                )
             if len(args) != len(names) + 1:
                 raise MethodNotAllowed(f"Method '{name}' of '{self.path}' takes {names} and params")
             params = dict(args[-1] or {})
+            # Call controls, not params: they never travel.
             timeout = params.pop("timeout", None)
+            wait = bool(params.pop("wait", False))
             fields = dict(zip(names, args[:-1], strict=True))
-            return self._call(self.key, self.path, name, params=params, timeout=timeout, **fields)
+            return self._call(self.key, self.path, name, params=params, timeout=timeout, wait=wait, **fields)
 
         return method
 

@@ -149,6 +149,12 @@ class DistributionSettings(BaseSettings):
     timeout: PositiveFloat = 20.0
     """Seconds a remote call may take before it fails with ``Timeout``; the call expires with it."""
 
+    lease_timeout: PositiveFloat | None = None
+    """Seconds a call in flight on a replica that stopped renewing its lease (killed, paused, cut off)
+    waits before another replica of the key is given it (Redis broker; ``None``: a quarter of
+    :attr:`timeout`, at least 1 s). A replica paused for longer than this may run the call a second time
+    (``params["redelivered"]`` says so); its caller still gets one reply."""
+
     heartbeat_interval: PositiveFloat = 5.0
     """Seconds between two refreshes of this instance's manifest in the registry."""
 
@@ -325,6 +331,14 @@ class DistributionSettings(BaseSettings):
             return self.registry_url
         backend = self.resolved_result_backend()
         return _socket_to_unix(backend) if _scheme(backend) == "redis+socket" else backend
+
+    def resolved_lease_timeout(self) -> float:
+        """Seconds without lease renewal after which a call in flight is redelivered.
+
+        Returns:
+            :attr:`lease_timeout`, else a quarter of :attr:`timeout` (at least 1 s).
+        """
+        return self.lease_timeout if self.lease_timeout is not None else max(1.0, self.timeout / 4)
 
     def resolved_registry_ttl(self) -> float:
         """Seconds a manifest lives without heartbeat: :attr:`registry_ttl`, else 2.5 heartbeat intervals.

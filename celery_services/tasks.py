@@ -15,6 +15,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .errors import PayloadTooLarge, ServiceError, Timeout, error_from_exception
+from .lease import HEADER_REDELIVERED
 from .protocol import AUTH_PARAMS, HEADER_DEADLINE, HEADER_REPLY, parse_envelope, reply_key, task_name
 from .remote import reset_deadline, set_deadline
 
@@ -22,13 +23,12 @@ if TYPE_CHECKING:
     from celery import Task
 
     from .distribution import Distribution
+    from .settings import DistributionSettings
 
-__all__ = ["HEALTH_METHOD", "health_task_name", "register_health", "register_method"]
+__all__ = ["HEALTH_METHOD", "call_params", "health_task_name", "register_health", "register_method"]
 
 log = logging.getLogger("celery_services.tasks")
 
-#: Seconds a reply waits for a caller that may have given up, before Redis drops it.
-REPLY_TTL = 60
 HEALTH_METHOD = "_health"
 
 
@@ -45,7 +45,10 @@ def register_method(distribution: Distribution, path: str, method: str) -> str:
 
         def serve(task: Task, *args: Any, **kwargs: Any) -> Any:
             return _answer(
-                distribution, task, partial(_run, distribution, path, method, args, kwargs), fields
+                distribution,
+                task,
+                partial(_run, distribution, task.request, path, method, args, kwargs),
+                fields,
             )
 
         _register(distribution, serve, name)
@@ -80,19 +83,33 @@ def _register(distribution: Distribution, fn: Any, name: str) -> None:
 
 
 def _answer(distribution: Distribution, task: Task, work: Callable[[], Any], fields: dict[str, str]) -> Any:
-    """Run a call with its deadline set for nested calls; reply on the caller's list, then to Celery."""
+    """Run a call with its deadline set for nested calls; reply on the caller's list, then to Celery.
+
+    A call whose deadline has passed is not started, and no reply is pushed once nobody waits for it.
+    """
     request = task.request
-    extra = {**fields, "call_id": str(request.id)}
-    deadline = getattr(request, HEADER_DEADLINE, None)
+    call_id = str(request.id)
+    extra = {**fields, "call_id": call_id}
+    raw_deadline = getattr(request, HEADER_DEADLINE, None)
+    deadline = float(raw_deadline) if raw_deadline is not None else None
     reply_to = None
     if getattr(request, HEADER_REPLY, None):
-        reply_to = reply_key(distribution.settings.registry_prefix, str(request.id))
-    token = set_deadline(float(deadline) if deadline is not None else None)
+        reply_to = reply_key(distribution.settings.registry_prefix, call_id)
+    if deadline is not None and deadline <= time.time():
+        # Its caller gave up (Celery's ``expires`` is only checked on receipt, not when a prefetched or
+        # redelivered call starts): nothing runs, nothing is pushed.
+        log.info("call not started: its caller's deadline has passed", extra=extra)
+        raise Timeout(f"Call '{request.task}' started after its caller's deadline", {"call_id": call_id})
+    token = set_deadline(deadline)
     try:
-        if deadline is not None and float(deadline) < time.time():
-            raise Timeout(f"Call '{request.task}' arrived after its caller's deadline")
         result = work()
         body = json.dumps({"result": result})
+        limit = distribution.settings.max_payload_bytes
+        if len(body) > limit:
+            raise PayloadTooLarge(
+                f"Result of '{request.task}' is {len(body)} bytes, over the {limit} byte limit",
+                {"size": len(body), "limit": limit, "call_id": call_id},
+            )
     except Exception as exc:
         error = error_from_exception(exc, debug=distribution.settings.debug)
         if error is not exc:
@@ -100,18 +117,37 @@ def _answer(distribution: Distribution, task: Task, work: Callable[[], Any], fie
         else:
             log.info("call answered %s (%s): %s", error.name, error.code, error.message, extra=extra)
         if reply_to:
-            distribution.push_reply(reply_to, json.dumps({"error": _json_safe(error.to_dict())}), REPLY_TTL)
+            distribution.push_reply(reply_to, json.dumps({"error": _json_safe(error.to_dict())}), deadline)
         raise error from None
     finally:
         reset_deadline(token)
     if reply_to:
-        distribution.push_reply(reply_to, body, REPLY_TTL)
+        distribution.push_reply(reply_to, body, deadline)
     log.debug("call served", extra=extra)
     return result
 
 
+def call_params(settings: DistributionSettings, request: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """The params a provider's service sees for a remote call.
+
+    Identity params are dropped unless ``authentication`` (the gateway pattern: remote calls run as internal
+    ones); ``from_remote``, ``call_id`` (the same on every delivery of a call: the key for idempotence) and
+    ``redelivered`` (this delivery may follow one that ran, at least in part) are added.
+    """
+    params = dict(params)
+    if not settings.authentication:
+        for name in AUTH_PARAMS:
+            params.pop(name, None)
+    params["from_remote"] = True
+    params["call_id"] = str(request.id)
+    delivery = getattr(request, "delivery_info", None) or {}
+    params["redelivered"] = bool(getattr(request, HEADER_REDELIVERED, None) or delivery.get("redelivered"))
+    return params
+
+
 def _run(
     distribution: Distribution,
+    request: Any,
     path: str,
     method: str,
     args: tuple[Any, ...],
@@ -125,12 +161,7 @@ def _run(
             f"Call is {size} bytes, over the {settings.max_payload_bytes} byte limit",
             {"size": size, "limit": settings.max_payload_bytes},
         )
-    params = dict(envelope.params)
-    if not settings.authentication:
-        # The gateway pattern: the provider treats remote calls as internal ones.
-        for name in AUTH_PARAMS:
-            params.pop(name, None)
-    params["from_remote"] = True
+    params = call_params(settings, request, envelope.params)
     return distribution.app.service(path).call(method, id=envelope.id, data=envelope.data, params=params)
 
 

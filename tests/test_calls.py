@@ -140,7 +140,10 @@ def test_provider_hooks_run_with_from_remote_and_gateway_params(
             "secret": "not whitelisted",
         },
     )
-    assert seen["params"] == {
+    params = dict(seen["params"])
+    assert params.pop("call_id")  # every call has its id, and knows whether it is a redelivery
+    assert params.pop("redelivered") is False
+    assert params == {
         "query": {"a": 1},
         "headers": {"x-trace": "1"},
         "from_remote": True,
@@ -216,12 +219,14 @@ def test_timeout_and_expired_call_never_runs(provider: Provider, redis_url: str)
     try:
         app.use("probe", distribution.remote_service(key, "probe", PROBE))
         started = time.monotonic()
-        with pytest.raises(Timeout) as timed_out:
+        with pytest.raises(Unavailable):  # no instance of the key: refused at once, nothing queued
             app.service("probe").get("late", timeout=1.0)
+        with pytest.raises(Timeout) as timed_out:  # sent anyway, waiting for an instance
+            app.service("probe").get("late", {"wait": True}, timeout=1.0)
         assert 0.9 < time.monotonic() - started < 3
         assert timed_out.value.code == 408
         with pytest.raises(Timeout):
-            app.service("probe").get("late-params", {"timeout": 0.5})
+            app.service("probe").get("late-params", {"timeout": 0.5, "wait": True})
         late = Provider(key, provider.broker, provider.backend, runs, env)
         with late.worker():
             assert app.service("probe").get("after")["id"] == "after"
@@ -247,6 +252,7 @@ def test_flower_and_logs_never_see_user_or_authentication(provider: Provider, re
                     "user": {"password": "hunter2"},
                     "authentication": {"accessToken": "tok-123"},
                     "timeout": 0.3,
+                    "wait": True,  # no worker: the message stays queued for this test to read
                 },
             )
         raw = redis.Redis.from_url(provider.broker).lrange(key, 0, -1)
@@ -277,7 +283,7 @@ def test_unreachable_broker_is_unavailable_with_masked_url(redis_url: str) -> No
         app.use("probe", distribution.remote_service("nobody", "probe", ["get"]))
         started = time.monotonic()
         with pytest.raises(Unavailable) as unavailable:
-            app.service("probe").get(1)
+            app.service("probe").get(1, {"wait": True})  # past the registry check, to the broker
         assert time.monotonic() - started < 4
         assert "127.0.0.1:1" in unavailable.value.message
         assert "s3cret" not in unavailable.value.message and "***" in unavailable.value.message

@@ -395,7 +395,10 @@ def test_remote_timeout_is_408(api: App, http: httpx.Client, mount: Any, redis_u
     key = f"nobody-{os.urandom(3).hex()}"  # no worker serves this key
     proxy = api.distribution.remote_service(key, "things", ["find"])
     wrapper = mount("ghost", proxy)
-    wrapper.hooks({"before": {"all": [lambda context: context.params.update(timeout=0.3) and None]}})
+    # `wait`: sent although no instance is live, so the call times out rather than failing at once.
+    wrapper.hooks(
+        {"before": {"all": [lambda context: context.params.update(timeout=0.3, wait=True) and None]}}
+    )
     try:
         started = time.monotonic()
         body = error_of(http.get("/ghost"), 408, "Timeout")
@@ -405,12 +408,22 @@ def test_remote_timeout_is_408(api: App, http: httpx.Client, mount: Any, redis_u
         cleanup(redis_url, redis_url, key)
 
 
-def test_dead_provider_is_503(api: App, http: httpx.Client, mount: Any, provider: Provider) -> None:
+def test_dead_provider_is_503(
+    api: App, http: httpx.Client, mount: Any, redis_url: str, registry_prefix: str
+) -> None:
     assert api.distribution is not None
-    wrapper = mount("departed", api.distribution.remote_service(provider.key, "articles", ["find"]))
-    assert http.get("/departed").status_code == 200
-    wrapper.service.gone = True  # what discovery sets when the last provider instance is gone
-    error_of(http.get("/departed"), 503, "Unavailable")
+    departed = registered_provider(redis_url, registry_prefix, "departed")
+    mount("departed", api.distribution.remote_service(departed.key, "articles", ["find"]))
+    worker = departed.worker().start()
+    try:
+        wait_for(lambda: api.distribution.registry.has_key(departed.key), timeout=10, what="provider seen")
+        assert http.get("/departed").status_code == 200
+        worker.kill()  # SIGKILL: no withdrawal, the registry notices when its manifest expires
+        wait_for(lambda: not api.distribution.registry.has_key(departed.key), timeout=10, what="death seen")
+        error_of(http.get("/departed"), 503, "Unavailable")
+    finally:
+        worker.stop()
+        cleanup(redis_url, redis_url, departed.key, departed.runs_key)
 
 
 def test_healthcheck(

@@ -3,7 +3,8 @@
 Services:
 - ``articles``: the example MemoryService (``publish_article``, ``article_published``);
 - ``probe``: reports what the provider saw (params, deadline, pid) and records every run in the Redis list
-  ``TEST_RUNS_KEY`` so a test can assert that a call never ran; ``slow`` sleeps; ``boom`` fails;
+  ``TEST_RUNS_KEY`` so a test can assert that a call never ran; ``slow`` sleeps; ``boom`` fails; ``grow``
+  returns a string of the size asked;
   ``nested`` calls the ``probe`` of ``TEST_NESTED_KEY`` (another app) and of its own key.
 """
 
@@ -39,10 +40,21 @@ class Probe(Service):
         return [{"pid": os.getpid()}]
 
     def slow(self, data: Any, params: dict[str, Any]) -> Any:
+        deadline = current_deadline()
+        if deadline is not None and deadline < time.time():
+            record(f"late-start-{data['tag']}")  # must never happen: the library checks before a call starts
         record(f"slow-start-{data['tag']}")
         time.sleep(float(data["seconds"]))
         record(f"slow-end-{data['tag']}")
-        return {"tag": data["tag"], "pid": os.getpid()}
+        return {
+            "tag": data["tag"],
+            "pid": os.getpid(),
+            "call_id": params.get("call_id"),
+            "redelivered": params.get("redelivered"),
+        }
+
+    def grow(self, data: Any, params: dict[str, Any]) -> Any:
+        return "x" * int(data["size"])
 
     def boom(self, data: Any, params: dict[str, Any]) -> Any:
         if data == "notfound":
@@ -64,7 +76,7 @@ class Probe(Service):
 settings = DistributionSettings.load()
 api = App()
 api.use("articles", Articles(), methods=["publish_article"], events=["article_published"])
-api.use("probe", Probe(), methods=["slow", "boom", "nested"])
+api.use("probe", Probe(), methods=["slow", "boom", "nested", "grow"])
 # An authentication-like hook: what it puts on params must never leave in an event's context.
 api.service("articles").hooks(
     {"before": {"all": lambda ctx: ctx.params.update(user={"email": "a@b", "password": "hash"}) and None}}

@@ -1,0 +1,383 @@
+"""Calls under real conditions: long calls, a shared broker, late and paused workers, unknown methods.
+
+Each scenario was reproduced against the library before its fix (see the issue "Real conditions"); real
+``celery worker`` processes, real Redis (and RabbitMQ where it applies), nothing mocked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from celery_services import (
+    App,
+    BadGateway,
+    DistributionSettings,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    ServiceError,
+    Timeout,
+    Unavailable,
+    distribute,
+    finalize,
+)
+from celery_services.distribution import Distribution
+from celery_services.testing import WorkerProcess, wait_for
+
+from ..support import ROOT, Provider, cleanup, fresh_prefix, provider_env, registered_provider, write_manifest
+
+PROBE = ["get", "find", "slow", "boom", "nested", "grow"]
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    yield from fresh_prefix(redis_url, "faults")
+
+
+def make_caller(prov: Provider, prefix: str, **options: Any) -> tuple[App, Distribution]:
+    app = App()
+    settings = DistributionSettings(
+        key=f"caller-{os.urandom(3).hex()}",
+        broker_url=prov.broker,
+        result_backend=prov.backend,
+        registry_prefix=prefix,
+        services=[],
+        remote_services=[],
+        timeout=8,
+        **options,
+    )
+    return app, distribute(app, settings)
+
+
+def reply_lists(redis_url: str, prefix: str) -> list[bytes]:
+    """Reply lists left in the reply store (the once-only markers beside them expire by themselves)."""
+    store = redis.Redis.from_url(redis_url)
+    try:
+        return [name for name in store.scan_iter(f"{prefix}:reply:*") if not name.endswith(b":sent")]
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("broker_kind", ["redis", "rabbitmq"])
+def test_call_longer_than_five_seconds(
+    request: pytest.FixtureRequest, redis_url: str, prefix: str, broker_kind: str
+) -> None:
+    # redis-py 8 cuts a blocking read after 5 s by default: the reply wait sets its own from the deadline.
+    broker = redis_url if broker_kind == "redis" else str(request.getfixturevalue("rabbitmq_url"))
+    key = f"long-{os.urandom(3).hex()}"
+    runs = f"test-runs:{key}"
+    env = provider_env(key, broker, redis_url, runs, CELERY_SERVICES_REGISTRY_PREFIX=prefix)
+    prov = Provider(key, broker, redis_url, runs, env)
+    app, distribution = make_caller(prov, prefix)
+    try:
+        with prov.worker():
+            probe = distribution.remote_service(key, "probe", PROBE)
+            result = probe.slow({"tag": "six", "seconds": 6}, {"timeout": 15})
+        assert result["tag"] == "six"
+    finally:
+        finalize(app)
+        cleanup(broker, redis_url, key, runs)
+
+
+@pytest.mark.timeout(90)
+def test_other_celery_apps_on_the_same_database_run_once(redis_url: str, prefix: str) -> None:
+    # kombu keeps one unacked index per Redis database: a short visibility timeout set by our workers made
+    # another app's long late-ack task run again. Our replica (lease 1 s) serves calls meanwhile.
+    prov = registered_provider(redis_url, prefix, "shared", CELERY_SERVICES_LEASE_TIMEOUT="1")
+    queue = f"foreign-{os.urandom(3).hex()}"
+    runs = f"test-runs:{queue}"
+    foreign = WorkerProcess(
+        "tests.apps.foreign",
+        queue,
+        env={"FOREIGN_BROKER": redis_url, "FOREIGN_RUNS": runs, "PYTHONPATH": str(ROOT)},
+    )
+    app, distribution = make_caller(prov, prefix)
+    store = redis.Redis.from_url(redis_url)
+    try:
+        with prov.worker(), foreign:
+            from celery import Celery
+
+            sender = Celery("sender", broker=redis_url, set_as_current=False)
+            sender.send_task("foreign.work", args=("long", 4.0), queue=queue)
+            wait_for(
+                lambda: b"start-long" in store.lrange(runs, 0, -1), timeout=15, what="foreign task started"
+            )
+            probe = distribution.remote_service(prov.key, "probe", PROBE)
+            while b"end-long" not in store.lrange(runs, 0, -1):
+                assert probe.get(1, {})["id"] == 1  # our worker is busy with its own calls meanwhile
+            # FIFO behind it: a copy given back while it ran would run before this one.
+            sender.send_task("foreign.work", args=("marker", 0.0), queue=queue)
+            wait_for(lambda: b"end-marker" in store.lrange(runs, 0, -1), timeout=15, what="marker ran")
+        assert [r for r in store.lrange(runs, 0, -1) if r.startswith(b"start-")] == [
+            b"start-long",
+            b"start-marker",
+        ]
+    finally:
+        finalize(app)
+        store.close()
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key, queue, runs)
+
+
+@pytest.mark.timeout(90)
+def test_timed_out_calls_never_start_and_leave_no_reply(redis_url: str, prefix: str) -> None:
+    # 60 ms calls with a 0.1 s timeout from 8 threads: most wait in the queue past their deadline.
+    prov = registered_provider(redis_url, prefix, "late")
+    app, distribution = make_caller(prov, prefix)
+    try:
+        with prov.worker():
+            probe = distribution.remote_service(prov.key, "probe", PROBE)
+
+            def one(i: int) -> str:
+                try:
+                    probe.slow({"tag": f"t{i}", "seconds": 0.06}, {"timeout": 0.1})
+                    return "ok"
+                except Timeout:
+                    return "timeout"
+
+            with ThreadPoolExecutor(8) as pool:
+                outcomes = list(pool.map(one, range(160)))
+            assert "timeout" in outcomes
+            # Queued behind all of them: once it is answered, the worker has seen every call.
+            assert probe.get("last", {"timeout": 30})["id"] == "last"
+            runs = prov.runs()
+        # A call whose caller gave up was not started (the probe records a start past the deadline), and
+        # nothing was pushed for it.
+        assert any(r.startswith("slow-start-") for r in runs)
+        assert not [r for r in runs if r.startswith("late-start-")]
+        assert reply_lists(redis_url, prefix) == []
+    finally:
+        finalize(app)
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.timeout(60)
+def test_result_over_the_limit_is_payload_too_large(redis_url: str, prefix: str) -> None:
+    prov = registered_provider(redis_url, prefix, "big", CELERY_SERVICES_MAX_PAYLOAD_BYTES="100000")
+    app, distribution = make_caller(prov, prefix)
+    try:
+        with prov.worker():
+            probe = distribution.remote_service(prov.key, "probe", PROBE)
+            assert probe.grow({"size": 1000}, {}) == "x" * 1000
+            with pytest.raises(PayloadTooLarge) as too_large:
+                probe.grow({"size": 200_000}, {})
+            assert too_large.value.data["limit"] == 100_000
+            assert probe.get(1, {})["id"] == 1  # the worker goes on
+    finally:
+        finalize(app)
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.timeout(90)
+def test_paused_replica_call_is_served_again_and_answered_once(redis_url: str, prefix: str) -> None:
+    # SIGSTOP for longer than the lease: the other replica takes the call over; the paused one, resumed,
+    # finishes it too (at-least-once) but pushes no second reply.
+    prov = registered_provider(redis_url, prefix, "pause", CELERY_SERVICES_LEASE_TIMEOUT="1")
+    app, distribution = make_caller(prov, prefix)
+    first, second = prov.worker(), prov.worker()
+    paused: WorkerProcess | None = None
+    try:
+        first.start()
+        second.start()
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(probe.slow, {"tag": "p", "seconds": 1.5}, {"timeout": 20})
+            start = wait_for(
+                lambda: next((r for r in prov.runs() if r.startswith("slow-start-p:")), None),
+                timeout=10,
+                what="slow call started",
+            )
+            victim_pid = int(start.rsplit(":", 1)[1])
+            paused = first if first.pid == victim_pid else second
+            survivor = second if paused is first else first
+            os.killpg(paused.pid, signal.SIGSTOP)
+            result = future.result(timeout=20)  # served by the survivor while the other one sleeps
+            os.killpg(paused.pid, signal.SIGCONT)
+        assert result["pid"] == survivor.pid
+        assert result["redelivered"] is True
+        assert result["call_id"]
+        # The resumed replica finishes its run too (at-least-once), and pushes no second reply.
+        wait_for(lambda: "already answered" in paused.log(), timeout=15, what="resumed run, no second reply")
+        assert prov.runs().count(f"slow-end-p:{paused.pid}") == 1
+        assert prov.runs().count(f"slow-start-p:{survivor.pid}") == 1
+        assert reply_lists(redis_url, prefix) == []
+        assert probe.get(1, {})["id"] == 1  # both serve again
+    finally:
+        if paused is not None:
+            os.killpg(paused.pid, signal.SIGCONT)
+        first.stop()
+        second.stop()
+        finalize(app)
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.timeout(60)
+def test_call_id_and_redelivered_reach_the_service(redis_url: str, prefix: str) -> None:
+    prov = registered_provider(redis_url, prefix, "ids")
+    app, distribution = make_caller(prov, prefix)
+    try:
+        with prov.worker():
+            probe = distribution.remote_service(prov.key, "probe", PROBE)
+            one, two = probe.get(1, {})["params"], probe.get(1, {})["params"]
+        assert one["redelivered"] is False
+        assert one["call_id"] and one["call_id"] != two["call_id"]
+    finally:
+        finalize(app)
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.timeout(60)
+def test_unknown_method_is_answered_at_once(redis_url: str, prefix: str) -> None:
+    # A newer caller, an older provider: Celery drops the unregistered task; the caller must not wait.
+    prov = registered_provider(redis_url, prefix, "old")
+    app, distribution = make_caller(prov, prefix)
+    try:
+        with prov.worker():
+            newer = distribution.remote_service(prov.key, "probe", ["archive"])
+            with pytest.raises(MethodNotAllowed) as refused:
+                newer.archive({"id": 1}, {"timeout": 30})
+            assert refused.value.data == {"key": prov.key, "path": "probe", "method": "archive"}
+            assert prov.key in refused.value.message and "probe.archive" in refused.value.message
+            assert distribution.remote_service(prov.key, "probe", PROBE).get(1, {})["id"] == 1
+    finally:
+        finalize(app)
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.timeout(60)
+def test_call_to_a_key_with_no_live_instance(redis_url: str, prefix: str) -> None:
+    prov = registered_provider(redis_url, prefix, "absent")
+    app, distribution = make_caller(prov, prefix)
+    store = redis.Redis.from_url(redis_url)
+    try:
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        with pytest.raises(Unavailable) as unavailable:
+            probe.get(1, {"timeout": 30})
+        assert unavailable.value.data["key"] == prov.key
+        assert not store.exists(prov.key)  # nothing queued for nobody
+        with pytest.raises(Timeout):  # asked to wait for an instance: sent, and times out
+            probe.get(1, {"timeout": 0.3, "wait": True})
+        assert store.llen(prov.key) == 1
+    finally:
+        finalize(app)
+        store.close()
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.timeout(60)
+def test_cli_call_to_unknown_key_fails_fast_and_leaves_no_queue(redis_url: str, prefix: str) -> None:
+    key = f"nosuch-{os.urandom(3).hex()}"
+    env = {
+        **os.environ,
+        "CELERY_SERVICES_BROKER_URL": redis_url,
+        "CELERY_SERVICES_REGISTRY_PREFIX": prefix,
+        "PYTHONPATH": str(ROOT),
+    }
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("celery-services")), "call", key, "articles", "get", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=40,
+    )
+    assert done.returncode == 5, done.stderr
+    assert "Unavailable" in done.stderr + done.stdout
+    store = redis.Redis.from_url(redis_url)
+    try:
+        assert not store.exists(key)
+        assert not store.exists(f"_kombu.binding.{key}")
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(60)
+def test_malformed_reply_is_a_typed_error(redis_url: str, prefix: str) -> None:
+    # A fake provider answering garbage on the reply list: the caller raises BadGateway, never a raw error.
+    key = f"liar-{os.urandom(3).hex()}"
+    write_manifest(redis_url, prefix, key, ["probe"])
+    prov = Provider(key, redis_url, redis_url, "", {})
+    app, distribution = make_caller(prov, prefix)
+    store = redis.Redis.from_url(redis_url)
+    answers = [b"not json", b"[1, 2]", json.dumps({"error": "x"}).encode()]
+    stop = threading.Event()
+
+    def fake_provider() -> None:
+        for answer in answers:
+            popped = None
+            while popped is None and not stop.is_set():
+                popped = store.brpop([key], timeout=0.2)
+            if popped is None:
+                return
+            call_id = json.loads(popped[1])["headers"]["id"]
+            store.lpush(f"{prefix}:reply:{call_id}", answer)
+
+    thread = threading.Thread(target=fake_provider, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: distribution.registry.has_key(key), timeout=5, what="fake provider seen")
+        probe = distribution.remote_service(key, "probe", ["get"])
+        for _ in answers:
+            with pytest.raises(BadGateway) as bad:
+                probe.get(1, {"timeout": 5})
+            assert isinstance(bad.value, ServiceError) and bad.value.code == 502
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        finalize(app)
+        store.delete(*reply_lists(redis_url, prefix) or ["none"])
+        store.close()
+        cleanup(redis_url, redis_url, key)
+
+
+@pytest.mark.timeout(90)
+def test_held_proxy_works_again_when_its_provider_returns(redis_url: str, prefix: str) -> None:
+    # The README's `probe = distribution.wait_for("probe")`: the handle must outlive a provider blip, calls
+    # and listeners alike, and `service-removed` / `service` still fire.
+    prov = registered_provider(redis_url, prefix, "blip")
+    app = App()
+    seen: list[tuple[str, str]] = []
+    app.on("service", lambda svc: seen.append(("service", svc.path)))
+    app.on("service-removed", lambda svc: seen.append(("removed", svc.path)))
+    distribution = distribute(
+        app,
+        DistributionSettings(
+            key=f"holder-{os.urandom(3).hex()}",
+            broker_url=redis_url,
+            result_backend=redis_url,
+            registry_prefix=prefix,
+            heartbeat_interval=0.5,
+            services=[],
+            remote_services=[prov.key],
+            timeout=8,
+        ),
+    )
+    created: list[Any] = []
+    try:
+        with prov.worker():
+            articles = distribution.wait_for("articles", timeout=10)
+            articles.on("created", lambda data, context: created.append(data))
+            articles.create({"title": "before"})
+            wait_for(lambda: len(created) == 1, timeout=10, what="event before the blip")
+        wait_for(lambda: ("removed", "articles") in seen, timeout=10, what="articles removed")
+        with pytest.raises(Unavailable):
+            articles.find()  # no live instance: at once, nothing queued
+        with prov.worker():
+            wait_for(lambda: seen.count(("service", "articles")) == 2, timeout=10, what="mounted again")
+            assert app.service("articles") is articles  # the very handle, mounted again
+            assert articles.create({"title": "after"})["title"] == "after"
+            wait_for(lambda: len(created) == 2, timeout=10, what="event after the blip")
+        assert [item["title"] for item in created] == ["before", "after"]
+    finally:
+        finalize(app)
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
