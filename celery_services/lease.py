@@ -125,6 +125,8 @@ class LeaseKeeper:
 
     def hold(self, tag: str) -> None:
         """Lease ``tag`` from now until its message is acknowledged (the thread writes it at once)."""
+        if self._thread is None:  # a worker whose ready signal we did not see (an embedded test worker)
+            self.start()
         with self._lock:
             self._tags.add(tag)
         self._wake.set()
