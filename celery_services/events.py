@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import kombu.connection
@@ -47,6 +48,9 @@ bytes_to_str: Callable[[Any], str] = kombu.utils.encoding.bytes_to_str
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _RETRY: dict[str, Any] = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2, "interval_max": 0.2}
 _COOLDOWN = (0.5, 5.0)  # after broker errors, publishes fail at once for 0.5 s, doubling up to 5 s
+# A busy provider emits many events per second: while the broker is down, one WARNING per event would
+# bury everything else, and a single one would hide how much was lost. Counts are reported this often.
+_REPORT_INTERVAL = 5.0
 _LOCK_TIMEOUT = 1.0
 _CONNECT_TIMEOUT = 1.0
 _POLL = 0.3  # consumer drain timeout and Redis BRPOP timeout: bounds how long close() waits
@@ -100,8 +104,27 @@ def event_context(context: Any, extra: Iterable[str] = ()) -> dict[str, Any]:
     return {"method": get("method"), "id": get("id"), "params": safe}
 
 
+@dataclass
+class _Outage:
+    """Events dropped since the broker stopped taking them, and what was reported of them."""
+
+    since: float  # time.time() of the first drop
+    error: str = ""  # the last broker error
+    dropped: int = 0
+    reported: int = 0  # dropped as of the last WARNING
+    next_report: float = 0.0  # time.monotonic() before which no WARNING is logged
+
+
+def _events(count: int) -> str:
+    return f"{count} event{'' if count == 1 else 's'}"
+
+
 class EventBus:
     """Publishes service events and, given ``on_event``, consumes the routing keys bound with :meth:`bind`.
+
+    While the broker is down, events are dropped (publishing never blocks nor raises into a service call):
+    a WARNING names how many were dropped since when, at most one every few seconds, another one when
+    publishing recovers, and :meth:`close` reports those not yet reported.
 
     Args:
         broker_url: kombu broker URL (``redis://``, ``amqp://``).
@@ -112,6 +135,14 @@ class EventBus:
             queue per consumer key, each event handled by one instance, kept while the app is down.
         on_event: called with each envelope from the consumer thread, in publish order.
         queue_prefix: prefix of the queue names.
+
+    Attributes:
+        published: events the broker took.
+        dropped: events not published because the broker could not take them (down, erroring, or a
+            publish stuck on it), since the bus was made.
+        publish_failures: every event not published: ``dropped`` plus invalid ones (bad names, data that
+            cannot be serialized).
+        received: events handed to ``on_event``.
     """
 
     def __init__(
@@ -138,7 +169,7 @@ class EventBus:
         self.exchange = Exchange(exchange, type="topic", durable=True)
         suffix = f".{self.instance}" if delivery == "broadcast" else ""
         self.queue_name: str | None = f"{queue_prefix}.{consumer_key}{suffix}" if consumer_key else None
-        self.published = self.publish_failures = self.received = 0
+        self.published = self.publish_failures = self.dropped = self.received = 0
         self._redis = getattr(Connection(broker_url).transport, "driver_type", "") == "redis"
         if self._redis:
             reuse_sync_clients()
@@ -150,6 +181,8 @@ class EventBus:
         self._admin_channel: Any = None
         self._declared = self._closed = False
         self._down_until, self._cooldown = 0.0, _COOLDOWN[0]
+        self._outage: _Outage | None = None  # guarded by _count_lock
+        self._last_error = ""
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -169,7 +202,8 @@ class EventBus:
     ) -> bool:
         """Publish one event; thread-safe, never raises, returns whether the broker took it.
 
-        On a broker error: logs, counts ``publish_failures``, returns False, and fails fast for a moment.
+        On a broker error: counts the event in ``dropped`` (and ``publish_failures``), returns False, and
+        fails fast for a moment; the drops are reported at WARNING, rate-limited (see the class).
         """
         try:
             key_ = routing_key(key, path, event)
@@ -178,9 +212,9 @@ class EventBus:
         except Exception as exc:  # bad names, data pydantic cannot serialize
             return self._publish_failed("event %s %s %s not published: %s", key, path, event, exc)
         if time.monotonic() < self._down_until:
-            return self._publish_failed("event %s not published: broker down", key_, level=logging.DEBUG)
+            return self._dropped(key_, self._last_error)
         if not self._publish_lock.acquire(timeout=_LOCK_TIMEOUT):
-            return self._publish_failed("event %s not published: publisher busy", key_)
+            return self._dropped(key_, "a publish is stuck on it")
         try:
             if self._producer is None:
                 conn = self._connection()
@@ -199,20 +233,54 @@ class EventBus:
             )
             self.published += 1
             self._cooldown = _COOLDOWN[0]
+            if self._outage is not None:
+                self._recovered()
             return True
         except Exception as exc:
             self._release_producer()
             self._down_until = time.monotonic() + self._cooldown
             self._cooldown = min(self._cooldown * 2, _COOLDOWN[1])
-            return self._publish_failed("event %s not published: %r", key_, exc)
+            self._last_error = repr(exc)
+            return self._dropped(key_, self._last_error)
         finally:
             self._publish_lock.release()
 
-    def _publish_failed(self, msg: str, *args: Any, level: int = logging.WARNING) -> bool:
+    def _publish_failed(self, msg: str, *args: Any) -> bool:
         with self._count_lock:
             self.publish_failures += 1
-        log.log(level, msg, *args)
+        log.warning(msg, *args)
         return False
+
+    def _dropped(self, key: str, error: str) -> bool:
+        """Count one event the broker did not take; WARNING with the counts at most every few seconds."""
+        now = time.monotonic()
+        with self._count_lock:
+            self.publish_failures += 1
+            self.dropped += 1
+            outage = self._outage
+            if outage is None:
+                outage = self._outage = _Outage(since=time.time())
+            outage.dropped += 1
+            outage.error = error or outage.error
+            report = now >= outage.next_report
+            if report:
+                outage.next_report, outage.reported = now + _REPORT_INTERVAL, outage.dropped
+            count, since, error = outage.dropped, outage.since, outage.error
+        if report:
+            log.warning(
+                "%s dropped since %s, broker down: %s", _events(count), _clock(since), error or "unknown"
+            )
+        else:
+            log.debug("event %s dropped: broker down", key)
+        return False
+
+    def _recovered(self) -> None:
+        with self._count_lock:
+            outage, self._outage = self._outage, None
+        if outage is not None:
+            # WARNING, not INFO: the last rate-limited WARNING may have missed drops; this gives the total
+            # to whoever watches warnings only.
+            log.warning("event publishing recovered after %d dropped events", outage.dropped)
 
     def bind(self, key: str, path: str, event: str) -> None:
         """Declare this bus's queue and bind one exact routing key, at the broker before returning.
@@ -483,6 +551,15 @@ class EventBus:
         if self._closed:
             return
         self._closed = True
+        with self._count_lock:
+            outage = self._outage
+        if outage is not None and outage.dropped > outage.reported:  # else the last WARNING said it all
+            log.warning(
+                "%s dropped since %s, broker down: %s",
+                _events(outage.dropped),
+                _clock(outage.since),
+                outage.error or "unknown",
+            )
         self._stop_consumer()
         if self._declared and self.delivery == "broadcast" and self.queue_name:
             try:
@@ -490,6 +567,11 @@ class EventBus:
             except Exception as exc:
                 log.warning("event queue %s not deleted: %r", self.queue_name, exc)
         self._release_connections()
+
+
+def _clock(stamp: float) -> str:
+    """``time.time()`` as local ``HH:MM:SS.mmm``, for log lines."""
+    return time.strftime("%H:%M:%S", time.localtime(stamp)) + f".{int(stamp % 1 * 1000):03d}"
 
 
 def _client(channel: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
@@ -418,6 +419,57 @@ def test_publish_to_unreachable_broker_fails_fast(url: str) -> None:
         assert (bus.published, bus.publish_failures) == (0, 2)
     finally:
         bus.close()
+
+
+DEAD = {"redis": "redis://127.0.0.1:1/0", "rabbitmq": "amqp://guest:guest@127.0.0.1:1//"}
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "celery_services.events" and r.levelno >= logging.WARNING
+    ]
+
+
+@pytest.mark.parametrize("kind", ["redis", "rabbitmq"])
+def test_events_dropped_while_the_broker_is_down_are_counted_and_reported(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="celery_services.events")  # whatever the root logger says
+    bus = EventBus(DEAD[kind], exchange="test.unreachable")
+    try:
+        started = time.monotonic()
+        for n in range(50):
+            assert bus.publish("app", "articles", "created", {"id": n}) is False
+        elapsed = time.monotonic() - started
+        during = warnings_of(caplog)
+    finally:
+        bus.close()
+    assert (bus.published, bus.dropped, bus.publish_failures) == (0, 50, 50)
+    # Rate-limited: one WARNING at the first drop, then at most one per few seconds, not one per event.
+    assert 1 <= len(during) <= 1 + int(elapsed // 2)
+    assert during[0].startswith("1 event dropped since ") and "broker down" in during[0]
+    # Closing the bus reports what was dropped since the last WARNING: the total is never left unsaid.
+    closing = warnings_of(caplog)[len(during) :]
+    assert len(closing) == 1 and closing[0].startswith("50 events dropped since "), closing
+
+
+def test_publishing_recovers_with_a_summary_of_what_was_dropped(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="celery_services.events")
+    bus = EventBus(DEAD[broker.kind], exchange=broker.exchange)
+    broker.buses.append(bus)
+    for n in range(5):
+        assert bus.publish("app", "articles", "created", n) is False
+    bus.broker_url = broker.url  # the broker is back (publishes fail fast until the cooldown ends)
+    wait_until(lambda: bus.publish("app", "articles", "created", "back"), what="publishing recovered")
+    assert bus.dropped >= 5 and bus.published == 1
+    recovered = [message for message in warnings_of(caplog) if "recovered" in message]
+    assert recovered == [f"event publishing recovered after {bus.dropped} dropped events"], recovered
+    assert bus.publish("app", "articles", "created", "again") is True
+    assert len([m for m in warnings_of(caplog) if "recovered" in m]) == 1  # said once per outage
 
 
 def test_publish_to_a_hung_broker_returns_within_bounds() -> None:
