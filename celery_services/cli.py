@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,7 +37,7 @@ from .app import App
 from .distribution import Distribution, distribute, finalize, make_celery
 from .errors import NotFound, ServiceError, Unavailable
 from .events import EventBus, EventEnvelope
-from .manifest import KeyInfo
+from .manifest import KeyInfo, Manifest
 from .registry import Registry
 from .service import SIGNATURES
 from .settings import DistributionSettings
@@ -269,6 +269,19 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+@contextlib.contextmanager
+def _sigterm_exits() -> Iterator[None]:
+    """Meanwhile, SIGTERM exits through Python: ``finally`` blocks withdraw and delete what is ours."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 @app.command(context_settings=PASS_THROUGH)
 def flower(ctx: typer.Context) -> None:
     """Run Flower (celery flower) on the configured broker; the options after it go to Flower.
@@ -401,6 +414,12 @@ def call(
     data: Annotated[str | None, typer.Option("--data", help="The data, as JSON.")] = None,
     query: Annotated[str | None, typer.Option("--query", help="params.query, as JSON.")] = None,
     timeout: Annotated[float | None, typer.Option("--timeout", help="Seconds before Timeout.")] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait", help="Send even when no instance of KEY is live, and wait for one until the timeout."
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Also print an error as JSON.")] = False,
 ) -> None:
     """Call a remote method and print its result as JSON; an error prints its name, code and message."""
@@ -410,6 +429,8 @@ def call(
         params["query"] = _json_arg(query, "--query")
     if timeout is not None:
         params["timeout"] = timeout
+    if wait:
+        params["wait"] = True
     with _failures(as_json), _consumer(ctx.obj, remote_services=[]) as distribution:
         proxy = distribution.remote_service(key, path, [method])
         args = [values[name] for name in SIGNATURES.get(method, ("data",))]
@@ -505,6 +526,49 @@ def _routing_keys(
     return list(found)
 
 
+@contextlib.contextmanager
+def _follower(
+    settings: DistributionSettings, on_event: Callable[[EventEnvelope], None]
+) -> Iterator[EventBus]:
+    """An event bus that is, for as long as it follows, a consumer instance of the registry like any other.
+
+    Live consumers delete the broadcast queues of instances their registry does not list (every ``call``
+    that leaves makes them look), so the follower publishes a manifest (no services) under the instance id
+    that names its queue, in the registry's namespace, kept alive by the registry heartbeat. As
+    ``Distribution`` does: the manifest is published before anything is bound, and withdrawn only after the
+    queue is deleted, so that no sweep ever judges a queue of ours by a registry that does not list us.
+    """
+    registry = Registry(
+        settings.resolved_registry_url(),
+        prefix=settings.registry_prefix,
+        heartbeat_interval=settings.heartbeat_interval,
+        ttl=settings.resolved_registry_ttl(),
+    )
+    key = f"cli-{uuid.uuid4().hex[:8]}"
+    try:
+        bus = EventBus(
+            settings.resolved_broker_url(),
+            exchange=settings.events_exchange,
+            consumer_key=key,
+            delivery="broadcast",
+            on_event=on_event,
+            queue_prefix=settings.events_queue_prefix(),
+        )
+        manifest = Manifest.local(key, [], instance=bus.instance)
+        registry.publish(manifest)
+    except BaseException:
+        registry.close()
+        raise
+    try:
+        registry.start_heartbeat(lambda: manifest)
+        yield bus
+    finally:
+        bus.close()
+        with contextlib.suppress(redis.RedisError):  # unreachable: the manifest expires after its TTL
+            registry.withdraw(manifest.key, manifest.instance)
+        registry.close()
+
+
 @app.command()
 def events(
     ctx: typer.Context,
@@ -549,25 +613,19 @@ def events(
             if count is not None and received >= count:
                 done.set()
 
-    bus = EventBus(
-        settings.resolved_broker_url(),
-        exchange=settings.events_exchange,
-        consumer_key=f"cli-{uuid.uuid4().hex[:8]}",
-        delivery="broadcast",
-        on_event=show,
-    )
     try:
-        with _failures():
+        with _failures(), _sigterm_exits(), _follower(settings, show) as bus:
             for binding in wanted:
-                bus.bind(*binding)
-        bus.start()
-        err.print(f"following {len(wanted)} routing key(s): " + ", ".join(".".join(b) for b in wanted))
-        sys.stderr.flush()
-        done.wait(timeout)
+                try:
+                    bus.bind(*binding)
+                except ValueError as exc:
+                    raise typer.BadParameter(str(exc), param_hint="KEY --path --event") from None
+            bus.start()
+            err.print(f"following {len(wanted)} routing key(s): " + ", ".join(".".join(b) for b in wanted))
+            sys.stderr.flush()
+            done.wait(timeout)
     except KeyboardInterrupt:
         pass
-    finally:
-        bus.close()
     if count is not None and received < count:
         err.print(f"{received} of {count} events within {timeout} s")
         raise typer.Exit(EXIT_CLIENT_ERROR)

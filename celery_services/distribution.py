@@ -144,7 +144,7 @@ class Distribution:
             delivery=settings.event_delivery,
             on_event=self._on_remote_event,
             # Queues are named in the registry's namespace: a sweep only judges instances it can see.
-            queue_prefix=f"{settings.registry_prefix}.events",
+            queue_prefix=settings.events_queue_prefix(),
         )
         self._publishers: dict[str, list[tuple[ServiceWrapper, str, Listener]]] = {}
         self._proxies: dict[tuple[str, str], list[ServiceWrapper]] = {}
@@ -160,11 +160,14 @@ class Distribution:
     def start(self) -> Distribution:
         """Expose the app's selected services, publish its manifest, and mount the remote services."""
         register_health(self)
+        # Registered before any event binding: a sweep that lists our queue must find us live.
+        self.registry.publish(self.manifest())
         for wrapper in list(self.app.services.values()):
             self._on_service(wrapper)
         self.app.on("service", self._on_service)
         self.app.on("service-removed", self._on_service_removed)
-        self.registry.publish(self.manifest())
+        if self.exposed:
+            self.registry.publish(self.manifest(), changed=True)
         self._started = True
         self.registry.start_heartbeat(self.manifest)
         self.registry.watch(self.discovery.on_view)

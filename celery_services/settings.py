@@ -332,6 +332,14 @@ class DistributionSettings(BaseSettings):
         backend = self.resolved_result_backend()
         return _socket_to_unix(backend) if _scheme(backend) == "redis+socket" else backend
 
+    def events_queue_prefix(self) -> str:
+        """Prefix of the event queues of this registry's consumers: a sweep only judges instances it sees.
+
+        Returns:
+            ``{registry_prefix}.events``.
+        """
+        return f"{self.registry_prefix}.events"
+
     def resolved_lease_timeout(self) -> float:
         """Seconds without lease renewal after which a call in flight is redelivered.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -255,6 +256,47 @@ def test_events_without_anything_to_follow(env: dict[str, str]) -> None:
     quiet = invoke(env, "events", "k", "--path", "p", "--event", "e", "--count", "1", "--timeout", "0.3")
     assert quiet.exit_code == EXIT_CLIENT_ERROR
     assert "0 of 1 events" in quiet.stderr
+
+
+def test_events_follower_is_a_registry_instance_until_it_is_stopped(
+    env: dict[str, str], redis_url: str, prefix: str
+) -> None:
+    # Consumers sweep the event queues of instances their registry does not list: the follower is listed
+    # while it follows, under the instance naming its queue, and takes both with it when stopped.
+    key, store = f"cli-quiet-{uuid.uuid4().hex[:6]}", redis.Redis.from_url(redis_url)
+    routing = f"{key}.articles.created".encode()
+    table = "_kombu.binding.celery_services.events"
+
+    def queues() -> set[str]:
+        return {
+            m.split(b"\x06\x16")[-1].decode()
+            for m in store.smembers(table)
+            if m.startswith(routing + b"\x06")
+        }
+
+    with tempfile.NamedTemporaryFile() as err:
+        follower = subprocess.Popen(
+            [CLI, "events", key, "--path", "articles", "--event", "created"],
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+        try:
+            wait_for(lambda: b"following" in Path(err.name).read_bytes(), timeout=15, what="events bound")
+            [queue] = queues()
+            assert queue.startswith(f"{prefix}.events.cli-"), queue
+            consumer, instance = queue.rsplit(".", 2)[-2:]
+            manifest = json.loads(store.get(f"{prefix}:manifest:{consumer}:{instance}") or "null")
+            assert (manifest["pid"], manifest["services"]) == (follower.pid, [])
+            follower.send_signal(signal.SIGTERM)
+            assert follower.wait(timeout=15) == 128 + signal.SIGTERM
+        finally:
+            follower.kill()
+            follower.wait()
+    assert not store.exists(f"{prefix}:manifest:{consumer}:{instance}")
+    assert queues() == set()
+    assert not store.exists(queue)
+    store.close()
 
 
 def spellings(key: str) -> dict[str, list[str]]:

@@ -284,8 +284,9 @@ def test_cli_call_to_unknown_key_fails_fast_and_leaves_no_queue(redis_url: str, 
         "CELERY_SERVICES_REGISTRY_PREFIX": prefix,
         "PYTHONPATH": str(ROOT),
     }
+    cli = str(Path(sys.executable).with_name("celery-services"))
     done = subprocess.run(
-        [str(Path(sys.executable).with_name("celery-services")), "call", key, "articles", "get", "1"],
+        [cli, "call", key, "articles", "get", "1"],
         env=env,
         capture_output=True,
         text=True,
@@ -297,8 +298,19 @@ def test_cli_call_to_unknown_key_fails_fast_and_leaves_no_queue(redis_url: str, 
     try:
         assert not store.exists(key)
         assert not store.exists(f"_kombu.binding.{key}")
+        waited = subprocess.run(
+            [cli, "call", key, "articles", "get", "1", "--wait", "--timeout", "0.5"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=40,
+        )
+        assert waited.returncode == 4, waited.stderr  # sent, and timed out (408)
+        assert "Timeout" in waited.stderr + waited.stdout
+        assert store.llen(key) == 1
     finally:
         store.close()
+        cleanup(redis_url, redis_url, key)
 
 
 @pytest.mark.timeout(60)
