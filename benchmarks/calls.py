@@ -53,7 +53,7 @@ from rich.console import Console
 from rich.table import Table
 
 from celery_services import App, DistributionSettings, MemoryService, distribute, finalize
-from celery_services.protocol import mask_url
+from celery_services.distribution.protocol import mask_url
 from celery_services.testing import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -398,7 +398,7 @@ def redis_server(url: str | None) -> Iterator[str]:
     if answers(DEFAULT_REDIS):
         yield DEFAULT_REDIS
         return
-    from celery_services.embedded import EmbeddedRedis
+    from celery_services.testing import EmbeddedRedis
 
     with EmbeddedRedis() as server:
         yield server.url

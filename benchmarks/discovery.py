@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from celery_services import App, DistributionSettings, MemoryService, distribute, finalize  # noqa: E402
-from celery_services.registry import Registry  # noqa: E402
+from celery_services.distribution.registry import Registry  # noqa: E402
 from celery_services.testing import wait_for  # noqa: E402
 
 HEARTBEAT = 1.0

@@ -14,8 +14,8 @@ import uuid
 
 import redis
 
-from celery_services.manifest import Manifest, ServiceManifest, View
-from celery_services.registry import Registry
+from celery_services.distribution.manifest import Manifest, ServiceManifest, View
+from celery_services.distribution.registry import Registry
 
 
 def _manifest(key: str, services: int = 5) -> Manifest:

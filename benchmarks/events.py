@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from celery_services import App, DistributionSettings, MemoryService, distribute, finalize  # noqa: E402
-from celery_services.events import EventEnvelope, event_context  # noqa: E402
+from celery_services.distribution.events import EventEnvelope, event_context  # noqa: E402
 
 REDIS_URL = os.environ.get("CELERY_SERVICES_TEST_REDIS", "redis://127.0.0.1:6379/9")
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 
-from celery_services.events import EventBus, EventEnvelope
+from celery_services.distribution.events import EventBus, EventEnvelope
 
 BROKERS = {
     "redis": ("127.0.0.1", 6379, "redis://127.0.0.1:6379/9"),

@@ -1,11 +1,14 @@
 """celery-services: make an application's services available over Celery, and use remote ones as local.
 
-The public API, grouped by concept.
+The package has four layers, each importing only those below it (``tests/test_layers.py`` checks it):
+:mod:`.core` (apps, services, hooks, errors), :mod:`.distribution` (calls, registry, events over Celery),
+:mod:`.http` (the gateway) and :mod:`.testing` (the test kit), and :mod:`.cli` on top. The public API,
+grouped by concept, is re-exported here.
 """
 
-from .app import App
-from .distribution import Distribution, distribute, finalize
-from .errors import (
+from . import _moved
+from .core.app import App
+from .core.errors import (
     BadGateway,
     BadRequest,
     Conflict,
@@ -26,11 +29,14 @@ from .errors import (
     Unavailable,
     Unprocessable,
 )
-from .hooks import HookContext
-from .memory import MemoryService
-from .remote import RemoteService
-from .service import Service, ServiceWrapper
-from .settings import DistributionSettings
+from .core.hooks import HookContext
+from .core.memory import MemoryService
+from .core.service import Service, ServiceWrapper
+from .distribution import Distribution, distribute, finalize
+from .distribution.caller import RemoteService
+from .distribution.settings import DistributionSettings
+
+_moved.install()
 
 __all__ = [
     # app and services

@@ -28,7 +28,7 @@ def redis_url() -> Iterator[str]:
     if _answers("127.0.0.1", 6379):
         yield "redis://127.0.0.1:6379/9"
         return
-    from celery_services.embedded import EmbeddedRedis
+    from celery_services.testing import EmbeddedRedis
 
     with EmbeddedRedis() as server:
         yield server.url

@@ -3,7 +3,7 @@ from typing import Any
 import pytest
 
 from celery_services import App, MethodNotAllowed, NotFound, Service
-from celery_services.errors import BadRequest, Conflict
+from celery_services.core.errors import BadRequest, Conflict
 
 
 class Articles(Service):

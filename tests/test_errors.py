@@ -4,8 +4,8 @@ import pickle
 import pytest
 from celery.backends.base import DisabledBackend
 
-from celery_services import errors
-from celery_services.errors import ERRORS, GeneralError, NotFound, ServiceError, error_from_exception
+from celery_services.core import errors
+from celery_services.core.errors import ERRORS, GeneralError, NotFound, ServiceError, error_from_exception
 
 CODES = {
     "BadRequest": 400,

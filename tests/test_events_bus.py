@@ -13,7 +13,7 @@ import pytest
 import redis
 from kombu.connection import Connection as _Connection
 
-from celery_services.events import EventBus, EventEnvelope, routing_key
+from celery_services.distribution.events import EventBus, EventEnvelope, routing_key
 
 Connection: Any = _Connection  # kombu's API is unannotated
 

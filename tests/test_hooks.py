@@ -3,7 +3,7 @@ from typing import Any
 import pytest
 
 from celery_services import App, HookContext, NotFound
-from celery_services.errors import BadRequest, Forbidden
+from celery_services.core.errors import BadRequest, Forbidden
 
 
 class Echo:

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from celery_services.errors import BadRequest, MethodNotAllowed, NotFound
-from celery_services.memory import MemoryService
-from celery_services.service import Service
+from celery_services.core.errors import BadRequest, MethodNotAllowed, NotFound
+from celery_services.core.memory import MemoryService
+from celery_services.core.service import Service
 
 UNKNOWN_ID = "568225fbfe21222432e836ff"
 

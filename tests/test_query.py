@@ -8,7 +8,7 @@ from urllib.parse import quote
 import pytest
 
 from celery_services import BadRequest, MemoryService
-from celery_services.query import MAX_DEPTH, MAX_INDEX, MAX_PARAMS, literal, parse_id, parse_query
+from celery_services.http.query import MAX_DEPTH, MAX_INDEX, MAX_PARAMS, literal, parse_id, parse_query
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import pytest
 import redis
 from pydantic import ValidationError
 
-from celery_services.manifest import (
+from celery_services.distribution.manifest import (
     PROTOCOL_VERSION,
     Manifest,
     RegistryLayout,
@@ -21,7 +21,7 @@ from celery_services.manifest import (
     View,
     decode_manifest,
 )
-from celery_services.registry import Registry
+from celery_services.distribution.registry import Registry
 
 LOGGER = "celery_services.registry"
 

@@ -11,9 +11,9 @@ import pytest
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
-from celery_services import settings as settings_module
-from celery_services.service import STANDARD_EVENTS, STANDARD_METHODS
-from celery_services.settings import DistributionSettings
+from celery_services.core.service import STANDARD_EVENTS, STANDARD_METHODS
+from celery_services.distribution import settings as settings_module
+from celery_services.distribution.settings import DistributionSettings
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "config"

@@ -12,7 +12,7 @@ services app, the counterpart of a Feathers app.
 from __future__ import annotations
 
 from celery_services import App, distribute
-from celery_services.settings import DistributionSettings
+from celery_services.distribution.settings import DistributionSettings
 from workers.services import Articles
 
 

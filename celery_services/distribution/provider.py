@@ -1,7 +1,7 @@
 """The provider's half of a remote call: one Celery task per exposed method, run through the app's wrapper.
 
 The task validates the envelope, runs the call through the provider's hooks with ``from_remote`` set,
-pushes the reply on the caller's reply list (see :mod:`celery_services.remote`) and then returns the result
+pushes the reply on the caller's reply list (see :mod:`.caller`) and then returns the result
 or raises the error, so Celery's result backend and Flower keep their usual view (SUCCESS / FAILURE).
 """
 
@@ -14,10 +14,12 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from .errors import PayloadTooLarge, ServiceError, Timeout, error_from_exception
+import redis
+
+from ..core.errors import PayloadTooLarge, ServiceError, Timeout, error_from_exception
+from .caller import reset_deadline, set_deadline
 from .lease import HEADER_REDELIVERED
 from .protocol import AUTH_PARAMS, HEADER_DEADLINE, HEADER_REPLY, parse_envelope, reply_key, task_name
-from .remote import reset_deadline, set_deadline
 
 if TYPE_CHECKING:
     from celery import Task
@@ -25,11 +27,58 @@ if TYPE_CHECKING:
     from .distribution import Distribution
     from .settings import DistributionSettings
 
-__all__ = ["HEALTH_METHOD", "call_params", "health_task_name", "register_health", "register_method"]
+__all__ = [
+    "HEALTH_METHOD",
+    "Replies",
+    "call_params",
+    "health_task_name",
+    "register_health",
+    "register_method",
+]
 
 log = logging.getLogger("celery_services.tasks")
 
 HEALTH_METHOD = "_health"
+
+#: Seconds a reply of a call without deadline (a plain caller's) waits to be popped.
+DEFAULT_REPLY_TTL = 60.0
+
+# The first reply of a call wins: a call redelivered from a paused replica may run twice, never answer twice.
+_PUSH_REPLY = """
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then
+  redis.call('LPUSH', KEYS[1], ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+
+class Replies:
+    """The provider's side of the reply lists (see :mod:`.caller` for the caller's)."""
+
+    def __init__(self, store: redis.Redis) -> None:
+        self._push = store.register_script(_PUSH_REPLY)
+
+    def push(self, key: str, body: str, deadline: float | None) -> bool:
+        """Push a call's reply on its caller's list, once per call, while its caller still waits.
+
+        Nothing is pushed after the deadline (nobody would pop it), nor a second time for the same call (a
+        redelivered call that ran twice): the first reply wins. The list and its marker expire a second
+        after the deadline. Returns whether the reply was pushed.
+        """
+        ttl = (deadline - time.time()) if deadline is not None else DEFAULT_REPLY_TTL
+        if ttl <= 0:
+            log.info("reply %s not pushed: its caller's deadline has passed", key)
+            return False
+        try:
+            pushed = bool(self._push(keys=[key, f"{key}:sent"], args=[body, int((ttl + 1.0) * 1000)]))
+        except redis.RedisError:
+            log.exception("could not push the reply %s", key)
+            return False
+        if not pushed:
+            log.info("reply %s not pushed: the call was already answered", key)
+        return pushed
 
 
 def health_task_name(key: str) -> str:
@@ -117,12 +166,12 @@ def _answer(distribution: Distribution, task: Task, work: Callable[[], Any], fie
         else:
             log.info("call answered %s (%s): %s", error.name, error.code, error.message, extra=extra)
         if reply_to:
-            distribution.push_reply(reply_to, json.dumps({"error": _json_safe(error.to_dict())}), deadline)
+            distribution.replies.push(reply_to, json.dumps({"error": _json_safe(error.to_dict())}), deadline)
         raise error from None
     finally:
         reset_deadline(token)
     if reply_to:
-        distribution.push_reply(reply_to, body, deadline)
+        distribution.replies.push(reply_to, body, deadline)
     log.debug("call served", extra=extra)
     return result
 

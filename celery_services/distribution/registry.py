@@ -23,7 +23,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from celery_services.manifest import (
+from .manifest import (
     KeyInfo,
     Manifest,
     RegistryLayout,

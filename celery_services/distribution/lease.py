@@ -23,11 +23,16 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
-__all__ = ["HEADER_REDELIVERED", "LeaseKeeper"]
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .settings import DistributionSettings
+
+__all__ = ["HEADER_REDELIVERED", "LeaseKeeper", "lease_keeper"]
 
 log = logging.getLogger("celery_services.lease")
 
@@ -176,6 +181,20 @@ class LeaseKeeper:
             if restore(keys=[self.unacked, self.index, self.leases, self.queue], args=[tag, cutoff, payload]):
                 self.restored += 1
                 log.warning("call %s of a dead or paused replica given back to queue %s", tag, self.queue)
+
+
+def lease_keeper(celery: Celery, settings: DistributionSettings) -> LeaseKeeper | None:
+    """The lease keeper of a distribution (``None`` on AMQP: it gives a dead consumer's calls back)."""
+    broker = str(celery.conf.broker_url or "")
+    if not broker.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return LeaseKeeper(
+        broker,
+        settings.key,
+        settings.resolved_lease_timeout(),
+        prefix=settings.registry_prefix,
+        transport_options=dict(celery.conf.broker_transport_options or {}),
+    )
 
 
 def _redelivery(raw: Any) -> str | None:

@@ -20,8 +20,8 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from .app import App
-from .service import ServiceWrapper
+from ..core.app import App
+from ..core.service import ServiceWrapper
 
 __all__ = ["EventHub", "EventStream"]
 

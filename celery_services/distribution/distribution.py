@@ -19,81 +19,27 @@ import weakref
 from typing import Any
 
 import redis
-from celery import Celery, signals
+from celery import Celery
 
-from .app import App
+from ..core.app import App
+from ..core.emitter import Listener
+from ..core.errors import NotFound, ServiceError, Unavailable
+from ..core.service import ServiceWrapper
 from .bootsteps import add_bootsteps
+from .caller import RemoteService, Transport
+from .celery_app import make_celery
 from .discovery import Discovery
-from .emitter import Listener
-from .errors import MethodNotAllowed, NotFound, ServiceError, Unavailable
 from .events import EventBus, EventEnvelope, event_context
-from .lease import LeaseKeeper
+from .lease import lease_keeper
 from .manifest import Manifest, ServiceManifest
-from .protocol import HEADER_DEADLINE, HEADER_REPLY, reply_key, split_task_name
-from .redis_transport import reuse_sync_clients
+from .provider import Replies, health_task_name, register_health, register_method
 from .registry import Registry
-from .remote import RemoteService, Transport
-from .service import ServiceWrapper
 from .settings import DistributionSettings
-from .tasks import health_task_name, register_health, register_method
+from .worker import WorkerSignals
 
-__all__ = ["Distribution", "distribute", "finalize", "make_celery"]
+__all__ = ["Distribution", "distribute", "finalize"]
 
 log = logging.getLogger("celery_services.distribution")
-
-#: Seconds a reply of a call without deadline (a plain caller's) waits to be popped.
-DEFAULT_REPLY_TTL = 60.0
-
-# The first reply of a call wins: a call redelivered from a paused replica may run twice, never answer twice.
-_PUSH_REPLY = """
-if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then
-  redis.call('LPUSH', KEYS[1], ARGV[1])
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-return 0
-"""
-
-#: Pools whose tasks run in the worker's own process, where a service mounted later can still be served.
-IN_PROCESS_POOLS = frozenset({"solo", "thread", "threads", "eventlet", "gevent"})
-
-
-def make_celery(settings: DistributionSettings) -> Celery:
-    """A Celery app configured for remote calls: JSON only, prefetch 1, late acks, task events on."""
-    reuse_sync_clients()
-    celery = Celery(
-        settings.key,
-        broker=settings.resolved_broker_url(),
-        backend=settings.resolved_result_backend(),
-        set_as_current=False,
-    )
-    celery.conf.update(
-        task_serializer="json",
-        result_serializer="json",
-        accept_content=["json"],
-        result_accept_content=["json"],
-        worker_prefetch_multiplier=1,
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_send_task_events=True,
-        task_send_sent_event=True,
-        task_default_queue=settings.key,
-        result_expires=3600,
-        broker_connection_retry_on_startup=True,
-        broker_connection_timeout=min(settings.timeout, 4.0),
-        # Client timeouts are set here, never left to the client library. Nothing broker-wide is changed:
-        # Celery's visibility timeout (shared by every app on a Redis database) keeps its default, and the
-        # calls of a dead replica come back through the library's own leases (lease.py).
-        broker_transport_options={
-            "socket_connect_timeout": 2.0,
-            # A publish never blocks longer than a call may last.
-            "socket_timeout": settings.timeout,
-        },
-        redis_socket_connect_timeout=2.0,
-        redis_socket_timeout=settings.timeout,
-        worker_hijack_root_logger=False,
-    )
-    return celery
 
 
 class Distribution:
@@ -105,6 +51,12 @@ class Distribution:
         celery: the Celery app carrying its calls.
         key: the app's key (its queue name).
         instance: this process's unique instance id.
+        transport: the caller's half of calls (:mod:`.caller`).
+        replies: the provider's half of replies (:mod:`.provider`).
+        lease: leases on the calls this worker holds (Redis broker; :mod:`.lease`).
+        registry, discovery: manifests in Redis, and the proxies that follow them.
+        events: the event bus.
+        worker: what the distribution does inside a Celery worker (:mod:`.worker`).
     """
 
     def __init__(self, app: App, settings: DistributionSettings, celery: Celery | None = None) -> None:
@@ -115,14 +67,15 @@ class Distribution:
         host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())
         self.instance = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.celery = celery if celery is not None else make_celery(settings)
+        self.worker = WorkerSignals(self)
         self.celery.celery_services_distribution = self
         add_bootsteps(self.celery)
         # Every command of this client is short (the reply wait sets its own read timeout).
-        self.replies = redis.Redis.from_url(
+        self.reply_store = redis.Redis.from_url(
             settings.resolved_result_backend(), socket_timeout=5.0, socket_connect_timeout=2.0
         )
-        self._push = self.replies.register_script(_PUSH_REPLY)
-        self.lease = _lease_keeper(self.celery, settings)
+        self.replies = Replies(self.reply_store)
+        self.lease = lease_keeper(self.celery, settings)
         self.exposed: dict[str, ServiceManifest] = {}
         self.started_at = time.time()
         self.registry = Registry(
@@ -134,7 +87,7 @@ class Distribution:
         )
         self.discovery = Discovery(self)
         self.transport = Transport(
-            self.celery, self.replies, settings, caller=self.key, is_live=self._is_live
+            self.celery, self.reply_store, settings, caller=self.key, is_live=self.registry.has_key
         )
         self.events = EventBus(
             self.celery.conf.broker_url or settings.resolved_broker_url(),
@@ -149,8 +102,6 @@ class Distribution:
         self._publishers: dict[str, list[tuple[ServiceWrapper, str, Listener]]] = {}
         self._proxies: dict[tuple[str, str], list[ServiceWrapper]] = {}
         self._hooked: weakref.WeakSet[ServiceWrapper] = weakref.WeakSet()
-        self._worker_pool: str | None = None
-        self._worker: Any = None
         self._lock = threading.RLock()
         self._closed = False
         self._started = False
@@ -166,6 +117,7 @@ class Distribution:
             self._on_service(wrapper)
         self.app.on("service", self._on_service)
         self.app.on("service-removed", self._on_service_removed)
+        self.app.mount_checks.append(self.worker.check_mount)
         if self.exposed:
             self.registry.publish(self.manifest(), changed=True)
         self._started = True
@@ -174,12 +126,7 @@ class Distribution:
         # The first view is mounted before distribute() returns: no start-up delay, whatever the order.
         if not self.registry.wait_synced(timeout=max(self.settings.timeout, 5.0)):
             log.warning("the registry did not answer in time: remote services will appear when it does")
-        signals.worker_init.connect(self._on_worker_init, weak=False)
-        signals.worker_process_init.connect(self._on_worker_process_init, weak=False)
-        signals.worker_ready.connect(self._on_worker_ready, weak=False)
-        signals.task_received.connect(self._on_task_received, weak=False)
-        signals.task_unknown.connect(self._on_task_unknown, weak=False)
-        signals.worker_shutdown.connect(self._on_worker_shutdown, weak=False)
+        self.worker.connect()
         return self
 
     def exposable_methods(self, wrapper: ServiceWrapper) -> tuple[str, ...]:
@@ -190,18 +137,6 @@ class Distribution:
             return ()
         wanted = set(self.settings.distributed_methods) | set(wrapper.custom_methods)
         return tuple(method for method in wrapper.methods if method in wanted)
-
-    def check_mount(self, wrapper: ServiceWrapper) -> None:
-        """Refuse a service a running prefork worker could never serve (its children were forked before)."""
-        pool = self._worker_pool
-        if pool is None or pool.rsplit(".", 1)[-1] in IN_PROCESS_POOLS or not self.exposable_methods(wrapper):
-            return
-        raise RuntimeError(
-            f"Cannot expose '{wrapper.path}' after the worker started: its {pool} pool runs calls in child "
-            "processes that were forked before this service existed and would never serve it. Mount it at "
-            "import of the app module (before the worker starts), or run the worker with "
-            "`--pool threads` / `--pool solo` (or an embedded worker) to add services at run time."
-        )
 
     def _on_service(self, wrapper: ServiceWrapper) -> None:
         if getattr(wrapper.service, "remote", False):
@@ -221,11 +156,8 @@ class Distribution:
         )
         with self._lock:
             self.exposed[wrapper.path] = entry
-            consumer = getattr(self._worker, "consumer", None)
         self._publish_events_of(wrapper, entry.events)
-        if consumer is not None:
-            # A worker in this very process: let its consumer learn the new task names.
-            consumer.update_strategies()
+        self.worker.learn_tasks()
         if self._started:
             self.registry.publish(self.manifest(), changed=True)
 
@@ -331,86 +263,9 @@ class Distribution:
             services=services,
         )
 
-    def _on_worker_init(self, sender: Any = None, **_: Any) -> None:
-        if sender is not None and getattr(sender, "app", None) is self.celery:
-            pool_cls = getattr(sender, "pool_cls", None)
-            name = pool_cls if isinstance(pool_cls, str) else getattr(pool_cls, "__module__", "")
-            self._worker_pool = str(name or "prefork")
-            self._worker = sender  # its consumer learns the tasks of services mounted later
-
-    def _on_worker_process_init(self, **_: Any) -> None:
-        self._worker_pool = "prefork"
-
-    def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
-        # The consumer's process (the parent of a prefork pool) leases and restores calls of the key.
-        if self.lease is not None and getattr(sender, "app", None) is self.celery:
-            self.lease.start()
-
-    def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
-        # A worker stopping warmly withdraws at once; consumers need not wait for the TTL.
-        if getattr(sender, "app", None) is self.celery and self.app.distribution is self:
-            finalize(self.app)
-
-    def _on_task_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
-        # The consumer holds the message (prefork children never see it): lease it from here. Only calls
-        # of this key's queue: the restore gives a call back to that queue.
-        if self.lease is None or request is None or getattr(sender, "app", None) is not self.celery:
-            return
-        message = getattr(request, "message", None)
-        delivery = getattr(message, "delivery_info", None) or {}
-        tag = getattr(message, "delivery_tag", None)
-        if tag and delivery.get("routing_key") == self.key:
-            self.lease.hold(str(tag))
-
-    def _on_task_unknown(
-        self, sender: Any = None, message: Any = None, name: str = "", id: str = "", **_: Any
-    ) -> None:
-        # A call this worker does not serve (a newer caller, an older provider): Celery drops it, so the
-        # caller is answered here at once instead of waiting out its timeout.
-        if getattr(sender, "app", None) is not self.celery or message is None:
-            return
-        headers = getattr(message, "headers", None) or {}
-        if not headers.get(HEADER_REPLY):
-            return
-        key, path, method = split_task_name(name)
-        deadline = headers.get(HEADER_DEADLINE)
-        error = MethodNotAllowed(
-            f"No instance of '{key}' serving this call offers '{path}.{method}' (task '{name}' unknown)",
-            {"key": key, "path": path, "method": method},
-        )
-        self.push_reply(
-            reply_key(self.settings.registry_prefix, str(id)),
-            json.dumps({"error": error.to_dict()}),
-            float(deadline) if deadline is not None else None,
-        )
-
     def local_health(self) -> dict[str, bool]:
         """``{path: True}`` for each service this instance exposes and still has mounted."""
         return {path: path in self.app.services for path in self.exposed}
-
-    def push_reply(self, key: str, body: str, deadline: float | None) -> bool:
-        """Push a call's reply on its caller's list, once per call, while its caller still waits.
-
-        Nothing is pushed after the deadline (nobody would pop it), nor a second time for the same call (a
-        redelivered call that ran twice): the first reply wins. The list and its marker expire shortly after
-        the deadline. Returns whether the reply was pushed.
-        """
-        ttl = (deadline - time.time()) if deadline is not None else DEFAULT_REPLY_TTL
-        if ttl <= 0:
-            log.info("reply %s not pushed: its caller's deadline has passed", key)
-            return False
-        try:
-            pushed = bool(self._push(keys=[key, f"{key}:sent"], args=[body, int((ttl + 1.0) * 1000)]))
-        except redis.RedisError:
-            log.exception("could not push the reply %s", key)
-            return False
-        if not pushed:
-            log.info("reply %s not pushed: the call was already answered", key)
-        return pushed
-
-    def _is_live(self, key: str) -> bool | None:
-        """Whether some instance of ``key`` is in the registry (``None`` before its first answer)."""
-        return self.registry.has_key(key)
 
     # -- consuming --------------------------------------------------------------------------------------
 
@@ -481,6 +336,8 @@ class Distribution:
             self._closed = True
         self.app.off("service", self._on_service)
         self.app.off("service-removed", self._on_service_removed)
+        if self.worker.check_mount in self.app.mount_checks:
+            self.app.mount_checks.remove(self.worker.check_mount)
         for path in list(self._publishers):
             self._stop_publishing(path)
         # The event consumer stops before the manifest goes: other instances then sweep nothing of ours
@@ -494,29 +351,11 @@ class Distribution:
         # Unmounted once the app is no longer followed, so nothing is unbound: a group queue keeps its
         # bindings while the app is down.
         self.discovery.unmount_all()
-        signals.worker_init.disconnect(self._on_worker_init)
-        signals.worker_process_init.disconnect(self._on_worker_process_init)
-        signals.worker_ready.disconnect(self._on_worker_ready)
-        signals.task_received.disconnect(self._on_task_received)
-        signals.task_unknown.disconnect(self._on_task_unknown)
-        signals.worker_shutdown.disconnect(self._on_worker_shutdown)
+        self.worker.disconnect()
         if self.lease is not None:
             self.lease.stop()
         self.transport.close()
-        self.replies.close()
-
-
-def _lease_keeper(celery: Celery, settings: DistributionSettings) -> LeaseKeeper | None:
-    broker = str(celery.conf.broker_url or "")
-    if not broker.startswith(("redis://", "rediss://", "unix://")):
-        return None  # AMQP brokers give a dead consumer's messages back at once
-    return LeaseKeeper(
-        broker,
-        settings.key,
-        settings.resolved_lease_timeout(),
-        prefix=settings.registry_prefix,
-        transport_options=dict(celery.conf.broker_transport_options or {}),
-    )
+        self.reply_store.close()
 
 
 def distribute(

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import BadRequest
+from ..core.errors import BadRequest
 
 __all__ = [
     "HEADER_CALLER",

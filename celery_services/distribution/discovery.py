@@ -17,13 +17,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import Conflict, Timeout
+from ..core.errors import Conflict, Timeout
+from ..core.service import SIGNATURES
 from .manifest import View
-from .service import SIGNATURES
 
 if TYPE_CHECKING:
+    from ..core.service import ServiceWrapper
     from .distribution import Distribution
-    from .service import ServiceWrapper
 
 __all__ = ["Discovery", "RemoteServiceInfo"]
 

@@ -30,13 +30,12 @@ import redis
 from rich.console import Console
 from rich.markup import escape
 
-from .app import App
-from .distribution import Distribution, distribute, finalize
-from .embedded import EmbeddedRedis
-from .errors import NotFound, ServiceError
-from .service import ServiceWrapper
-from .settings import DistributionSettings
-from .testing import WorkerProcess
+from ..core.app import App
+from ..core.errors import NotFound, ServiceError
+from ..core.service import ServiceWrapper
+from ..distribution import Distribution, distribute, finalize
+from ..distribution.settings import DistributionSettings
+from ..testing import EmbeddedRedis, WorkerProcess
 
 __all__ = ["Demo", "project_root", "run"]
 
@@ -384,7 +383,7 @@ class Demo:
         import threading
         import urllib.request
 
-        from .http import make_server
+        from ..http import make_server
 
         assert self.gateway is not None
         server = make_server(self.gateway, port=0, log_level="warning")
@@ -435,7 +434,7 @@ class Demo:
 
 
 def _table(distribution: Distribution) -> Any:
-    from .cli import registry_table
+    from .registry import registry_table
 
     return registry_table(distribution.registry.list(), title="   registry (celery-services services)")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -14,7 +14,7 @@ from .hooks import Hooks, HookSpec
 from .service import ServiceWrapper
 
 if TYPE_CHECKING:
-    from .distribution import Distribution
+    from ..distribution import Distribution
 
 __all__ = ["App", "normalize_path"]
 
@@ -43,6 +43,10 @@ class App(EventEmitter):
         self.hook_table = Hooks(hooks)
         #: The app's distribution, set by :func:`celery_services.distribute`.
         self.distribution: Distribution | None = None
+        #: Called with each wrapper before it is mounted; raising refuses the mount. The distribution adds
+        #: its check here (a running prefork worker cannot serve a service mounted after it forked), so this
+        #: layer needs nothing of the distribution.
+        self.mount_checks: list[Callable[[ServiceWrapper], None]] = []
 
     @property
     def services(self) -> Mapping[str, ServiceWrapper]:
@@ -96,8 +100,8 @@ class App(EventEmitter):
         with self._lock:
             if wrapper.path in self._services:
                 raise Conflict(f"A service is already mounted at '{wrapper.path}'", {"path": wrapper.path})
-            if self.distribution is not None:
-                self.distribution.check_mount(wrapper)
+            for check in self.mount_checks:
+                check(wrapper)
             self._services[wrapper.path] = wrapper
         setup = getattr(wrapper.service, "setup", None)
         if callable(setup):

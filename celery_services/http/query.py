@@ -14,7 +14,7 @@ Structure:
   ``a[0]=v`` sets an array index: indexes order the array and gaps are closed, as in ``qs``
   (``a[3]=x&a[1]=y`` → ``["y", "x"]``). Objects inside arrays need indexes: ``$or[0][title]=a``.
 - A repeated key collects its values in a list (``a=1&a=2`` → ``["1", "2"]``), as ``qs`` does.
-- Malformed input is a :class:`~celery_services.errors.BadRequest` instead of a guess: unbalanced or
+- Malformed input is a :class:`~celery_services.core.errors.BadRequest` instead of a guess: unbalanced or
   trailing brackets, an empty name, a key used both as a value and as an object or array, an object key
   mixed with array indexes, the same array index twice, more than :data:`MAX_DEPTH` brackets, an index
   over :data:`MAX_INDEX`, more than :data:`MAX_PARAMS` parameters, invalid UTF-8 in percent escapes.
@@ -43,7 +43,7 @@ from collections.abc import Iterable
 from typing import Any, Literal, TypeAlias
 from urllib.parse import parse_qsl
 
-from .errors import BadRequest
+from ..core.errors import BadRequest
 
 __all__ = ["MAX_DEPTH", "MAX_INDEX", "MAX_PARAMS", "Coerce", "literal", "parse_id", "parse_query"]
 

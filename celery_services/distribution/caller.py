@@ -1,7 +1,7 @@
 """The caller's half of a remote call: the proxy service and the lean call path behind it.
 
 A call is one task message published through a pooled producer, and one ``BLPOP`` on a reply list the
-provider fills (see :mod:`celery_services.tasks`). Celery's own ``send_task().get()`` would also subscribe
+provider fills (see :mod:`.provider`). Celery's own ``send_task().get()`` would also subscribe
 to a result channel, ``GET`` the meta key and poll: not needed when the provider answers on a list.
 """
 
@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from kombu.exceptions import OperationalError
 
-from .errors import (
+from ..core.errors import (
     BadGateway,
     BadRequest,
     MethodNotAllowed,
@@ -28,6 +28,7 @@ from .errors import (
     Timeout,
     Unavailable,
 )
+from ..core.service import SIGNATURES
 from .logs import call_fields
 from .protocol import (
     HEADER_CALLER,
@@ -38,7 +39,6 @@ from .protocol import (
     safe_params,
     task_name,
 )
-from .service import SIGNATURES
 
 if TYPE_CHECKING:
     import redis

@@ -1,14 +1,10 @@
 """An in-memory CRUD service that speaks the query language of Feathers database adapters.
 
 :class:`MemoryService` is the Python counterpart of ``@feathersjs/memory``: items are dicts kept in a dict
-keyed by id, queried with ``params["query"]``::
+keyed by id, queried with ``params["query"]`` in the language of :mod:`.matching` (conditions, ``$or`` /
+``$and``, and the ``$limit``, ``$skip``, ``$sort`` and ``$select`` filters)::
 
     {"age": {"$gte": 18}, "$or": [{"name": "Alice"}, {"name": "Bob"}], "$sort": {"name": 1}, "$limit": 10}
-
-Field conditions are equality, or an object of ``$in``, ``$nin``, ``$lt``, ``$lte``, ``$gt``, ``$gte`` and
-``$ne``; ``$or`` and ``$and`` take lists of sub-queries; ``$limit``, ``$skip``, ``$sort`` and ``$select`` are
-top-level filters. Values are compared as given: turning query strings into numbers belongs to the transport
-that parsed them. A missing field reads as ``None``. Any other ``$`` key is a :class:`~.errors.BadRequest`.
 
 Every item handed out is a deep copy, and every call holds one re-entrant lock, so worker threads may share
 a service.
@@ -17,168 +13,17 @@ a service.
 from __future__ import annotations
 
 import copy
-import functools
-import operator
 import threading
-from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
-from typing import Any, TypeAlias, TypeGuard
+from collections.abc import Collection, Mapping
+from typing import Any, TypeAlias
 
 from .errors import BadRequest, MethodNotAllowed, NotFound
+from .matching import Item, Params, Query, check_paginate, parse_query, sort_key
 from .service import Service
 
 __all__ = ["MemoryService"]
 
 Id: TypeAlias = int | str
-Item: TypeAlias = dict[str, Any]
-Params: TypeAlias = Mapping[str, Any]
-Predicate: TypeAlias = Callable[[Item], bool]
-
-_FILTERS = frozenset({"$limit", "$skip", "$sort", "$select"})
-_LISTS = (list, tuple, set, frozenset)
-_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
-    "$in": lambda value, arg: value in arg,
-    "$nin": lambda value, arg: value not in arg,
-    "$lt": operator.lt,
-    "$lte": operator.le,
-    "$gt": operator.gt,
-    "$gte": operator.ge,
-    "$ne": operator.ne,
-}
-
-
-@dataclass(frozen=True)
-class _Query:
-    """A validated ``params["query"]``: the item predicate and the filters."""
-
-    match: Predicate
-    sort: list[tuple[str, int]]
-    skip: int
-    limit: int | None
-    select: list[str] | None
-
-
-def _all(checks: list[Predicate]) -> Predicate:
-    return lambda item: all(check(item) for check in checks)
-
-
-def _any(checks: list[Predicate]) -> Predicate:
-    return lambda item: any(check(item) for check in checks)
-
-
-def _equals(field: str, expected: Any) -> Predicate:
-    return lambda item: bool(item.get(field) == expected)
-
-
-def _operator(field: str, name: str, arg: Any) -> Predicate:
-    if name not in _OPERATORS:
-        raise BadRequest(f"Invalid query parameter {name}")
-    if name in ("$in", "$nin"):
-        if not isinstance(arg, _LISTS):
-            raise BadRequest(f"{name} of '{field}' must be a list")
-        arg = list(arg)
-    compare = _OPERATORS[name]
-
-    def check(item: Item) -> bool:
-        try:
-            return bool(compare(item.get(field), arg))
-        except TypeError:  # values of different types (or None) are not ordered: no match, as in sift
-            return False
-
-    return check
-
-
-def _compile(query: Mapping[str, Any]) -> Predicate:
-    """Turn the conditions of a query (filters excluded) into a predicate, validating every operator."""
-    checks: list[Predicate] = []
-    for key, value in query.items():
-        if key in ("$or", "$and"):
-            if not isinstance(value, (list, tuple)) or not all(isinstance(q, Mapping) for q in value):
-                raise BadRequest(f"{key} must be a list of queries")
-            subs = [_compile(q) for q in value]
-            checks.append(_any(subs) if key == "$or" else _all(subs))
-        elif isinstance(key, str) and key.startswith("$"):
-            raise BadRequest(f"Invalid query parameter {key}")
-        elif isinstance(value, Mapping) and any(isinstance(k, str) and k.startswith("$") for k in value):
-            checks.extend(_operator(key, str(name), arg) for name, arg in value.items())
-        else:
-            checks.append(_equals(key, value))
-    return _all(checks)
-
-
-def _is_count(value: Any) -> TypeGuard[int]:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _count(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if not _is_count(value):
-        raise BadRequest(f"{name} must be a non-negative integer")
-    return value
-
-
-def _parse_sort(value: Any) -> list[tuple[str, int]]:
-    if value is None:
-        return []
-    if not isinstance(value, Mapping):
-        raise BadRequest("$sort must be an object of field: 1 | -1")
-    orders = []
-    for field, direction in value.items():
-        # "1" / "-1" are accepted like Feathers' own '.find + $sort + string' case.
-        if isinstance(direction, bool) or direction not in (1, -1, "1", "-1"):
-            raise BadRequest(f"$sort direction of '{field}' must be 1 or -1")
-        orders.append((str(field), int(direction)))
-    return orders
-
-
-def _parse_select(value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    if not isinstance(value, (list, tuple)) or not all(isinstance(field, str) for field in value):
-        raise BadRequest("$select must be a list of field names")
-    return list(value)
-
-
-def _parse_query(params: Params | None) -> _Query:
-    if params is not None and not isinstance(params, Mapping):
-        raise BadRequest("params must be an object")
-    query = (params or {}).get("query") or {}
-    if not isinstance(query, Mapping):
-        raise BadRequest("params['query'] must be an object")
-    conditions = {key: value for key, value in query.items() if key not in _FILTERS}
-    return _Query(
-        match=_compile(conditions),
-        sort=_parse_sort(query.get("$sort")),
-        skip=_count("$skip", query.get("$skip")) or 0,
-        limit=_count("$limit", query.get("$limit")),
-        select=_parse_select(query.get("$select")),
-    )
-
-
-def _compare(a: Any, b: Any) -> int:
-    """Order two field values: ``None`` (or missing) first, values of unrelated types by type name."""
-    if a is None or b is None:
-        return (a is not None) - (b is not None)
-    try:
-        return -1 if a < b else 1 if b < a else 0
-    except TypeError:
-        return (type(a).__name__ > type(b).__name__) - (type(a).__name__ < type(b).__name__)
-
-
-def _sort_key(field: str) -> Any:
-    return functools.cmp_to_key(lambda a, b: _compare(a.get(field), b.get(field)))
-
-
-def _check_paginate(value: Any, error: type[Exception]) -> Mapping[str, Any] | None:
-    if not value:
-        return None
-    if not isinstance(value, Mapping):
-        raise error("paginate must be False or {'default': int, 'max': int}")
-    for key in ("default", "max"):
-        if value.get(key) is not None and not _is_count(value[key]):
-            raise error(f"paginate {key} must be a non-negative integer")
-    return value
 
 
 class MemoryService(Service):
@@ -205,7 +50,7 @@ class MemoryService(Service):
         store: Mapping[Id, Mapping[str, Any]] | None = None,
     ) -> None:
         self.id_field = id_field
-        self.paginate = _check_paginate(paginate, ValueError)
+        self.paginate = check_paginate(paginate, ValueError)
         if not isinstance(multi, bool):
             multi = frozenset([multi] if isinstance(multi, str) else multi)
         self.multi: bool | Collection[str] = multi
@@ -227,7 +72,7 @@ class MemoryService(Service):
         Raises:
             BadRequest: the query or the paging options are malformed.
         """
-        query = _parse_query(params)
+        query = parse_query(params)
         paginate = self._paginate_option(params)
         limit = query.limit
         if paginate is not None:
@@ -237,7 +82,7 @@ class MemoryService(Service):
         with self._lock:
             matches = [item for item in self._store.values() if query.match(item)]
             for field, direction in reversed(query.sort):  # stable sorts, least significant key first
-                matches.sort(key=_sort_key(field), reverse=direction < 0)
+                matches.sort(key=sort_key(field), reverse=direction < 0)
             end = None if limit is None else query.skip + limit
             data = [self._select(item, query.select) for item in matches[query.skip : end]]
         if paginate is not None and paginate.get("default"):
@@ -251,7 +96,7 @@ class MemoryService(Service):
             NotFound: no item has this id, or it does not match the query.
             BadRequest: the query is malformed.
         """
-        query = _parse_query(params)
+        query = parse_query(params)
         with self._lock:
             return self._select(self._get_item(id, query), query.select)
 
@@ -277,7 +122,7 @@ class MemoryService(Service):
             batch = [data]
         if not all(isinstance(entry, Mapping) for entry in batch):
             raise BadRequest("Data must be an object or a list of objects")
-        query = _parse_query(params)
+        query = parse_query(params)
         items = [copy.deepcopy(dict(entry)) for entry in batch]
         for item in items:
             self._check_id(item.get(self.id_field))
@@ -300,7 +145,7 @@ class MemoryService(Service):
             raise BadRequest("You can not replace multiple instances. Did you mean 'patch'?")
         if not isinstance(data, Mapping):
             raise BadRequest("Data must be an object")
-        query = _parse_query(params)
+        query = parse_query(params)
         item = {**copy.deepcopy(dict(data)), self.id_field: id}
         with self._lock:
             self._get_item(id, query)
@@ -326,7 +171,7 @@ class MemoryService(Service):
             raise MethodNotAllowed("Can not patch multiple entries")
         if not isinstance(data, Mapping):
             raise BadRequest("Data must be an object")
-        query = _parse_query(params)
+        query = parse_query(params)
         # Copied once: stored items are never mutated in place, so they may share these values.
         changes = {key: copy.deepcopy(value) for key, value in data.items() if key != self.id_field}
         with self._lock:
@@ -349,7 +194,7 @@ class MemoryService(Service):
         """
         if id is None and not self._allows_multi("remove"):
             raise MethodNotAllowed("Can not remove multiple entries")
-        query = _parse_query(params)
+        query = parse_query(params)
         with self._lock:
             removed = []
             for key, item in self._targets(id, query):
@@ -362,7 +207,7 @@ class MemoryService(Service):
 
     def _paginate_option(self, params: Params | None) -> Mapping[str, Any] | None:
         if params is not None and "paginate" in params:
-            return _check_paginate(params["paginate"], BadRequest)
+            return check_paginate(params["paginate"], BadRequest)
         return self.paginate
 
     @staticmethod
@@ -379,7 +224,7 @@ class MemoryService(Service):
         self._next_id += 1
         return self._next_id - 1
 
-    def _get_item(self, id: Id, query: _Query) -> Item:
+    def _get_item(self, id: Id, query: Query) -> Item:
         """The stored item with ``id`` if it matches ``query`` (called with the lock held)."""
         try:
             item = self._store.get(id)
@@ -389,7 +234,7 @@ class MemoryService(Service):
             raise NotFound(f"No record found for id '{id}'")
         return item
 
-    def _targets(self, id: Id | None, query: _Query) -> list[tuple[Id, Item]]:
+    def _targets(self, id: Id | None, query: Query) -> list[tuple[Id, Item]]:
         """The ``(key, item)`` pairs a patch or remove works on (called with the lock held)."""
         if id is None:
             return [(key, item) for key, item in self._store.items() if query.match(item)]

@@ -1,0 +1,129 @@
+"""Commands that run a process: ``worker``, ``serve``, ``flower``, ``demo``, and ``ping`` of workers."""
+
+from __future__ import annotations
+
+import importlib
+import signal
+import socket
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from ..distribution import finalize, logs, make_celery
+from .app import EXIT_SERVER_ERROR, Options, _exit_on_sigterm, _failures, app, load_target
+
+__all__ = []
+
+
+#: Options passed through to ``celery worker`` / ``celery flower`` untouched.
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _given(args: list[str], *names: str) -> bool:
+    return any(
+        arg == name or arg.startswith(name + ("=" if name.startswith("--") else ""))
+        for arg in args
+        for name in names
+    )
+
+
+@app.command(context_settings=PASS_THROUGH)
+def worker(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Argument(metavar="MODULE:ATTR", help="The services App or its Celery app.")],
+) -> None:
+    """Run a Celery worker for the app's key: celery worker -Q KEY -E, plus the options given after it.
+
+    Example: celery-services worker workers.articles:app -P solo -c 1
+    """
+    options: Options = ctx.obj
+    with _failures():
+        distribution = load_target(target)
+    argv = ["worker", "-E"]
+    if not _given(ctx.args, "-Q", "--queues"):
+        argv += ["-Q", distribution.key]
+    if not _given(ctx.args, "-l", "--loglevel"):
+        argv += ["--loglevel", options.log_level]
+    from celery import signals
+
+    # The worker replaces sys.stderr with a proxy that logs: the lines must go to the real stream.
+    logs.configure(options.log_level, stream=sys.stderr)
+    # Celery configures the worker's logging: keep its lines, add the call fields to them.
+    signals.after_setup_logger.connect(_decorate_handlers, weak=False)
+    signals.after_setup_task_logger.connect(_decorate_handlers, weak=False)
+    code = distribution.celery.worker_main([*argv, *ctx.args])
+    raise typer.Exit(int(code or 0))
+
+
+def _decorate_handlers(logger: Any = None, **_: Any) -> None:
+    if logger is not None:
+        logs.decorate(logger.handlers)
+
+
+@app.command()
+def serve(
+    target: Annotated[str, typer.Argument(metavar="MODULE:ATTR", help="The services App or its Celery app.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+) -> None:
+    """Serve an app's services over HTTP (REST and the healthcheck), with celery_services.http."""
+    with _failures():
+        api = load_target(target).app
+    http = importlib.import_module("celery_services.http")  # optional dependencies: pip install .[http]
+    # uvicorn shuts down on SIGTERM, then raises it again: exit through Python so the app is finalized
+    # (manifest withdrawn, event queue deleted) rather than killed.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        http.serve(api, host=host, port=port)
+    finally:
+        finalize(api)
+
+
+@app.command(context_settings=PASS_THROUGH)
+def flower(ctx: typer.Context) -> None:
+    """Run Flower (celery flower) on the configured broker; the options after it go to Flower.
+
+    Flower's REST API answers 401 unless basic auth is set (--basic-auth=user:password, or the
+    FLOWER_BASIC_AUTH variable) or FLOWER_UNAUTHENTICATED_API=true is in the environment.
+    Example: celery-services flower --port=5555 --basic-auth=admin:secret
+    """
+    options: Options = ctx.obj
+    celery = make_celery(options.settings())
+    code = celery.start(["flower", *ctx.args])
+    raise typer.Exit(int(code or 0))
+
+
+@app.command()
+def demo() -> None:
+    """Run the guided demo: two provider replicas, a gateway, calls, events, a replica killed, health.
+
+    Without CELERY_SERVICES_BROKER_URL an embedded Redis is started (and stopped) for it.
+    """
+    from .demo import run
+
+    raise typer.Exit(run())
+
+
+@app.command()
+def ping(
+    ctx: typer.Context,
+    nodes: Annotated[
+        list[str] | None, typer.Argument(help="Worker node names (default: celery@<this host>).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answers.")] = 3.0,
+) -> None:
+    """Ping Celery workers by node name: 0 when every one answers (a container's health check)."""
+    wanted = list(nodes or [f"celery@{socket.gethostname()}"])
+    celery = make_celery(ctx.obj.settings())
+    try:
+        with _failures():
+            replies = celery.control.ping(destination=wanted, timeout=timeout)
+    finally:
+        celery.close()
+    answered = {node for reply in replies for node in reply}
+    missing = [node for node in wanted if node not in answered]
+    for node in wanted:
+        typer.echo(f"{node}: {'pong' if node in answered else 'no answer'}")
+    if missing:
+        raise typer.Exit(EXIT_SERVER_ERROR)

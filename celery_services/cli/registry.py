@@ -1,0 +1,128 @@
+"""Commands that read the registry and ask the providers: ``services`` and ``health``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..core.errors import NotFound, Unavailable
+from ..distribution.manifest import KeyInfo
+from ..distribution.registry import Registry
+from .app import JsonOption, Options, _consumer, _failures, app
+
+__all__ = ["collisions", "registry_rows", "registry_table"]
+
+
+def registry_rows(rows: list[KeyInfo]) -> list[dict[str, Any]]:
+    """The registry's keys as JSON-safe dicts: instances with heartbeat ages, and services."""
+    return [
+        {
+            "key": row.key,
+            "instances": [
+                {
+                    "instance": inst.instance,
+                    "host": inst.host,
+                    "pid": inst.pid,
+                    "heartbeat_age": round(inst.heartbeat_age, 3),
+                    "services": [service.model_dump() for service in inst.services],
+                }
+                for inst in row.instances
+            ],
+        }
+        for row in rows
+    ]
+
+
+def collisions(rows: list[KeyInfo]) -> dict[str, list[str]]:
+    """Paths offered by several keys: path → the keys offering it, sorted."""
+    offered: dict[str, set[str]] = {}
+    for row in rows:
+        for inst in row.instances:
+            for service in inst.services:
+                offered.setdefault(service.path, set()).add(row.key)
+    return {path: sorted(keys) for path, keys in sorted(offered.items()) if len(keys) > 1}
+
+
+def registry_table(rows: list[KeyInfo], title: str | None = None) -> Table:
+    """A table of the registry: one line per (key, path), the instances and heartbeat ages per key."""
+    table = Table(title=title, title_justify="left")
+    for column in ("key", "instances", "heartbeat age", "path", "methods", "events"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        ages = [inst.heartbeat_age for inst in row.instances]
+        low, high = f"{min(ages):.1f}", f"{max(ages):.1f}"
+        age = f"{low} s" if low == high else f"{low}-{high} s"
+        merged: dict[str, tuple[dict[str, None], dict[str, None]]] = {}
+        for inst in row.instances:
+            for service in inst.services:
+                methods, events = merged.setdefault(service.path, ({}, {}))
+                methods.update(dict.fromkeys(service.methods))
+                events.update(dict.fromkeys(service.events))
+        lines = sorted(merged.items()) or [("-", ({}, {}))]
+        for index, (path, (methods, events)) in enumerate(lines):
+            head = (row.key, str(len(row.instances)), age) if index == 0 else ("", "", "")
+            table.add_row(*head, path, ", ".join(methods), ", ".join(events))
+    return table
+
+
+@app.command()
+def services(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """List the live apps of the registry: instances, heartbeat ages, services, and path collisions."""
+    settings = ctx.obj.settings()
+    with _failures(), Registry(settings.resolved_registry_url(), prefix=settings.registry_prefix) as registry:
+        rows = registry.list()
+    if as_json:
+        typer.echo(json.dumps({"keys": registry_rows(rows), "collisions": collisions(rows)}, indent=2))
+        return
+    out = Console(highlight=False)
+    if not rows:
+        out.print(
+            f"No live app in the registry '{settings.registry_prefix}' of {settings.resolved_registry_url()}"
+        )
+        return
+    out.print(registry_table(rows))
+    for path, keys in collisions(rows).items():
+        out.print(f"[yellow]collision[/]: '{path}' is offered by {', '.join(keys)}")
+
+
+@app.command()
+def health(
+    ctx: typer.Context,
+    key: Annotated[str | None, typer.Argument(help="An app key (default: every app).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Ask the providers whether their services are up: 0 when all are, 4 unknown key, 5 one is down."""
+    options: Options = ctx.obj
+    # Proxies mounted at "key/path": services of different apps at the same path never collide here.
+    with (
+        _failures(),
+        _consumer(
+            options,
+            remote_services=[key] if key else ["*"],
+            remote_service_path=lambda info: f"{info.key}/{info.path}",
+        ) as distribution,
+    ):
+        try:
+            answer = distribution.healthcheck(key)
+            if not answer:
+                raise NotFound("No remote services in the registry")
+        except Unavailable as exc:
+            answer = exc.data if isinstance(exc.data, dict) else {}
+            _print_health(answer, key, as_json)
+            raise
+    _print_health(answer, key, as_json)
+
+
+def _print_health(answer: dict[str, bool], key: str | None, as_json: bool) -> None:
+    shown = {local.split("/", 1)[1] if key else local: up for local, up in sorted(answer.items())}
+    if as_json:
+        typer.echo(json.dumps(shown))
+        return
+    table = Table("service", "up")
+    for path, up in shown.items():
+        table.add_row(path, "[green]yes[/]" if up else "[red]no[/]")
+    Console().print(table)

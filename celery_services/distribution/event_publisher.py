@@ -1,0 +1,191 @@
+"""The publishing half of the event bus: a producer connection that never blocks nor raises into a service.
+
+:class:`EventPublisher` sends routing keys and JSON bodies made by :class:`~.events.EventBus` (which owns it
+and holds the wire format) over one producer connection, built by the bus's :class:`~.events.Broker` like
+every connection of the bus. It bounds what a broker in trouble costs a service call: one retry, a lock
+taken with a timeout, then a cooldown during which publishes fail at once; and it counts what it drops,
+reporting the drops at WARNING at most every few seconds.
+
+On Redis there is no broker-side routing: kombu's producer routes each message itself, from the binding set
+``_kombu.binding.<exchange>`` that the consuming half keeps right (see :mod:`.event_consumer`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import kombu.messaging
+
+if TYPE_CHECKING:
+    from .events import Broker
+
+__all__ = ["EventPublisher"]
+
+log = logging.getLogger("celery_services.events")  # the bus's one logger (see events.py)
+
+# kombu ships some inline hints but leaves its API unannotated: typed as an Any-returning callable here
+Producer: Callable[..., Any] = kombu.messaging.Producer
+
+_COOLDOWN = (0.5, 5.0)  # after broker errors, publishes fail at once for 0.5 s, doubling up to 5 s
+# A busy provider emits many events per second: while the broker is down, one WARNING per event would
+# bury everything else, and a single one would hide how much was lost. Counts are reported this often.
+_REPORT_INTERVAL = 5.0
+_LOCK_TIMEOUT = 1.0
+
+
+@dataclass
+class _Outage:
+    """Events dropped since the broker stopped taking them, and what was reported of them."""
+
+    since: float  # time.time() of the first drop
+    error: str = ""  # the last broker error
+    dropped: int = 0
+    reported: int = 0  # dropped as of the last WARNING
+    next_report: float = 0.0  # time.monotonic() before which no WARNING is logged
+
+
+class EventPublisher:
+    """Publishes encoded events on ``exchange``; thread-safe, never raises.
+
+    Args:
+        broker: where the broker is and how to connect to it (shared with the consuming half).
+        exchange: the kombu topic exchange, declared once per producer connection.
+
+    Attributes:
+        published: events the broker took.
+        dropped: events the broker could not take (down, erroring, or a publish stuck on it).
+        publish_failures: ``dropped`` plus the events :meth:`reject` counted.
+    """
+
+    def __init__(self, broker: Broker, exchange: Any) -> None:
+        self.broker, self.exchange = broker, exchange
+        self.published = self.publish_failures = self.dropped = 0
+        self._publish_lock, self._count_lock = threading.Lock(), threading.Lock()
+        self._producer: Any = None  # guarded by _publish_lock
+        self._down_until, self._cooldown = 0.0, _COOLDOWN[0]
+        self._outage: _Outage | None = None  # guarded by _count_lock
+        self._last_error = ""
+        self._closed = False
+
+    def publish(self, routing_key: str, payload: str) -> bool:
+        """Publish one JSON ``payload`` under ``routing_key``; returns whether the broker took it.
+
+        On a broker error: counts the event in ``dropped`` (and ``publish_failures``), returns False, and
+        fails fast for a moment (0.5 s, doubling on each failure up to 5 s); the drops are reported at
+        WARNING, rate-limited, and once more when publishing recovers.
+        """
+        if time.monotonic() < self._down_until:
+            return self._dropped(routing_key, self._last_error)
+        if not self._publish_lock.acquire(timeout=_LOCK_TIMEOUT):
+            return self._dropped(routing_key, "a publish is stuck on it")
+        try:
+            if self._producer is None:
+                conn = self.broker.connection()
+                conn.ensure_connection(**self.broker.retry_policy)
+                channel = conn.channel()
+                self.exchange(channel).declare()  # once, not re-checked on every publish
+                self._producer = Producer(channel, exchange=self.exchange, auto_declare=False)
+            self._producer.publish(
+                payload,
+                routing_key=routing_key,
+                content_type="application/json",
+                content_encoding="utf-8",
+                delivery_mode=2,
+                retry=True,
+                retry_policy=self.broker.retry_policy,
+            )
+            self.published += 1
+            self._cooldown = _COOLDOWN[0]
+            if self._outage is not None:
+                self._recovered()
+            return True
+        except Exception as exc:
+            self._release_producer()
+            self._down_until = time.monotonic() + self._cooldown
+            self._cooldown = min(self._cooldown * 2, _COOLDOWN[1])
+            self._last_error = repr(exc)
+            return self._dropped(routing_key, self._last_error)
+        finally:
+            self._publish_lock.release()
+
+    def reject(self, msg: str, *args: Any) -> bool:
+        """Count one event that could not be encoded in ``publish_failures``, log ``msg % args`` (WARNING).
+
+        Returns:
+            False, for ``return publisher.reject(...)``.
+        """
+        with self._count_lock:
+            self.publish_failures += 1
+        log.warning(msg, *args)
+        return False
+
+    def _dropped(self, key: str, error: str) -> bool:
+        """Count one event the broker did not take; WARNING with the counts at most every few seconds."""
+        now = time.monotonic()
+        with self._count_lock:
+            self.publish_failures += 1
+            self.dropped += 1
+            outage = self._outage
+            if outage is None:
+                outage = self._outage = _Outage(since=time.time())
+            outage.dropped += 1
+            outage.error = error or outage.error
+            report = now >= outage.next_report
+            if report:
+                outage.next_report, outage.reported = now + _REPORT_INTERVAL, outage.dropped
+            count, since, error = outage.dropped, outage.since, outage.error
+        if report:
+            log.warning(
+                "%s dropped since %s, broker down: %s", _events(count), _clock(since), error or "unknown"
+            )
+        else:
+            log.debug("event %s dropped: broker down", key)
+        return False
+
+    def _recovered(self) -> None:
+        with self._count_lock:
+            outage, self._outage = self._outage, None
+        if outage is not None:
+            # WARNING, not INFO: the last rate-limited WARNING may have missed drops; this gives the total
+            # to whoever watches warnings only.
+            log.warning("event publishing recovered after %d dropped events", outage.dropped)
+
+    def _release_producer(self) -> None:
+        if self._producer is not None:
+            self.broker.release(self._producer.connection)
+        self._producer = None
+
+    def release(self) -> None:
+        """Release the producer connection, once no publish is using it (the next publish makes another)."""
+        with self._publish_lock:
+            self._release_producer()
+
+    def close(self) -> None:
+        """Report the drops the last WARNING did not count, release the producer connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._count_lock:
+            outage = self._outage
+        if outage is not None and outage.dropped > outage.reported:  # else the last WARNING said it all
+            log.warning(
+                "%s dropped since %s, broker down: %s",
+                _events(outage.dropped),
+                _clock(outage.since),
+                outage.error or "unknown",
+            )
+        self.release()
+
+
+def _events(count: int) -> str:
+    return f"{count} event{'' if count == 1 else 's'}"
+
+
+def _clock(stamp: float) -> str:
+    """``time.time()`` as local ``HH:MM:SS.mmm``, for log lines."""
+    return time.strftime("%H:%M:%S", time.localtime(stamp)) + f".{int(stamp % 1 * 1000):03d}"

@@ -1,0 +1,146 @@
+"""What a distribution does inside a Celery worker, through Celery's signals.
+
+- ``worker_init``: remembers the pool (a prefork pool cannot serve a service mounted after it forked, so
+  :meth:`WorkerSignals.check_mount` refuses it) and the worker controller (its consumer learns the tasks of
+  services mounted later);
+- ``worker_ready``: starts the lease keeper in the consumer's process (the parent of a prefork pool);
+- ``task_received``: leases each call of the key's queue (:mod:`.lease`);
+- ``task_unknown``: answers at once a call the worker does not serve, instead of letting Celery drop it;
+- ``worker_shutdown``: finalizes the app, so a warm stop withdraws the manifest at once.
+
+Each handler ignores workers of other Celery apps in the same process.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+from celery import signals
+
+from ..core.errors import MethodNotAllowed
+from ..core.service import ServiceWrapper
+from .protocol import HEADER_DEADLINE, HEADER_REPLY, reply_key, split_task_name
+
+if TYPE_CHECKING:
+    from .distribution import Distribution
+
+__all__ = ["IN_PROCESS_POOLS", "WorkerSignals"]
+
+#: Pools whose tasks run in the worker's own process, where a service mounted later can still be served.
+IN_PROCESS_POOLS = frozenset({"solo", "thread", "threads", "eventlet", "gevent"})
+
+
+class WorkerSignals:
+    """The Celery worker signals of one distribution, connected by :meth:`connect`.
+
+    Attributes:
+        pool: the pool of the worker running in this process (``None`` outside a worker).
+        controller: that worker's controller, once it started.
+    """
+
+    def __init__(self, distribution: Distribution) -> None:
+        self.distribution = distribution
+        self.pool: str | None = None
+        self.controller: Any = None
+
+    def connect(self) -> None:
+        """Connect the handlers (strongly: the distribution owns them)."""
+        for signal, handler in self._handlers():
+            signal.connect(handler, weak=False)
+
+    def disconnect(self) -> None:
+        """Disconnect the handlers."""
+        for signal, handler in self._handlers():
+            signal.disconnect(handler)
+
+    def _handlers(self) -> list[tuple[Any, Any]]:
+        return [
+            (signals.worker_init, self._on_worker_init),
+            (signals.worker_process_init, self._on_worker_process_init),
+            (signals.worker_ready, self._on_worker_ready),
+            (signals.task_received, self._on_task_received),
+            (signals.task_unknown, self._on_task_unknown),
+            (signals.worker_shutdown, self._on_worker_shutdown),
+        ]
+
+    def _ours(self, sender: Any) -> bool:
+        return getattr(sender, "app", None) is self.distribution.celery
+
+    def check_mount(self, wrapper: ServiceWrapper) -> None:
+        """Refuse a service a running prefork worker could never serve (its children were forked before)."""
+        pool = self.pool
+        if (
+            pool is None
+            or pool.rsplit(".", 1)[-1] in IN_PROCESS_POOLS
+            or not self.distribution.exposable_methods(wrapper)
+        ):
+            return
+        raise RuntimeError(
+            f"Cannot expose '{wrapper.path}' after the worker started: its {pool} pool runs calls in child "
+            "processes that were forked before this service existed and would never serve it. Mount it at "
+            "import of the app module (before the worker starts), or run the worker with "
+            "`--pool threads` / `--pool solo` (or an embedded worker) to add services at run time."
+        )
+
+    def learn_tasks(self) -> None:
+        """Let the consumer of a worker in this very process learn the tasks registered since it started."""
+        consumer = getattr(self.controller, "consumer", None)
+        if consumer is not None:
+            consumer.update_strategies()
+
+    def _on_worker_init(self, sender: Any = None, **_: Any) -> None:
+        if sender is not None and self._ours(sender):
+            pool_cls = getattr(sender, "pool_cls", None)
+            name = pool_cls if isinstance(pool_cls, str) else getattr(pool_cls, "__module__", "")
+            self.pool = str(name or "prefork")
+            self.controller = sender
+
+    def _on_worker_process_init(self, **_: Any) -> None:
+        self.pool = "prefork"
+
+    def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
+        lease = self.distribution.lease
+        if lease is not None and self._ours(sender):
+            lease.start()
+
+    def _on_worker_shutdown(self, sender: Any = None, **_: Any) -> None:
+        distribution = self.distribution
+        if self._ours(sender) and distribution.app.distribution is distribution:
+            from .distribution import finalize  # the module that imports this one
+
+            finalize(distribution.app)
+
+    def _on_task_received(self, sender: Any = None, request: Any = None, **_: Any) -> None:
+        # The consumer holds the message (prefork children never see it): lease it from here. Only calls
+        # of this key's queue: the restore gives a call back to that queue.
+        lease = self.distribution.lease
+        if lease is None or request is None or not self._ours(sender):
+            return
+        message = getattr(request, "message", None)
+        delivery = getattr(message, "delivery_info", None) or {}
+        tag = getattr(message, "delivery_tag", None)
+        if tag and delivery.get("routing_key") == self.distribution.key:
+            lease.hold(str(tag))
+
+    def _on_task_unknown(
+        self, sender: Any = None, message: Any = None, name: str = "", id: str = "", **_: Any
+    ) -> None:
+        # A call this worker does not serve (a newer caller, an older provider): Celery drops it, so the
+        # caller is answered here at once instead of waiting out its timeout.
+        if not self._ours(sender) or message is None:
+            return
+        headers = getattr(message, "headers", None) or {}
+        if not headers.get(HEADER_REPLY):
+            return
+        key, path, method = split_task_name(name)
+        deadline = headers.get(HEADER_DEADLINE)
+        error = MethodNotAllowed(
+            f"No instance of '{key}' serving this call offers '{path}.{method}' (task '{name}' unknown)",
+            {"key": key, "path": path, "method": method},
+        )
+        self.distribution.replies.push(
+            reply_key(self.distribution.settings.registry_prefix, str(id)),
+            json.dumps({"error": error.to_dict()}),
+            float(deadline) if deadline is not None else None,
+        )
