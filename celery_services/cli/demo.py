@@ -8,6 +8,8 @@ Without ``CELERY_SERVICES_BROKER_URL`` it starts an embedded Redis and stops it 
 yours it keeps to a registry prefix and event exchange of its own, refuses to start beside a live ``my-app``,
 and removes what it created (its registry and reply keys, the ``my-app`` queue and bindings, its workers'
 control bindings) whatever happens, Ctrl-C included.
+
+One piece, past 300 lines: a script of numbered steps told in order, which reads best as one file.
 """
 
 from __future__ import annotations

@@ -3,6 +3,9 @@
 A call is one task message published through a pooled producer, and one ``BLPOP`` on a reply list the
 provider fills (see :mod:`.provider`). Celery's own ``send_task().get()`` would also subscribe
 to a result channel, ``GET`` the meta key and poll: not needed when the provider answers on a list.
+
+One piece, past 300 lines: the call path is kept in one module so that its speed choices (one producer per
+thread, one read of the reply) stay local, as DESIGN §6 asks.
 """
 
 from __future__ import annotations

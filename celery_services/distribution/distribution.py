@@ -3,6 +3,10 @@
 ``distribute(app, settings)`` builds (or adopts) the Celery app, registers a task per exposed method,
 and returns the :class:`Distribution` that owns the parts: the call transport, the registry (manifest,
 heartbeat, discovery of remote services) and the event bus; ``finalize(app)`` stops them.
+
+One piece, past 300 lines, because it is the owner: the parts' construction, start order and reverse stop
+order, and the wiring between them (exposed services → tasks, manifest and events; proxies → bindings) are the
+one thing it knows; each part lives in its own module.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ Traps of kombu's Redis transport handled here:
 - a restored unacked message is re-routed to every bound queue: broadcast consumers run without ack emulation,
   group consumers keep unacked events under their own keys (Celery's visibility timeout stays untouched):
   :meth:`~EventConsumer._connection`.
+
+One piece, past 300 lines: the queue, its bindings (at the broker and in kombu's Redis tables) and the thread
+draining it must agree on one state under one lock.
 """
 
 from __future__ import annotations

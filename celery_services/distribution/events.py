@@ -16,6 +16,9 @@ The bus is split in three modules, and only this one knows the wire format:
 and a JSON body for the publisher, and the bodies the consumer receives back into envelopes for
 ``on_event``. The halves move routing keys and JSON bodies and never import this module at run time, so the
 imports run one way: this module imports them.
+
+One piece, past 300 lines: the wire format and the bus that owns both halves; most of its length is the bus's
+delegating interface, kept so callers hold one object.
 """
 
 from __future__ import annotations

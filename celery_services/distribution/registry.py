@@ -7,6 +7,9 @@ of deaths from one ``EXISTS`` over its known entries every quarter heartbeat (Re
 touches or samples) and from expiry notifications (``__keyevent@{db}__:expired``) where the server's operator
 enabled them (the library never changes ``notify-keyspace-events``: server configuration is shared by every
 app on it), and rescans periodically as a backstop for anything pub/sub lost (e.g. while reconnecting).
+
+One piece, past 300 lines: the publishing side and the watcher share the key layout, the connection and the
+live view, and the watcher's loop (subscribe, snapshot, listen, probe, rescan) only reads right in one place.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ service filters. Where the values come from (keyword arguments, ``CELERY_SERVICE
 ``config/{CELERY_SERVICES_ENV}.toml`` and the ``[distribution]`` table of ``config/default.toml``) is
 :mod:`.config`; :meth:`DistributionSettings.load` reads them all. Filters and hooks that are functions can
 only be given in code.
+
+One piece, past 300 lines: a pydantic model is its fields and their validators, each field documented where it
+is declared.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ Types (``qs`` yields strings only; Feathers' adapters convert what they know the
   Leading zeros (``007``), ``+1``, ``1e3``, ``NaN`` and ``Infinity`` always stay strings.
 
 :func:`parse_id` applies the integer rule to the id of ``/articles/<id>``.
+
+One piece, past 300 lines: one parser, whose limits and coercion rules are read together.
 """
 
 from __future__ import annotations
