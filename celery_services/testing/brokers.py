@@ -17,7 +17,7 @@ import redis
 
 from .workers import wait_for
 
-__all__ = ["BrokerUnavailable", "EmbeddedRedis", "RedisServer", "free_port"]
+__all__ = ["BrokerProcess", "BrokerUnavailable", "EmbeddedRedis", "RedisServer", "free_port"]
 
 
 class EmbeddedRedis:
@@ -112,7 +112,44 @@ def _wait_exit(process: subprocess.Popen[bytes], timeout: float) -> bool:
         return False
 
 
-class RedisServer:
+class BrokerProcess:
+    """A broker server process of your own, in a directory of its own: what restarts and clean-up share.
+
+    Subclasses start and stop the process; the directory ``dir`` goes with :meth:`close`.
+    """
+
+    dir: Path
+
+    def start(self) -> Self:
+        """Start the server and return once it answers."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Stop the server (only the processes this object started)."""
+        raise NotImplementedError
+
+    def restart(self, down_for: float = 0.0) -> None:
+        """Stop, stay down ``down_for`` seconds, start again on the same ports; returns once it answers."""
+        self.stop()
+        if down_for > 0:
+            time.sleep(down_for)  # the outage itself, not a wait for something to happen
+        self.start()
+
+    def close(self) -> None:
+        """Stop the server and remove its directory."""
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class RedisServer(BrokerProcess):
     """A ``redis-server`` of your own, for tests that stop, crash or restart the broker.
 
     Loopback, a free port kept across restarts (below the ephemeral range, so no client socket takes it
@@ -204,23 +241,3 @@ class RedisServer:
         if process is not None and process.poll() is None:
             process.kill()
             process.wait(timeout=5)
-
-    def restart(self, down_for: float = 0.0) -> None:
-        """Stop, stay down ``down_for`` seconds, start again on the same port; returns once it answers."""
-        self.stop()
-        if down_for > 0:
-            time.sleep(down_for)  # the outage itself, not a wait for something to happen
-        self.start()
-
-    def close(self) -> None:
-        """Stop the server and remove its directory."""
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()

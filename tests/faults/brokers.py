@@ -24,7 +24,6 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from celery_services import (
@@ -38,7 +37,14 @@ from celery_services import (
     finalize,
 )
 from celery_services.testing import wait_for
-from celery_services.testing.brokers import BrokerUnavailable, RedisServer, _tail, _wait_exit, free_port
+from celery_services.testing.brokers import (
+    BrokerProcess,
+    BrokerUnavailable,
+    RedisServer,
+    _tail,
+    _wait_exit,
+    free_port,
+)
 
 __all__ = [
     "EVENTS",
@@ -144,7 +150,7 @@ def _tcp_answers(port: int) -> bool:
         return False
 
 
-class PrivateRabbitMQ:
+class PrivateRabbitMQ(BrokerProcess):
     """A RabbitMQ node of the test's own: its own node name, ports, data, logs and ``epmd``.
 
     Nothing of the system's RabbitMQ is used or touched: the node reads no system configuration file,
@@ -297,26 +303,6 @@ class PrivateRabbitMQ:
         epmd, self.epmd = self.epmd, None
         if epmd is not None:
             _stop_group(epmd, 5.0)
-
-    def restart(self, down_for: float = 0.0) -> None:
-        """Stop the node, stay down ``down_for`` seconds, and start it again (same node, ports and data)."""
-        self.stop()
-        if down_for > 0:
-            time.sleep(down_for)  # the outage itself, not a wait for something to happen
-        self.start()
-
-    def close(self) -> None:
-        """Stop everything and remove the node's directory."""
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
 
 
 def _group_alive(pgid: int) -> bool:
