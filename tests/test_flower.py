@@ -1,25 +1,125 @@
-"""Flower sees the calls: a real Flower process (``celery-services flower``), a real worker, real calls."""
+"""Flower sees the calls, and never the caller's credentials: a real Flower process (``celery-services
+flower``) behind its basic auth, a real worker, real calls, on Redis and on RabbitMQ.
+
+What Flower shows of a call comes from the worker's task events; :class:`TaskEvents` receives them the way
+Flower does (a Celery event receiver), for tests that check the events themselves (tests/test_calls.py).
+"""
 
 from __future__ import annotations
 
+import ast
+import json
 import os
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import httpx
 import pytest
+from celery import Celery
 
 from celery_services import App, DistributionSettings, NotFound, distribute, finalize
 from celery_services.testing import wait_for
 
 from .support import Provider, cleanup, provider_env, purge_prefix
 from .test_cli import CLI, FLOWER_COMMAND
+
+#: The secrets a call carries in ``user``, ``authentication`` and its credential headers.
+SECRETS = ("hunter2", "tok-123", "s3cret", "k-456", "px-888", "sc-999", "pw-000", "cs-111", "ak-222")
+#: Request headers that carry credentials (any case): their values are masked in what Flower shows.
+CREDENTIAL_HEADERS = {
+    "authorization": "Bearer tok-123",
+    "cookie": "sid=s3cret",
+    "x-api-key": "k-456",
+    "Proxy-Authorization": "Basic px-888",
+    "set-cookie": "sid=sc-999",
+    "X-Auth-Token": "tok-123",
+    "x-db-password": "pw-000",
+    "x-client-secret": "cs-111",
+    "x-apikey": "ak-222",
+    "x-csrf-token": "tok-123",
+}
+#: Request headers that carry none: they stay visible.
+PLAIN_HEADERS = {"accept": "application/json", "x-request-id": "req-visible", "user-agent": "pytest"}
+
+
+def credential_params(marker: str) -> dict[str, Any]:
+    """Params of a call from a gateway with ``authentication=True``: identity, credentials, a marker."""
+    return {
+        "query": {"marker": marker},
+        "provider": "rest",
+        "user": {"email": "ada@example.com", "password": "hunter2"},
+        "authentication": {"strategy": "jwt", "accessToken": "tok-123"},
+        "headers": {**CREDENTIAL_HEADERS, **PLAIN_HEADERS},
+    }
+
+
+def assert_no_secret(shown: str) -> None:
+    leaked = [secret for secret in SECRETS if secret in shown]
+    assert not leaked, f"{leaked} shown in:\n{shown}"
+
+
+def assert_masked(kwargsrepr: str, marker: str) -> None:
+    """``kwargsrepr`` (what Flower and the worker's events show) masks every credential, and only those."""
+    assert_no_secret(kwargsrepr)
+    params = ast.literal_eval(kwargsrepr)["params"]
+    assert params["query"] == {"marker": marker}
+    assert params["provider"] == "rest"
+    assert params["user"] == "***" and params["authentication"] == "***"
+    assert {name: params["headers"][name] for name in CREDENTIAL_HEADERS} == dict.fromkeys(
+        CREDENTIAL_HEADERS, "***"
+    )
+    assert {name: params["headers"][name] for name in PLAIN_HEADERS} == PLAIN_HEADERS
+
+
+class TaskEvents:
+    """The task events of a broker, as Flower receives them: a Celery event receiver in a thread."""
+
+    def __init__(self, broker: str) -> None:
+        self.celery = Celery(broker=broker, set_as_current=False)
+        self._events: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> TaskEvents:
+        self._connection = self.celery.connection_for_read()
+        self._receiver = self.celery.events.Receiver(self._connection, handlers={"*": self._on_event})
+        self._thread = threading.Thread(target=self._capture, name="task-events", daemon=True)
+        self._thread.start()
+        return self
+
+    def _capture(self) -> None:
+        try:
+            self._receiver.capture(limit=None, timeout=None, wakeup=False)
+        except BaseException as exc:  # shown by the next received() call
+            self._error = exc
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            self._events.append(event)
+
+    def received(self, name: str) -> list[dict[str, Any]]:
+        """The ``task-received`` events of the task ``name`` so far."""
+        if self._error is not None:
+            raise RuntimeError("the event receiver failed") from self._error
+        with self._lock:
+            return [e for e in self._events if e["type"] == "task-received" and e.get("name") == name]
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._receiver.should_stop = True  # the receiver's loop checks it at least every second
+        self._thread.join(timeout=10)
+        self._connection.release()
+        self.celery.close()
 
 
 def free_port() -> int:
@@ -28,13 +128,47 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture
-def flower(redis_url: str) -> Iterator[str]:
-    """Flower on a free port of the test broker, its REST API open (FLOWER_UNAUTHENTICATED_API=true)."""
+@dataclass
+class Flower:
+    url: str
+    broker: str
+    auth: tuple[str, str]
+
+    def get(self, path: str, **params: Any) -> httpx.Response:
+        """``GET path`` with Flower's basic auth."""
+        return httpx.get(f"{self.url}{path}", params=params, auth=self.auth, timeout=5)
+
+    def tasks(self, name: str, **params: Any) -> dict[str, Any]:
+        """``/api/tasks`` for the task ``name``: its records by task id."""
+        answer = self.get("/api/tasks", taskname=name, **params)
+        assert answer.status_code == 200, answer.text
+        found: dict[str, Any] = answer.json()
+        return found
+
+
+#: Each broker's Flower takes its basic auth in one of the two spellings: FLOWER_BASIC_AUTH (as
+#: docker/compose.yml gives it) or --basic-auth (as `celery-services flower --help` shows).
+FLOWERS = [("redis", "FLOWER_BASIC_AUTH"), ("rabbitmq", "--basic-auth")]
+
+
+@pytest.fixture(scope="module", params=FLOWERS, ids=[f"{broker}-{auth}" for broker, auth in FLOWERS])
+def flower(request: pytest.FixtureRequest, redis_url: str) -> Iterator[Flower]:
+    """Flower on a free port of the broker, behind basic auth (its REST API open to no one else)."""
+    broker_name, spelling = request.param
+    broker = redis_url if broker_name == "redis" else str(request.getfixturevalue("rabbitmq_url"))
+    auth = ("admin", f"pw-{uuid.uuid4().hex[:12]}")
     port = free_port()
-    env = {**os.environ, "CELERY_SERVICES_BROKER_URL": redis_url, "FLOWER_UNAUTHENTICATED_API": "true"}
-    env.pop("FLOWER_BASIC_AUTH", None)
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("FLOWER_", "CELERY_SERVICES_"))
+    }
+    env.update(CELERY_SERVICES_BROKER_URL=broker, CELERY_SERVICES_RESULT_BACKEND=redis_url)
     command = [CLI, *FLOWER_COMMAND[1:-1], f"--port={port}", "--address=127.0.0.1"]
+    if spelling == "FLOWER_BASIC_AUTH":
+        env["FLOWER_BASIC_AUTH"] = ":".join(auth)
+    else:
+        command.append(f"--basic-auth={':'.join(auth)}")
     with tempfile.NamedTemporaryFile(prefix="flower-", suffix=".log") as log:
         process = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -45,13 +179,13 @@ def flower(redis_url: str) -> Iterator[str]:
             def up() -> bool:
                 if process.poll() is not None:
                     raise RuntimeError(f"flower exited: {Path(log.name).read_text()}")
-                try:
+                try:  # Flower's healthcheck answers without credentials
                     return httpx.get(f"{url}/healthcheck", timeout=1).status_code == 200
                 except httpx.HTTPError:
                     return False
 
             wait_for(up, timeout=30, interval=0.1, what="flower answers")
-            yield url
+            yield Flower(url, broker, auth)
         finally:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGTERM)
@@ -62,13 +196,23 @@ def flower(redis_url: str) -> Iterator[str]:
                     process.wait(timeout=5)
 
 
+@pytest.mark.timeout(60)
+def test_flower_answers_only_with_its_basic_auth(flower: Flower) -> None:
+    for path in ("/api/tasks", "/tasks"):
+        assert httpx.get(f"{flower.url}{path}", timeout=5).status_code == 401, path
+        wrong = httpx.get(f"{flower.url}{path}", auth=(flower.auth[0], "wrong"), timeout=5)
+        assert wrong.status_code == 401, path
+        assert flower.get(path).status_code == 200, path
+    assert flower.get("/api/tasks").json() is not None
+
+
 @pytest.mark.timeout(90)
-def test_flower_shows_remote_calls_with_their_state(flower: str, redis_url: str) -> None:
+def test_flower_shows_remote_calls_with_their_state(flower: Flower, redis_url: str) -> None:
     key = f"flower-{uuid.uuid4().hex[:8]}"
     prefix = f"cs-flower-{uuid.uuid4().hex[:6]}"
     runs = f"test-runs:{key}"
-    env = provider_env(key, redis_url, redis_url, runs, CELERY_SERVICES_REGISTRY_PREFIX=prefix)
-    provider = Provider(key, redis_url, redis_url, runs, env)
+    env = provider_env(key, flower.broker, redis_url, runs, CELERY_SERVICES_REGISTRY_PREFIX=prefix)
+    provider = Provider(key, flower.broker, redis_url, runs, env)
     api = App()
     try:
         with provider.worker() as worker:
@@ -77,7 +221,7 @@ def test_flower_shows_remote_calls_with_their_state(flower: str, redis_url: str)
                 api,
                 DistributionSettings(
                     key=f"flower-caller-{uuid.uuid4().hex[:6]}",
-                    broker_url=redis_url,
+                    broker_url=flower.broker,
                     result_backend=redis_url,
                     registry_prefix=prefix,
                     services=[],
@@ -87,28 +231,71 @@ def test_flower_shows_remote_calls_with_their_state(flower: str, redis_url: str)
             )
             articles = distribution.remote_service(key, "articles", ["create", "get"])
 
-            def tasks(name: str, state: str) -> dict[str, Any]:
-                answer = httpx.get(
-                    f"{flower}/api/tasks", params={"taskname": name, "state": state}, timeout=5
-                )
-                assert answer.status_code == 200, answer.text
-                found: dict[str, Any] = answer.json()
-                return found
-
             def seen() -> bool:
                 # Flower only sees events sent after its receiver bound: call again until it shows both.
                 articles.create({"title": "seen by flower"}, {})
                 with pytest.raises(NotFound):
                     articles.get(999, {})
-                return bool(tasks(f"{key}.articles.create", "SUCCESS")) and bool(
-                    tasks(f"{key}.articles.get", "FAILURE")
+                return bool(flower.tasks(f"{key}.articles.create", state="SUCCESS")) and bool(
+                    flower.tasks(f"{key}.articles.get", state="FAILURE")
                 )
 
             wait_for(seen, timeout=30, interval=0.2, what="flower lists the calls")
-            failed = next(iter(tasks(f"{key}.articles.get", "FAILURE").values()))
+            failed = next(iter(flower.tasks(f"{key}.articles.get", state="FAILURE").values()))
             assert failed["name"] == f"{key}.articles.get"
             assert "NotFound" in (failed.get("exception") or "")
     finally:
         finalize(api)
-        cleanup(redis_url, redis_url, key, runs)
+        cleanup(flower.broker, redis_url, key, runs)
+        purge_prefix(redis_url, prefix)
+
+
+@pytest.mark.timeout(90)
+def test_flower_never_shows_identity_or_credential_headers(flower: Flower, redis_url: str) -> None:
+    key = f"flower-auth-{uuid.uuid4().hex[:8]}"
+    prefix = f"cs-flower-{uuid.uuid4().hex[:6]}"
+    runs = f"test-runs:{key}"
+    env = provider_env(key, flower.broker, redis_url, runs, CELERY_SERVICES_REGISTRY_PREFIX=prefix)
+    marker = uuid.uuid4().hex
+    api = App()
+    try:
+        with Provider(key, flower.broker, redis_url, runs, env).worker():
+            distribution = distribute(
+                api,
+                DistributionSettings(
+                    key=f"flower-gateway-{uuid.uuid4().hex[:6]}",
+                    broker_url=flower.broker,
+                    result_backend=redis_url,
+                    registry_prefix=prefix,
+                    services=[],
+                    remote_services=[],
+                    timeout=8,
+                    authentication=True,  # the identity and credential headers travel to the provider
+                ),
+            )
+            probe = distribution.remote_service(key, "probe", ["find"])
+            name = f"{key}.probe.find"
+
+            def listed() -> dict[str, Any]:
+                # Flower only sees events sent after its receiver bound: call again until it lists one.
+                assert probe.find(credential_params(marker))[0]["pid"] > 0
+                return {
+                    task_id: task
+                    for task_id, task in flower.tasks(name, state="SUCCESS").items()
+                    if marker in (task.get("kwargs") or "")
+                }
+
+            tasks = wait_for(listed, timeout=30, interval=0.2, what="flower lists the call")
+        shown = flower.get("/api/tasks", taskname=name).text
+        assert marker in shown
+        assert_no_secret(shown)
+        for task_id, task in tasks.items():
+            assert_masked(task["kwargs"], marker)
+            info = flower.get(f"/api/task/info/{task_id}")
+            assert info.status_code == 200, info.text
+            assert_no_secret(info.text)
+            assert_masked(json.loads(info.text)["kwargs"], marker)
+    finally:
+        finalize(api)
+        cleanup(flower.broker, redis_url, key, runs)
         purge_prefix(redis_url, prefix)

@@ -42,6 +42,11 @@ BASE_PARAMS = ("query", "headers")
 AUTH_PARAMS = ("provider", "user", "authentication")
 #: Request headers that carry credentials: they travel only with ``authentication=True``.
 CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+#: Request headers masked (``***``) in what Flower and logs show of a call (its ``kwargsrepr``): these names,
+#: and any name containing one of ``SECRET_HEADER_PARTS`` (names compared in lower case). What travels is
+#: decided by ``CREDENTIAL_HEADERS`` above, not by these.
+SECRET_HEADERS = CREDENTIAL_HEADERS | {"set-cookie", "x-api-key", "x-auth-token"}
+SECRET_HEADER_PARTS = ("token", "secret", "password", "api-key", "apikey", "api_key")
 
 log = logging.getLogger("celery_services.protocol")
 
