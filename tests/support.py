@@ -70,13 +70,31 @@ def cleanup(broker: str, backend: str, *names: str) -> None:
                 except Exception:
                     channel = conn.channel()
     else:
-        # A worker's queue on Redis: its list, its priority lists, and kombu's binding tables for it.
+        # A worker's queue on Redis: its list, its priority lists, kombu's binding tables for it, the
+        # library's leases of its calls, and what a killed worker left in kombu's unacked index (Celery
+        # would give it back to the queue an hour later, into a later session).
         broker_store = redis.Redis.from_url(broker)
         for name in names:
             broker_store.delete(name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")
             broker_store.delete(*[f"{name}\x06\x16{priority}" for priority in range(1, 10)])
+            broker_store.delete(f"celery_services:leases:{name}")
+        _forget_unacked(broker_store, set(names))
         broker_store.close()
     store.close()
+
+
+def _forget_unacked(store: redis.Redis, queues: set[str]) -> None:
+    stale = []
+    for tag, raw in store.hscan_iter("unacked"):
+        try:
+            routing_key = json.loads(raw)[2]
+        except (ValueError, IndexError, TypeError):
+            continue
+        if routing_key in queues:
+            stale.append(tag)
+    if stale:
+        store.hdel("unacked", *stale)
+        store.zrem("unacked_index", *stale)
 
 
 def registered_provider(redis_url: str, prefix: str, label: str = "prov", **extra: str) -> Provider:
