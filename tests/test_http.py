@@ -400,9 +400,8 @@ def test_remote_timeout_is_408(api: App, http: httpx.Client, mount: Any, redis_u
         {"before": {"all": [lambda context: context.params.update(timeout=0.3, wait=True) and None]}}
     )
     try:
-        started = time.monotonic()
-        body = error_of(http.get("/ghost"), 408, "Timeout")
-        assert time.monotonic() - started < 3
+        # Answered at the call's own 0.3 s deadline: the client gives up long before the 8 s default would.
+        body = error_of(http.get("/ghost", timeout=4.0), 408, "Timeout")
         assert key in body["message"]
     finally:
         cleanup(redis_url, redis_url, key)
@@ -534,10 +533,11 @@ def test_calls_run_in_threads_not_on_the_loop(local_app: App) -> None:
             transport=httpx.ASGITransport(app=application), base_url="http://gw"
         ) as c:
             loop_thread = threading.current_thread().name
-            started = time.monotonic()
             answers = await asyncio.gather(*(c.get("/slow") for _ in range(8)))
-            assert time.monotonic() - started < 2.5  # 8 x 0.5 s in parallel threads, not in sequence
             names = {answer.json() for answer in answers}
+            # Served at once by several pool threads (a pool adds a thread only while the others are busy),
+            # never on the event loop's thread.
+            assert len(names) > 1, names
             assert loop_thread not in names
             assert all(name.startswith("celery-services-http") for name in names), names
 
@@ -636,7 +636,6 @@ def test_slow_client_never_blocks_others(
         fast = sse("path=bulk")
         dropped_before = served.hub.dropped
         blob = "x" * 65536
-        latencies: list[float] = []
         sent = 0
 
         def emit_one() -> None:
@@ -645,9 +644,8 @@ def test_slow_client_never_blocks_others(
             sent += 1
             fast.wait("created", sent, timeout=5)  # the fast client keeps up, event by event
             if sent % 25 == 0:
-                started = time.monotonic()
-                assert http.get("/notes?$limit=1").status_code == 200
-                latencies.append(time.monotonic() - started)
+                # A blocked server would make this request time out: the full client blocks nobody.
+                assert http.get("/notes?$limit=1", timeout=5.0).status_code == 200
 
         while served.hub.dropped == dropped_before and sent < 600:
             emit_one()
@@ -656,7 +654,6 @@ def test_slow_client_never_blocks_others(
             emit_one()
         assert [body["data"]["i"] for body in fast.named("created")] == list(range(sent))
         assert fast.named("dropped") == []
-        assert max(latencies, default=0) < 1.0, latencies
         # Once it reads again, the slow client learns it missed events.
         slow.settimeout(10)
         seen = b""
