@@ -28,7 +28,10 @@ from celery_services.testing import WorkerProcess, wait_for
 from .support import cleanup, fresh_prefix, registered_provider, write_manifest
 
 STANDARD = ["find", "get", "create", "update", "patch", "remove"]
-HEARTBEAT = 0.5  # as registered_provider's; entries live 1.25 s without a heartbeat
+HEARTBEAT = 0.5  # the consumers' (they probe the registry every quarter of it) and registered_provider's
+#: A provider heartbeat so long (its manifest lives 2.5 of them, 75 s) that only a withdrawal can remove it
+#: during a test: a removal seen is then a withdrawal, not an expiry, however slow the machine.
+NEVER_EXPIRES = "30"
 
 
 @pytest.fixture
@@ -75,6 +78,7 @@ def consumers(redis_url: str, prefix: str) -> Iterator[list[Consumer]]:
 
 def test_consumer_started_before_provider(redis_url: str, prefix: str, consumers: list[Consumer]) -> None:
     prov = registered_provider(redis_url, prefix)
+    prov.env["CELERY_SERVICES_HEARTBEAT_INTERVAL"] = NEVER_EXPIRES
     consumer = Consumer(
         redis_url,
         prefix,
@@ -100,8 +104,8 @@ def test_consumer_started_before_provider(redis_url: str, prefix: str, consumers
             assert proxy.remote_options == {}
             assert proxy.publish_article({"id": 0})["published"] is True
             assert "probe" in consumer.app.services
-        # A warm stop withdraws at once: the proxies go without waiting for the TTL.
-        wait_for(lambda: ("removed", "articles") in consumer.events, timeout=2, what="articles removed")
+        # A warm stop withdraws at once: the proxies go long before the manifest's TTL (75 s) could end.
+        wait_for(lambda: ("removed", "articles") in consumer.events, timeout=10, what="articles removed")
     finally:
         cleanup(redis_url, redis_url, prov.key, prov.runs_key)
 
@@ -110,13 +114,18 @@ def test_provider_first_is_mounted_when_distribute_returns_and_restart(
     redis_url: str, prefix: str, consumers: list[Consumer]
 ) -> None:
     prov = registered_provider(redis_url, prefix)
+    prov.env["CELERY_SERVICES_HEARTBEAT_INTERVAL"] = NEVER_EXPIRES
     try:
         with prov.worker():
             consumer = Consumer(redis_url, prefix, remote_services=[prov.key])
             consumers.append(consumer)
-            assert "articles" in consumer.app.services  # no discovery delay: mounted when distribute returns
+            # No discovery delay: mounted, and announced, before distribute() returned (how long that takes
+            # is measured by benchmarks/discovery.py).
+            assert sorted(consumer.events) == [("service", "articles"), ("service", "probe")]
+            assert "articles" in consumer.app.services
             assert consumer.app.service("articles").find() == []
-        wait_for(lambda: "articles" not in consumer.app.services, timeout=3, what="withdrawn")
+        # Withdrawn by the warm stop: gone long before the manifest's TTL (75 s) could end.
+        wait_for(lambda: "articles" not in consumer.app.services, timeout=10, what="withdrawn")
         with prov.worker():
             consumer.distribution.wait_for("articles", timeout=10)
             assert consumer.app.service("articles").find() == []
@@ -129,8 +138,8 @@ def test_provider_first_is_mounted_when_distribute_returns_and_restart(
 def test_replicas_killed_one_then_the_other(redis_url: str, prefix: str, consumers: list[Consumer]) -> None:
     prov = registered_provider(redis_url, prefix)
     # The promise is a bound (a dead provider leaves within 3 of its heartbeats): a heartbeat of 2 s makes
-    # scheduling noise small next to it. The manifest's TTL is 2.5 heartbeats; the consumer probes every
-    # quarter of its own (0.5 s) heartbeat.
+    # scheduling noise small next to it. The manifest's TTL is 2.5 heartbeats (5 s); the consumer probes
+    # every quarter of its own (0.5 s) heartbeat.
     heartbeat = 2.0
     prov.env["CELERY_SERVICES_HEARTBEAT_INTERVAL"] = str(heartbeat)
     first, second = prov.worker(), prov.worker()
@@ -149,9 +158,13 @@ def test_replicas_killed_one_then_the_other(redis_url: str, prefix: str, consume
         killed = time.monotonic()
         wait_for(lambda: ("removed", "probe") in consumer.events, timeout=20, what="probe removed")
         detected = time.monotonic() - killed
-        assert detected < 3 * heartbeat, f"removed {detected:.2f} s after the kill, past 3 heartbeats"
+        assert detected < 3 * heartbeat, (
+            f"removed {detected:.2f}s after the kill, past 3 heartbeats ({3 * heartbeat:.0f}s; "
+            f"the manifest's TTL is 2.5 heartbeats, {2.5 * heartbeat:.0f}s)"
+        )
         with pytest.raises(Unavailable):
-            probe.get(1)  # a proxy whose provider is gone fails at once (Unavailable, not a Timeout)
+            probe.get(1)  # a proxy whose provider is gone fails at once (Unavailable, not a Timeout) ...
+        assert redis.Redis.from_url(redis_url).llen(prov.key) == 0  # ... and sends nothing
         with pytest.raises(NotFound):
             consumer.app.service("probe")
     finally:
@@ -216,7 +229,8 @@ def test_alias_path_and_callable_filter(redis_url: str, prefix: str, consumers: 
 
 def test_healthcheck_ok_unknown_and_failing(redis_url: str, prefix: str, consumers: list[Consumer]) -> None:
     prov = registered_provider(redis_url, prefix)
-    write_manifest(redis_url, prefix, "ghost", ["phantom"])  # registered, but no worker serves it
+    ghost = f"ghost-{os.urandom(3).hex()}"
+    write_manifest(redis_url, prefix, ghost, ["phantom"])  # registered, but no worker serves it
     try:
         with prov.worker():
             consumer = Consumer(redis_url, prefix)
@@ -224,15 +238,19 @@ def test_healthcheck_ok_unknown_and_failing(redis_url: str, prefix: str, consume
             assert consumer.distribution.healthcheck(prov.key) == {"articles": True, "probe": True}
             with pytest.raises(NotFound):
                 consumer.distribution.healthcheck("nobody")
-            with pytest.raises(Unavailable) as unhealthy:  # its own 0.5 s timeout, not the call timeout
-                consumer.distribution.healthcheck("ghost", timeout=0.5)
+            before = time.time()
+            with pytest.raises(Unavailable) as unhealthy:
+                consumer.distribution.healthcheck(ghost, timeout=0.5)
+            # Its question to the ghost, still queued, carries the 0.5 s asked for, not the default 2 s.
+            [question] = redis.Redis.from_url(redis_url).lrange(ghost, 0, -1)
+            assert 0.5 <= json.loads(question)["headers"]["cs_deadline"] - before < 2.0
             assert unhealthy.value.code == 503
             assert unhealthy.value.data == {"phantom": False}
             with pytest.raises(Unavailable) as partial:
                 consumer.distribution.healthcheck(timeout=0.5)
             assert partial.value.data == {"articles": True, "probe": True, "phantom": False}
     finally:
-        cleanup(redis_url, redis_url, prov.key, prov.runs_key, "ghost")
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key, ghost)
 
 
 @pytest.mark.parametrize("pool", ["threads", "prefork"])
