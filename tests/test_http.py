@@ -395,14 +395,21 @@ def test_remote_timeout_is_408(api: App, http: httpx.Client, mount: Any, redis_u
     key = f"nobody-{os.urandom(3).hex()}"  # no worker serves this key
     proxy = api.distribution.remote_service(key, "things", ["find"])
     wrapper = mount("ghost", proxy)
-    # `wait`: sent although no instance is live, so the call times out rather than failing at once.
-    wrapper.hooks(
-        {"before": {"all": [lambda context: context.params.update(timeout=0.3, wait=True) and None]}}
-    )
+    hooked: list[float] = []
+
+    def short_timeout(context: Any) -> None:
+        # `wait`: sent although no instance is live, so the call times out rather than failing at once.
+        context.params.update(timeout=0.3, wait=True)
+        hooked.append(time.time())
+
+    wrapper.hooks({"before": {"all": [short_timeout]}})
     try:
-        # Answered at the call's own 0.3 s deadline: the client gives up long before the 8 s default would.
-        body = error_of(http.get("/ghost", timeout=4.0), 408, "Timeout")
+        body = error_of(http.get("/ghost"), 408, "Timeout")
         assert key in body["message"]
+        # The call's own 0.3 s timeout, not the gateway's 8 s: the deadline its message carries (still queued,
+        # nobody serves the key) is 0.3 s after the hook ran, not 8 s.
+        [message] = redis.Redis.from_url(redis_url).lrange(key, 0, -1)
+        assert 0.3 <= json.loads(message)["headers"]["cs_deadline"] - hooked[0] < 8
     finally:
         cleanup(redis_url, redis_url, key)
 
@@ -520,9 +527,13 @@ def test_asgi_transport_prefix_and_limits(local_app: App) -> None:
 
 
 def test_calls_run_in_threads_not_on_the_loop(local_app: App) -> None:
+    together = threading.Barrier(8)
+
     class Slow:
         def find(self, params: Any) -> Any:
-            time.sleep(0.5)
+            # Each call waits here for the 8 of them: they only meet if they all run at once, each in its own
+            # thread (calls run one after another, or on the loop, break the barrier after 10 s: a 500).
+            together.wait(timeout=10)
             return threading.current_thread().name
 
     local_app.use("slow", Slow())
@@ -534,10 +545,9 @@ def test_calls_run_in_threads_not_on_the_loop(local_app: App) -> None:
         ) as c:
             loop_thread = threading.current_thread().name
             answers = await asyncio.gather(*(c.get("/slow") for _ in range(8)))
+            assert [answer.status_code for answer in answers] == [200] * 8, answers[0].text
             names = {answer.json() for answer in answers}
-            # Served at once by several pool threads (a pool adds a thread only while the others are busy),
-            # never on the event loop's thread.
-            assert len(names) > 1, names
+            assert len(names) == 8, names  # 8 threads at once
             assert loop_thread not in names
             assert all(name.startswith("celery-services-http") for name in names), names
 
@@ -636,24 +646,27 @@ def test_slow_client_never_blocks_others(
         fast = sse("path=bulk")
         dropped_before = served.hub.dropped
         blob = "x" * 65536
-        sent = 0
+        sent = answered = 0
 
         def emit_one() -> None:
-            nonlocal sent
+            nonlocal sent, answered
             bulk.create({"i": sent, "blob": blob})  # emitted from this thread, like a worker thread
             sent += 1
             fast.wait("created", sent, timeout=5)  # the fast client keeps up, event by event
-            if sent % 25 == 0:
-                # A blocked server would make this request time out: the full client blocks nobody.
-                assert http.get("/notes?$limit=1", timeout=5.0).status_code == 200
+            if sent % 25 == 0:  # and other requests are answered (a blocked server would never answer)
+                assert http.get("/notes?$limit=1").status_code == 200
+                answered += 1
 
         while served.hub.dropped == dropped_before and sent < 600:
             emit_one()
         assert served.hub.dropped > dropped_before, f"no drop after {sent} events"
+        answered_before_the_drop = answered
         for _ in range(30):  # the app keeps emitting while the slow client's queue stays full
             emit_one()
         assert [body["data"]["i"] for body in fast.named("created")] == list(range(sent))
         assert fast.named("dropped") == []
+        # Requests were answered after the slow client's queue overflowed, while it still had read nothing.
+        assert answered > answered_before_the_drop
         # Once it reads again, the slow client learns it missed events.
         slow.settimeout(10)
         seen = b""

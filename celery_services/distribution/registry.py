@@ -99,7 +99,7 @@ class Registry:
     # -- provider ------------------------------------------------------------------------------------------
 
     def publish(self, manifest: Manifest, *, changed: bool = False) -> Manifest:
-        """Write a manifest (heartbeat stamped now, TTL 3 heartbeats) and announce it, in one round trip.
+        """Write a manifest (heartbeat stamped now, TTL 2.5 heartbeats) and announce it, in one round trip.
 
         Args:
             manifest: the instance's manifest.

@@ -1,8 +1,10 @@
 """Replicas killed under load: nothing lost, nothing untyped.
 
 Two replicas of ``tests.apps.provider`` serve a key on a Redis of the test's own; four threads make 150
-calls (``probe.slow`` of 0.05-0.2 s, one in five a ``probe.get``) through the proxy discovery mounted, while
-one replica is SIGKILLed every 2 s and a fresh one started in its place. Guards:
+calls (``probe.slow`` of 0.05-0.2 s, one in five a ``probe.get``) through the proxy discovery mounted. Each
+time 15 more calls have ended, the oldest replica is SIGKILLed while it runs a call, and a fresh one started
+in its place (paced by the calls' progress, not the clock: a loaded machine changes when the kills come,
+never whether they come nor that they hit a call). Guards:
 
 - every call is answered or fails typed (``Unavailable`` / ``Timeout``), and ends by its deadline (none
   hangs, none is lost);
@@ -13,6 +15,7 @@ one replica is SIGKILLed every 2 s and a fresh one started in its place. Guards:
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import time
@@ -21,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from celery_services.testing import WorkerProcess
+from celery_services.testing import WorkerProcess, wait_for
 
 from ..support import Provider, provider_env
 from .brokers import HEARTBEAT, Consumer, Outcome, RedisServer, overran, summary, untyped
@@ -30,7 +33,7 @@ CALLS = 150
 THREADS = 4
 CALL_TIMEOUT = 8.0
 SLACK = 2.0
-KILL_EVERY = 2.0
+KILL_EVERY = 15  # calls ended
 MAX_KILLS = 8
 
 
@@ -76,17 +79,37 @@ def test_replica_killed_every_two_seconds(private_redis: RedisServer) -> None:
                 result, error = None, exc
             return Outcome(f"call {i}", started, time.monotonic(), CALL_TIMEOUT, result, error)
 
+        def running_a_call(worker: WorkerProcess) -> bool:
+            """Whether a slow call of this test started on ``worker`` and has not ended there."""
+            records = prov.runs()
+            started = {
+                r for r in records if r.startswith(f"slow-start-{token}-") and r.endswith(f":{worker.pid}")
+            }
+            return any(r.replace("slow-start-", "slow-end-", 1) not in records for r in started)
+
         killed: list[int] = []
         with ThreadPoolExecutor(THREADS, thread_name_prefix="fault-calls") as pool:
             futures = [pool.submit(call, i, seconds) for i, seconds in plan]
-            last_kill = time.monotonic()
+
+            def ended() -> int:
+                return sum(future.done() for future in futures)
+
+            def due(victim: WorkerProcess, milestone: int) -> bool:
+                return ended() == CALLS or (ended() >= milestone and running_a_call(victim))
+
             while len(killed) < MAX_KILLS:
-                pending = wait(futures, timeout=max(last_kill + KILL_EVERY - time.monotonic(), 0)).not_done
-                if not pending:
+                victim = replicas[0]  # the oldest: it has been serving for a while
+                milestone = (len(killed) + 1) * KILL_EVERY
+                wait_for(
+                    functools.partial(due, victim, milestone),
+                    timeout=60,
+                    interval=0.02,
+                    what=f"{milestone} calls ended and a call running on the replica to kill",
+                )
+                if ended() == CALLS:
                     break
-                victim = replicas.pop(0)  # the oldest: it has been serving for a while
+                replicas.pop(0)
                 victim.kill()
-                last_kill = time.monotonic()
                 killed.append(victim.pid)
                 everyone.append(prov.worker().start())  # so that two replicas are up again
                 replicas.append(everyone[-1])
