@@ -11,7 +11,6 @@ import ast
 import json
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -26,8 +25,9 @@ import httpx
 import pytest
 from celery import Celery
 
-from celery_services import App, DistributionSettings, NotFound, distribute, finalize
+from celery_services import App, Distribution, DistributionSettings, NotFound, distribute, finalize
 from celery_services.testing import wait_for
+from celery_services.testing.brokers import free_port
 
 from .support import Provider, cleanup, provider_env, purge_prefix
 from .test_cli import CLI, FLOWER_COMMAND
@@ -49,6 +49,21 @@ CREDENTIAL_HEADERS = {
 }
 #: Request headers that carry none: they stay visible.
 PLAIN_HEADERS = {"accept": "application/json", "x-request-id": "req-visible", "user-agent": "pytest"}
+
+
+def distribute_caller(api: App, flower: Flower, redis_url: str, prefix: str, **options: Any) -> Distribution:
+    """Distribute ``api`` as a caller on Flower's broker, in the registry ``prefix``, mounting nothing."""
+    settings = DistributionSettings(
+        key=f"flower-caller-{uuid.uuid4().hex[:6]}",
+        broker_url=flower.broker,
+        result_backend=redis_url,
+        registry_prefix=prefix,
+        services=[],
+        remote_services=[],
+        timeout=8,
+        **options,
+    )
+    return distribute(api, settings)
 
 
 def credential_params(marker: str) -> dict[str, Any]:
@@ -120,12 +135,6 @@ class TaskEvents:
         self._thread.join(timeout=10)
         self._connection.release()
         self.celery.close()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -217,18 +226,7 @@ def test_flower_shows_remote_calls_with_their_state(flower: Flower, redis_url: s
     try:
         with provider.worker() as worker:
             assert "task events: ON" in worker.log()  # make_celery sets worker_send_task_events
-            distribution = distribute(
-                api,
-                DistributionSettings(
-                    key=f"flower-caller-{uuid.uuid4().hex[:6]}",
-                    broker_url=flower.broker,
-                    result_backend=redis_url,
-                    registry_prefix=prefix,
-                    services=[],
-                    remote_services=[],
-                    timeout=8,
-                ),
-            )
+            distribution = distribute_caller(api, flower, redis_url, prefix)
             articles = distribution.remote_service(key, "articles", ["create", "get"])
 
             def seen() -> bool:
@@ -260,19 +258,8 @@ def test_flower_never_shows_identity_or_credential_headers(flower: Flower, redis
     api = App()
     try:
         with Provider(key, flower.broker, redis_url, runs, env).worker():
-            distribution = distribute(
-                api,
-                DistributionSettings(
-                    key=f"flower-gateway-{uuid.uuid4().hex[:6]}",
-                    broker_url=flower.broker,
-                    result_backend=redis_url,
-                    registry_prefix=prefix,
-                    services=[],
-                    remote_services=[],
-                    timeout=8,
-                    authentication=True,  # the identity and credential headers travel to the provider
-                ),
-            )
+            # authentication: the identity and credential headers travel to the provider.
+            distribution = distribute_caller(api, flower, redis_url, prefix, authentication=True)
             probe = distribution.remote_service(key, "probe", ["find"])
             name = f"{key}.probe.find"
 

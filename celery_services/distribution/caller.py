@@ -37,8 +37,7 @@ from .protocol import (
     HEADER_CALLER,
     HEADER_DEADLINE,
     HEADER_REPLY,
-    SECRET_HEADER_PARTS,
-    SECRET_HEADERS,
+    is_secret_header,
     mask_url,
     reply_key,
     safe_params,
@@ -316,17 +315,13 @@ def _close_quietly(producer: Any) -> None:
 
 def _kwargsrepr(kwargs: dict[str, Any]) -> str:
     # What Flower and worker logs show: never the identity or the credentials of the caller (``user``,
-    # ``authentication``, credential headers: protocol.SECRET_HEADERS), and never a huge payload. The message
+    # ``authentication``, protocol.is_secret_header's headers), and never a huge payload. The message
     # itself is untouched: what travels is decided by protocol.safe_params.
-    def secret(name: Any) -> bool:
-        lowered = str(name).lower()
-        return lowered in SECRET_HEADERS or any(part in lowered for part in SECRET_HEADER_PARTS)
-
     params = kwargs.get("params") or {}
     masked = {k: ("***" if k in ("user", "authentication") else v) for k, v in params.items()}
     headers = masked.get("headers")
     if isinstance(headers, dict):
-        masked["headers"] = {k: ("***" if secret(k) else v) for k, v in headers.items()}
+        masked["headers"] = {k: ("***" if is_secret_header(k) else v) for k, v in headers.items()}
     elif headers is not None:  # not a name → value map: nothing tells which part is a credential
         masked["headers"] = "***"
     text = repr({**kwargs, "params": masked}) if kwargs else "{}"

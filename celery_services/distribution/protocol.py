@@ -21,6 +21,7 @@ __all__ = [
     "HEADER_REPLY",
     "PROTOCOL_VERSION",
     "Envelope",
+    "is_secret_header",
     "mask_url",
     "parse_envelope",
     "reply_key",
@@ -49,6 +50,12 @@ SECRET_HEADERS = CREDENTIAL_HEADERS | {"set-cookie", "x-api-key", "x-auth-token"
 SECRET_HEADER_PARTS = ("token", "secret", "password", "api-key", "apikey", "api_key")
 
 log = logging.getLogger("celery_services.protocol")
+
+
+def is_secret_header(name: Any) -> bool:
+    """Whether a request header's value must be masked in what Flower and logs show of a call."""
+    lowered = str(name).lower()
+    return lowered in SECRET_HEADERS or any(part in lowered for part in SECRET_HEADER_PARTS)
 
 
 def task_name(key: str, path: str, method: str) -> str:
