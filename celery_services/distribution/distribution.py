@@ -115,15 +115,18 @@ class Distribution:
     def start(self) -> Distribution:
         """Expose the app's selected services, publish its manifest, and mount the remote services."""
         register_health(self)
-        # Registered before any event binding: a sweep that lists our queue must find us live.
+        mounted = list(self.app.services.values())
+        for wrapper in mounted:  # local services first: the manifest lists them from the start
+            if not getattr(wrapper.service, "remote", False):
+                self._on_service(wrapper)
+        # Registered before any event binding (proxies bind): a sweep that lists our queue must find us live.
         self.registry.publish(self.manifest())
-        for wrapper in list(self.app.services.values()):
-            self._on_service(wrapper)
+        for wrapper in mounted:
+            if getattr(wrapper.service, "remote", False):
+                self._on_service(wrapper)
         self.app.on("service", self._on_service)
         self.app.on("service-removed", self._on_service_removed)
         self.app.mount_checks.append(self.worker.check_mount)
-        if self.exposed:
-            self.registry.publish(self.manifest(), changed=True)
         self._started = True
         self.registry.start_heartbeat(self.manifest)
         self.registry.watch(self.discovery.on_view)
