@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from pydantic import Field, PositiveFloat, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ..core.service import STANDARD_EVENTS, STANDARD_METHODS
@@ -30,6 +30,7 @@ from .config import CONFIG_ENV_VAR as CONFIG_ENV_VAR
 from .config import ENV_NAME_VAR as ENV_NAME_VAR
 from .config import ENV_PREFIX as ENV_PREFIX
 from .config import TABLE as TABLE
+from .protocol import is_secret_header
 
 __all__ = ["DistributionSettings"]
 
@@ -40,6 +41,17 @@ RemoteFilter = Callable[[Any], bool] | list[str]
 
 #: Broker, result backend and registry used when nothing is configured.
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+#: Request headers that travel by default: none of them carries a credential.
+DEFAULT_FORWARDED_HEADERS = (
+    "accept",
+    "accept-language",
+    "content-type",
+    "user-agent",
+    "x-request-id",
+    "traceparent",
+    "tracestate",
+)
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _RESULT_BACKEND_SCHEMES = ("redis", "rediss", "redis+socket")
@@ -160,6 +172,40 @@ class DistributionSettings(BaseSettings):
     """Params that travel with a call besides ``query``, ``provider``, ``user``, ``authentication`` and
     ``headers``."""
 
+    forwarded_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_FORWARDED_HEADERS))
+    """Request headers (``params["headers"]``) that travel with a call, by name (compared in lower case).
+    Credential headers (``authorization``, ``cookie``, ``x-api-key`` …: see
+    :func:`~.protocol.is_secret_header`) travel only with :attr:`authentication` on, and only when listed
+    here; with it on, ``authorization`` is added, the one header authentication needs."""
+
+    signing_keys: dict[str, list[SecretStr]] = Field(default_factory=dict)
+    """Message signing (HMAC-SHA256) of calls and replies: app key → secrets, ``"*"`` for every key without
+    its own entry (a plain list stands for ``{"*": [...]}``). A caller signs with the first secret of its
+    own key, a provider checks with every secret of the caller's key (key rotation: put the new secret first
+    everywhere, then drop the old one). Empty: no signing; a provider with signing on refuses unsigned,
+    forged and replayed calls (``NotAuthenticated``)."""
+
+    allow_callers: dict[str, list[str]] | None = None
+    """Which caller keys may call which ``path.method`` of this app's services, as globs:
+    ``{"gateway": ["articles.*"], "reports": ["articles.find"]}`` (``"*"`` as a caller key matches any).
+    ``None``: every caller. A refused call gets ``Forbidden``. The caller key is proven with
+    :attr:`signing_keys`; without signing it is what the caller says (advisory)."""
+
+    pins: dict[str, str] = Field(default_factory=dict)
+    """Local path → the app key whose service is mounted there, whatever else claims the path."""
+
+    max_manifest_bytes: PositiveInt = 262_144
+    """Largest manifest accepted from the registry (and published); larger ones are skipped and logged."""
+
+    max_manifest_services: PositiveInt = 500
+    """Most services a manifest may list; a manifest with more is skipped and logged."""
+
+    max_service_methods: PositiveInt = 200
+    """Most methods one service of a manifest may list; a manifest with more is skipped and logged."""
+
+    max_service_events: PositiveInt = 200
+    """Most events one service of a manifest may list; a manifest with more is skipped and logged."""
+
     event_context: list[str] = Field(default_factory=list)
     """Extra context fields allowed in published events besides ``method``, ``id`` and ``params.query`` /
     ``params.provider``."""
@@ -217,6 +263,40 @@ class DistributionSettings(BaseSettings):
             raise ValueError("names must not be empty strings")
         return value
 
+    @field_validator("forwarded_headers")
+    @classmethod
+    def _lower_headers(cls, value: list[str]) -> list[str]:
+        if any(not name for name in value):
+            raise ValueError("header names must not be empty strings")
+        return [name.lower() for name in value]
+
+    @field_validator("signing_keys", mode="before")
+    @classmethod
+    def _one_list_is_every_key(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        return {"*": value} if isinstance(value, list | tuple) else value
+
+    @field_validator("signing_keys")
+    @classmethod
+    def _check_signing_keys(cls, value: dict[str, list[SecretStr]]) -> dict[str, list[SecretStr]]:
+        for key, secrets in value.items():
+            if key != "*" and not _NAME.fullmatch(key):
+                raise ValueError(f"signing_keys: {key!r} is not an app key nor '*'")
+            if not secrets:
+                raise ValueError(f"signing_keys[{key!r}] needs at least one secret")
+            if any(len(secret.get_secret_value()) < 16 for secret in secrets):
+                raise ValueError(f"signing_keys[{key!r}]: secrets must be at least 16 characters")
+        return value
+
+    @field_validator("allow_callers", "pins")
+    @classmethod
+    def _check_key_names(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        for name in value or {}:
+            if name != "*" and not _NAME.fullmatch(name.replace("/", "_")):
+                raise ValueError(f"{name!r} is not an app key or path")
+        return value
+
     @field_validator("hooks")
     @classmethod
     def _check_hooks(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -262,6 +342,16 @@ class DistributionSettings(BaseSettings):
                 "manifests live in Redis"
             )
         return value
+
+    @model_validator(mode="after")
+    def _check_credential_headers(self) -> Self:
+        secret = [name for name in self.forwarded_headers if is_secret_header(name)]
+        if secret and not self.authentication:
+            raise ValueError(
+                f"forwarded_headers lists credential headers ({', '.join(secret)}): they travel only with "
+                "authentication = true"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_ttl(self) -> Self:
@@ -320,6 +410,27 @@ class DistributionSettings(BaseSettings):
             :attr:`lease_timeout`, else a quarter of :attr:`timeout` (at least 1 s).
         """
         return self.lease_timeout if self.lease_timeout is not None else max(1.0, self.timeout / 4)
+
+    def resolved_forwarded_headers(self) -> frozenset[str]:
+        """The request headers that travel with a call (see :attr:`forwarded_headers`).
+
+        Returns:
+            Lower-case header names; ``authorization`` among them when :attr:`authentication` is on.
+        """
+        names = frozenset(self.forwarded_headers)
+        return names | {"authorization"} if self.authentication else names
+
+    def signing_secrets(self, key: str) -> list[bytes]:
+        """The secrets that sign and check the messages of app ``key`` (first one signs).
+
+        Args:
+            key: An app key.
+
+        Returns:
+            Its own secrets, else those of ``"*"``, else ``[]`` (no signing).
+        """
+        secrets = self.signing_keys.get(key) or self.signing_keys.get("*") or []
+        return [secret.get_secret_value().encode() for secret in secrets]
 
     def resolved_registry_ttl(self) -> float:
         """Seconds a manifest lives without heartbeat: :attr:`registry_ttl`, else 2.5 heartbeat intervals.
