@@ -17,6 +17,7 @@ from celery_services import (
     DistributionSettings,
     MethodNotAllowed,
     NotFound,
+    Service,
     Timeout,
     Unavailable,
     distribute,
@@ -187,24 +188,222 @@ def test_malformed_manifest_is_skipped(
     assert "broken" in caplog.text and "foreign" in caplog.text
 
 
-def test_collisions_first_mounted_wins_and_is_reported(
+def put_manifest(
+    redis_url: str,
+    prefix: str,
+    key: str,
+    paths: list[str] | None = None,
+    *,
+    services: list[dict[str, Any]] | None = None,
+    started_at: float | None = None,
+    instance: str = "fake-1",
+) -> int:
+    """Register by hand an instance of ``key`` started at ``started_at`` (default now), and announce it.
+
+    Returns:
+        The size of the manifest written, in bytes.
+    """
+    now = time.time()
+    payload = json.dumps(
+        {
+            "key": key,
+            "instance": instance,
+            "host": "nowhere",
+            "pid": 1,
+            "started_at": now if started_at is None else started_at,
+            "heartbeat": now,
+            "protocol": 1,
+            "services": services
+            if services is not None
+            else [{"path": p, "methods": ["get"], "events": ["created"], "options": {}} for p in paths or []],
+        }
+    )
+    store = redis.Redis.from_url(redis_url)
+    store.set(f"{prefix}:manifest:{key}:{instance}", payload, ex=60)
+    store.publish(f"{prefix}:registry", json.dumps({"op": "up", "key": key, "instance": instance}))
+    store.close()
+    return len(payload.encode())
+
+
+def remove_manifest(redis_url: str, prefix: str, key: str, instance: str = "fake-1") -> None:
+    """Withdraw by hand an instance written by :func:`put_manifest` (delete, then announce ``"down"``)."""
+    store = redis.Redis.from_url(redis_url)
+    store.delete(f"{prefix}:manifest:{key}:{instance}")
+    store.publish(f"{prefix}:registry", json.dumps({"op": "down", "key": key, "instance": instance}))
+    store.close()
+
+
+def collision_warnings(caplog: pytest.LogCaptureFixture, path: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "celery_services.discovery" and f"collision at '{path}'" in r.getMessage()
+    ]
+
+
+def test_collisions_earliest_registered_wins_whenever_the_consumer_started(
     redis_url: str, prefix: str, consumers: list[Consumer], caplog: pytest.LogCaptureFixture
 ) -> None:
-    write_manifest(redis_url, prefix, "zeta", ["shared"])
+    caplog.set_level(logging.WARNING, logger="celery_services.discovery")
+    now = time.time()
+    put_manifest(redis_url, prefix, "zeta", ["shared"], started_at=now - 100)  # registered first, sorts last
+    early = Consumer(redis_url, prefix)  # started before the second key registers
+    consumers.append(early)
+    assert early.app.services["shared"].key == "zeta"
+    put_manifest(redis_url, prefix, "alpha", ["shared"], started_at=now)
+    wait_for(lambda: early.distribution.discovery.collisions, timeout=5, what="collision seen")
+    late = Consumer(redis_url, prefix)  # started after: sees both at once
+    consumers.append(late)
+    for consumer in (early, late):  # one path, one app, everywhere
+        assert consumer.app.services["shared"].key == "zeta"
+        assert consumer.distribution.discovery.collisions == {"shared": ["alpha"]}
+    assert ("removed", "shared") not in early.events
+    [first, second] = collision_warnings(caplog, "shared")  # one per consumer
+    assert "zeta kept (registered first), alpha refused" in first and first == second
+    # Another change of the view is no change of the decision: not logged again.
+    put_manifest(redis_url, prefix, "other", ["elsewhere"])
+    for consumer in (early, late):
+        consumer.distribution.wait_for("elsewhere", timeout=5)
+    assert len(collision_warnings(caplog, "shared")) == 2
+
+
+def test_collision_winner_replaces_a_mounted_proxy_and_restart_loses_seniority(
+    redis_url: str, prefix: str, consumers: list[Consumer]
+) -> None:
+    now = time.time()
+    put_manifest(redis_url, prefix, "zeta", ["shared"], started_at=now)
     consumer = Consumer(redis_url, prefix)
     consumers.append(consumer)
     assert consumer.app.services["shared"].key == "zeta"
-    with caplog.at_level(logging.WARNING, logger="celery_services.discovery"):
-        write_manifest(redis_url, prefix, "alpha", ["shared"])
-        wait_for(lambda: consumer.distribution.discovery.collisions, timeout=5, what="collision seen")
-    assert consumer.app.services["shared"].key == "zeta"  # first mounted wins, not the alphabet
-    assert consumer.distribution.discovery.collisions == {"shared": ["alpha"]}
-    assert "collision" in caplog.text and "alpha" in caplog.text
-    # A fresh consumer seeing both at once picks deterministically: the alphabetically first key.
-    fresh = Consumer(redis_url, prefix)
-    consumers.append(fresh)
-    assert fresh.app.services["shared"].key == "alpha"
-    assert fresh.distribution.discovery.collisions == {"shared": ["zeta"]}
+    # An older key appears (e.g. its entry is back after a Redis restart): the proxy mounted is replaced.
+    put_manifest(redis_url, prefix, "alpha", ["shared"], started_at=now - 100)
+    # (Swapped on the watcher thread: unmounted, then mounted; a reader may find the path empty between.)
+    wait_for(lambda: getattr(consumer.app.services.get("shared"), "key", None) == "alpha", what="alpha")
+    assert consumer.distribution.discovery.collisions == {"shared": ["zeta"]}
+    assert consumer.events.count(("service", "shared")) == 2 and ("removed", "shared") in consumer.events
+    # alpha restarts: its new instance's started_at is the newest, so zeta is now the senior key.
+    remove_manifest(redis_url, prefix, "alpha")
+    put_manifest(redis_url, prefix, "alpha", ["shared"], started_at=now + 100, instance="fake-2")
+    wait_for(
+        lambda: consumer.distribution.discovery.collisions == {"shared": ["alpha"]},
+        timeout=5,
+        what="alpha lost",
+    )
+    assert consumer.app.services["shared"].key == "zeta"
+
+
+def test_pins_override_seniority_and_leave_the_path_empty_while_absent(
+    redis_url: str, prefix: str, consumers: list[Consumer], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="celery_services.discovery")
+    now = time.time()
+    put_manifest(redis_url, prefix, "zeta", ["shared"], started_at=now - 100)
+    put_manifest(redis_url, prefix, "alpha", ["shared"], started_at=now)
+    pinned = Consumer(redis_url, prefix, pins={"shared": "alpha"})
+    consumers.append(pinned)
+    assert pinned.app.services["shared"].key == "alpha"  # the younger key, because pinned
+    assert pinned.distribution.discovery.collisions == {"shared": ["zeta"]}
+    waiting = Consumer(redis_url, prefix, pins={"/shared/": "beta"})  # beta is not registered (yet)
+    consumers.append(waiting)
+    assert "shared" not in waiting.app.services  # a promise, not a preference: nobody else is mounted
+    assert waiting.distribution.discovery.collisions == {"shared": ["alpha", "zeta"]}
+    assert any("pinned to beta" in message for message in collision_warnings(caplog, "shared"))
+    put_manifest(redis_url, prefix, "beta", ["shared"], started_at=now + 100)
+    waiting.distribution.wait_for("shared", timeout=5)
+    assert waiting.app.services["shared"].key == "beta"
+    assert waiting.distribution.discovery.collisions == {"shared": ["alpha", "zeta"]}
+    # The pinned key goes: its path empties, though beta and zeta still offer it.
+    remove_manifest(redis_url, prefix, "alpha")
+    wait_for(lambda: "shared" not in pinned.app.services, timeout=5, what="pinned key gone")
+    assert pinned.distribution.discovery.collisions == {"shared": ["beta", "zeta"]}
+    assert ("removed", "shared") in pinned.events
+
+
+def test_a_local_service_wins_over_every_remote_claim(
+    redis_url: str, prefix: str, consumers: list[Consumer], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="celery_services.discovery")
+    consumer = Consumer(redis_url, prefix)
+    consumers.append(consumer)
+    local = consumer.app.use("shared", Service())
+    put_manifest(redis_url, prefix, "zeta", ["shared"])
+    wait_for(lambda: consumer.distribution.discovery.collisions, timeout=5, what="collision seen")
+    assert consumer.distribution.discovery.collisions == {"shared": ["zeta"]}
+    assert consumer.app.services["shared"] is local
+    put_manifest(redis_url, prefix, "other", ["elsewhere"])
+    consumer.distribution.wait_for("elsewhere", timeout=5)
+    [warning] = collision_warnings(caplog, "shared")  # once, not at every change of the view
+    assert "a local service kept, zeta refused" in warning
+
+
+# -- manifest limits --------------------------------------------------------------------------------------
+
+
+def test_oversized_manifest_is_skipped_and_consumer_stays_responsive(
+    redis_url: str, prefix: str, consumers: list[Consumer], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="celery_services.registry")
+    put_manifest(redis_url, prefix, "good", ["things"])
+    huge = [{"path": f"service-{n:05}", "methods": ["get"], "events": ["created"]} for n in range(20_000)]
+    size = put_manifest(redis_url, prefix, "huge", services=huge)
+    assert size > 1_400_000  # the case of the issue: 20,000 services, 1.5 MB
+    consumer = Consumer(redis_url, prefix)  # default limits: 256 KiB
+    consumers.append(consumer)
+    assert set(consumer.app.services) == {"things"}  # nothing mounted from it, nor events bound
+    assert consumer.distribution.registry.view["huge"]["fake-1"].services == []  # alive, offering nothing
+    [warning] = [r.getMessage() for r in caplog.records if "huge" in r.getMessage()]
+    assert "max_manifest_bytes" in warning
+
+    registry = consumer.distribution.registry
+    snapshots: list[int] = []
+    snapshot = registry.snapshot
+
+    def counted() -> Any:
+        snapshots.append(1)
+        return snapshot()
+
+    registry.snapshot = counted  # type: ignore[method-assign]
+    put_manifest(redis_url, prefix, "later", ["more"])  # the watcher thread still answers at once ...
+    consumer.distribution.wait_for("more", timeout=10)
+    wait_for(lambda: len(snapshots) >= 2, timeout=15, what="two rescans")  # ... and rescans
+    assert len([r for r in caplog.records if "huge" in r.getMessage()]) == 1  # logged once, not per rescan
+
+    # A consumer whose byte cap lets it through parses it, and stops at the count of services.
+    roomy = Consumer(redis_url, prefix, max_manifest_bytes=4_000_000)
+    consumers.append(roomy)
+    assert set(roomy.app.services) == {"things", "more"}
+    assert any("max_manifest_services" in r.getMessage() for r in caplog.records if "huge" in r.getMessage())
+
+
+def test_manifests_over_count_limits_are_skipped(
+    redis_url: str, prefix: str, consumers: list[Consumer], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="celery_services.registry")
+
+    def entry(path: str, methods: int = 2, events: int = 2) -> dict[str, Any]:
+        return {
+            "path": path,
+            "methods": ["get", "find", "create"][:methods],
+            "events": ["created", "updated", "removed"][:events],
+        }
+
+    put_manifest(redis_url, prefix, "many", services=[entry(f"many-{n}") for n in range(4)])
+    put_manifest(redis_url, prefix, "wide", services=[entry("wide", methods=3)])
+    put_manifest(redis_url, prefix, "noisy", services=[entry("noisy", events=3)])
+    put_manifest(redis_url, prefix, "fine", services=[entry(f"fine-{n}") for n in range(3)])
+    consumer = Consumer(
+        redis_url, prefix, max_manifest_services=3, max_service_methods=2, max_service_events=2
+    )
+    consumers.append(consumer)
+    assert set(consumer.app.services) == {"fine-0", "fine-1", "fine-2"}
+    messages = [r.getMessage() for r in caplog.records if r.name == "celery_services.registry"]
+    for key, setting in [
+        ("many", "max_manifest_services"),
+        ("wide", "max_service_methods"),
+        ("noisy", "max_service_events"),
+    ]:
+        [message] = [m for m in messages if f":manifest:{key}:" in m]
+        assert setting in message
 
 
 def test_own_key_never_proxied_and_globs(redis_url: str, prefix: str, consumers: list[Consumer]) -> None:

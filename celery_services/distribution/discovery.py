@@ -4,9 +4,19 @@ The registry's watcher calls :meth:`Discovery.on_view` with every change of the 
 manifest); this module decides which remote services the app wants, mounts a proxy for each at its local
 path, and unmounts the ones whose last provider instance withdrew or died.
 
-Collisions: when two keys offer services that land on the same local path, the proxy already mounted
-stays; among new claimants, the alphabetically first key wins. The losers are logged as a warning and
-listed in :attr:`Discovery.collisions`. A local service always wins over a proxy.
+Collisions: when several keys offer services that land on the same local path, the key registered earliest
+wins: the one whose live instances offering that service include the earliest ``started_at`` (ties broken by
+key name, then remote path). The rule reads the registry's view alone, so every consumer decides the same
+whenever it started, and a proxy already mounted is replaced as soon as the view says another key now wins.
+Seniority belongs to live instances: a key whose instances all restart takes the ``started_at`` of its new
+ones and loses a contested path to an older rival (a rolling restart keeps it while one old instance lives);
+while a key is absent from the registry its paths go to the next claimant, and come back to it when it
+returns with its old instances. ``started_at`` is the provider host's clock: skewed clocks skew the order.
+A pin (setting ``pins = {"articles": "my-app"}``) overrides the order: that local path is mounted only from
+that key, every other key's claim to it is a collision, and while the pinned key offers nothing there
+(absent, or filtered out by ``remote_services``) nothing else is mounted there either: a pin is a promise,
+not a preference. The losers are logged as a warning once per change of the decision, and listed in
+:attr:`Discovery.collisions`. A local service always wins over a proxy.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ if TYPE_CHECKING:
     from ..core.service import ServiceWrapper
     from .distribution import Distribution
 
-__all__ = ["Discovery", "RemoteServiceInfo"]
+__all__ = ["Discovery", "RemoteServiceInfo", "choose", "remote_services"]
 
 log = logging.getLogger("celery_services.discovery")
 
@@ -41,6 +51,7 @@ class RemoteServiceInfo:
         events: the events published by at least one live instance.
         options: the service options from the manifest.
         instances: the live instances offering it.
+        started_at: the earliest ``started_at`` of those instances: its seniority in path collisions.
     """
 
     key: str
@@ -49,6 +60,7 @@ class RemoteServiceInfo:
     events: tuple[str, ...]
     options: dict[str, Any] = field(default_factory=dict, compare=False)
     instances: tuple[str, ...] = field(default=(), compare=False)
+    started_at: float = field(default=0.0, compare=False)
 
 
 def remote_services(view: View) -> dict[tuple[str, str], RemoteServiceInfo]:
@@ -59,17 +71,45 @@ def remote_services(view: View) -> dict[tuple[str, str], RemoteServiceInfo]:
             for service in manifest.services:
                 entry = merged.setdefault(
                     (key, service.path),
-                    {"methods": {}, "events": {}, "options": dict(service.options), "instances": []},
+                    {
+                        "methods": {},
+                        "events": {},
+                        "options": dict(service.options),
+                        "instances": [],
+                        "started_at": manifest.started_at,
+                    },
                 )
                 entry["methods"].update(dict.fromkeys(service.methods))
                 entry["events"].update(dict.fromkeys(service.events))
                 entry["instances"].append(instance)
+                entry["started_at"] = min(entry["started_at"], manifest.started_at)
     return {
         (key, path): RemoteServiceInfo(
-            key, path, tuple(e["methods"]), tuple(e["events"]), e["options"], tuple(e["instances"])
+            key,
+            path,
+            tuple(e["methods"]),
+            tuple(e["events"]),
+            e["options"],
+            tuple(e["instances"]),
+            e["started_at"],
         )
         for (key, path), e in merged.items()
     }
+
+
+def choose(infos: list[RemoteServiceInfo], pinned: str | None = None) -> RemoteServiceInfo | None:
+    """The claimant a local path is mounted from, by the rule of the module docstring.
+
+    Args:
+        infos: the remote services claiming one local path.
+        pinned: the key the path is pinned to, if any.
+
+    Returns:
+        The pinned key's service (``None`` when it is not among ``infos``), else the earliest registered.
+    """
+    if pinned is not None:
+        return min((i for i in infos if i.key == pinned), key=lambda i: i.path, default=None)
+    return min(infos, key=lambda i: (i.started_at, i.key, i.path), default=None)
 
 
 class Discovery:
@@ -79,8 +119,10 @@ class Discovery:
         self.distribution = distribution
         #: local path → the remote service mounted there.
         self.mounted: dict[str, RemoteServiceInfo] = {}
-        #: local path → keys whose service was refused there (a collision).
+        #: local path → keys whose service was refused there (a collision), sorted by key.
         self.collisions: dict[str, list[str]] = {}
+        #: local path → the decision last logged there: (the key kept, or a reason nothing is), the refused.
+        self._decisions: dict[str, tuple[str, list[str]]] = {}
         self._instances: set[str] | None = None
         self._changed = threading.Condition()
         #: local path → the proxy wrapper unmounted there, mounted again if the same service comes back.
@@ -94,24 +136,33 @@ class Discovery:
         for (key, path), info in sorted(remote_services(view).items()):
             if settings.consumes(key, path, info):
                 claims.setdefault(settings.local_path(info, path).strip("/"), []).append(info)
+        pins = {path.strip("/"): key for path, key in settings.pins.items()}
         wanted: dict[str, RemoteServiceInfo] = {}
         collisions: dict[str, list[str]] = {}
+        decisions: dict[str, tuple[str, list[str]]] = {}
         for local, infos in claims.items():
-            current = self.mounted.get(local)
-            winner = next((i for i in infos if current is not None and i.key == current.key), infos[0])
-            wanted[local] = winner
+            existing = distribution.app.services.get(local)
+            if existing is not None and local not in self.mounted:  # the app's own: never replaced
+                winner = None
+                kept = "a proxy mounted by the app kept" if _is_proxy(existing) else "a local service kept"
+            else:
+                pinned = pins.get(local)
+                winner = choose(infos, pinned)
+                if winner is not None:
+                    kept = f"{winner.key} kept ({'pinned' if pinned else 'registered first'})"
+                else:
+                    kept = f"nothing mounted (pinned to {pinned}, which offers nothing there)"
+            if winner is not None:
+                wanted[local] = winner
             losers = [info.key for info in infos if info is not winner]
             if losers:
                 collisions[local] = losers
-        for local, keys in collisions.items():
-            if self.collisions.get(local) != keys:
-                log.warning(
-                    "service path collision at '%s': %s kept, %s refused",
-                    local,
-                    wanted[local].key,
-                    ", ".join(keys),
-                )
-        self.collisions = collisions
+                decisions[local] = (kept, losers)
+                if self._decisions.get(local) != decisions[local]:  # once per change, not per view
+                    log.warning(
+                        "service path collision at '%s': %s, %s refused", local, kept, ", ".join(losers)
+                    )
+        self.collisions, self._decisions = collisions, decisions
         for local, info in list(self.mounted.items()):
             if wanted.get(local) != info:
                 self._unmount(local)

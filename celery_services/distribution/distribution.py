@@ -82,13 +82,7 @@ class Distribution:
         self.lease = lease_keeper(self.celery, settings)
         self.exposed: dict[str, ServiceManifest] = {}
         self.started_at = time.time()
-        self.registry = Registry(
-            settings.resolved_registry_url(),
-            prefix=settings.registry_prefix,
-            heartbeat_interval=settings.heartbeat_interval,
-            rescan_interval=settings.rescan_interval,
-            ttl=settings.resolved_registry_ttl(),
-        )
+        self.registry = Registry.from_settings(settings)  # manifest limits included
         self.discovery = Discovery(self)
         self.transport = Transport(
             self.celery, self.reply_store, settings, caller=self.key, is_live=self.registry.has_key

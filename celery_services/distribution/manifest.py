@@ -3,6 +3,13 @@
 A :class:`Manifest` describes one running instance of an app (its ``key``), the services it exposes and
 when it last proved to be alive (``heartbeat``). It travels as JSON; :func:`decode_manifest` is the one
 place where untrusted registry entries are turned back into models, and refuses foreign payloads.
+
+:class:`ManifestLimits` caps what one entry may cost its readers: its size is checked before anything
+parses it, then its counts of services, and of methods and events per service. A manifest over a limit
+raises :class:`ManifestLimitError`, which names the setting that sets the limit.
+
+One piece, past 300 lines: the manifest model, its decoding with the limits that guard it, and the views and
+key layout built from it are the registry's wire format, read together.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import re
 import socket
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
@@ -28,6 +35,8 @@ __all__ = [
     "InstanceInfo",
     "KeyInfo",
     "Manifest",
+    "ManifestLimitError",
+    "ManifestLimits",
     "RegistryLayout",
     "ServiceManifest",
     "View",
@@ -135,21 +144,103 @@ class Manifest(BaseModel):
         return self.model_copy(update={"heartbeat": 0.0}) == other.model_copy(update={"heartbeat": 0.0})
 
 
-def decode_manifest(raw: bytes | str, *, key: str | None = None, instance: str | None = None) -> Manifest:
+class ManifestLimitError(ValueError):
+    """A manifest over one of the :class:`ManifestLimits`.
+
+    Attributes:
+        setting: the field of :class:`ManifestLimits` (and setting of the distribution) that was exceeded,
+            e.g. ``"max_manifest_bytes"``.
+        found: the size or count found.
+        limit: the limit.
+        manifest: the parsed manifest when a count was exceeded (its key and instance verified), ``None``
+            when its size was, since it was then never parsed.
+    """
+
+    def __init__(
+        self, setting: str, found: int, limit: int, what: str, manifest: Manifest | None = None
+    ) -> None:
+        super().__init__(f"{what}: {found}, over {setting} = {limit}")
+        self.setting = setting
+        self.found = found
+        self.limit = limit
+        self.manifest = manifest
+
+
+@dataclass(frozen=True)
+class ManifestLimits:
+    """Caps on one manifest, each field named after the distribution setting that sets it.
+
+    Checked on every manifest read from the registry (an entry over a limit is skipped) and on the one an
+    instance publishes (refused). The defaults are those of the settings.
+    """
+
+    max_manifest_bytes: int = 262_144
+    """Largest serialized manifest, in bytes (UTF-8)."""
+    max_manifest_services: int = 500
+    """Most services one manifest may list."""
+    max_service_methods: int = 200
+    """Most methods one service may list."""
+    max_service_events: int = 200
+    """Most events one service may list."""
+
+    @classmethod
+    def of(cls, settings: Any) -> ManifestLimits:
+        """The limits a :class:`~.settings.DistributionSettings` (or any object with the same fields) sets."""
+        return cls(**{field.name: getattr(settings, field.name) for field in fields(cls)})
+
+    def check_size(self, raw: bytes | str) -> None:
+        """Refuse a serialized manifest over :attr:`max_manifest_bytes`, before anything parses it.
+
+        Raises:
+            ManifestLimitError: it is too large.
+        """
+        size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", "surrogatepass"))
+        if size > self.max_manifest_bytes:
+            raise ManifestLimitError("max_manifest_bytes", size, self.max_manifest_bytes, "manifest bytes")
+
+    def check_counts(self, manifest: Manifest) -> None:
+        """Refuse a manifest listing too many services, or a service listing too many methods or events.
+
+        Raises:
+            ManifestLimitError: a count is over its limit (the manifest rides along).
+        """
+        counts = [("max_manifest_services", len(manifest.services), "services")]
+        for service in manifest.services:
+            counts.append(
+                ("max_service_methods", len(service.methods), f"methods of service '{service.path}'")
+            )
+            counts.append(("max_service_events", len(service.events), f"events of service '{service.path}'"))
+        for setting, found, what in counts:
+            limit = getattr(self, setting)
+            if found > limit:
+                raise ManifestLimitError(setting, found, limit, what, manifest)
+
+
+def decode_manifest(
+    raw: bytes | str,
+    *,
+    key: str | None = None,
+    instance: str | None = None,
+    limits: ManifestLimits | None = None,
+) -> Manifest:
     """Parse one registry entry, refusing anything that is not a v1 manifest of the expected instance.
 
     Args:
         raw: the JSON stored in the registry.
         key: the app key its registry key names, checked against the payload when given.
         instance: the instance its registry key names, checked against the payload when given.
+        limits: when given, the size of ``raw`` is checked before it is parsed, the counts after.
 
     Returns:
         The manifest.
 
     Raises:
+        ManifestLimitError: ``raw`` is over one of the ``limits`` (a :class:`ValueError` too).
         ValueError: with a short reason when the payload is not valid JSON, fails validation, speaks
             another protocol version or describes another instance than its registry key says.
     """
+    if limits is not None:
+        limits.check_size(raw)  # before any parsing: the cost of a huge entry ends here
     try:
         manifest = Manifest.model_validate_json(raw)
     except ValidationError as exc:
@@ -167,6 +258,8 @@ def decode_manifest(raw: bytes | str, *, key: str | None = None, instance: str |
         raise ValueError(
             f"payload describes {manifest.key}:{manifest.instance}, stored under {key}:{instance}"
         )
+    if limits is not None:
+        limits.check_counts(manifest)
     return manifest
 
 

@@ -8,6 +8,16 @@ touches or samples) and from expiry notifications (``__keyevent@{db}__:expired``
 enabled them (the library never changes ``notify-keyspace-events``: server configuration is shared by every
 app on it), and rescans periodically as a backstop for anything pub/sub lost (e.g. while reconnecting).
 
+Every entry read (snapshot, rescan, announcement) is held to the registry's :class:`ManifestLimits` (the
+settings ``max_manifest_bytes``, ``max_manifest_services``, ``max_service_methods``, ``max_service_events``):
+its size is checked before it is parsed, then its counts of services, and of methods and events per service.
+An entry over a limit stays in the view as its instance offering no service (it is still alive: its event
+queues are not swept as a dead consumer's), so no consumer mounts a proxy or binds an event of it; a warning
+naming the limit and its setting is logged once per entry and limit, not at every rescan.
+:meth:`Registry.publish` refuses this instance's own manifest over a limit (:class:`ManifestLimitError`); a
+heartbeat whose new content is refused keeps the last accepted manifest alive. The size check bounds the
+parsing, not the transfer: an entry is still read whole from Redis.
+
 One piece, past 300 lines: the publishing side and the watcher share the key layout, the connection and the
 live view, and the watcher's loop (subscribe, snapshot, listen, probe, rescan) only reads right in one place.
 """
@@ -20,21 +30,27 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import redis
+from pydantic import ValidationError
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .manifest import (
     KeyInfo,
     Manifest,
+    ManifestLimitError,
+    ManifestLimits,
     RegistryLayout,
     View,
     decode_manifest,
     same_view,
     summarize,
 )
+
+if TYPE_CHECKING:
+    from .settings import DistributionSettings
 
 __all__ = ["OnChange", "Registry"]
 
@@ -57,6 +73,7 @@ class Registry:
             tolerated, and with the watcher probing every quarter interval a dead instance is gone
             within 3 intervals of its death).
         rescan_interval: seconds between the watcher's full rescans; 3 heartbeat intervals by default.
+        limits: caps on every manifest read and published (the settings' defaults when omitted).
     """
 
     def __init__(
@@ -67,10 +84,12 @@ class Registry:
         heartbeat_interval: float = 5.0,
         rescan_interval: float | None = None,
         ttl: float | None = None,
+        limits: ManifestLimits | None = None,
     ) -> None:
         if heartbeat_interval <= 0 or (rescan_interval is not None and rescan_interval <= 0):
             raise ValueError("heartbeat_interval and rescan_interval must be positive")
         self.layout = RegistryLayout(prefix)
+        self.limits = limits if limits is not None else ManifestLimits()
         self.heartbeat_interval = heartbeat_interval
         self.rescan_interval = rescan_interval if rescan_interval is not None else 3 * heartbeat_interval
         self.ttl_ms = max(1, round((ttl if ttl is not None else 2.5 * heartbeat_interval) * 1000))
@@ -94,7 +113,20 @@ class Registry:
         self._view: View = {}
         self._synced = threading.Event()
         self._watch_thread: threading.Thread | None = None
-        self._reported: dict[str, int] = {}  # registry key → hash of the bad payload already logged
+        # registry key → what was logged about it: the hash of a bad payload, or the limit it is over
+        self._reported: dict[str, object] = {}
+
+    @classmethod
+    def from_settings(cls, settings: DistributionSettings) -> Registry:
+        """The registry ``settings`` describe: URL, prefix, heartbeat, TTL, rescans and manifest limits."""
+        return cls(
+            settings.resolved_registry_url(),
+            prefix=settings.registry_prefix,
+            heartbeat_interval=settings.heartbeat_interval,
+            rescan_interval=settings.rescan_interval,
+            ttl=settings.resolved_registry_ttl(),
+            limits=ManifestLimits.of(settings),
+        )
 
     # -- provider ------------------------------------------------------------------------------------------
 
@@ -107,12 +139,19 @@ class Registry:
 
         Returns:
             The manifest as written, with its new heartbeat.
+
+        Raises:
+            ManifestLimitError: the manifest is over one of :attr:`limits` (a :class:`ValueError`); nothing
+                is written, every reader would skip it.
         """
         stamped = manifest.model_copy(update={"heartbeat": time.time()})
+        payload = stamped.model_dump_json()
+        self.limits.check_size(payload)
+        self.limits.check_counts(stamped)
         ident = (manifest.key, manifest.instance)
         with self._lock:
             pipe = self._client.pipeline(transaction=True)
-            pipe.set(self.layout.name(*ident), stamped.model_dump_json(), px=self.ttl_ms)
+            pipe.set(self.layout.name(*ident), payload, px=self.ttl_ms)
             pipe.publish(
                 self.layout.channel, self.layout.announcement("changed" if changed else "up", *ident)
             )
@@ -126,8 +165,9 @@ class Registry:
 
         Right away, then every heartbeat interval, the entry is rewritten with a fresh heartbeat and TTL
         (one ``SET XX``, no announcement). A vanished entry (expired, flushed, Redis restarted) is published
-        again as ``"up"``; content that differs from the last published is announced ``"changed"``. Several
-        suppliers share one daemon thread, which calls them.
+        again as ``"up"``; content that differs from the last published is announced ``"changed"``, unless it
+        is over the :attr:`limits`: then the last accepted content is kept alive and the refusal is logged.
+        Several suppliers share one daemon thread, which calls them.
         """
         with self._lock:
             self._suppliers.append(supplier)
@@ -178,22 +218,32 @@ class Registry:
             if ident in self._withdrawn or self._closing.is_set():
                 return
             last = self._published.get(ident)
+            refused: ManifestLimitError | None = None
             if last is None or not last.same_content(manifest):
-                self.publish(manifest, changed=last is not None)
-                return
+                try:
+                    self.publish(manifest, changed=last is not None)
+                    return
+                except ManifestLimitError as exc:
+                    if last is None:
+                        raise
+                    # Readers would skip the new content: keep the last accepted one alive meanwhile.
+                    refused, manifest = exc, last
             stamped = manifest.model_copy(update={"heartbeat": time.time()})
             if self._client.set(self.layout.name(*ident), stamped.model_dump_json(), px=self.ttl_ms, xx=True):
                 self._published[ident] = stamped
             else:
                 log.info("registry entry of %s:%s vanished, publishing it again", *ident)
                 self.publish(manifest)
+            if refused is not None:
+                raise refused  # the heartbeat loop logs it once, until a beat succeeds again
 
     # -- consumer ------------------------------------------------------------------------------------------
 
     def snapshot(self) -> View:
         """Read every live manifest: a SCAN walk, then its MGETs in one pipelined round trip.
 
-        Entries that are not valid v1 manifests of the instance their key names are logged and skipped.
+        Entries that are not valid v1 manifests of the instance their key names are logged and skipped;
+        an entry over the :attr:`limits` is logged and read as its instance offering no service.
         """
         names = builtins.list(
             dict.fromkeys(self._client.scan_iter(match=self.layout.scan_pattern, count=1000))
@@ -391,14 +441,45 @@ class Registry:
         try:
             if ident is None:
                 raise ValueError("malformed registry key")
-            return decode_manifest(raw, key=ident[0], instance=ident[1])
+            manifest = decode_manifest(raw, key=ident[0], instance=ident[1], limits=self.limits)
+        except ManifestLimitError as exc:
+            # Keyed by the limit, not the payload: every heartbeat rewrites the payload, not the excess.
+            if self._report(name, exc.setting):
+                log.warning(
+                    "skipping the services of registry entry %s: %s (raise the setting %s to accept it)",
+                    name,
+                    exc,
+                    exc.setting,
+                )
+            return _offering_nothing(exc, *ident) if ident is not None else None
         except ValueError as exc:
-            if self._reported.get(name) != hash(raw):  # log each bad payload once, not at every rescan
-                if len(self._reported) > 10_000:
-                    self._reported.clear()
-                self._reported[name] = hash(raw)
+            if self._report(name, hash(raw)):  # log each bad payload once, not at every rescan
                 log.warning("skipping registry entry %s: %s", name, exc)
             return None
+        if self._reported:
+            self._reported.pop(name, None)  # good again: a relapse is logged anew
+        return manifest
+
+    def _report(self, name: str, what: object) -> bool:
+        """Whether ``what`` is news about the entry ``name`` (and remember it)."""
+        if self._reported.get(name) == what:
+            return False
+        if len(self._reported) > 10_000:
+            self._reported.clear()
+        self._reported[name] = what
+        return True
+
+
+def _offering_nothing(exc: ManifestLimitError, key: str, instance: str) -> Manifest | None:
+    """The instance of an entry over a limit, offering no service; ``None`` if its name cannot be one."""
+    if exc.manifest is not None:
+        return exc.manifest.model_copy(update={"services": []})
+    try:  # never parsed: only its registry key is known; constant facts, so no rescan sees a change
+        return Manifest(
+            key=key, instance=instance, host="", pid=0, started_at=0.0, heartbeat=time.time(), services=[]
+        )
+    except ValidationError:
+        return None
 
 
 def _text(value: Any) -> str:
