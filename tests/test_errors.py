@@ -53,6 +53,22 @@ def test_round_trips(name: str) -> None:
     assert err.errors == {"title": "required"}
 
 
+def test_json_is_what_a_feathers_server_writes() -> None:
+    # Feathers' clients rebuild an error from this body; "data": null makes their constructor throw.
+    assert NotFound("No record").to_dict() == {
+        "name": "NotFound",
+        "message": "No record",
+        "code": 404,
+        "className": "not-found",
+    }
+    with_data = errors.BadRequest("Invalid", {"id": 3, "errors": {"title": "required"}}).to_dict()
+    assert with_data["data"] == {"id": 3} and with_data["errors"] == {"title": "required"}
+    only_errors = errors.BadRequest("Invalid", {"errors": {"title": "required"}}).to_dict()
+    assert "data" not in only_errors and only_errors["errors"] == {"title": "required"}
+    rebuilt = ServiceError.from_dict(with_data)
+    assert rebuilt.data == {"id": 3, "errors": {"title": "required"}}
+
+
 def test_celery_json_exception_transport_keeps_class_message_and_data() -> None:
     from celery import Celery
 
@@ -76,10 +92,11 @@ def test_unknown_name_becomes_general_error_keeping_the_name() -> None:
 
 
 def test_error_from_exception_hides_details_unless_debug() -> None:
-    plain = error_from_exception(KeyError("title"))
+    plain = error_from_exception(KeyError("title"), call_id="c-1")
     assert type(plain) is GeneralError
-    assert "title" in plain.message
-    assert plain.data is None
+    assert plain.message == "Internal error"  # a bug's message may name internals: never sent
+    assert plain.data == {"call_id": "c-1"}
+    assert error_from_exception(KeyError("title")).data is None
     try:
         raise ValueError("bad")
     except ValueError as exc:

@@ -25,7 +25,15 @@ import httpx
 import pytest
 from celery import Celery
 
-from celery_services import App, Distribution, DistributionSettings, NotFound, distribute, finalize
+from celery_services import (
+    App,
+    Distribution,
+    DistributionSettings,
+    GeneralError,
+    NotFound,
+    distribute,
+    finalize,
+)
 from celery_services.testing import wait_for
 from celery_services.testing.brokers import free_port
 
@@ -49,6 +57,8 @@ CREDENTIAL_HEADERS = {
 }
 #: Request headers that carry none: they stay visible.
 PLAIN_HEADERS = {"accept": "application/json", "x-request-id": "req-visible", "user-agent": "pytest"}
+#: The worst case for what Flower shows: authentication on and every one of these headers forwarded.
+EVERY_HEADER = [name.lower() for name in (*CREDENTIAL_HEADERS, *PLAIN_HEADERS)]
 
 
 def distribute_caller(api: App, flower: Flower, redis_url: str, prefix: str, **options: Any) -> Distribution:
@@ -228,20 +238,31 @@ def test_flower_shows_remote_calls_with_their_state(flower: Flower, redis_url: s
             assert "task events: ON" in worker.log()  # make_celery sets worker_send_task_events
             distribution = distribute_caller(api, flower, redis_url, prefix)
             articles = distribution.remote_service(key, "articles", ["create", "get"])
+            probe = distribution.remote_service(key, "probe", ["boom"])
 
             def seen() -> bool:
-                # Flower only sees events sent after its receiver bound: call again until it shows both.
+                # Flower only sees events sent after its receiver bound: call again until it shows all.
                 articles.create({"title": "seen by flower"}, {})
                 with pytest.raises(NotFound):
                     articles.get(999, {})
-                return bool(flower.tasks(f"{key}.articles.create", state="SUCCESS")) and bool(
-                    flower.tasks(f"{key}.articles.get", state="FAILURE")
+                with pytest.raises(GeneralError):
+                    probe.boom("crash", {})
+                return (
+                    bool(flower.tasks(f"{key}.articles.create", state="SUCCESS"))
+                    and bool(flower.tasks(f"{key}.articles.get", state="FAILURE"))
+                    and bool(flower.tasks(f"{key}.probe.boom", state="FAILURE"))
                 )
 
             wait_for(seen, timeout=30, interval=0.2, what="flower lists the calls")
             failed = next(iter(flower.tasks(f"{key}.articles.get", state="FAILURE").values()))
             assert failed["name"] == f"{key}.articles.get"
-            assert "NotFound" in (failed.get("exception") or "")
+            # An expected error is a refusal, not a crash: its name and code, no traceback.
+            assert (failed.get("exception") or "").startswith("NotFound(404): ")
+            assert not failed.get("traceback")
+            # A bug keeps its traceback in Flower, chained to its cause (its caller got "Internal error").
+            crashed = next(iter(flower.tasks(f"{key}.probe.boom", state="FAILURE").values()))
+            assert "GeneralError" in (crashed.get("exception") or "")
+            assert "KeyError: 'secret-internal-detail'" in (crashed.get("traceback") or "")
     finally:
         finalize(api)
         cleanup(flower.broker, redis_url, key, runs)
@@ -259,7 +280,14 @@ def test_flower_never_shows_identity_or_credential_headers(flower: Flower, redis
     try:
         with Provider(key, flower.broker, redis_url, runs, env).worker():
             # authentication: the identity and credential headers travel to the provider.
-            distribution = distribute_caller(api, flower, redis_url, prefix, authentication=True)
+            distribution = distribute_caller(
+                api,
+                flower,
+                redis_url,
+                prefix,
+                authentication=True,
+                forwarded_headers=EVERY_HEADER,
+            )
             probe = distribution.remote_service(key, "probe", ["find"])
             name = f"{key}.probe.find"
 

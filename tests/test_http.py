@@ -230,7 +230,20 @@ def error_of(response: httpx.Response, status: int, name: str) -> dict[str, Any]
     body: dict[str, Any] = response.json()
     assert body["name"] == name
     assert body["code"] == status
-    assert {"message", "className", "data"} <= set(body)
+    # As a Feathers server writes it: data and errors only when they hold something, never null.
+    assert (
+        {"name", "message", "code", "className"}
+        <= set(body)
+        <= {
+            "name",
+            "message",
+            "code",
+            "className",
+            "data",
+            "errors",
+        }
+    )
+    assert body.get("data", {}) is not None and body.get("errors", {}) is not None
     assert "Traceback" not in response.text
     return body
 
@@ -278,13 +291,18 @@ def test_remote_query_string(http: httpx.Client) -> None:
 
 
 def test_remote_params_travel_as_the_gateway_pattern_allows(http: httpx.Client) -> None:
-    answer = http.get("/probe/7?a=1", headers={"X-Trace": "abc", "Authorization": "Bearer secret"}).json()
+    sent = {"X-Request-Id": "abc", "Authorization": "Bearer secret", "X-Api-Key": "k", "X-Trace": "t"}
+    answer = http.get("/probe/7?a=1", headers=sent).json()
     assert answer["id"] == 7
     params = answer["params"]
     assert params["query"] == {"a": "1"}
-    assert params["headers"]["x-trace"] == "abc"
-    # authentication = false: identity and credentials stay at the gateway.
-    assert "authorization" not in params["headers"] and "authentication" not in params
+    # forwarded_headers is an allow-list; authentication = false: identity and credentials stay at the gateway.
+    assert params["headers"] == {
+        "x-request-id": "abc",
+        "accept": "*/*",
+        "user-agent": params["headers"]["user-agent"],
+    }
+    assert "authentication" not in params and "user" not in params
 
 
 def test_custom_method_errors(http: httpx.Client) -> None:

@@ -85,25 +85,37 @@ class ServiceError(Exception):
         return f"{self.name}({self.message!r}, code={self.code})"
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form: ``name``, ``message``, ``code``, ``className``, ``data``, ``errors``."""
-        return {
+        """The JSON form, as a Feathers server writes it: ``name``, ``message``, ``code``, ``className``,
+        then ``data`` and ``errors`` only when they hold something (Feathers' clients rebuild the error
+        from this; a ``"data": null`` breaks them). ``errors`` is taken out of ``data``."""
+        payload: dict[str, Any] = {
             "name": self.name,
             "message": self.message,
             "code": self.code,
             "className": self.class_name,
-            "data": self.data,
-            "errors": self.errors,
         }
+        data = self.data
+        if isinstance(data, dict) and "errors" in data:
+            data = {k: v for k, v in data.items() if k != "errors"} or None
+        if data is not None:
+            payload["data"] = data
+        if self.errors:
+            payload["errors"] = self.errors
+        return payload
 
     @staticmethod
     def from_dict(payload: dict[str, Any]) -> ServiceError:
         """Rebuild an error from :meth:`to_dict` output, through the allow-list only.
 
-        An unknown name becomes :class:`GeneralError` that keeps the original name.
+        An unknown name becomes :class:`GeneralError` that keeps the original name; ``errors`` goes back
+        into ``data``.
         """
         name = str(payload.get("name") or "GeneralError")
         message = str(payload.get("message") or "")
         data = payload.get("data")
+        errors = payload.get("errors")
+        if errors and (data is None or isinstance(data, dict)):
+            data = {**(data or {}), "errors": errors}
         cls = ERRORS.get(name)
         if cls is None:
             return GeneralError(message, data, name)
@@ -263,20 +275,25 @@ ERRORS: dict[str, type[ServiceError]] = {
 }
 
 
-def error_from_exception(exc: BaseException, *, debug: bool = False) -> ServiceError:
+def error_from_exception(
+    exc: BaseException, *, debug: bool = False, call_id: str | None = None
+) -> ServiceError:
     """Turn any exception into a :class:`ServiceError` fit to cross the wire.
 
-    A ``ServiceError`` passes unchanged; anything else becomes :class:`GeneralError` with its message, and
-    with its type and traceback in ``data`` only when ``debug`` is set (they name modules and paths).
+    A ``ServiceError`` passes unchanged. Anything else is a bug of the service, whose message may name
+    internals (``list indices must be integers``, a host, a query): it becomes ``GeneralError("Internal
+    error", {"call_id": ...})``, the id under which the provider logged the detail. With ``debug`` set, the
+    message, type and traceback travel instead.
     """
     if isinstance(exc, ServiceError):
         return exc
-    data: Any = None
-    if debug:
-        import traceback
+    if not debug:
+        return GeneralError("Internal error", {"call_id": call_id} if call_id else None)
+    import traceback
 
-        data = {
-            "type": type(exc).__name__,
-            "traceback": "".join(traceback.format_exception(exc)),
-        }
+    data = {
+        "type": type(exc).__name__,
+        "traceback": "".join(traceback.format_exception(exc)),
+        **({"call_id": call_id} if call_id else {}),
+    }
     return GeneralError(str(exc) or type(exc).__name__, data)

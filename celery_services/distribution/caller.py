@@ -37,12 +37,14 @@ from .protocol import (
     HEADER_CALLER,
     HEADER_DEADLINE,
     HEADER_REPLY,
+    HEADER_SIGNATURE,
     is_secret_header,
     mask_url,
     reply_key,
     safe_params,
     task_name,
 )
+from .signing import Signer, unsigned_body
 
 if TYPE_CHECKING:
     import redis
@@ -89,13 +91,16 @@ class Transport:
         *,
         caller: str,
         is_live: Callable[[str], bool | None] | None = None,
+        signer: Signer | None = None,
     ) -> None:
         self.celery = celery
+        self.signer = signer
         self.is_live = is_live
         self.replies = replies
         self.settings = settings
         self.caller = caller
         self._broker = mask_url(celery.conf.broker_url or settings.resolved_broker_url())
+        self._headers = settings.resolved_forwarded_headers()
         # One connection and producer per calling thread: kombu channels are not thread-safe, and
         # keeping one per thread spares a pool acquire on every call.
         self._local = threading.local()
@@ -146,7 +151,10 @@ class Transport:
             "id": id,
             "data": data,
             "params": safe_params(
-                params or {}, authentication=settings.authentication, extra=settings.extra_params
+                params or {},
+                authentication=settings.authentication,
+                headers=self._headers,
+                extra=settings.extra_params,
             ),
         }
         try:
@@ -173,7 +181,7 @@ class Transport:
         """Publish the task ``name`` on ``queue`` and wait for its reply until ``deadline`` (epoch)."""
         call_id = call_id or str(uuid.uuid4())
         self._publish(name, queue, call_id, kwargs, deadline)
-        return self._wait(name, call_id, deadline)
+        return self._wait(name, queue, call_id, deadline)
 
     def _publish(self, name: str, queue: str, call_id: str, kwargs: dict[str, Any], deadline: float) -> None:
         celery = self.celery
@@ -191,7 +199,9 @@ class Transport:
             argsrepr="()",
             kwargsrepr=_kwargsrepr(kwargs),
         )
-        headers = {HEADER_CALLER: self.caller, HEADER_DEADLINE: deadline, HEADER_REPLY: True}
+        headers: dict[str, Any] = {HEADER_CALLER: self.caller, HEADER_DEADLINE: deadline, HEADER_REPLY: True}
+        if self.signer is not None:
+            headers[HEADER_SIGNATURE] = self.signer.sign_call(name, call_id, deadline, kwargs)
         # A bounded retry: an unreachable broker must fail the call within its deadline, not hang it.
         policy = {"max_retries": max(1, int(expires / 0.5)), "interval_start": 0, "interval_step": 0.5}
         policy["interval_max"] = 0.5
@@ -210,9 +220,9 @@ class Transport:
                     retry_policy=policy,
                 )
         except (OperationalError, OSError, ConnectionError) as exc:
-            raise Unavailable(
-                f"Broker {self._broker} is unreachable: {exc}", {"broker": self._broker, "task": name}
-            ) from None
+            # The broker's address and the library's message stay in the log: an error reaches HTTP clients.
+            log.warning("broker %s unreachable while sending %s: %s", self._broker, name, exc)
+            raise Unavailable(f"Broker unreachable: '{name}' was not sent", {"task": name}) from None
 
     def _producer(self) -> Any:
         producer = getattr(self._local, "producer", None)
@@ -240,7 +250,7 @@ class Transport:
         for producer in producers:
             _close_quietly(producer)
 
-    def _wait(self, name: str, call_id: str, deadline: float) -> Any:
+    def _wait(self, name: str, provider: str, call_id: str, deadline: float) -> Any:
         import redis
 
         key = reply_key(self.settings.registry_prefix, call_id)
@@ -256,6 +266,7 @@ class Transport:
                 f"Timeout of the call to '{name}' (no reply before its deadline)",
                 {"task": name, "call_id": call_id},
             )
+        raw = self.signer.open_reply(provider, call_id, raw) if self.signer else unsigned_body(raw)
         return _decode_reply(name, call_id, raw)
 
     def _pop(self, key: str, deadline: float) -> bytes | None:

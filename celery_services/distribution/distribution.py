@@ -39,6 +39,7 @@ from .manifest import Manifest, ServiceManifest
 from .provider import Replies, health_task_name, register_health, register_method
 from .registry import Registry
 from .settings import DistributionSettings
+from .signing import Signer
 from .worker import WorkerSignals
 
 __all__ = ["Distribution", "distribute", "finalize"]
@@ -79,13 +80,23 @@ class Distribution:
             settings.resolved_result_backend(), socket_timeout=5.0, socket_connect_timeout=2.0
         )
         self.replies = Replies(self.reply_store)
+        self.signer = (
+            Signer(self.key, settings.signing_secrets, self.reply_store, settings.registry_prefix)
+            if settings.signing_keys
+            else None
+        )
         self.lease = lease_keeper(self.celery, settings)
         self.exposed: dict[str, ServiceManifest] = {}
         self.started_at = time.time()
         self.registry = Registry.from_settings(settings)  # manifest limits included
         self.discovery = Discovery(self)
         self.transport = Transport(
-            self.celery, self.reply_store, settings, caller=self.key, is_live=self.registry.has_key
+            self.celery,
+            self.reply_store,
+            settings,
+            caller=self.key,
+            is_live=self.registry.has_key,
+            signer=self.signer,
         )
         self.events = EventBus(
             self.celery.conf.broker_url or settings.resolved_broker_url(),

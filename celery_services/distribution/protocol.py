@@ -19,6 +19,7 @@ __all__ = [
     "HEADER_CALLER",
     "HEADER_DEADLINE",
     "HEADER_REPLY",
+    "HEADER_SIGNATURE",
     "PROTOCOL_VERSION",
     "Envelope",
     "is_secret_header",
@@ -36,24 +37,27 @@ PROTOCOL_VERSION = 1
 HEADER_CALLER = "cs_caller"
 HEADER_DEADLINE = "cs_deadline"
 HEADER_REPLY = "cs_reply"
+#: The HMAC of a signed call (:mod:`.signing`).
+HEADER_SIGNATURE = "cs_signature"
 
 #: Params that may travel with any call; ``provider``, ``user`` and ``authentication`` travel only when
-#: the ``authentication`` setting says so.
+#: the ``authentication`` setting says so. Of ``headers``, only the names the ``forwarded_headers`` setting
+#: lists travel.
 BASE_PARAMS = ("query", "headers")
 AUTH_PARAMS = ("provider", "user", "authentication")
-#: Request headers that carry credentials: they travel only with ``authentication=True``.
-CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
-#: Request headers masked (``***``) in what Flower and logs show of a call (its ``kwargsrepr``): these names,
-#: and any name containing one of ``SECRET_HEADER_PARTS`` (names compared in lower case). What travels is
-#: decided by ``CREDENTIAL_HEADERS`` above, not by these.
-SECRET_HEADERS = CREDENTIAL_HEADERS | {"set-cookie", "x-api-key", "x-auth-token"}
-SECRET_HEADER_PARTS = ("token", "secret", "password", "api-key", "apikey", "api_key")
+#: Request headers that carry credentials whatever their name says (names compared in lower case); any name
+#: containing one of ``SECRET_HEADER_PARTS`` does too. They are masked (``***``) in what Flower and logs show
+#: of a call, and travel only with ``authentication=True`` and when listed in ``forwarded_headers``.
+SECRET_HEADERS = frozenset(
+    {"authorization", "cookie", "proxy-authorization", "set-cookie", "x-api-key", "x-auth-token"}
+)
+SECRET_HEADER_PARTS = ("token", "secret", "password", "api-key", "apikey", "api_key", "auth", "session")
 
 log = logging.getLogger("celery_services.protocol")
 
 
 def is_secret_header(name: Any) -> bool:
-    """Whether a request header's value must be masked in what Flower and logs show of a call."""
+    """Whether a request header may carry a credential: masked in Flower and logs, kept home by default."""
     lowered = str(name).lower()
     return lowered in SECRET_HEADERS or any(part in lowered for part in SECRET_HEADER_PARTS)
 
@@ -97,20 +101,37 @@ def parse_envelope(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Envelope:
         raise BadRequest(f"Malformed call envelope: bad {', '.join(fields)}", {"fields": fields}) from None
 
 
-def safe_params(params: dict[str, Any], *, authentication: bool, extra: Iterable[str] = ()) -> dict[str, Any]:
-    """The params that travel: whitelisted names with JSON-safe values only.
+def safe_params(
+    params: dict[str, Any],
+    *,
+    authentication: bool,
+    headers: Iterable[str] = (),
+    extra: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The params that travel: allowed names with JSON-safe values only.
 
-    A value that cannot be serialized is dropped with a debug log rather than failing the call; with
-    ``authentication`` off, identity params and credential headers stay home (the gateway pattern).
+    ``headers`` is the allow-list of request headers (lower-case names) that travel; a credential header
+    (:func:`is_secret_header`) travels only with ``authentication`` on as well, and identity params only
+    then (the gateway pattern). A value that cannot be serialized is dropped with a debug log rather than
+    failing the call.
     """
     allowed = [*BASE_PARAMS, *extra, *(AUTH_PARAMS if authentication else ())]
+    forwarded = frozenset(headers)
     out: dict[str, Any] = {}
     for name in allowed:
         if name not in params or params[name] is None:
             continue
         value = params[name]
-        if name == "headers" and not authentication and isinstance(value, dict):
-            value = {k: v for k, v in value.items() if str(k).lower() not in CREDENTIAL_HEADERS}
+        if name == "headers":
+            if not isinstance(value, dict):
+                continue
+            value = {
+                k: v
+                for k, v in value.items()
+                if str(k).lower() in forwarded and (authentication or not is_secret_header(k))
+            }
+            if not value:
+                continue
         try:
             json.dumps(value)
         except (TypeError, ValueError):

@@ -3,23 +3,44 @@
 The task validates the envelope, runs the call through the provider's hooks with ``from_remote`` set,
 pushes the reply on the caller's reply list (see :mod:`.caller`) and then returns the result
 or raises the error, so Celery's result backend and Flower keep their usual view (SUCCESS / FAILURE).
+
+One piece, past 300 lines: what a provider checks before a call runs (deadline, signature, caller) and how
+it answers (reply list, Celery state, Flower's view of an expected error) are read together.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
+from fnmatch import fnmatchcase
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import redis
+from celery.worker.request import Request
 
-from ..core.errors import PayloadTooLarge, ServiceError, Timeout, error_from_exception
+from ..core.errors import (
+    Forbidden,
+    NotAuthenticated,
+    PayloadTooLarge,
+    ServiceError,
+    Timeout,
+    error_from_exception,
+)
 from .caller import reset_deadline, set_deadline
 from .lease import HEADER_REDELIVERED
-from .protocol import AUTH_PARAMS, HEADER_DEADLINE, HEADER_REPLY, parse_envelope, reply_key, task_name
+from .protocol import (
+    AUTH_PARAMS,
+    HEADER_CALLER,
+    HEADER_DEADLINE,
+    HEADER_REPLY,
+    parse_envelope,
+    reply_key,
+    task_name,
+)
 
 if TYPE_CHECKING:
     from celery import Task
@@ -29,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HEALTH_METHOD",
+    "CallRequest",
     "Replies",
     "call_params",
     "health_task_name",
@@ -117,6 +139,32 @@ def register_health(distribution: Distribution) -> str:
     return name
 
 
+class CallRequest(Request):  # type: ignore[misc]
+    """The worker's request of a call task: an expected error (4xx) is reported without a traceback.
+
+    Flower and every task-event consumer see a call that answered ``NotFound`` as ``FAILURE`` (so
+    ``send_task().get()`` still raises it, and failures can be counted), but its ``task-failed`` event
+    carries ``exception = "NotFound(404): message"`` and an empty traceback: a refusal, not a crash. An
+    internal error (5xx) keeps its traceback, chained to the exception that caused it.
+    """
+
+    def send_event(self, type: str, **fields: Any) -> None:
+        if type == "task-failed":
+            error = _expected_error(fields.get("exception"), self)
+            if error is not None:
+                fields = {**fields, "exception": error, "traceback": ""}
+        super().send_event(type, **fields)
+
+
+def _expected_error(shown: Any, request: Any) -> str | None:
+    # The event gets safe_repr(exception): ServiceError.__repr__ is "Name('message', code=404)".
+    text = str(shown or "")
+    match = re.fullmatch(r"(\w+)\((.*), code=(\d{3})\)", text, re.DOTALL)
+    if match is None or int(match.group(3)) >= 500:
+        return None
+    return f"{match.group(1)}({match.group(3)}): {match.group(2)}"
+
+
 def _register(distribution: Distribution, fn: Any, name: str) -> None:
     distribution.celery.task(
         fn,
@@ -126,15 +174,19 @@ def _register(distribution: Distribution, fn: Any, name: str) -> None:
         shared=False,  # a task of this app only: other apps in the process may serve the same name
         acks_late=True,
         reject_on_worker_lost=True,
-        # Expected errors are the caller's answer, not a worker failure: no traceback in the log for them.
+        # Expected errors are the caller's answer, not a worker failure: no traceback in the log for them,
+        # nor in Flower for 4xx (CallRequest).
         throws=(ServiceError,),
+        Request=CallRequest,
     )
 
 
 def _answer(distribution: Distribution, task: Task, work: Callable[[], Any], fields: dict[str, str]) -> Any:
-    """Run a call with its deadline set for nested calls; reply on the caller's list, then to Celery.
+    """Admit a call, run it with its deadline set for nested calls, reply on the caller's list and to Celery.
 
-    A call whose deadline has passed is not started, and no reply is pushed once nobody waits for it.
+    A call whose deadline has passed is not started, and no reply is pushed once nobody waits for it. With
+    signing on, an unsigned, forged or replayed call is refused before anything of it runs; a caller not in
+    ``allow_callers`` is refused too.
     """
     request = task.request
     call_id = str(request.id)
@@ -144,13 +196,32 @@ def _answer(distribution: Distribution, task: Task, work: Callable[[], Any], fie
     reply_to = None
     if getattr(request, HEADER_REPLY, None):
         reply_to = reply_key(distribution.settings.registry_prefix, call_id)
+    signer = distribution.signer
+
+    def reply(body: str) -> None:
+        if reply_to:
+            distribution.replies.push(
+                reply_to, signer.sign_reply(call_id, body) if signer else body, deadline
+            )
+
     if deadline is not None and deadline <= time.time():
         # Its caller gave up (Celery's ``expires`` is only checked on receipt, not when a prefetched or
         # redelivered call starts): nothing runs, nothing is pushed.
         log.info("call not started: its caller's deadline has passed", extra=extra)
         raise Timeout(f"Call '{request.task}' started after its caller's deadline", {"call_id": call_id})
+    if signer is not None:
+        try:
+            signer.check_call(request, deadline)
+        except NotAuthenticated as refused:
+            reply(json.dumps({"error": refused.to_dict()}))
+            raise
+        if not signer.first_start(call_id, deadline) and not _redelivered(request):
+            # No reply: the original delivery of this call answers its caller.
+            log.warning("call refused: replayed call id", extra=extra)
+            raise NotAuthenticated("Call refused: replayed", {"call_id": call_id})
     token = set_deadline(deadline)
     try:
+        _check_caller(distribution, request, fields)
         result = work()
         body = json.dumps({"result": result})
         limit = distribution.settings.max_payload_bytes
@@ -160,20 +231,40 @@ def _answer(distribution: Distribution, task: Task, work: Callable[[], Any], fie
                 {"size": len(body), "limit": limit, "call_id": call_id},
             )
     except Exception as exc:
-        error = error_from_exception(exc, debug=distribution.settings.debug)
+        error = error_from_exception(exc, debug=distribution.settings.debug, call_id=call_id)
         if error is not exc:
-            log.exception("call failed: %s", type(exc).__name__, extra=extra)
+            # The detail stays here, under the call id the caller got (its message may name internals).
+            log.exception("call %s failed: %s", call_id, type(exc).__name__, extra=extra)
         else:
             log.info("call answered %s (%s): %s", error.name, error.code, error.message, extra=extra)
-        if reply_to:
-            distribution.replies.push(reply_to, json.dumps({"error": _json_safe(error.to_dict())}), deadline)
-        raise error from None
+        reply(json.dumps({"error": _json_safe(error.to_dict())}))
+        if error is exc:
+            raise error from None
+        raise error from exc  # Flower's traceback of an internal error shows its cause
     finally:
         reset_deadline(token)
-    if reply_to:
-        distribution.replies.push(reply_to, body, deadline)
+    reply(body)
     log.debug("call served", extra=extra)
     return result
+
+
+def _check_caller(distribution: Distribution, request: Any, fields: dict[str, str]) -> None:
+    """Refuse a caller key that ``allow_callers`` does not list for this ``path.method``."""
+    allowed = distribution.settings.allow_callers
+    if allowed is None or fields["method"] == HEALTH_METHOD:
+        return
+    caller = str(getattr(request, HEADER_CALLER, None) or "")
+    target = f"{fields['path']}.{fields['method']}"
+    globs = [*allowed.get(caller, ()), *allowed.get("*", ())] if caller else allowed.get("*", [])
+    if not any(fnmatchcase(target, glob) for glob in globs):
+        raise Forbidden(
+            f"App '{caller or '?'}' may not call '{target}'", {"caller": caller or None, "method": target}
+        )
+
+
+def _redelivered(request: Any) -> bool:
+    delivery = getattr(request, "delivery_info", None) or {}
+    return bool(getattr(request, HEADER_REDELIVERED, None) or delivery.get("redelivered"))
 
 
 def call_params(settings: DistributionSettings, request: Any, params: dict[str, Any]) -> dict[str, Any]:
@@ -189,8 +280,7 @@ def call_params(settings: DistributionSettings, request: Any, params: dict[str, 
             params.pop(name, None)
     params["from_remote"] = True
     params["call_id"] = str(request.id)
-    delivery = getattr(request, "delivery_info", None) or {}
-    params["redelivered"] = bool(getattr(request, HEADER_REDELIVERED, None) or delivery.get("redelivered"))
+    params["redelivered"] = _redelivered(request)
     return params
 
 
