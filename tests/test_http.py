@@ -296,7 +296,7 @@ def test_remote_params_travel_as_the_gateway_pattern_allows(http: httpx.Client) 
     assert answer["id"] == 7
     params = answer["params"]
     assert params["query"] == {"a": "1"}
-    # forwarded_headers is an allow-list; authentication = false: identity and credentials stay at the gateway.
+    # forwarded_headers is an allow-list; authentication = false: identity and credentials stay home.
     assert params["headers"] == {
         "x-request-id": "abc",
         "accept": "*/*",
