@@ -54,8 +54,8 @@ DEFAULT_FORWARDED_HEADERS = (
 )
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
-_RESULT_BACKEND_SCHEMES = ("redis", "rediss", "redis+socket")
-_REGISTRY_SCHEMES = ("redis", "rediss", "unix")
+_RESULT_BACKEND_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
+_REGISTRY_SCHEMES = ("redis", "rediss", "unix", "sentinel")
 _HOOK_TYPES = ("before", "after", "error")
 
 
@@ -160,6 +160,19 @@ class DistributionSettings(BaseSettings):
     registry_url: str | None = None
     """Redis holding the manifests (``redis://``, ``rediss://``, ``unix://``); ``None``: the result
     backend's."""
+
+    sentinel_master: str | None = None
+    """The name of the Redis master that ``sentinel://`` URLs lead to (broker, result backend, registry:
+    Celery's ``master_name`` transport option); required when one of them is a ``sentinel://`` URL."""
+
+    tls_ca_file: str | None = None
+    """CA bundle that verifies the Redis servers of ``rediss://`` URLs (default: the system's)."""
+
+    tls_cert_file: str | None = None
+    """Client certificate presented to Redis over TLS, when the server asks for one."""
+
+    tls_key_file: str | None = None
+    """Private key of :attr:`tls_cert_file`."""
 
     event_delivery: Literal["broadcast", "group"] = "broadcast"
     """``broadcast``: every instance of a consumer re-emits every event (auto-deleted queue per instance);
