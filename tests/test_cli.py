@@ -402,3 +402,47 @@ def test_log_lines_carry_the_call_fields(capsys: pytest.CaptureFixture[str]) -> 
             if handler not in handlers:
                 root.removeHandler(handler)
         root.setLevel(level)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", [["worker", "workers.articles:app"], ["serve", "workers.gateway:api"]])
+def test_global_broker_reaches_the_modules_worker_and_serve_import(command: list[str]) -> None:
+    # The example modules load their settings when imported: --broker must reach them (it used to be
+    # ignored there, and the worker quietly served the default Redis).
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CELERY_SERVICES_")}
+    process = subprocess.run(
+        [CLI, "--broker", f"redis://127.0.0.1:{port}/0", *command],
+        cwd=ROOT,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=45,
+    )
+    assert process.returncode == EXIT_SERVER_ERROR, process.stdout + process.stderr
+    assert f"127.0.0.1:{port}" in process.stderr or str(port) in process.stderr, process.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "complaint"),
+    [
+        (["--broker", "http://x"], "broker_url 'http://x': scheme must be one of"),
+        (["--broker", "redis://127.0.0.1:6379/db"], "the database must be a number"),
+    ],
+)
+def test_a_bad_broker_url_is_bad_usage_not_the_default(options: list[str], complaint: str) -> None:
+    result = CliRunner().invoke(app, [*options, "services"])
+    assert result.exit_code == 2, result.output
+    assert complaint in " ".join(result.output.replace("│", " ").split())
+    assert (
+        "CELERY_SERVICES_BROKER_URL" not in os.environ
+        or os.environ["CELERY_SERVICES_BROKER_URL"] != options[1]
+    )
+
+
+def test_an_unknown_variable_is_bad_usage_with_the_closest_name() -> None:
+    result = CliRunner().invoke(app, ["services"], env={"CELERY_SERVICES_TIMOUT": "3"})
+    assert result.exit_code == 2, result.output
+    assert "did you mean CELERY_SERVICES_TIMEOUT?" in " ".join(result.output.replace("│", " ").split())

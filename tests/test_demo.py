@@ -44,12 +44,12 @@ MILESTONES = [
 def demo_env(marker: str, **extra: str) -> dict[str, str]:
     """The caller's environment without any celery-services setting, plus a marker every child inherits."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("CELERY_SERVICES_")}
-    return {**env, "CELERY_SERVICES_DEMO_TEST_MARK": marker, **extra}
+    return {**env, "CELERY_SERVICES_TEST_DEMO_MARK": marker, **extra}
 
 
 def marked_processes(marker: str) -> list[int]:
     """Processes whose environment carries ``marker``: the demo, its workers, its redis-server."""
-    needle = f"CELERY_SERVICES_DEMO_TEST_MARK={marker}".encode()
+    needle = f"CELERY_SERVICES_TEST_DEMO_MARK={marker}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():

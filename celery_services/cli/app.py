@@ -11,6 +11,7 @@ or registry that cannot be reached.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -124,6 +125,23 @@ def _global(
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--log-level") from None
     ctx.obj = Options(config, broker, log_level)
+    # The modules that `worker` and `serve` import load their settings when imported: the variables carry
+    # --broker and --config to them as to every other command.
+    given = {"CELERY_SERVICES_BROKER_URL": broker, "CELERY_SERVICES_CONFIG": config and str(config.resolve())}
+    for name, value in given.items():
+        if value:
+            ctx.call_on_close(functools.partial(_restore, name, os.environ.get(name)))
+            os.environ[name] = value
+    if broker or config:
+        ctx.obj.settings()  # a bad URL or file fails here, before any command runs
+
+
+def _restore(name: str, value: str | None) -> None:
+    # The CLI may run inside another program (tests, a notebook): leave its environment as it was.
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 @contextlib.contextmanager

@@ -9,6 +9,8 @@ the settings built in its block, and :func:`file_sources` gives the settings mod
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 import re
 import tomllib
@@ -18,13 +20,20 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, TomlConfigSettingsSource
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    TomlConfigSettingsSource,
+)
 
 __all__ = [
     "CONFIG_ENV_VAR",
     "ENV_NAME_VAR",
     "ENV_PREFIX",
     "TABLE",
+    "check_environment",
     "config_files",
     "file_sources",
     "reading",
@@ -39,7 +48,53 @@ ENV_NAME_VAR = "CELERY_SERVICES_ENV"
 #: The TOML table holding the settings.
 TABLE = "distribution"
 
+#: Variables under the prefix that are not settings of the distribution: the files' names above, and the
+#: prefixes of other settings models and of the project's own test tooling.
+OTHER_VARIABLES = frozenset({CONFIG_ENV_VAR, ENV_NAME_VAR})
+OTHER_PREFIXES = ("CELERY_SERVICES_JWT_", "CELERY_SERVICES_TEST_")
+
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _closest(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def check_environment(fields: list[str], environ: dict[str, str] | None = None) -> None:
+    """Refuse a ``CELERY_SERVICES_*`` variable that names no setting: a typo must not pass silently.
+
+    Raises:
+        ValueError: naming the variable and the closest valid one.
+    """
+    environ = dict(os.environ) if environ is None else environ
+    known = [field.upper() for field in fields]
+    for variable in sorted(environ):
+        upper = variable.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in OTHER_VARIABLES or upper.startswith(OTHER_PREFIXES):
+            continue
+        name = upper[len(ENV_PREFIX) :]
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+            hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+            raise ValueError(f"unknown setting variable {variable}{hint}")
+
+
+class CommaListEnvSource(EnvSettingsSource):
+    """``CELERY_SERVICES_*`` variables; a list setting also reads ``find,get`` (JSON stays accepted)."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        text = str(value).strip()
+        if text.startswith(("[", "{", '"')) or not _is_list(field):
+            return super().decode_complex_value(field_name, field, value)
+        try:
+            return json.loads(text)
+        except ValueError:
+            return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _is_list(field: FieldInfo) -> bool:
+    return "list[" in str(field.annotation)
 
 #: Files read by the sources of the settings being built by :meth:`DistributionSettings.load`.
 _config_files: ContextVar[tuple[Path, ...]] = ContextVar("celery_services_config_files", default=())
@@ -49,6 +104,7 @@ class _DistributionTableSource(TomlConfigSettingsSource):
     """The ``[distribution]`` table of one TOML file; a file without that table gives no settings."""
 
     def __init__(self, settings_cls: type[BaseSettings], toml_file: Path) -> None:
+        self._fields = list(settings_cls.model_fields)  # read by _read_file, which the base calls
         super().__init__(settings_cls, toml_file=toml_file, toml_table_header=(TABLE,))
 
     def _read_file(self, file_path: Any) -> dict[str, Any]:
@@ -59,6 +115,11 @@ class _DistributionTableSource(TomlConfigSettingsSource):
         table = data.get(TABLE, {})
         if not isinstance(table, dict):
             raise ValueError(f"{file_path}: [{TABLE}] must be a table, not {type(table).__name__}")
+        for key in table:
+            if key not in self._fields:
+                raise ValueError(
+                    f"{file_path}: unknown setting '{key}' in [{TABLE}]{_closest(key, self._fields)}"
+                )
         return {TABLE: table}
 
 

@@ -30,7 +30,7 @@ from .config import CONFIG_ENV_VAR as CONFIG_ENV_VAR
 from .config import ENV_NAME_VAR as ENV_NAME_VAR
 from .config import ENV_PREFIX as ENV_PREFIX
 from .config import TABLE as TABLE
-from .protocol import is_secret_header
+from .protocol import is_secret_header, mask_url
 
 __all__ = ["DistributionSettings"]
 
@@ -54,6 +54,7 @@ DEFAULT_FORWARDED_HEADERS = (
 )
 
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
+_BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel", "amqp", "amqps", "pyamqp")
 _RESULT_BACKEND_SCHEMES = ("redis", "rediss", "redis+socket", "sentinel")
 _REGISTRY_SCHEMES = ("redis", "rediss", "unix", "sentinel")
 _HOOK_TYPES = ("before", "after", "error")
@@ -65,6 +66,35 @@ def _scheme(url: str) -> str:
 
 def _schemes(schemes: tuple[str, ...]) -> str:
     return ", ".join(f"{scheme}://" for scheme in schemes)
+
+
+def _check_url(setting: str, url: str, schemes: tuple[str, ...]) -> None:
+    """Refuse a URL a client would misread or quietly replace by its default (the message names ``setting``).
+
+    Each ``;``-separated part (kombu's failover and Sentinel lists) is checked: scheme, host, port, and for
+    Redis the database number.
+    """
+    for part in url.split(";"):
+        shown = mask_url(part)
+        scheme = _scheme(part)
+        if scheme not in schemes:
+            raise ValueError(f"{setting} {shown!r}: scheme must be one of {_schemes(schemes)}")
+        if scheme in ("redis+socket", "unix"):
+            if not urlsplit(part).path:
+                raise ValueError(f"{setting} {shown!r}: a socket URL needs the socket's path")
+            continue
+        parts = urlsplit(part)
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"{setting} {shown!r}: the port is not a number from 0 to 65535") from None
+        if not parts.hostname:
+            raise ValueError(f"{setting} {shown!r}: no host")
+        if port == 0:
+            raise ValueError(f"{setting} {shown!r}: port 0")
+        db = parts.path.strip("/")
+        if scheme in ("redis", "rediss", "sentinel") and db and not (db.isdigit() and int(db) < 1 << 16):
+            raise ValueError(f"{setting} {shown!r}: the database must be a number (/0, /1 ...), not {db!r}")
 
 
 def _matches_any(name: str, globs: list[str]) -> bool:
@@ -93,6 +123,8 @@ class DistributionSettings(BaseSettings):
         extra="forbid",
         validate_default=True,
         use_attribute_docstrings=True,
+        # An error quotes what it refuses in its own words (URLs masked): never a secret or a password.
+        hide_input_in_errors=True,
     )
 
     key: str = "app"
@@ -152,7 +184,8 @@ class DistributionSettings(BaseSettings):
     (``None``: the distribution's default)."""
 
     broker_url: str | None = None
-    """Celery broker (``redis://``, ``amqp://`` ...); ``None``: ``redis://127.0.0.1:6379/0``."""
+    """Celery broker (``redis://``, ``amqp://`` ...); ``None``: Celery's own ``CELERY_BROKER_URL`` variable
+    when set, else ``redis://127.0.0.1:6379/0``."""
 
     result_backend: str | None = None
     """Celery result backend, Redis only; ``None``: the broker when it is Redis, else the default Redis."""
@@ -233,6 +266,15 @@ class DistributionSettings(BaseSettings):
     """Kombu topic exchange the events travel through."""
 
     # -- validation ---------------------------------------------------------------------------------------
+
+    @model_validator(mode="before")
+    @classmethod
+    def _celery_broker_variable(cls, data: Any) -> Any:
+        # Below every source of ours (arguments, CELERY_SERVICES_*, files), above the built-in default.
+        celery_broker = os.environ.get("CELERY_BROKER_URL")
+        if celery_broker and isinstance(data, dict) and not data.get("broker_url"):
+            data = {**data, "broker_url": celery_broker}
+        return data
 
     @field_validator("key")
     @classmethod
@@ -332,18 +374,21 @@ class DistributionSettings(BaseSettings):
     @field_validator("broker_url")
     @classmethod
     def _check_broker(cls, value: str | None) -> str | None:
-        if value is not None and not _scheme(value):
-            raise ValueError(f"broker_url {value!r} is not a URL (scheme://...)")
+        if value is not None:
+            _check_url("broker_url", value, _BROKER_SCHEMES)
         return value
 
     @field_validator("result_backend")
     @classmethod
     def _check_result_backend(cls, value: str | None) -> str | None:
         if value is not None and _scheme(value) not in _RESULT_BACKEND_SCHEMES:
+            schemes = _schemes(_RESULT_BACKEND_SCHEMES)
             raise ValueError(
-                f"result_backend {value!r} must be a Redis URL ({_schemes(_RESULT_BACKEND_SCHEMES)}): "
+                f"result_backend {mask_url(value)!r} must be a Redis URL ({schemes}): "
                 "the registry and the callers read results from Redis"
             )
+        if value is not None:
+            _check_url("result_backend", value, _RESULT_BACKEND_SCHEMES)
         return value
 
     @field_validator("registry_url")
@@ -351,9 +396,11 @@ class DistributionSettings(BaseSettings):
     def _check_registry(cls, value: str | None) -> str | None:
         if value is not None and _scheme(value) not in _REGISTRY_SCHEMES:
             raise ValueError(
-                f"registry_url {value!r} must be a Redis URL ({_schemes(_REGISTRY_SCHEMES)}): "
+                f"registry_url {mask_url(value)!r} must be a Redis URL ({_schemes(_REGISTRY_SCHEMES)}): "
                 "manifests live in Redis"
             )
+        if value is not None:
+            _check_url("registry_url", value, _REGISTRY_SCHEMES)
         return value
 
     @model_validator(mode="after")
@@ -536,7 +583,8 @@ class DistributionSettings(BaseSettings):
         Files come last, the environment-specific one before the base one. Built directly (not by
         :meth:`load`), the settings read no file.
         """
-        return (init_settings, env_settings, *config.file_sources(settings_cls))
+        config.check_environment(list(settings_cls.model_fields))
+        return (init_settings, config.CommaListEnvSource(settings_cls), *config.file_sources(settings_cls))
 
     @classmethod
     def config_files(cls, path: str | os.PathLike[str] | None = None) -> list[Path]:
