@@ -13,7 +13,7 @@ from pydantic_settings import SettingsError
 
 from celery_services.core.service import STANDARD_EVENTS, STANDARD_METHODS
 from celery_services.distribution import settings as settings_module
-from celery_services.distribution.settings import DistributionSettings
+from celery_services.distribution.settings import DistributionSettings, LocalServiceInfo
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "config"
@@ -82,8 +82,8 @@ def test_default_lists_are_not_shared() -> None:
     assert second.services == ["*"]
 
 
-def test_module_exports_only_the_settings() -> None:
-    assert settings_module.__all__ == ["DistributionSettings"]
+def test_module_exports_the_settings_and_the_filter_descriptor() -> None:
+    assert settings_module.__all__ == ["DistributionSettings", "LocalServiceInfo"]
 
 
 def test_load_without_any_file_gives_defaults(clean_environment: Path) -> None:
@@ -313,16 +313,17 @@ class Articles:
 def test_services_callable_in_code() -> None:
     seen: list[Any] = []
 
-    def only_articles(service: Any) -> bool:
-        seen.append(service)
-        return getattr(service, "path", "").startswith("articles")
+    def only_articles(info: LocalServiceInfo) -> bool:
+        seen.append(info)
+        return info.path.startswith("articles") and isinstance(info.service, Articles)
 
     s = DistributionSettings.load(services=only_articles)
     articles = Articles()
     assert s.services is only_articles
-    assert s.exposes(articles, "whatever") is True  # the predicate decides, not the path
+    assert s.exposes(articles, "/articles/") is True  # a descriptor with the path, as feathers-distributed's
     assert s.exposes(object(), "articles") is False
-    assert seen[0] is articles
+    assert s.exposes(articles, "users") is False
+    assert seen[0] == LocalServiceInfo("articles", articles)
 
 
 def test_remote_services_callable_in_code() -> None:

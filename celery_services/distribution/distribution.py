@@ -396,7 +396,13 @@ def distribute(
         settings = settings.model_copy(update=options)
     distribution = Distribution(app, settings, celery)
     app.distribution = distribution
-    return distribution.start()
+    try:
+        return distribution.start()
+    except BaseException:
+        # A failed start leaves the app as it was: not distributed, nothing registered, free to retry.
+        app.distribution = None
+        distribution.close()
+        raise
 
 
 def finalize(app: App) -> None:

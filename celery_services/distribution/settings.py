@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -32,7 +33,21 @@ from .config import ENV_PREFIX as ENV_PREFIX
 from .config import TABLE as TABLE
 from .protocol import is_secret_header, mask_url
 
-__all__ = ["DistributionSettings"]
+__all__ = ["DistributionSettings", "LocalServiceInfo"]
+
+@dataclass(frozen=True)
+class LocalServiceInfo:
+    """A local service as a :attr:`DistributionSettings.services` predicate sees it (feathers-distributed's
+    descriptor): ``lambda s: s.path.startswith("api/")``.
+
+    Attributes:
+        path: where the service is mounted on the app (no outer slashes).
+        service: the service object itself.
+    """
+
+    path: str
+    service: Any
+
 
 #: Which local services are exposed: a predicate on the service, or path globs.
 ServiceFilter = Callable[[Any], bool] | list[str]
@@ -132,8 +147,8 @@ class DistributionSettings(BaseSettings):
     (``[A-Za-z0-9_-]+``)."""
 
     services: ServiceFilter = Field(default_factory=lambda: ["*"])
-    """Local services exposed to other apps: ``(service) -> bool`` in code, or a list of path globs
-    (``["articles*"]``); ``[]`` exposes nothing."""
+    """Local services exposed to other apps: ``(LocalServiceInfo) -> bool`` in code (``.path``, ``.service``),
+    or a list of path globs (``["articles*"]``); ``[]`` exposes nothing."""
 
     remote_services: RemoteFilter = Field(default_factory=lambda: ["*"])
     """Remote services that become local proxies: ``(manifest_info) -> bool`` in code, or a list of globs,
@@ -506,14 +521,15 @@ class DistributionSettings(BaseSettings):
         """Whether a local service is exposed to other apps.
 
         Args:
-            service: The service object, given to a :attr:`services` predicate.
+            service: The service object.
             path: Its path on the app, matched against :attr:`services` globs (outer slashes ignored).
 
         Returns:
-            True when the service must be exposed.
+            True when the service must be exposed (a :attr:`services` predicate receives a
+            :class:`LocalServiceInfo` of both).
         """
         if callable(self.services):
-            return bool(self.services(service))
+            return bool(self.services(LocalServiceInfo(path.strip("/"), service)))
         return _matches_any(path.strip("/"), self.services)
 
     def consumes(self, key: str, path: str, manifest_info: Any) -> bool:
