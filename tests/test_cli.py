@@ -120,6 +120,11 @@ def test_services_lists_keys_paths_and_collisions(
         assert table.exit_code == 0, table.output
         assert key in table.stdout and "probe" in table.stdout
         assert "collision" in table.stdout
+        assert f"{instance['host']}:{worker.pid}" in table.stdout
+        # A narrow terminal wraps between words, never inside one.
+        narrow = invoke({**env, "COLUMNS": "60"}, "services")
+        assert narrow.exit_code == 0, narrow.output
+        assert "publish_article" in narrow.stdout and "article_published" in narrow.stdout
     finally:
         redis.Redis.from_url(redis_url).delete(f"{prefix}:manifest:{other}:fake-1")
 

@@ -30,7 +30,7 @@ def _routing_keys(
     """(key, path, event) to bind: exactly the one given, else what the registry's live services publish."""
     if key and path and event:
         return [(key, path.strip("/"), event)]
-    with Registry(settings.resolved_registry_url(), prefix=settings.registry_prefix) as registry:
+    with Registry.from_settings(settings) as registry:
         rows = registry.list()
     found: dict[tuple[str, str, str], None] = {}
     for row in rows:
@@ -58,12 +58,7 @@ def _follower(
     ``Distribution`` does: the manifest is published before anything is bound, and withdrawn only after the
     queue is deleted, so that no sweep ever judges a queue of ours by a registry that does not list us.
     """
-    registry = Registry(
-        settings.resolved_registry_url(),
-        prefix=settings.registry_prefix,
-        heartbeat_interval=settings.heartbeat_interval,
-        ttl=settings.resolved_registry_ttl(),
-    )
+    registry = Registry.from_settings(settings)
     key = f"cli-{uuid.uuid4().hex[:8]}"
     try:
         bus = EventBus(

@@ -47,15 +47,15 @@ def collisions(rows: list[KeyInfo]) -> dict[str, list[str]]:
     return {path: sorted(keys) for path, keys in sorted(offered.items()) if len(keys) > 1}
 
 
-def registry_table(rows: list[KeyInfo], title: str | None = None) -> Table:
-    """A table of the registry: one line per (key, path), the instances and heartbeat ages per key."""
-    table = Table(title=title, title_justify="left")
-    for column in ("key", "instances", "heartbeat age", "path", "methods", "events"):
-        table.add_column(column, overflow="fold")
+def registry_table(rows: list[KeyInfo], title: str | None = None, width: int | None = None) -> Table:
+    """A table of the registry: one line per (key, path); per key, its instances (host and pid) and their
+    heartbeat ages, fitted to ``width`` (the terminal's) without ever cutting a word (``publish_article``)."""
+    cells: list[tuple[str, str, str, str, str, str]] = []
     for row in rows:
         ages = [inst.heartbeat_age for inst in row.instances]
         low, high = f"{min(ages):.1f}", f"{max(ages):.1f}"
         age = f"{low} s" if low == high else f"{low}-{high} s"
+        hosts = " ".join(f"{inst.host}:{inst.pid}" for inst in row.instances)
         merged: dict[str, tuple[dict[str, None], dict[str, None]]] = {}
         for inst in row.instances:
             for service in inst.services:
@@ -64,16 +64,41 @@ def registry_table(rows: list[KeyInfo], title: str | None = None) -> Table:
                 events.update(dict.fromkeys(service.events))
         lines = sorted(merged.items()) or [("-", ({}, {}))]
         for index, (path, (methods, events)) in enumerate(lines):
-            head = (row.key, str(len(row.instances)), age) if index == 0 else ("", "", "")
-            table.add_row(*head, path, ", ".join(methods), ", ".join(events))
+            head = (row.key, hosts, age) if index == 0 else ("", "", "")
+            cells.append((*head, path, ", ".join(methods), ", ".join(events)))
+    names = ("key", "instances (host:pid)", "heartbeat age", "path", "methods", "events")
+    texts = [[line[column] for line in cells] + [name] for column, name in enumerate(names)]
+    widths = _fitted_widths(texts, width)
+    table = Table(title=title, title_justify="left")
+    for name, column_width in zip(names, widths, strict=True):
+        table.add_column(name, width=column_width, overflow="fold")
+    for line in cells:
+        table.add_row(*line)
     return table
+
+
+def _fitted_widths(texts: list[list[str]], width: int | None) -> list[int]:
+    """Column widths within ``width``, each at least its longest word (rich's own shrinking cuts words).
+
+    Each column starts at its longest word; what is left of ``width`` goes to the columns whose text is
+    still wrapped, the least wrapped first. The table may be wider than ``width``: never a word cut.
+    """
+    lowest = [max(len(word) for text in column for word in text.split() or [""]) for column in texts]
+    natural = [max(len(text) for text in column) for column in texts]
+    widths = list(lowest)
+    spare = (width or sum(natural) + 3 * len(texts) + 1) - (sum(widths) + 3 * len(texts) + 1)
+    for index in sorted(range(len(texts)), key=lambda i: natural[i] - lowest[i]):
+        grant = min(max(spare, 0), natural[index] - widths[index])
+        widths[index] += grant
+        spare -= grant
+    return widths
 
 
 @app.command()
 def services(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """List the live apps of the registry: instances, heartbeat ages, services, and path collisions."""
     settings = ctx.obj.settings()
-    with _failures(), Registry(settings.resolved_registry_url(), prefix=settings.registry_prefix) as registry:
+    with _failures(), Registry.from_settings(settings) as registry:
         rows = registry.list()
     if as_json:
         typer.echo(json.dumps({"keys": registry_rows(rows), "collisions": collisions(rows)}, indent=2))
@@ -84,7 +109,12 @@ def services(ctx: typer.Context, as_json: JsonOption = False) -> None:
             f"No live app in the registry '{settings.registry_prefix}' of {settings.resolved_registry_url()}"
         )
         return
-    out.print(registry_table(rows))
+    table = registry_table(rows, width=out.width)
+    # Wider than the terminal rather than a word cut or a column dropped: the terminal wraps the lines.
+    out.width = max(
+        out.width, sum(column.width or 0 for column in table.columns) + 3 * len(table.columns) + 1
+    )
+    out.print(table)
     for path, keys in collisions(rows).items():
         out.print(f"[yellow]collision[/]: '{path}' is offered by {', '.join(keys)}")
 
