@@ -186,3 +186,45 @@ def test_demo_interrupted_stops_everything(sig: signal.Signals) -> None:
     assert "embedded Redis stopped" in transcript
     assert marked_processes(marker) == [], transcript
     assert not answers(port), "the embedded redis-server is still running"
+
+
+@pytest.mark.skipif(
+    not Path("/proc/self/environ").exists(), reason="needs /proc to find the demo's processes"
+)
+@pytest.mark.timeout(120)
+def test_demo_serve_keeps_the_live_page_up_until_ctrl_c() -> None:
+    import httpx
+
+    marker = uuid.uuid4().hex
+    with tempfile.NamedTemporaryFile(prefix="demo-serve-", suffix=".log") as log:
+        process = subprocess.Popen(
+            [CLI, "demo", "--serve"],
+            env=demo_env(marker),
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+
+            def url() -> str | None:
+                assert process.poll() is None, Path(log.name).read_text()
+                found = re.search(r"open (http://127\.0\.0\.1:\d+)/ in a browser", Path(log.name).read_text())
+                return found.group(1) if found else None
+
+            base = wait_for(url, timeout=90, interval=0.2, what="the demo serves its gateway")
+            # Still up after the step that used to stop it: the page and the REST routes answer.
+            page = httpx.get(f"{base}/", timeout=5)
+            assert page.status_code == 200 and "<html" in page.text.lower()
+            assert httpx.get(f"{base}/articles", timeout=5).status_code == 200
+            process.send_signal(signal.SIGINT)  # Ctrl-C
+            assert process.wait(timeout=30) == 0, Path(log.name).read_text()
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        transcript = Path(log.name).read_text()
+    assert "stopping the gateway" in transcript
+    assert "left behind: 0 keys, 0 processes" in transcript
+    assert not answers(embedded_port(transcript))
+    assert marked_processes(marker) == []

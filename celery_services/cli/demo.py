@@ -100,6 +100,8 @@ class Demo:
         self.events_changed = threading.Condition()
         self._existing: set[str] | None = None  # broker keys found before the demo, once checked
         self._step = 0
+        #: Keep the gateway up at the last step until Ctrl-C (``celery-services demo --serve``).
+        self.keep_serving = False
 
     # -- transcript ----------------------------------------------------------------------------------------
 
@@ -378,14 +380,21 @@ class Demo:
             "The gateway over HTTP, for web clients (celery-services serve workers.gateway:api --port 8000)",
             "REST with Feathers' conventions, /events (Server-Sent Events), and a live page at /.",
         )
-        self.serve_once()
+        self.serve(keep=self.keep_serving)
 
-    def serve_once(self) -> None:
-        """Serve the gateway app on a free port for a moment and read the articles through it."""
+    def serve(self, keep: bool) -> None:
+        """Serve the gateway app on a free port, read the articles through it; with ``keep``, until Ctrl-C."""
         import threading
         import urllib.request
 
-        from ..http import make_server
+        try:
+            from ..http import make_server
+        except ImportError as exc:
+            missing = "the HTTP gateway needs the http extra: pip install 'celery-services[http]'"
+            if keep:
+                raise RuntimeError(f"{missing} ({exc})") from None
+            self.say(f"[yellow]skipped: {missing}[/]")
+            return
 
         assert self.gateway is not None
         server = make_server(self.gateway, port=0, log_level="warning")
@@ -408,6 +417,15 @@ class Demo:
                 body = response.read().decode()
             self.say(f"serving on {url}")
             self.say(f"POST {url}/articles → 201, then GET /articles/{created['id']} → {escape(body)}")
+            if keep:
+                self.say(
+                    f"[bold]open {url}/ in a browser[/]: the live page follows the articles. Ctrl-C stops."
+                )
+                try:
+                    while thread.is_alive():
+                        thread.join(0.5)
+                except KeyboardInterrupt:
+                    self.say("stopping the gateway")
         finally:
             server.should_exit = True
             thread.join(timeout=10)
@@ -458,11 +476,12 @@ def _interrupted_by_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run(console: Console | None = None) -> int:
+def run(console: Console | None = None, serve: bool = False) -> int:
     """Run the demo; returns the process exit code (0 when every step worked).
 
     Args:
         console: Where the transcript goes (default: stdout).
+        serve: keep the gateway and its live page up at the last step until Ctrl-C (or SIGTERM).
 
     Returns:
         0, or 1 when a step failed, 130 when interrupted.
@@ -493,6 +512,7 @@ def run(console: Console | None = None) -> int:
                     f"Embedded Redis on {url} (CELERY_SERVICES_BROKER_URL is not set); it stops at the end."
                 )
             demo = Demo(console, url, root)
+            demo.keep_serving = serve
             demo.run(where)
         except KeyboardInterrupt:
             console.print("\n[yellow]interrupted: stopping everything[/]")

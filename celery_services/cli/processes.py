@@ -95,14 +95,18 @@ def flower(ctx: typer.Context) -> None:
 
 
 @app.command()
-def demo() -> None:
+def demo(
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Keep the gateway and its live page up at the end, until Ctrl-C.")
+    ] = False,
+) -> None:
     """Run the guided demo: two provider replicas, a gateway, calls, events, a replica killed, health.
 
     Without CELERY_SERVICES_BROKER_URL an embedded Redis is started (and stopped) for it.
     """
     from .demo import run
 
-    raise typer.Exit(run())
+    raise typer.Exit(run(serve=serve))
 
 
 @app.command()
