@@ -296,6 +296,46 @@ def test_urls_are_checked_naming_the_setting(setting: str, url: str, complaint: 
     assert ":pw@" not in message
 
 
+@pytest.mark.parametrize("setting", ["broker_url", "result_backend", "registry_url"])
+def test_a_sentinel_url_needs_the_master_name(setting: str) -> None:
+    url = "sentinel://:pw@127.0.0.1:26379;sentinel://127.0.0.1:26380/0"
+    with pytest.raises(ValidationError) as caught:
+        DistributionSettings(**{setting: url})
+    message = str(caught.value)
+    assert setting in message and "sentinel_master" in message
+    assert ":pw@" not in message
+    assert DistributionSettings(**{setting: url}, sentinel_master="mymaster").sentinel_master == "mymaster"
+
+
+def test_sentinel_and_tls_settings_reach_celery() -> None:
+    from celery_services.distribution.celery_app import make_celery
+
+    sentinel = "sentinel://127.0.0.1:26379;sentinel://127.0.0.1:26380/0"
+    conf = make_celery(DistributionSettings(broker_url=sentinel, sentinel_master="mymaster", timeout=3)).conf
+    assert conf.broker_transport_options["master_name"] == "mymaster"
+    assert conf.result_backend_transport_options["master_name"] == "mymaster"
+    # The Sentinels are asked with explicit timeouts (Celery's result backend would give them none).
+    assert conf.result_backend_transport_options["sentinel_kwargs"] == {
+        "socket_timeout": 3,
+        "socket_connect_timeout": 2.0,
+    }
+    tls = DistributionSettings(
+        broker_url="rediss://127.0.0.1:6380/0",
+        tls_ca_file="/ca.pem",
+        tls_cert_file="/c.pem",
+        tls_key_file="/k",
+    )
+    conf = make_celery(tls).conf
+    expected = {
+        "ssl_cert_reqs": "required",
+        "ssl_ca_certs": "/ca.pem",
+        "ssl_certfile": "/c.pem",
+        "ssl_keyfile": "/k",
+    }
+    assert conf.broker_use_ssl == expected and conf.redis_backend_use_ssl == expected
+    assert "master_name" not in conf.broker_transport_options
+
+
 def test_celery_broker_variable_is_honoured_below_ours(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672//")
     assert DistributionSettings().resolved_broker_url() == "amqp://guest:guest@127.0.0.1:5672//"

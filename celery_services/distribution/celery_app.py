@@ -1,5 +1,10 @@
 """The Celery app of a distribution: how calls travel (JSON, late acks, prefetch 1, task events, timeouts).
 
+Over Redis Sentinel (``sentinel://`` URLs) the master's name, ``sentinel_master``, is given to Celery as the
+transport option ``master_name`` of the broker and of the result backend; over TLS (``rediss://``) the
+settings' CA and client certificate become ``broker_use_ssl`` / ``redis_backend_use_ssl``, with the server's
+certificate always verified.
+
 :func:`make_celery` builds it from the settings; a user's own Celery app can be given to ``distribute``
 instead, and is then used as configured.
 """
@@ -11,6 +16,7 @@ from typing import Any
 from celery import Celery
 from kombu.connection import Connection
 
+from .redis_clients import RedisOptions, is_sentinel
 from .redis_transport import reuse_sync_clients
 from .settings import DistributionSettings
 
@@ -82,10 +88,36 @@ def make_celery(settings: DistributionSettings) -> Celery:
             "socket_connect_timeout": 2.0,
             # A publish never blocks longer than a call may last.
             "socket_timeout": settings.timeout,
+            **_sentinel_options(settings.resolved_broker_url(), settings, "broker_url"),
         },
+        result_backend_transport_options=_sentinel_options(
+            settings.resolved_result_backend(), settings, "result_backend"
+        ),
         redis_socket_connect_timeout=2.0,
         redis_socket_timeout=settings.timeout,
         worker_hijack_root_logger=False,
     )
+    tls = RedisOptions.of(settings).ssl_options()
+    if _scheme(settings.resolved_broker_url()) == "rediss":
+        celery.conf.broker_use_ssl = tls
+    if _scheme(settings.resolved_result_backend()) == "rediss":
+        celery.conf.redis_backend_use_ssl = tls
     celery.amqp.Connection = PromptReconnection
     return celery
+
+
+def _scheme(url: str) -> str:
+    return url.partition("://")[0].lower()
+
+
+def _sentinel_options(url: str, settings: DistributionSettings, setting: str) -> dict[str, Any]:
+    """Celery's transport options for a ``sentinel://`` URL: the master's name, and the Sentinels asked with
+    explicit timeouts (Celery's result backend would otherwise ask them with none)."""
+    if not is_sentinel(url):
+        return {}
+    if not settings.sentinel_master:  # the settings refuse it; a copy made without validation does not
+        raise ValueError(f"{setting} is a sentinel:// URL: set sentinel_master (the name of the master)")
+    return {
+        "master_name": settings.sentinel_master,
+        "sentinel_kwargs": {"socket_timeout": settings.timeout, "socket_connect_timeout": 2.0},
+    }

@@ -96,6 +96,7 @@ class CommaListEnvSource(EnvSettingsSource):
 def _is_list(field: FieldInfo) -> bool:
     return "list[" in str(field.annotation)
 
+
 #: Files read by the sources of the settings being built by :meth:`DistributionSettings.load`.
 _config_files: ContextVar[tuple[Path, ...]] = ContextVar("celery_services_config_files", default=())
 

@@ -37,6 +37,7 @@ from .events import EventBus, EventEnvelope, event_context
 from .lease import lease_keeper
 from .manifest import Manifest, ServiceManifest
 from .provider import Replies, health_task_name, register_health, register_method
+from .redis_clients import RedisOptions, redis_client
 from .registry import Registry
 from .settings import DistributionSettings
 from .signing import Signer
@@ -76,8 +77,11 @@ class Distribution:
         self.celery.celery_services_distribution = self
         add_bootsteps(self.celery)
         # Every command of this client is short (the reply wait sets its own read timeout).
-        self.reply_store = redis.Redis.from_url(
-            settings.resolved_result_backend(), socket_timeout=5.0, socket_connect_timeout=2.0
+        self.reply_store = redis_client(
+            settings.resolved_result_backend(),
+            RedisOptions.of(settings),
+            socket_timeout=5.0,
+            socket_connect_timeout=2.0,
         )
         self.replies = Replies(self.reply_store)
         self.signer = (
@@ -100,6 +104,9 @@ class Distribution:
         )
         self.events = EventBus(
             self.celery.conf.broker_url or settings.resolved_broker_url(),
+            # The Celery app's Sentinel master and TLS options reach the bus's kombu connections too.
+            transport_options=_sentinel_options(self.celery.conf.broker_transport_options),
+            ssl=self.celery.conf.broker_use_ssl,
             exchange=settings.events_exchange,
             consumer_key=self.key,
             instance=self.instance,
@@ -368,6 +375,12 @@ class Distribution:
             self.lease.stop()
         self.transport.close()
         self.reply_store.close()
+
+
+def _sentinel_options(options: Any) -> dict[str, Any]:
+    """The Sentinel part of Celery's ``broker_transport_options`` (the rest is Celery's own business)."""
+    names = ("master_name", "sentinel_kwargs", "min_other_sentinels")
+    return {name: options[name] for name in names if name in (options or {})}
 
 
 def distribute(

@@ -109,8 +109,13 @@ class Broker:
 
     retry_policy: Mapping[str, Any] = _RETRY
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self, url: str, *, transport_options: Mapping[str, Any] | None = None, ssl: Any = None
+    ) -> None:
         self.url = url
+        # What the URL cannot say: a Sentinel master's name (``master_name``), TLS files (kombu's ``ssl``).
+        self.transport_options = dict(transport_options or {})
+        self.ssl = ssl
         self.redis = getattr(Connection(url).transport, "driver_type", "") == "redis"
         if self.redis:
             reuse_sync_clients()
@@ -129,12 +134,16 @@ class Broker:
             socket_timeout: Redis read timeout (connecting always times out after a second).
             redis_options: more Redis transport options.
         """
-        options: dict[str, Any] = dict(_RETRY)
+        options: dict[str, Any] = dict(_RETRY) | self.transport_options
         if self.redis:
             options |= {"socket_timeout": socket_timeout, "socket_connect_timeout": _CONNECT_TIMEOUT}
             options |= redis_options or {}
         return Connection(
-            self.url, connect_timeout=_CONNECT_TIMEOUT, heartbeat=heartbeat, transport_options=options
+            self.url,
+            connect_timeout=_CONNECT_TIMEOUT,
+            heartbeat=heartbeat,
+            transport_options=options,
+            ssl=self.ssl or False,
         )
 
     @staticmethod
@@ -162,6 +171,8 @@ class EventBus:
             queue per consumer key, each event handled by one instance, kept while the app is down.
         on_event: called with each envelope from the consumer thread, in publish order.
         queue_prefix: prefix of the queue names.
+        transport_options: more kombu transport options (a Sentinel's ``master_name``).
+        ssl: kombu's ``ssl`` option (for ``rediss://``: redis-py's ``ssl_*`` keywords).
 
     Attributes:
         published: events the broker took.
@@ -182,6 +193,8 @@ class EventBus:
         delivery: Literal["broadcast", "group"] = "broadcast",
         on_event: Callable[[EventEnvelope], None] | None = None,
         queue_prefix: str = "celery_services.events",
+        transport_options: Mapping[str, Any] | None = None,
+        ssl: Any = None,
     ) -> None:
         instance = instance or uuid.uuid4().hex
         if delivery not in ("broadcast", "group"):
@@ -193,7 +206,7 @@ class EventBus:
             raise ValueError("a consuming bus needs a consumer_key")
         self.on_event = on_event
         self.received = 0
-        self._broker = Broker(broker_url)
+        self._broker = Broker(broker_url, transport_options=transport_options, ssl=ssl)
         self._exchange = Exchange(exchange, type="topic", durable=True)
         self._publisher = EventPublisher(self._broker, self._exchange)
         self._consumer = EventConsumer(

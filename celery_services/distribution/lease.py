@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from .redis_clients import RedisOptions, redis_client
+
 if TYPE_CHECKING:
     from celery import Celery
 
@@ -75,6 +77,7 @@ class LeaseKeeper:
         lease_timeout: seconds without renewal after which a call's holder is taken for dead.
         prefix: the registry prefix naming the lease set.
         transport_options: Celery's ``broker_transport_options`` (``global_keyprefix``, ``unacked_key`` …).
+        redis_options: the Sentinel master and TLS files of the broker's Redis.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class LeaseKeeper:
         *,
         prefix: str,
         transport_options: dict[str, Any] | None = None,
+        redis_options: RedisOptions | None = None,
     ) -> None:
         options = transport_options or {}
         keyprefix = str(options.get("global_keyprefix") or "")
@@ -96,6 +100,7 @@ class LeaseKeeper:
         self.leases = f"{prefix}:leases:{key}"
         self.restored = 0
         self._url = broker_url
+        self._redis_options = redis_options
         self._tags: set[str] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -110,8 +115,8 @@ class LeaseKeeper:
                 return
             # Every command is short: a bounded socket timeout, so a dead Redis never parks the thread.
             timeout = max(self.interval, 1.0)
-            self._client = redis.Redis.from_url(
-                self._url, socket_timeout=timeout, socket_connect_timeout=timeout
+            self._client = redis_client(
+                self._url, self._redis_options, socket_timeout=timeout, socket_connect_timeout=timeout
             )
             self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="celery-services-lease", daemon=True)
@@ -186,7 +191,7 @@ class LeaseKeeper:
 def lease_keeper(celery: Celery, settings: DistributionSettings) -> LeaseKeeper | None:
     """The lease keeper of a distribution (``None`` on AMQP: it gives a dead consumer's calls back)."""
     broker = str(celery.conf.broker_url or "")
-    if not broker.startswith(("redis://", "rediss://", "unix://")):
+    if not broker.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
         return None
     return LeaseKeeper(
         broker,
@@ -194,6 +199,7 @@ def lease_keeper(celery: Celery, settings: DistributionSettings) -> LeaseKeeper 
         settings.resolved_lease_timeout(),
         prefix=settings.registry_prefix,
         transport_options=dict(celery.conf.broker_transport_options or {}),
+        redis_options=RedisOptions.of(settings),
     )
 
 

@@ -48,6 +48,7 @@ from .manifest import (
     same_view,
     summarize,
 )
+from .redis_clients import RedisOptions, redis_client
 
 if TYPE_CHECKING:
     from .settings import DistributionSettings
@@ -66,7 +67,7 @@ class Registry:
     """Publish manifests to, and discover them from, a Redis registry. Thread-safe.
 
     Args:
-        url: Redis URL (``redis://host:port/db``).
+        url: Redis URL (``redis://host:port/db``, ``rediss://``, ``unix://``, ``sentinel://``).
         prefix: namespace of the registry keys and channel.
         heartbeat_interval: seconds between heartbeats.
         ttl: seconds an entry lives without a heartbeat (2.5 intervals by default: one missed beat is
@@ -74,6 +75,7 @@ class Registry:
             within 3 intervals of its death).
         rescan_interval: seconds between the watcher's full rescans; 3 heartbeat intervals by default.
         limits: caps on every manifest read and published (the settings' defaults when omitted).
+        redis_options: the Sentinel master and TLS files its connections need (``sentinel://``, ``rediss://``).
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class Registry:
         rescan_interval: float | None = None,
         ttl: float | None = None,
         limits: ManifestLimits | None = None,
+        redis_options: RedisOptions | None = None,
     ) -> None:
         if heartbeat_interval <= 0 or (rescan_interval is not None and rescan_interval <= 0):
             raise ValueError("heartbeat_interval and rescan_interval must be positive")
@@ -96,10 +99,11 @@ class Registry:
         self.probe_interval = max(heartbeat_interval / 4, 0.05)
         timeouts = {"socket_timeout": max(5.0, heartbeat_interval), "socket_connect_timeout": 5.0}
         name = re.sub(r"\s", "_", f"{prefix}:registry")  # CLIENT LIST shows who is who
-        self._client = redis.Redis.from_url(url, client_name=name, **timeouts)
+        self._client = redis_client(url, redis_options, client_name=name, **timeouts)
         # No silent reconnect of the subscriber: a lost connection must surface so we resubscribe + rescan.
-        self._sub_client = redis.Redis.from_url(
-            url, client_name=f"{name}-watch", retry=Retry(NoBackoff(), 0), **timeouts
+        # Over Sentinel, a failover drops it as well (redis_clients.py): resubscribed on the new master.
+        self._sub_client = redis_client(
+            url, redis_options, client_name=f"{name}-watch", retry=Retry(NoBackoff(), 0), **timeouts
         )
         db = int(self._client.connection_pool.connection_kwargs.get("db", 0))
         self.expired_channel = f"__keyevent@{db}__:expired"
@@ -126,6 +130,7 @@ class Registry:
             rescan_interval=settings.rescan_interval,
             ttl=settings.resolved_registry_ttl(),
             limits=ManifestLimits.of(settings),
+            redis_options=RedisOptions.of(settings),
         )
 
     # -- provider ------------------------------------------------------------------------------------------

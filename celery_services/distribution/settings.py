@@ -35,6 +35,7 @@ from .protocol import is_secret_header, mask_url
 
 __all__ = ["DistributionSettings", "LocalServiceInfo"]
 
+
 @dataclass(frozen=True)
 class LocalServiceInfo:
     """A local service as a :attr:`DistributionSettings.services` predicate sees it (feathers-distributed's
@@ -426,6 +427,18 @@ class DistributionSettings(BaseSettings):
                 f"forwarded_headers lists credential headers ({', '.join(secret)}): they travel only with "
                 "authentication = true"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _check_sentinel_master(self) -> Self:
+        # Checked here, not at the first connection: kombu would only fail in the worker's consumer.
+        for setting, url in (
+            ("broker_url", self.resolved_broker_url()),
+            ("result_backend", self.resolved_result_backend()),
+            ("registry_url", self.resolved_registry_url()),
+        ):
+            if _scheme(url) == "sentinel" and not self.sentinel_master:
+                raise ValueError(f"{setting} is a sentinel:// URL: set sentinel_master (the master's name)")
         return self
 
     @model_validator(mode="after")

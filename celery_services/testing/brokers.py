@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -102,8 +103,10 @@ class RedisServer(BrokerProcess):
     stops only the process it started. Use it as a context manager.
     """
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, args: Sequence[str] = ()) -> None:
         self.port = port or free_port()
+        #: More ``redis-server`` arguments (``--replicaof``, ``--tls-port`` …), after the library's own.
+        self.args = list(args)
         self.dir = Path(tempfile.mkdtemp(prefix="celery-services-redis-"))
         self.log_path = self.dir / "redis.log"
         self.process: subprocess.Popen[bytes] | None = None
@@ -129,6 +132,14 @@ class RedisServer(BrokerProcess):
         options.setdefault("socket_connect_timeout", 1)
         return redis.Redis(host="127.0.0.1", port=self.port, **options)
 
+    def command(self) -> list[str]:
+        """The command that starts the server: loopback, this port, nothing persisted, then :attr:`args`."""
+        return [
+            self.binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(self.dir), "--logfile", str(self.log_path),
+            "--daemonize", "no", *self.args,
+        ]  # fmt: skip
+
     def start(self, timeout: float = 10.0) -> Self:
         """Start the server and wait until it answers ``PING``.
 
@@ -137,13 +148,8 @@ class RedisServer(BrokerProcess):
         """
         if self.process is not None and self.process.poll() is None:
             return self
-        command = [
-            self.binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(self.dir), "--logfile", str(self.log_path),
-            "--daemonize", "no",
-        ]  # fmt: skip
         self.process = subprocess.Popen(
-            command,
+            self.command(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C of the test run is the fixtures' to handle

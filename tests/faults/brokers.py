@@ -3,6 +3,9 @@
 - :class:`RedisServer` and :class:`PrivateRabbitMQ` run a broker process of the test's own, on free loopback
   ports, so that restarting it or killing its clients never disturbs anyone else's tests. They signal only
   the processes they started (by PID or by the process group they created), never a process found by name.
+- :class:`RedisSentinel` and :class:`SentinelGroup` (a master, a replica and one Sentinel, quorum 1, fast to
+  fail over), and :func:`tls_files` (a CA and a server certificate made for the test) run the Redis
+  topologies of ``test_sentinel.py``.
 - :class:`Consumer` is a real consumer app (``distribute(App(), ...)``) that records its ``service`` /
   ``service-removed`` events and the events its proxies hear.
 - :class:`Load` makes a bounded number of calls from a few threads and records how each one ended.
@@ -56,13 +59,17 @@ __all__ = [
     "Load",
     "Outcome",
     "PrivateRabbitMQ",
+    "RedisSentinel",
     "RedisServer",
+    "SentinelGroup",
+    "TLSFiles",
     "first_success_after",
     "free_port",
     "overran",
     "running",
     "summary",
     "threads_named",
+    "tls_files",
     "untyped",
 ]
 
@@ -331,6 +338,187 @@ def _stop_group(process: subprocess.Popen[bytes], timeout: float) -> None:
     if _group_alive(pgid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
+
+
+class RedisSentinel(RedisServer):
+    """A Sentinel of the test's own (``redis-server FILE --sentinel``: no ``redis-sentinel`` package needed),
+    monitoring one master with quorum 1 and short timeouts, so that a failover takes about a second."""
+
+    def __init__(self, name: str, master_port: int, *, down_after_ms: int = 1000, failover_ms: int = 3000):
+        super().__init__()
+        self.name = name
+        self.conf_path = self.dir / "sentinel.conf"
+        # Written once: Sentinel rewrites it with what it learns (replicas, a failover's new master).
+        self.conf_path.write_text(
+            f"port {self.port}\nbind 127.0.0.1\ndir {self.dir}\nlogfile {self.log_path}\n"
+            f"sentinel monitor {name} 127.0.0.1 {master_port} 1\n"
+            f"sentinel down-after-milliseconds {name} {down_after_ms}\n"
+            f"sentinel failover-timeout {name} {failover_ms}\n"
+        )
+
+    def command(self) -> list[str]:
+        """``redis-server sentinel.conf --sentinel``."""
+        return [self.binary(), str(self.conf_path), "--sentinel"]
+
+    def master_port(self) -> int | None:
+        """The port of the master this Sentinel names now (``None`` if it names none)."""
+        client = self.client(socket_timeout=1)
+        try:
+            address = client.sentinel_get_master_addr_by_name(self.name)
+        finally:
+            client.close()
+        return int(address[1]) if isinstance(address, tuple | list) else None
+
+
+class SentinelGroup:
+    """A master, its replica and one Sentinel, each a process of the test's own on a free loopback port.
+
+    Attributes:
+        name: the master's name (the ``sentinel_master`` setting).
+        servers: the two Redis servers, by port (the first one starts as master).
+    """
+
+    def __init__(self, name: str = "cs-master") -> None:
+        self.name = name
+        first = RedisServer()
+        second = RedisServer(args=["--replicaof", "127.0.0.1", str(first.port)])
+        self.servers = {first.port: first, second.port: second}
+        self.sentinel = RedisSentinel(name, first.port)
+
+    @property
+    def url(self) -> str:
+        """``sentinel://127.0.0.1:PORT/0``: what the settings take."""
+        return f"sentinel://127.0.0.1:{self.sentinel.port}/0"
+
+    def start(self, timeout: float = 15.0) -> Self:
+        """Start the servers and the Sentinel; return once the Sentinel knows a replica it can promote."""
+        for server in self.servers.values():
+            server.start()
+        self.sentinel.start()
+
+        def replica_known() -> bool:
+            client = self.sentinel.client(socket_timeout=1)
+            try:
+                replicas = client.sentinel_slaves(self.name)
+            finally:
+                client.close()
+            return any(r.get("master-link-status") == "ok" and not r.get("is_sdown") for r in replicas)
+
+        wait_for(replica_known, timeout, interval=0.1, what="the Sentinel knowing the replica")
+        return self
+
+    def master(self) -> RedisServer:
+        """The server the Sentinel names master now."""
+        port = self.sentinel.master_port()
+        assert port in self.servers, port
+        return self.servers[port]
+
+    def role(self, server: RedisServer) -> str:
+        """``master`` or ``slave``, as ``server`` reports itself."""
+        client = server.client(socket_timeout=1)
+        try:
+            role: Any = client.execute_command
+            return str(role("ROLE")[0].decode())
+        finally:
+            client.close()
+
+    def failover(self, timeout: float = 10.0) -> RedisServer:
+        """``SENTINEL FAILOVER``; return the new master once the Sentinel names it (retried while the
+        Sentinel answers that no replica is ready yet)."""
+        old = self.master()
+        client = self.sentinel.client(socket_timeout=2)
+        try:
+            wait_for(
+                lambda: _accepted(lambda: client.sentinel_failover(self.name)),
+                timeout,
+                interval=0.1,
+                what="SENTINEL FAILOVER accepted",
+            )
+        finally:
+            client.close()
+        wait_for(lambda: self.sentinel.master_port() != old.port, timeout, interval=0.02, what="a new master")
+        return self.master()
+
+    def close(self) -> None:
+        """Stop the Sentinel and the servers (only the processes this group started); remove their files."""
+        self.sentinel.close()
+        for server in self.servers.values():
+            server.close()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _accepted(command: Callable[[], Any]) -> bool:
+    import redis
+
+    try:
+        command()
+        return True
+    except redis.ResponseError:  # NOGOODSLAVE: the Sentinel has not judged the replica yet
+        return False
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A CA, a server certificate it signed for 127.0.0.1, and a CA that signed nothing (a wrong one)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    wrong_ca: Path
+
+
+def tls_files(directory: Path) -> TLSFiles:
+    """Write a CA, a server key and certificate (``IP:127.0.0.1``, 1 day) and a wrong CA in ``directory``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    def certificate(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(subject))
+            .issuer_name(name(issuer))
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+            builder = builder.add_extension(san, critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    def write(path: Path, data: bytes) -> Path:
+        path.write_bytes(data)
+        return path
+
+    pem = serialization.Encoding.PEM
+    ca_key, wrong_key, server_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca = certificate("cs-test-ca", ca_key, "cs-test-ca", ca_key, True)
+    wrong = certificate("cs-wrong-ca", wrong_key, "cs-wrong-ca", wrong_key, True)
+    server = certificate("127.0.0.1", server_key, "cs-test-ca", ca_key, False)
+    key_bytes = server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return TLSFiles(
+        ca=write(directory / "ca.crt", ca.public_bytes(pem)),
+        cert=write(directory / "server.crt", server.public_bytes(pem)),
+        key=write(directory / "server.key", key_bytes),
+        wrong_ca=write(directory / "wrong-ca.crt", wrong.public_bytes(pem)),
+    )
 
 
 def threads_named(prefix: str) -> list[threading.Thread]:

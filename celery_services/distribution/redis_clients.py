@@ -1,0 +1,256 @@
+"""A redis-py client for a configured URL: one Redis, one Redis over TLS, or the master a Sentinel names.
+
+Every redis-py client the library makes (reply store, registry and its subscriber, lease keeper) is built by
+:func:`redis_client` from a URL and the connection settings (:class:`RedisOptions`):
+
+- ``redis://`` / ``unix://``: ``redis.Redis.from_url``;
+- ``rediss://``: the same over TLS, the server verified (``ssl_cert_reqs="required"``) against
+  ``tls_ca_file`` (else the system's CAs), presenting ``tls_cert_file`` / ``tls_key_file`` when set;
+- ``sentinel://h1:p1;sentinel://h2:p2/db``, as Celery and kombu spell it: the master the Sentinels name
+  ``sentinel_master``, through ``redis.sentinel.Sentinel(...).master_for``.
+
+Socket timeouts are always the caller's, never the client library's defaults, and the Sentinel nodes are
+asked with the same timeouts.
+
+A forced failover (``SENTINEL FAILOVER``) leaves the old master up, and writable, until Sentinel reconfigures
+it as a replica: about ten seconds (measured on Redis 7) during which redis-py's Sentinel pools keep using
+the connections they hold to it, while every new connection goes to the new master; two processes could
+then talk to two masters. So every pool of one master asks a Sentinel who the master is, at most every
+:data:`MASTER_CHECK_INTERVAL` seconds when a connection is taken from it; when the answer changes, every
+pool of that master in this process drops all its connections, idle or in use (a registry subscription
+then resubscribes, a reply wait retries once, on the new master). A connection told ``UNBLOCKED`` or
+``READONLY`` (its server became a replica) fails as a :class:`redis.ConnectionError`, as a lost connection
+does, so callers handle both the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import redis
+from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
+
+if TYPE_CHECKING:
+    from .settings import DistributionSettings
+
+__all__ = ["MASTER_CHECK_INTERVAL", "RedisOptions", "is_sentinel", "redis_client", "sentinel_nodes"]
+
+log = logging.getLogger("celery_services.redis")
+
+_Sentinel: Any = Sentinel  # redis-py leaves its constructor unannotated
+
+#: Seconds between two checks, by one process, of which server a Sentinel names master.
+MASTER_CHECK_INTERVAL = 0.5
+
+
+@dataclass(frozen=True)
+class RedisOptions:
+    """What a client needs besides the URL: the Sentinel master's name and the TLS files.
+
+    Attributes:
+        sentinel_master: the master that ``sentinel://`` URLs lead to.
+        tls_ca_file: CA bundle verifying ``rediss://`` servers (``None``: the system's).
+        tls_cert_file: client certificate, for servers that ask for one.
+        tls_key_file: its private key.
+    """
+
+    sentinel_master: str | None = None
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+
+    @classmethod
+    def of(cls, settings: DistributionSettings) -> RedisOptions:
+        """The options of ``settings``: ``sentinel_master`` and the ``tls_*`` files."""
+        return cls(
+            sentinel_master=settings.sentinel_master,
+            tls_ca_file=settings.tls_ca_file,
+            tls_cert_file=settings.tls_cert_file,
+            tls_key_file=settings.tls_key_file,
+        )
+
+    def ssl_options(self) -> dict[str, Any]:
+        """redis-py's TLS keywords, also the dict of Celery's ``broker_use_ssl`` / ``redis_backend_use_ssl``.
+
+        The server's certificate is always verified (``ssl_cert_reqs="required"``).
+        """
+        options: dict[str, Any] = {"ssl_cert_reqs": "required"}
+        for name, value in (
+            ("ssl_ca_certs", self.tls_ca_file),
+            ("ssl_certfile", self.tls_cert_file),
+            ("ssl_keyfile", self.tls_key_file),
+        ):
+            if value:
+                options[name] = value
+        return options
+
+
+def is_sentinel(url: str) -> bool:
+    """Whether ``url`` is a ``sentinel://`` URL (a list of them, ``;``-separated)."""
+    return url.lower().startswith("sentinel://")
+
+
+def sentinel_nodes(url: str) -> tuple[list[tuple[str, int]], int, str | None, str | None]:
+    """The Sentinel nodes, database, username and password of ``sentinel://h:p[/db];sentinel://h2:p2[/db]``.
+
+    As kombu and Celery read them: the nodes from every part (port 26379 when omitted), the database and the
+    credentials (those of the master, not of the Sentinels) from the first part that has them.
+    """
+    nodes: list[tuple[str, int]] = []
+    db, username, password = 0, None, None
+    found_db = False
+    for part in url.split(";"):
+        parts = urlsplit(part.strip())
+        nodes.append((parts.hostname or "127.0.0.1", parts.port or 26379))
+        path = parts.path.strip("/")
+        if path and not found_db:
+            db, found_db = int(path), True
+        if parts.password and password is None:
+            username = unquote(parts.username) if parts.username else None
+            password = unquote(parts.password)
+    return nodes, db, username, password
+
+
+def redis_client(
+    url: str,
+    options: RedisOptions | None = None,
+    *,
+    socket_timeout: float,
+    socket_connect_timeout: float,
+    **kwargs: Any,
+) -> redis.Redis:
+    """A redis-py client of ``url`` (``redis://``, ``rediss://``, ``unix://`` or ``sentinel://``).
+
+    Args:
+        url: the server, or the Sentinels of its master.
+        options: the Sentinel master's name and the TLS files (:meth:`RedisOptions.of` the settings).
+        socket_timeout: read timeout of every command (a blocking read sets its own per call).
+        socket_connect_timeout: connect timeout, also for the Sentinel nodes.
+        **kwargs: more keywords for the client (``client_name``, ``retry`` …).
+
+    Raises:
+        ValueError: a ``sentinel://`` URL without ``options.sentinel_master``.
+    """
+    options = options or RedisOptions()
+    timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
+    if is_sentinel(url):
+        return _master_client(url, options, timeouts, kwargs)
+    if url.lower().startswith("rediss://"):
+        kwargs = {**options.ssl_options(), **kwargs}
+    return redis.Redis.from_url(url, **timeouts, **kwargs)
+
+
+def _master_client(
+    url: str, options: RedisOptions, timeouts: dict[str, float], kwargs: dict[str, Any]
+) -> redis.Redis:
+    if not options.sentinel_master:
+        raise ValueError("a sentinel:// URL needs the setting sentinel_master (the name of the master)")
+    nodes, db, username, password = sentinel_nodes(url)
+    credentials = {"username": username, "password": password} if password is not None else {}
+    # The Sentinels are asked with the same timeouts (and no credentials: those are the master's).
+    sentinel = _Sentinel(nodes, sentinel_kwargs=dict(timeouts), **timeouts)
+    watch = _watch(tuple(nodes), options.sentinel_master)
+    master_for: Any = sentinel.master_for  # redis-py leaves it unannotated
+    client: redis.Redis = master_for(
+        options.sentinel_master,
+        connection_pool_class=_FollowingPool,
+        connection_class=_MasterConnection,
+        watch=watch,
+        db=db,
+        **credentials,
+        **kwargs,
+    )
+    return client
+
+
+class _MasterConnection(SentinelManagedConnection):
+    """A connection to the master: told that its server became a replica, it fails as a lost connection."""
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)
+        except redis.ResponseError as exc:
+            # UNBLOCKED: a blocking command (BLPOP) cut short when the server turned replica.
+            if not str(exc).startswith("UNBLOCKED"):
+                raise
+            disconnect: Any = self.disconnect  # redis-py leaves it unannotated
+            disconnect()
+            raise redis.ConnectionError("The master became a replica while the command waited") from None
+
+
+class _MasterWatch:
+    """Which address the Sentinels named last for one master, and this process's pools of it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pools: weakref.WeakSet[_FollowingPool] = weakref.WeakSet()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._address: tuple[str, int] | None = None
+        self._next = 0.0
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def check(self, pool: _FollowingPool) -> None:
+        """Ask a Sentinel (through ``pool``'s) who the master is, unless asked less than an interval ago;
+        on a new answer, drop every connection of every pool of this master."""
+        if self._pid != os.getpid():  # a forked child: nothing of the parent's state holds
+            self._reset()
+        now = time.monotonic()
+        if now < self._next or not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._next = now + MASTER_CHECK_INTERVAL
+            try:
+                address = pool.sentinel_manager.discover_master(self.name)
+            except (redis.ConnectionError, redis.TimeoutError):
+                return  # connecting will say so, with the reason
+            previous, self._address = self._address, address
+            pools = list(self.pools)
+        finally:
+            self._lock.release()
+        if previous is not None and address != previous:
+            log.warning("Sentinel master %r moved: dropping the connections to the old one", self.name)
+            for each in pools:
+                each.disconnect(inuse_connections=True)
+
+
+_watches: dict[tuple[tuple[tuple[str, int], ...], str], _MasterWatch] = {}
+_watches_lock = threading.Lock()
+
+
+def _watch(nodes: tuple[tuple[str, int], ...], name: str) -> _MasterWatch:
+    with _watches_lock:
+        return _watches.setdefault((nodes, name), _MasterWatch(name))
+
+
+class _FollowingPool(SentinelConnectionPool):
+    """A Sentinel pool checking who the master is when a connection is taken (see :class:`_MasterWatch`)."""
+
+    def __init__(self, service_name: str, sentinel_manager: Sentinel, **kwargs: Any) -> None:
+        self.watch: _MasterWatch = kwargs.pop("watch")
+        init: Any = super().__init__  # redis-py leaves it unannotated
+        init(service_name, sentinel_manager, **kwargs)
+        self.watch.pools.add(self)
+
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        """Disconnect the pool's connections (those in use too, unless told otherwise)."""
+        disconnect: Any = super().disconnect
+        disconnect(inuse_connections)
+
+    def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        self.watch.check(self)
+        return super().get_connection(*args, **kwargs)
+
+    def close(self) -> None:
+        """Close the connections to the master and to the Sentinels."""
+        super().close()
+        self.sentinel_manager.close()
