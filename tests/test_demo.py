@@ -228,3 +228,17 @@ def test_demo_serve_keeps_the_live_page_up_until_ctrl_c() -> None:
     assert "left behind: 0 keys, 0 processes" in transcript
     assert not answers(embedded_port(transcript))
     assert marked_processes(marker) == []
+
+
+def test_the_demo_finds_its_examples_from_anywhere_or_says_where_to_run_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from celery_services.cli import demo
+
+    monkeypatch.chdir(tmp_path)
+    assert demo.project_root() == ROOT  # an editable install: the checkout beside the package
+    monkeypatch.setattr(
+        demo, "__file__", str(tmp_path / "site-packages" / "celery_services" / "cli" / "demo.py")
+    )
+    with pytest.raises(FileNotFoundError, match="run it from a checkout of celery-services"):
+        demo.project_root()  # a wheel: no examples anywhere

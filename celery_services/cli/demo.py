@@ -61,13 +61,15 @@ def project_root() -> Path:
     Raises:
         FileNotFoundError: Neither holds the examples.
     """
-    for candidate in (Path.cwd(), Path(__file__).resolve().parents[1]):
+    for candidate in (Path.cwd(), Path(__file__).resolve().parents[2]):  # the checkout of an editable install
         if (candidate / "workers" / "articles.py").is_file() and (
             candidate / "config" / "gateway.toml"
         ).is_file():
             return candidate
     raise FileNotFoundError(
-        "the demo runs the examples of workers/ and config/: run it from the project root"
+        "the demo runs the example apps of the project's repository (workers/ and config/), which a wheel "
+        "does not carry: run it from a checkout of celery-services (git clone, then `make demo` or "
+        "`pip install -e '.[http]' && celery-services demo` in it)"
     )
 
 
