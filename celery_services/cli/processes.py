@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import signal
 import socket
 import sys
@@ -14,6 +15,8 @@ from ..distribution import finalize, logs, make_celery
 from .app import EXIT_SERVER_ERROR, Options, _exit_on_sigterm, _failures, app, load_target
 
 __all__ = []
+
+log = logging.getLogger("celery_services.cli")
 
 
 #: Options passed through to ``celery worker`` / ``celery flower`` untouched.
@@ -66,16 +69,35 @@ def serve(
     target: Annotated[str, typer.Argument(metavar="MODULE:ATTR", help="The services App or its Celery app.")],
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    auth: Annotated[
+        str,
+        typer.Option(
+            help="How clients authenticate: 'jwt' (Authorization: Bearer, keys from CELERY_SERVICES_JWT_*) "
+            "or 'none' (anonymous)."
+        ),
+    ] = "none",
 ) -> None:
-    """Serve an app's services over HTTP (REST and the healthcheck), with celery_services.http."""
+    """Serve an app's services over HTTP (REST, /events and the healthcheck), with celery_services.http."""
+    if auth not in ("jwt", "none"):
+        raise typer.BadParameter(f"{auth!r} is not 'jwt' nor 'none'", param_hint="--auth")
+    http = importlib.import_module("celery_services.http")  # optional dependencies: pip install .[http]
+    authenticate = None
+    if auth == "jwt":
+        from ..http.auth import JWTAuthentication
+
+        try:
+            authenticate = JWTAuthentication()
+        except (ValueError, OSError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="CELERY_SERVICES_JWT_*") from None
+    elif host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving %s without authentication: every client is anonymous (--auth jwt)", host)
     with _failures():
         api = load_target(target).app
-    http = importlib.import_module("celery_services.http")  # optional dependencies: pip install .[http]
     # uvicorn shuts down on SIGTERM, then raises it again: exit through Python so the app is finalized
     # (manifest withdrawn, event queue deleted) rather than killed.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        http.serve(api, host=host, port=port)
+        http.serve(api, host=host, port=port, authenticate=authenticate)
     finally:
         finalize(api)
 

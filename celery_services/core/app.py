@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from .emitter import EventEmitter
 from .errors import Conflict, NotFound
 from .hooks import Hooks, HookSpec
-from .service import ServiceWrapper
+from .service import Publisher, ServiceWrapper
 
 if TYPE_CHECKING:
     from ..distribution import Distribution
@@ -47,6 +47,14 @@ class App(EventEmitter):
         #: its check here (a running prefork worker cannot serve a service mounted after it forked), so this
         #: layer needs nothing of the distribution.
         self.mount_checks: list[Callable[[ServiceWrapper], None]] = []
+        #: The default publish filter of every service (see :meth:`publish`).
+        self.publisher: Publisher | None = None
+
+    def publish(self, publisher: Publisher) -> App:
+        """Set the publish filter of every service without one of its own (:meth:`ServiceWrapper.publish`):
+        ``publisher(event, data, context, user) -> bool`` decides which connected clients get an event."""
+        self.publisher = publisher
+        return self
 
     @property
     def services(self) -> Mapping[str, ServiceWrapper]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keyword
+import logging
 import re
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,12 @@ from .hooks import HookContext, Hooks, HookSpec, run_hooks
 if TYPE_CHECKING:
     from .app import App
 
-__all__ = ["STANDARD_EVENTS", "STANDARD_METHODS", "Service", "ServiceWrapper"]
+__all__ = ["STANDARD_EVENTS", "STANDARD_METHODS", "Publisher", "Service", "ServiceWrapper"]
+
+log = logging.getLogger("celery_services.service")
+
+#: ``(event, data, context, user) -> bool``: whether a connected client of ``user`` receives an event.
+Publisher = Callable[[str, Any, Any, Any], bool]
 
 #: The standard methods, in Feathers' order.
 STANDARD_METHODS: tuple[str, ...] = ("find", "get", "create", "update", "patch", "remove")
@@ -100,6 +106,28 @@ class ServiceWrapper(EventEmitter):
         self.custom_methods: tuple[str, ...] = tuple(m for m in dict.fromkeys(methods) if m not in SIGNATURES)
         self.custom_events: tuple[str, ...] = tuple(e for e in dict.fromkeys(events) if e not in _STD_EVENTS)
         self._hooks = Hooks()
+        #: This service's publish filter (see :meth:`publish`).
+        self.publisher: Publisher | None = None
+
+    def publish(self, publisher: Publisher) -> ServiceWrapper:
+        """Decide which connected clients of the app's transports (the gateway's ``/events``, its sockets)
+        receive this service's events, as Feathers' channels do: ``publisher(event, data, context, user)``
+        is asked once per event and client (``user`` is ``None`` for an anonymous client). It overrides
+        the app's (:meth:`App.publish`); an exception counts as ``False`` (logged)."""
+        self.publisher = publisher
+        return self
+
+    def published_to(self, event: str, data: Any, context: Any, user: Any) -> bool | None:
+        """Whether a client of ``user`` receives ``event``: this service's filter, else the app's, else
+        ``None`` (no filter: the transport's default decides)."""
+        publisher = self.publisher or self.app.publisher
+        if publisher is None:
+            return None
+        try:
+            return bool(publisher(event, data, context, user))
+        except Exception:
+            log.warning("publish filter of '%s' failed on '%s': not sent", self.path, event, exc_info=True)
+            return False
 
     @property
     def methods(self) -> tuple[str, ...]:

@@ -13,6 +13,7 @@ served (or gone) at once::
     DELETE /articles/1                   remove     (DELETE /articles?… removes every match)
     GET    /events?path=articles&event=created          Server-Sent Events of every service
     GET    /distribution/healthcheck[/{key}]            {path: bool}: 200, 404 unknown key, 503 unhealthy
+    GET    /health                       200 {"status": "ok"}: the gateway itself answers (liveness)
     GET    /                             a small live page listing articles (static/index.html)
 
 Service paths may be nested (``api/v1/users``); the longest mounted path that prefixes the URL wins, and
@@ -26,6 +27,10 @@ to an id and verbs other than these are a 405. Every call carries ``params = {"p
 {...}, "headers": {lowercased headers}}`` plus ``"authentication": {"strategy": "jwt", "accessToken": t}``
 for ``Authorization: Bearer t``. Service calls are synchronous: each runs in one of the gateway's own
 threads (at most ``threads`` at once), never on the event loop. A result of ``None`` answers 204.
+
+Authentication: ``asgi_app(app, authenticate=...)`` turns each REST call and ``/events`` request into a user
+(``params["user"]``) or refuses it with a 401 (:mod:`celery_services.http.auth`); the healthcheck and the
+page stay public. Without it every client is anonymous.
 
 Errors answer the JSON of :meth:`~.ServiceError.to_dict` with the error's code as HTTP status: unknown path
 404, method not offered 405, body not JSON 400, body over ``max_body_bytes`` 413 (from ``Content-Length``,
@@ -79,6 +84,7 @@ from ..core.errors import (
     Unavailable,
 )
 from ..core.service import ServiceWrapper
+from .auth import Authenticate, authenticate_request
 from .query import Coerce, parse_id, parse_query
 from .sse import EventHub, EventStream
 
@@ -110,7 +116,10 @@ def _error_response(exc: BaseException, request: Request | None = None) -> Respo
         log.error("%s failed", where, exc_info=exc)
         error = GeneralError("Internal server error")
     status = error.code if 400 <= error.code <= 599 else 500
-    return _json_response(error.to_dict(), status)
+    response = _json_response(error.to_dict(), status)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"
+    return response
 
 
 def _encode(result: Any) -> bytes:
@@ -160,8 +169,10 @@ class _Gateway:
         threads: int,
         hub: EventHub,
         heartbeat: float,
+        authenticate: Authenticate | None,
     ) -> None:
         self.app = app
+        self.authenticate = authenticate
         self.prefix = prefix
         self.max_body_bytes = max_body_bytes
         self.coerce: Coerce = coerce
@@ -192,9 +203,12 @@ class _Gateway:
         self._check_length(request)
         wrapper, id = self._resolve(request)
         method = self._method(request, wrapper, id)
+        user = await authenticate_request(self.authenticate, request)
         data = await self._body(request) if request.method in ("POST", "PUT", "PATCH") else None
         query = parse_query(request.url.query, coerce=self.coerce)
         params = self._params(request, query)
+        if user is not None:
+            params["user"] = user
 
         def call() -> bytes | None:
             result = wrapper.call(
@@ -299,7 +313,11 @@ class _Gateway:
             values = request.query_params.getlist(name)
             return frozenset(item.strip() for value in values for item in value.split(",") if item.strip())
 
-        return EventStream(self.hub, wanted("path"), wanted("event"), self.heartbeat)
+        try:
+            user = await authenticate_request(self.authenticate, request)
+        except Exception as exc:
+            return _error_response(exc, request)
+        return EventStream(self.hub, wanted("path"), wanted("event"), self.heartbeat, user)
 
     async def healthcheck(self, request: Request) -> Response:
         key = request.path_params.get("key")
@@ -338,6 +356,11 @@ def _asset(name: str) -> str:
     return (resources.files("celery_services.http") / "static" / name).read_text(encoding="utf-8")
 
 
+async def _alive(request: Request) -> Response:
+    # The gateway's own liveness (a container healthcheck): no provider is asked.
+    return _json_response({"status": "ok"})
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     # Only Starlette's own routing errors reach here (the handlers answer theirs): 404 and 405.
     status = exc.status_code if isinstance(exc, HTTPException) else 500
@@ -357,6 +380,7 @@ def asgi_app(
     heartbeat: float = 15.0,
     queue_size: int = 256,
     page: bool = True,
+    authenticate: Authenticate | None = None,
 ) -> Starlette:
     """A Starlette application serving every service mounted on ``app`` over REST, and their events.
 
@@ -372,6 +396,10 @@ def asgi_app(
         heartbeat: seconds between two ``: ping`` comments on an idle ``/events`` stream.
         queue_size: events pending per ``/events`` client before new ones are dropped for it.
         page: serve the example page at ``/`` (and its files at ``/static/``).
+        authenticate: the step turning each REST call and ``/events`` request into a user, or refusing it
+            (:mod:`celery_services.http.auth`: :class:`~.auth.JWTAuthentication` or your own callable);
+            its user is ``params["user"]``, and events go only to clients with a user unless a publish
+            filter says otherwise. ``None``: every client is anonymous.
 
     Returns:
         The application; ``.state.hub`` is its :class:`EventHub`, ``.state.executor`` the thread pool
@@ -384,9 +412,10 @@ def asgi_app(
     if heartbeat <= 0:
         raise ValueError("heartbeat must be positive")
     base = _normalize_prefix(prefix)
-    hub = EventHub(app, queue_size=queue_size)
-    gateway = _Gateway(app, base, max_body_bytes, coerce, threads, hub, heartbeat)
+    hub = EventHub(app, queue_size=queue_size, requires_user=authenticate is not None)
+    gateway = _Gateway(app, base, max_body_bytes, coerce, threads, hub, heartbeat, authenticate)
     routes = [
+        Route("/health", _alive, methods=["GET"]),
         Route(f"{base}/events", gateway.events, methods=["GET"]),
         Route(f"{base}/distribution/healthcheck", gateway.healthcheck, methods=["GET"]),
         Route(f"{base}/distribution/healthcheck/{{key}}", gateway.healthcheck, methods=["GET"]),

@@ -4,6 +4,11 @@ Each client has a bounded queue fed from the emitting threads with ``loop.call_s
 for a full queue is dropped and counted, and the client then receives a ``dropped`` event, so a slow client
 never holds back the services or the other clients. The hub listens to the services only while clients
 are connected.
+
+Each client carries its user (``None`` when anonymous), and each event goes only to the clients the
+service's publish filter accepts (:meth:`~.ServiceWrapper.publish`, else :meth:`~.App.publish`); without a
+filter, to every client, or only to those with a user when the hub ``requires_user`` (an authenticated
+gateway).
 """
 
 from __future__ import annotations
@@ -38,11 +43,13 @@ class _Client:
         paths: frozenset[str],
         events: frozenset[str],
         size: int,
+        user: Any = None,
     ) -> None:
         self.hub = hub
         self.loop = loop
         self.paths = paths
         self.events = events
+        self.user = user
         self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=size)
         self.dropped = 0
         self.closed = False
@@ -85,11 +92,12 @@ class EventHub:
         dropped: events dropped so far, over all clients, because their queue was full.
     """
 
-    def __init__(self, app: App, *, queue_size: int = 256) -> None:
+    def __init__(self, app: App, *, queue_size: int = 256, requires_user: bool = False) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be at least 1")
         self.app = app
         self.queue_size = queue_size
+        self.requires_user = requires_user
         self.dropped = 0
         self._clients: set[_Client] = set()
         self._attached: dict[ServiceWrapper, list[tuple[str, Callable[..., None]]]] = {}
@@ -110,10 +118,14 @@ class EventHub:
             return {wrapper.path: tuple(e for e, _ in entries) for wrapper, entries in self._attached.items()}
 
     def connect(
-        self, loop: asyncio.AbstractEventLoop, paths: Iterable[str] = (), events: Iterable[str] = ()
+        self,
+        loop: asyncio.AbstractEventLoop,
+        paths: Iterable[str] = (),
+        events: Iterable[str] = (),
+        user: Any = None,
     ) -> _Client:
-        """Register a client on ``loop`` (filters: empty means everything)."""
-        client = _Client(self, loop, frozenset(paths), frozenset(events), self.queue_size)
+        """Register a client of ``user`` on ``loop`` (filters: empty means everything)."""
+        client = _Client(self, loop, frozenset(paths), frozenset(events), self.queue_size, user)
         with self._lock:
             first = not self._clients
             self._clients.add(client)
@@ -166,7 +178,7 @@ class EventHub:
             return
         entries = []
         for event in wrapper.events:
-            listener = self._listener(wrapper.path, event)
+            listener = self._listener(wrapper, event)
             wrapper.on(event, listener)
             entries.append((event, listener))
         self._attached[wrapper] = entries
@@ -175,16 +187,25 @@ class EventHub:
         for event, listener in self._attached.pop(wrapper, []):
             wrapper.off(event, listener)
 
-    def _listener(self, path: str, event: str) -> Callable[..., None]:
+    def _listener(self, wrapper: ServiceWrapper, event: str) -> Callable[..., None]:
         def listener(data: Any, context: Any = None) -> None:
-            self.publish(path, event, data)
+            self.publish(wrapper, event, data, context)
 
         return listener
 
-    def publish(self, path: str, event: str, data: Any) -> None:
-        """Offer ``event`` of ``path`` to the clients that want it (called from any thread)."""
+    def receives(self, wrapper: ServiceWrapper, event: str, data: Any, context: Any, user: Any) -> bool:
+        """Whether a client of ``user`` gets ``event``: the publish filter's answer, else the default."""
+        decided = wrapper.published_to(event, data, context, user)
+        if decided is None:
+            return user is not None or not self.requires_user
+        return decided
+
+    def publish(self, wrapper: ServiceWrapper, event: str, data: Any, context: Any = None) -> None:
+        """Offer ``event`` of ``wrapper`` to the clients that want it and may see it (any thread)."""
+        path = wrapper.path
         with self._lock:
-            clients = [client for client in self._clients if client.wants(path, event)]
+            candidates = [client for client in self._clients if client.wants(path, event)]
+        clients = [c for c in candidates if self.receives(wrapper, event, data, context, c.user)]
         if not clients:
             return
         try:
@@ -203,7 +224,12 @@ class EventStream(StreamingResponse):
     """The SSE response: registers its client when it starts streaming, forgets it however it ends."""
 
     def __init__(
-        self, hub: EventHub, paths: frozenset[str], events: frozenset[str], heartbeat: float
+        self,
+        hub: EventHub,
+        paths: frozenset[str],
+        events: frozenset[str],
+        heartbeat: float,
+        user: Any = None,
     ) -> None:
         super().__init__(
             self._messages(),
@@ -214,10 +240,11 @@ class EventStream(StreamingResponse):
         self.paths = paths
         self.events = events
         self.heartbeat = heartbeat
+        self.user = user
         self.client: _Client | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        self.client = self.hub.connect(asyncio.get_running_loop(), self.paths, self.events)
+        self.client = self.hub.connect(asyncio.get_running_loop(), self.paths, self.events, self.user)
         try:
             await super().__call__(scope, receive, send)
         except (ClientDisconnect, OSError):

@@ -1,0 +1,154 @@
+"""Authentication of the gateway's clients: who is calling, as a user the services' hooks can judge.
+
+An *authenticate* step turns a request into a user: any callable ``(request) -> user | None`` (sync or
+async) given to ``asgi_app(app, authenticate=...)``, raising :class:`~.NotAuthenticated` to refuse. It runs
+on every REST call and on ``/events`` (the healthcheck and the example page stay public); its user reaches
+the services' hooks as ``params["user"]``, with ``params["provider"] == "rest"``, so a permission hook works
+on a remote proxy exactly as on a local service (a proxy's hooks run in the gateway, before the call
+travels).
+
+:class:`JWTAuthentication` is the ready one: ``Authorization: Bearer <token>`` (and, for ``/events``, whose
+browser client ``EventSource`` cannot set headers, an ``access_token`` query parameter; such a URL lands in
+access logs, so keep those private or the tokens short-lived), checked with PyJWT: HS256 with a shared
+secret, or RS256 / ES256 with a public key, from :class:`JWTSettings` (``CELERY_SERVICES_JWT_*``). The user
+is the token's claims.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import jwt
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.requests import HTTPConnection
+
+from ..core.errors import NotAuthenticated
+
+__all__ = ["Authenticate", "JWTAuthentication", "JWTSettings", "authenticate_request", "bearer_token"]
+
+#: ``(request) -> user | None``, sync or async; raise :class:`NotAuthenticated` to refuse.
+Authenticate = Callable[[HTTPConnection], Any | Awaitable[Any]]
+
+_ASYMMETRIC = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256")
+
+
+class JWTSettings(BaseSettings):
+    """How the gateway checks JSON Web Tokens (environment: ``CELERY_SERVICES_JWT_SECRET`` …)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CELERY_SERVICES_JWT_", extra="forbid", hide_input_in_errors=True
+    )
+
+    secret: SecretStr | None = None
+    """Shared secret of HS256 tokens (at least 32 characters)."""
+
+    public_key: str | None = None
+    """PEM public key of RS256 / ES256 tokens (or :attr:`public_key_file`)."""
+
+    public_key_file: str | None = None
+    """File holding :attr:`public_key`."""
+
+    algorithms: list[str] = Field(default_factory=lambda: ["HS256"])
+    """Accepted algorithms; never ``none``."""
+
+    audience: str | None = None
+    """Required ``aud`` claim, when set."""
+
+    issuer: str | None = None
+    """Required ``iss`` claim, when set."""
+
+    leeway: float = 0.0
+    """Seconds of clock skew tolerated on ``exp`` / ``nbf``."""
+
+    @model_validator(mode="after")
+    def _check(self) -> JWTSettings:
+        if any(alg.lower() == "none" for alg in self.algorithms) or not self.algorithms:
+            raise ValueError("algorithms must name real algorithms (never 'none')")
+        asymmetric = [alg for alg in self.algorithms if alg in _ASYMMETRIC]
+        if asymmetric and not (self.public_key or self.public_key_file):
+            raise ValueError(f"{', '.join(asymmetric)} tokens need public_key or public_key_file")
+        if len(asymmetric) < len(self.algorithms):
+            if self.secret is None:
+                raise ValueError("HS* tokens need a secret (CELERY_SERVICES_JWT_SECRET)")
+            if len(self.secret.get_secret_value()) < 32:
+                raise ValueError("the JWT secret must be at least 32 characters")
+        return self
+
+
+def bearer_token(connection: HTTPConnection, *, query: bool = False) -> str | None:
+    """The token of ``Authorization: Bearer <token>``, else (with ``query``) of ``?access_token=``."""
+    header = connection.headers.get("authorization", "")
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() in ("bearer", "jwt") and token.strip():
+        return token.strip()
+    if query:
+        return connection.query_params.get("access_token") or None
+    return None
+
+
+class JWTAuthentication:
+    """The JWT authenticate step: the request's token checked, its claims as the user.
+
+    Args:
+        settings: how tokens are checked (default: :class:`JWTSettings` from the environment).
+        required: refuse requests without a token (``False``: they pass as anonymous, ``user = None``).
+    """
+
+    def __init__(self, settings: JWTSettings | None = None, *, required: bool = True) -> None:
+        self.settings = settings or JWTSettings()
+        self.required = required
+        key: Any = None
+        if self.settings.public_key_file:
+            with open(self.settings.public_key_file, encoding="utf-8") as file:
+                key = file.read()
+        key = key or self.settings.public_key
+        self._keys = {
+            alg: (key if alg in _ASYMMETRIC else self.settings.secret.get_secret_value())  # type: ignore[union-attr]
+            for alg in self.settings.algorithms
+        }
+
+    def verify(self, token: str) -> dict[str, Any]:
+        """The claims of a valid token.
+
+        Raises:
+            NotAuthenticated: the token is malformed, forged, expired, or of another audience or issuer.
+        """
+        try:
+            algorithm = jwt.get_unverified_header(token).get("alg")
+            if algorithm not in self._keys:
+                raise jwt.InvalidAlgorithmError("algorithm not accepted")
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                self._keys[algorithm],
+                algorithms=[algorithm],
+                audience=self.settings.audience,
+                issuer=self.settings.issuer,
+                leeway=self.settings.leeway,
+                options={"require": ["exp"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise NotAuthenticated("Token expired") from None
+        except jwt.PyJWTError:
+            raise NotAuthenticated("Invalid token") from None  # never why: that would help a forger
+        return claims
+
+    def __call__(self, connection: HTTPConnection) -> dict[str, Any] | None:
+        token = bearer_token(connection, query=connection.url.path.endswith("/events"))
+        if token is None:
+            if self.required:
+                raise NotAuthenticated("Not authenticated: send Authorization: Bearer <token>")
+            return None
+        return self.verify(token)
+
+
+async def authenticate_request(authenticate: Authenticate | None, connection: HTTPConnection) -> Any:
+    """The user of ``connection`` by ``authenticate`` (``None`` without one: the gateway is anonymous)."""
+    if authenticate is None:
+        return None
+    user = authenticate(connection)
+    if inspect.isawaitable(user):
+        user = await user
+    return user

@@ -1,0 +1,224 @@
+"""The gateway lets in only whom it should: JWT on REST and ``/events``, users in the hooks of remote proxies,
+events to their owners only. A real provider worker, a consumer app, real uvicorn servers."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from starlette.requests import HTTPConnection
+
+from celery_services import App, DistributionSettings, NotAuthenticated, distribute, finalize
+from celery_services.http import make_server
+from celery_services.http.auth import Authenticate, JWTAuthentication, JWTSettings
+from celery_services.testing import wait_for
+from workers.services import guard
+
+from .support import Provider, cleanup, fresh_prefix, registered_provider
+from .test_http import SSEReader
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = "a-gateway-secret-of-at-least-32-chars"
+
+
+def token(
+    sub: str, role: str = "editor", *, key: Any = SECRET, algorithm: str = "HS256", ttl: float = 60
+) -> str:
+    claims = {"sub": sub, "role": role, "exp": int(time.time() + ttl)}
+    return jwt.encode(claims, key, algorithm=algorithm)
+
+
+def bearer(value: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {value}"}
+
+
+@pytest.fixture(scope="module")
+def registry_prefix(redis_url: str) -> Iterator[str]:
+    yield from fresh_prefix(redis_url, "auth")
+
+
+@pytest.fixture(scope="module")
+def provider(redis_url: str, registry_prefix: str) -> Iterator[Provider]:
+    prov = registered_provider(redis_url, registry_prefix, "auth-prov")
+    with prov.worker():
+        yield prov
+    cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+#: What the hooks of the remote articles saw of each call: (method, provider, user's sub).
+SEEN: list[tuple[str, Any, Any]] = []
+
+
+@pytest.fixture(scope="module")
+def api(redis_url: str, registry_prefix: str, provider: Provider) -> Iterator[App]:
+    app = App()
+    distribution = distribute(
+        app,
+        DistributionSettings(
+            key=f"auth-gw-{os.urandom(3).hex()}",
+            broker_url=redis_url,
+            registry_prefix=registry_prefix,
+            heartbeat_interval=0.5,
+            timeout=8,
+            services=[],
+            remote_services=[provider.key],
+        ),
+    )
+    articles = guard(distribution.wait_for("articles", timeout=10))
+
+    def seen(context: Any) -> None:
+        user = context.params.get("user")
+        SEEN.append((context.method, context.params.get("provider"), user and user.get("sub")))
+
+    articles.hooks({"before": {"all": [seen]}})
+    try:
+        yield app
+    finally:
+        finalize(app)
+
+
+@pytest.fixture(scope="module")
+def serve(api: App) -> Iterator[Callable[[Authenticate], str]]:
+    """Serve ``api`` with an authenticate step; returns the base URL (servers stop at the module's end)."""
+    servers: list[tuple[Any, threading.Thread]] = []
+
+    def start(authenticate: Authenticate) -> str:
+        server = make_server(api, port=0, log_level="warning", heartbeat=0.2, authenticate=authenticate)
+        thread = threading.Thread(target=server.run, name="uvicorn-auth", daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        wait_for(lambda: server.started, timeout=10, what="uvicorn started")
+        return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+
+    yield start
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def hs256(serve: Callable[[Authenticate], str]) -> str:
+    return serve(JWTAuthentication(JWTSettings(secret=SECRET)))
+
+
+def refused(response: httpx.Response, message: str) -> None:
+    assert response.status_code == 401, response.text
+    assert response.headers["www-authenticate"] == "Bearer"
+    body = response.json()
+    assert (body["name"], body["code"], body["className"]) == ("NotAuthenticated", 401, "not-authenticated")
+    assert body["message"] == message
+    assert SECRET not in response.text
+
+
+@pytest.mark.filterwarnings("ignore::jwt.warnings.InsecureKeyLengthWarning")  # the HS512 token below
+def test_rest_and_events_refuse_missing_forged_expired_and_foreign_tokens(hs256: str) -> None:
+    refused(httpx.get(f"{hs256}/articles"), "Not authenticated: send Authorization: Bearer <token>")
+    refused(httpx.get(f"{hs256}/events"), "Not authenticated: send Authorization: Bearer <token>")
+    forged = token("mallory", key="another-secret-of-at-least-32-chars!")
+    refused(httpx.get(f"{hs256}/articles", headers=bearer(forged)), "Invalid token")
+    refused(httpx.get(f"{hs256}/articles", headers=bearer(token("ada", ttl=-10))), "Token expired")
+    hs512 = jwt.encode({"sub": "ada", "exp": int(time.time() + 60)}, SECRET, algorithm="HS512")
+    refused(httpx.get(f"{hs256}/articles", headers=bearer(hs512)), "Invalid token")
+    unsigned = jwt.encode({"sub": "ada", "exp": int(time.time() + 60)}, None, algorithm="none")
+    refused(httpx.get(f"{hs256}/articles", headers=bearer(unsigned)), "Invalid token")
+    refused(httpx.get(f"{hs256}/events", params={"access_token": forged}), "Invalid token")
+    # The healthcheck stays public.
+    assert httpx.get(f"{hs256}/distribution/healthcheck").status_code == 200
+
+
+def test_the_user_reaches_the_hooks_of_a_remote_proxy_which_judge_it(hs256: str) -> None:
+    reader = token("rita", role="reader")
+    assert httpx.get(f"{hs256}/articles", headers=bearer(reader)).status_code == 200
+    assert SEEN[-1] == ("find", "rest", "rita")
+    denied = httpx.post(f"{hs256}/articles", json={"title": "x"}, headers=bearer(reader))
+    assert denied.status_code == 403, denied.text
+    assert denied.json()["name"] == "Forbidden" and "Role 'reader' may not create" in denied.json()["message"]
+    editor = token("eddie")
+    created = httpx.post(f"{hs256}/articles", json={"title": "mine"}, headers=bearer(editor))
+    assert created.status_code == 201, created.text
+    assert created.json()["owner"] == "eddie"  # stamped from params["user"] at the gateway
+    assert SEEN[-1] == ("create", "rest", "eddie")
+
+
+def test_each_user_hears_only_the_events_of_its_own_articles(hs256: str) -> None:
+    alice, bob = token("alice"), token("bob")
+    readers = [SSEReader(hs256, f"path=articles&access_token={t}") for t in (alice, bob)]
+    try:
+        for name, owner_token in (("of-alice", alice), ("of-bob", bob)):
+            answer = httpx.post(f"{hs256}/articles", json={"title": name}, headers=bearer(owner_token))
+            assert answer.status_code == 201, answer.text
+        got_alice = readers[0].wait("created", 1)
+        got_bob = readers[1].wait("created", 1)
+        # The next event of each stream would have arrived by now had it been sent: one more article each,
+        # and each stream's second event is its own.
+        for owner_token in (alice, bob):
+            httpx.post(f"{hs256}/articles", json={"title": "again"}, headers=bearer(owner_token))
+        got_alice, got_bob = readers[0].wait("created", 2), readers[1].wait("created", 2)
+        assert {e["data"]["owner"] for e in got_alice} == {"alice"}, got_alice
+        assert {e["data"]["owner"] for e in got_bob} == {"bob"}, got_bob
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def _pem(public_key: Any) -> str:
+    return public_key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
+@pytest.mark.parametrize("algorithm", ["RS256", "ES256"])
+def test_public_key_tokens(serve: Callable[[Authenticate], str], algorithm: str) -> None:
+    private: Any = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if algorithm == "RS256"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    other: Any = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if algorithm == "RS256"
+        else ec.generate_private_key(ec.SECP256R1())
+    )
+    url = serve(JWTAuthentication(JWTSettings(algorithms=[algorithm], public_key=_pem(private.public_key()))))
+    good = token("kim", key=private, algorithm=algorithm)
+    assert httpx.get(f"{url}/articles", headers=bearer(good)).status_code == 200
+    refused(
+        httpx.get(f"{url}/articles", headers=bearer(token("kim", key=other, algorithm=algorithm))),
+        "Invalid token",
+    )
+    # An HS256 token "signed" with the public key (the algorithm-confusion attack) is refused.
+    with pytest.raises(jwt.InvalidKeyError):
+        token("kim", key=_pem(private.public_key()), algorithm="HS256")
+
+
+def test_a_custom_authenticate_step(serve: Callable[[Authenticate], str]) -> None:
+    async def by_api_key(connection: HTTPConnection) -> dict[str, str]:
+        if connection.headers.get("x-api-key") != "k-123":
+            raise NotAuthenticated("Unknown API key")
+        return {"sub": "service-account", "role": "reader"}
+
+    url = serve(by_api_key)
+    refused(httpx.get(f"{url}/articles"), "Unknown API key")
+    assert httpx.get(f"{url}/articles", headers={"X-Api-Key": "k-123"}).status_code == 200
+    assert SEEN[-1] == ("find", "rest", "service-account")
+
+
+def test_jwt_settings_refuse_what_would_be_unsafe() -> None:
+    with pytest.raises(ValueError, match="at least 32"):
+        JWTSettings(secret="short")
+    with pytest.raises(ValueError, match="never 'none'"):
+        JWTSettings(secret=SECRET, algorithms=["none"])
+    with pytest.raises(ValueError, match="public_key"):
+        JWTSettings(algorithms=["RS256"])
+    with pytest.raises(ValueError, match="need a secret"):
+        JWTSettings()
+    assert SECRET not in repr(JWTSettings(secret=SECRET))
