@@ -37,6 +37,17 @@ CLI = str(Path(sys.executable).with_name("celery-services"))
 PROVIDER_COMMAND = ["celery-services", "--log-level", "info", "worker", "workers.articles:app"]
 PROVIDER_HEALTHCHECK = ["celery-services", "ping"]
 GATEWAY_HEALTHCHECK = ["celery-services", "health", "my-app"]
+#: The containers' liveness checks (docker/compose.yml): the gateway's and Flower's own endpoints.
+GATEWAY_LIVENESS = [
+    "python",
+    "-c",
+    "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/health', timeout=3)",
+]
+FLOWER_LIVENESS = [
+    "python",
+    "-c",
+    "import urllib.request as u; u.urlopen('http://127.0.0.1:5555/healthcheck', timeout=3)",
+]
 FLOWER_COMMAND = ["celery-services", "flower", "--port=5555"]
 COMMANDS = ["worker", "serve", "flower", "demo", "services", "call", "health", "ping", "events"]
 HEARTBEAT = "0.5"

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import redis
 
@@ -28,7 +32,9 @@ from .support import ROOT, cleanup, provider_env, purge_prefix
 from .test_cli import (
     CLI,
     FLOWER_COMMAND,
+    FLOWER_LIVENESS,
     GATEWAY_HEALTHCHECK,
+    GATEWAY_LIVENESS,
     PROVIDER_COMMAND,
     PROVIDER_HEALTHCHECK,
     cli_worker,
@@ -36,7 +42,10 @@ from .test_cli import (
 from .test_flower import free_port
 
 COMPOSE_FILE = ROOT / "docker" / "compose.yml"
-GATEWAY_COMMAND = ["celery-services", "serve", "workers.gateway:api", "--host", "0.0.0.0", "--port", "8000"]
+GATEWAY_COMMAND = [
+    "celery-services", "serve", "workers.gateway:api", "--host", "0.0.0.0", "--port", "8000", "--auth", "jwt",
+]  # fmt: skip
+JWT_SECRET = "a-compose-test-secret-of-32-chars-at-least"
 TESTS_COMMAND = ["python", "-m", "pytest"]
 BROKER = "redis://redis:6379/0"
 APP_SERVICES = ("provider", "gateway", "flower", "tests")
@@ -53,6 +62,7 @@ def compose(*args: str, auth: bool = True) -> subprocess.CompletedProcess[str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith(("FLOWER_", "CELERY_"))}
     if auth:
         env["FLOWER_BASIC_AUTH"] = "admin:test-secret"
+        env["CELERY_SERVICES_JWT_SECRET"] = JWT_SECRET
     return subprocess.run(
         [COMPOSE, "-f", str(COMPOSE_FILE), *args], env=env, capture_output=True, text=True, timeout=60
     )
@@ -97,10 +107,17 @@ def test_compose_file_is_valid_with_each_profile() -> None:
 
 
 @needs_compose
-def test_flower_needs_its_basic_auth() -> None:
+def test_secrets_must_come_from_the_environment_or_an_env_file() -> None:
     done = compose("config", "--quiet", auth=False)
     assert done.returncode != 0
-    assert "FLOWER_BASIC_AUTH" in done.stderr
+    assert "FLOWER_BASIC_AUTH" in done.stderr or "CELERY_SERVICES_JWT_SECRET" in done.stderr
+    example = (ROOT / "docker" / "gateway.env.example").read_text()
+    assert "CELERY_SERVICES_JWT_SECRET=" in example and "FLOWER_BASIC_AUTH=" in example
+    assert "docker/gateway.env" in (ROOT / ".gitignore").read_text().split()
+    # Never a value written in the compose file: only the variable, filled from the env file.
+    assert re.findall(r"CELERY_SERVICES_JWT_SECRET: (.*)", COMPOSE_FILE.read_text()) == [
+        "${CELERY_SERVICES_JWT_SECRET:?set CELERY_SERVICES_JWT_SECRET (docker/gateway.env.example)}"
+    ]
 
 
 @needs_compose
@@ -123,31 +140,46 @@ def test_services_run_the_commands_the_tests_exercise(config: dict[str, Any]) ->
 
     gateway = services["gateway"]
     assert gateway["command"] == GATEWAY_COMMAND  # test_gateway_command_serves_and_is_healthy below
-    assert gateway["healthcheck"]["test"] == ["CMD", *GATEWAY_HEALTHCHECK]  # test_cli: test_health
+    assert gateway["environment"]["CELERY_SERVICES_JWT_SECRET"] == JWT_SECRET  # from the env file
+    assert [str(port) for port in gateway["ports"]] in (["127.0.0.1:8000:8000"], [str(gateway["ports"][0])])
+    assert "127.0.0.1" in str(gateway["ports"][0])  # never 0.0.0.0 on the host
+    assert gateway["healthcheck"]["test"] == ["CMD", *GATEWAY_LIVENESS]  # the gateway itself, below
 
     flower = services["flower"]
     assert flower["command"] == FLOWER_COMMAND  # test_flower
     assert flower["environment"]["FLOWER_BASIC_AUTH"] == "admin:test-secret"
     assert "FLOWER_UNAUTHENTICATED_API" not in flower["environment"]
+    assert flower["healthcheck"]["test"] == ["CMD", *FLOWER_LIVENESS]  # test_flower: its /healthcheck
+
+    for name in ("redis", "rabbitmq"):  # pinned to a patch release
+        assert re.fullmatch(r"\w+:\d+\.\d+\.\d+-alpine", services[name]["image"]), services[name]["image"]
 
     tests = services["tests"]
     assert tests["command"] == TESTS_COMMAND
     assert tests["environment"]["CELERY_SERVICES_TEST_REDIS"].startswith("redis://redis:6379/")
-    assert tests["build"]["args"]["EXTRAS"] == "http,dev"
+    assert tests["build"]["target"] == "tests"
 
 
-def test_dockerfile_installs_the_package_for_a_non_root_user() -> None:
+def test_dockerfile_pins_and_keeps_the_tests_out_of_the_runtime_image() -> None:
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
     lines = [line.strip() for line in dockerfile.splitlines() if line.strip() and not line.startswith("#")]
-    assert lines[0] == "FROM python:3.11-slim"
-    assert "ARG EXTRAS=http" in lines
-    assert 'RUN pip install ".[${EXTRAS}]"' in lines
-    user = [line for line in lines if line.startswith("USER ")]
-    assert user and user[-1] not in ("USER root", "USER 0")
+    assert re.fullmatch(r"FROM python:3\.11\.\d+-slim-bookworm AS runtime", lines[0]), lines[0]
+    runtime = lines[: lines.index("FROM runtime AS tests")]
+    tests = lines[len(runtime) :]
+    assert "ARG EXTRAS=http" in runtime
+    assert 'RUN pip install -c constraints.txt ".[${EXTRAS}]"' in runtime  # versions pinned
+    for copied in ("celery_services", "workers", "config"):
+        assert f"COPY {copied} ./{copied}" in runtime
+    assert not [line for line in runtime if "tests" in line.split()]  # no tests in the runtime image
+    assert "COPY tests ./tests" in tests
+    for stage in (runtime, tests):
+        user = [line for line in stage if line.startswith("USER ")]
+        assert user and user[-1] not in ("USER root", "USER 0")
+    constraints = (ROOT / "docker" / "constraints.txt").read_text().splitlines()
+    pinned = {line.split("==")[0].lower() for line in constraints if "==" in line}
+    assert {"celery", "kombu", "redis", "pydantic", "starlette", "uvicorn", "pyjwt", "flower"} <= pinned
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", ".venv"} <= set(ignored)
-    for copied in ("celery_services", "workers", "config", "tests"):
-        assert f"COPY {copied} ./{copied}" in lines
 
 
 @pytest.fixture
@@ -171,7 +203,12 @@ def gateway(redis_url: str) -> Iterator[tuple[str, str, dict[str, str]]]:
         "tests.apps.provider:app", key, {**provider_env(key, redis_url, redis_url, runs), **env}
     )
     # config/gateway.toml consumes my-app: point it at this test's provider instead.
-    gateway_env = {**os.environ, **env, "CELERY_SERVICES_REMOTE_SERVICES": json.dumps([key])}
+    gateway_env = {
+        **os.environ,
+        **env,
+        "CELERY_SERVICES_REMOTE_SERVICES": json.dumps([key]),
+        "CELERY_SERVICES_JWT_SECRET": JWT_SECRET,
+    }
     with worker, tempfile.NamedTemporaryFile(prefix="gateway-", suffix=".log") as log:
         process = subprocess.Popen(
             command, env=gateway_env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -212,8 +249,21 @@ def test_gateway_command_serves_and_is_healthy(gateway: tuple[str, str, dict[str
         "articles": True,
         "probe": True,
     }
-    created = httpx.post(f"{url}/articles", json={"title": "through the gateway"}, timeout=10)
+    assert httpx.post(f"{url}/articles", json={"title": "anonymous"}, timeout=10).status_code == 401
+    editor = jwt.encode(
+        {"sub": "ed", "role": "editor", "exp": int(time.time()) + 60}, JWT_SECRET, algorithm="HS256"
+    )
+    created = httpx.post(
+        f"{url}/articles",
+        json={"title": "through the gateway"},
+        headers={"Authorization": f"Bearer {editor}"},
+        timeout=10,
+    )
     assert created.status_code == 201, created.text  # README: POST /articles → create (201)
+    # The gateway's own healthcheck, as compose runs it (python in the image asks /health).
+    port = url.rsplit(":", 1)[1]
+    liveness = [arg.replace("127.0.0.1:8000", f"127.0.0.1:{port}") for arg in GATEWAY_LIVENESS]
+    assert subprocess.run([sys.executable, *liveness[1:]], capture_output=True, timeout=30).returncode == 0
     assert created.json()["title"] == "through the gateway"
     # The gateway's healthcheck, as compose runs it, for the key this gateway consumes here.
     check = subprocess.run(
