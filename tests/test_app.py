@@ -117,9 +117,13 @@ def test_custom_methods_and_events_must_be_declared_correctly() -> None:
     with pytest.raises(ValueError, match="no method 'publish'"):
         app.use("a", Articles(), methods=["publish"])
     with pytest.raises(ValueError, match="invalid method name"):
-        app.use("b", Articles(), methods=["publish-article"])
+        app.use("b", Articles(), methods=["publish.article"])
     with pytest.raises(ValueError, match="invalid event name"):
-        app.use("c", Articles(), events=["article-published"])
+        app.use("c", Articles(), events=["article published"])
+    # The seed's names: publish-article is served by publish_article.
+    assert app.use("d", Articles(), methods=["publish-article"], events=["article-published"]).methods[
+        -1
+    ] == ("publish-article")
 
 
 def test_custom_method_and_custom_event() -> None:

@@ -464,7 +464,7 @@ def test_hooks_are_normalized_to_lists() -> None:
         ("result_backend", "rpc://"),
         ("result_backend", "db+sqlite:///results.db"),
         ("broker_url", "localhost:6379"),
-        ("distributed_methods", ["publish-article"]),
+        ("distributed_methods", ["publish.article"]),
         ("distributed_methods", ["_private"]),
         ("distributed_events", ["article.published"]),
         ("services", 42),

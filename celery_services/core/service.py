@@ -15,7 +15,14 @@ from .hooks import HookContext, Hooks, HookSpec, run_hooks
 if TYPE_CHECKING:
     from .app import App
 
-__all__ = ["STANDARD_EVENTS", "STANDARD_METHODS", "Publisher", "Service", "ServiceWrapper"]
+__all__ = [
+    "STANDARD_EVENTS",
+    "STANDARD_METHODS",
+    "Publisher",
+    "Service",
+    "ServiceWrapper",
+    "method_attribute",
+]
 
 log = logging.getLogger("celery_services.service")
 
@@ -64,13 +71,21 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "patch": ("id", "data"),
     "remove": ("id",),
 }
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
+
+
+def method_attribute(name: str) -> str:
+    """The Python attribute implementing the method ``name``: ``publish-article`` → ``publish_article``.
+
+    Names travel as written (task names, REST's ``X-Service-Method``, events); Python spells ``-`` as ``_``.
+    """
+    return name.replace("-", "_")
 
 
 def check_name(kind: str, name: str) -> None:
     """Reject a custom method or event name that cannot travel in a task name or routing key."""
-    if not _NAME.match(name) or keyword.iskeyword(name):
-        raise ValueError(f"invalid {kind} name {name!r}: use letters, digits and '_'")
+    if not _NAME.match(name) or keyword.iskeyword(method_attribute(name)):
+        raise ValueError(f"invalid {kind} name {name!r}: a letter, then letters, digits, '_' and '-'")
 
 
 class ServiceWrapper(EventEmitter):
@@ -96,8 +111,8 @@ class ServiceWrapper(EventEmitter):
             check_name("method", name)
             if name in SIGNATURES:
                 continue
-            if not callable(getattr(service, name, None)):
-                raise ValueError(f"service at {path!r} has no method {name!r} to offer")
+            if not callable(getattr(service, method_attribute(name), None)):
+                raise ValueError(f"service at {path!r} has no method {method_attribute(name)!r} to offer")
         for name in events:
             check_name("event", name)
         self.app = app
@@ -177,9 +192,10 @@ class ServiceWrapper(EventEmitter):
         # Only reached for names the wrapper itself lacks.
         if name.startswith("_"):
             raise AttributeError(name)
-        if name in self.custom_methods:
+        method = next((m for m in self.custom_methods if method_attribute(m) == name), None)
+        if method is not None:  # publish_article reaches publish-article too
             return lambda data=None, params=None, **options: self.call(
-                name, data=data, params=params, **options
+                method, data=data, params=params, **options
             )
         value = getattr(self.service, name, _MISSING)
         if value is not _MISSING and not callable(value):
@@ -240,7 +256,7 @@ class ServiceWrapper(EventEmitter):
         return context.result
 
     def _invoke(self, context: HookContext) -> Any:
-        method = getattr(self.service, context.method)
+        method = getattr(self.service, method_attribute(context.method))
         args = [getattr(context, name) for name in SIGNATURES.get(context.method, ("data",))]
         return method(*args, context.params)
 

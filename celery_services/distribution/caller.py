@@ -31,7 +31,7 @@ from ..core.errors import (
     Timeout,
     Unavailable,
 )
-from ..core.service import SIGNATURES
+from ..core.service import SIGNATURES, method_attribute
 from .logs import call_fields
 from .protocol import (
     HEADER_CALLER,
@@ -383,7 +383,10 @@ class RemoteService:
         self.remote_options = dict(remote_options or {})
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        if name.startswith("_") or name not in self.__dict__.get("methods", ()):
+        # The method offered under this attribute: publish_article is the Python spelling of publish-article.
+        offered = self.__dict__.get("methods", ())
+        name = next((m for m in offered if method_attribute(m) == name), name)
+        if name.startswith("_") or name not in offered:
             raise AttributeError(name)
         names = SIGNATURES.get(name, ("data",))
 

@@ -13,6 +13,7 @@ is declared.
 
 from __future__ import annotations
 
+import keyword
 import os
 import re
 from collections.abc import Callable
@@ -315,8 +316,9 @@ class DistributionSettings(BaseSettings):
     @classmethod
     def _check_methods(cls, value: list[str]) -> list[str]:
         for method in value:
-            if not method.isidentifier() or method.startswith("_"):
-                raise ValueError(f"method {method!r} must be a public Python identifier")
+            spelled = method.replace("-", "_")
+            if not spelled.isidentifier() or not method[:1].isalpha() or keyword.iskeyword(spelled):
+                raise ValueError(f"method {method!r}: a letter, then letters, digits, '_' and '-'")
         return value
 
     @field_validator("distributed_events")
