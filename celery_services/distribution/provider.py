@@ -217,7 +217,7 @@ def _answer(distribution: Distribution, task: Task, work: Callable[[], Any], fie
             raise
         if not signer.first_start(call_id, deadline) and not _redelivered(request):
             # No reply: the original delivery of this call answers its caller.
-            log.warning("call refused: replayed call id", extra=extra)
+            log.warning("call %s refused: replayed call id", call_id, extra=extra)
             raise NotAuthenticated("Call refused: replayed", {"call_id": call_id})
     token = set_deadline(deadline)
     try:

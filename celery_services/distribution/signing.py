@@ -38,9 +38,6 @@ log = logging.getLogger("celery_services.signing")
 _VERSION = "v1"
 _REPLY_PREFIX = b"cs-signed:v1:"
 
-# Marks a call id as started; refuses it unless the delivery is a redelivery. Returns 1 when first seen.
-_FIRST_SEEN = "return redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) and 1 or 0"
-
 
 def _canonical(value: Any) -> bytes:
     # The provider sees the arguments after a JSON round trip (tuples as lists, keys as strings): sign
@@ -67,11 +64,8 @@ class Signer:
     ) -> None:
         self.key = key
         self._secrets = secrets
-        self._seen = store.register_script(_FIRST_SEEN)
+        self._store = store
         self._prefix = prefix
-
-    def _of(self, key: str) -> Sequence[bytes]:
-        return self._secrets(key)
 
     # -- calls ------------------------------------------------------------------------------------------
 
@@ -87,7 +81,7 @@ class Signer:
 
     def sign_call(self, name: str, call_id: str, deadline: float, kwargs: dict[str, Any]) -> str | None:
         """The ``cs_signature`` header of a call this app sends (``None`` when its key has no secret)."""
-        secrets = self._of(self.key)
+        secrets = self._secrets(self.key)
         if not secrets:
             return None
         return f"{_VERSION}:{_mac(secrets[0], *self._call_parts(name, call_id, self.key, deadline, kwargs))}"
@@ -100,7 +94,7 @@ class Signer:
         """
         caller = str(getattr(request, HEADER_CALLER, None) or "")
         signature = getattr(request, HEADER_SIGNATURE, None)
-        secrets = self._of(caller)
+        secrets = self._secrets(caller)
         if not isinstance(signature, str) or not signature:
             self._refuse(request, caller, "unsigned call")
         if deadline is None:
@@ -119,25 +113,22 @@ class Signer:
         """
         ttl_ms = max(int(((deadline or time.time()) - time.time() + 1.0) * 1000), 1)
         try:
-            return bool(self._seen(keys=[f"{self._prefix}:started:{call_id}"], args=[ttl_ms]))
+            return bool(self._store.set(f"{self._prefix}:started:{call_id}", 1, nx=True, px=ttl_ms))
         except redis.RedisError:
             log.warning("replay check of call %s skipped: the store is unreachable", call_id, exc_info=True)
             return True
 
     @staticmethod
     def _refuse(request: Any, caller: str, reason: str) -> NoReturn:
-        log.warning(
-            "call refused: %s",
-            reason,
-            extra={"call_id": str(request.id), "task": str(request.task), "caller": caller or "?"},
-        )
+        # The reason goes to the provider's log only (with the call id, whatever the log format).
+        log.warning("call %s of %s from %r refused: %s", request.id, request.task, caller or "?", reason)
         raise NotAuthenticated("Call refused: not signed by a trusted app", {"call_id": str(request.id)})
 
     # -- replies ----------------------------------------------------------------------------------------
 
     def sign_reply(self, call_id: str, body: str) -> str:
         """The reply as pushed: ``body`` prefixed with its signature when this app's key has a secret."""
-        secrets = self._of(self.key)
+        secrets = self._secrets(self.key)
         if not secrets:
             return body
         return f"{_REPLY_PREFIX.decode()}{_mac(secrets[0], call_id.encode(), body.encode())}:{body}"
@@ -148,7 +139,7 @@ class Signer:
         Raises:
             BadGateway: signing is on for ``provider`` and the reply is unsigned or forged.
         """
-        secrets = self._of(provider)
+        secrets = self._secrets(provider)
         if not secrets:
             return raw
         if raw.startswith(_REPLY_PREFIX):
