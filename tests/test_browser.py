@@ -2,7 +2,7 @@
 
 The whole chain is real: the page is served by uvicorn from a consumer app whose ``articles`` is a proxy of
 a provider worker process; what the test creates through the gateway is created on the provider, whose
-event comes back through the event bus to the proxy, then to the page over ``/events``.
+event comes back through the event bus to the proxy, then to the page over the gateway's Socket.IO transport.
 """
 
 from __future__ import annotations

@@ -493,10 +493,11 @@ def test_healthcheck(
 def test_page_and_assets(http: httpx.Client) -> None:
     page = http.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert '<meta name="api-prefix" content="">' in page.text
     assert '<h1 id="heading">Articles</h1>' in page.text and 'role="status"' in page.text
     script = http.get("/static/app.js")
-    assert script.status_code == 200 and "EventSource" in script.text
+    assert script.status_code == 200 and 'socket.emit(method, "articles"' in script.text
+    client = http.get("/static/socket.io.min.js")  # served locally, no CDN
+    assert client.status_code == 200 and "Socket.IO v4" in client.text
     assert http.get("/static/style.css").headers["content-type"].startswith("text/css")
     error_of(http.get("/static/secret.py"), 404, "NotFound")
 
@@ -530,8 +531,7 @@ def test_asgi_transport_prefix_and_limits(local_app: App) -> None:
             assert created.status_code == 201 and created.json() == {"title": "t", "id": 0}
             assert (await c.get("/api/notes/0")).json() == {"title": "t", "id": 0}
             error_of(await c.get("/notes/0"), 404, "NotFound")  # outside the prefix
-            page = await c.get("/")
-            assert '<meta name="api-prefix" content="/api">' in page.text
+            assert (await c.get("/")).status_code == 200  # the page talks to the socket, at the root
             error_of(await c.post("/api/notes", content=b"x" * 65), 413, "PayloadTooLarge")
             error_of(await c.post("/api/notes", content=chunks()), 413, "PayloadTooLarge")
             assert (await c.post("/api/notes", content=b'{"title": "' + b"k" * 40 + b'"}')).status_code == 201

@@ -14,7 +14,8 @@ served (or gone) at once::
     GET    /events?path=articles&event=created          Server-Sent Events of every service
     GET    /distribution/healthcheck[/{key}]            {path: bool}: 200, 404 unknown key, 503 unhealthy
     GET    /health                       200 {"status": "ok"}: the gateway itself answers (liveness)
-    GET    /                             a small live page listing articles (static/index.html)
+    GET    /                             a live page of the articles (static/index.html), over Socket.IO
+    /socket.io/                          Feathers' socket protocol (celery_services.http.sockets)
 
 Service paths may be nested (``api/v1/users``); the longest mounted path that prefixes the URL wins, and
 at most one segment may follow it: the id (percent-encoded, so ``a%2Fb`` is the id ``a/b``). Ids made of
@@ -55,7 +56,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import html
 import json
 import logging
 import re
@@ -70,7 +70,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Mount, Route
 
 from ..core.app import App
 from ..core.errors import (
@@ -86,6 +86,7 @@ from ..core.errors import (
 from ..core.service import ServiceWrapper
 from .auth import Authenticate, authenticate_request
 from .query import Coerce, parse_id, parse_query
+from .sockets import SocketTransport
 from .sse import EventHub, EventStream
 
 __all__ = ["EventHub", "asgi_app", "make_server", "serve"]
@@ -100,7 +101,11 @@ _METHODS = {"PUT": "update", "PATCH": "patch", "DELETE": "remove"}
 _VERBS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _BEARER = re.compile(r"^\s*(?:Bearer|JWT)\s+(\S+)\s*$", re.IGNORECASE)
 _PREFIX = re.compile(r"^(/[A-Za-z0-9_.~-]+)*$")
-_ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+_ASSETS = {
+    "app.js": "text/javascript; charset=utf-8",
+    "socket.io.min.js": "text/javascript; charset=utf-8",  # socket.io-client 4.8 (MIT), served locally
+    "style.css": "text/css; charset=utf-8",
+}
 
 
 def _json_response(body: Any, status: int = 200) -> Response:
@@ -340,9 +345,9 @@ class _Gateway:
             return _error_response(exc, request)
 
     async def page(self, request: Request) -> Response:
-        base = str(request.scope.get("root_path", "")) + self.prefix
-        text = _asset("index.html").replace("__API_PREFIX__", html.escape(base, quote=True))
-        return Response(text, media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"})
+        return Response(
+            _asset("index.html"), media_type="text/html; charset=utf-8", headers={"Cache-Control": "no-cache"}
+        )
 
     async def asset(self, request: Request) -> Response:
         name = str(request.path_params["name"])
@@ -381,6 +386,7 @@ def asgi_app(
     queue_size: int = 256,
     page: bool = True,
     authenticate: Authenticate | None = None,
+    sockets: bool = True,
 ) -> Starlette:
     """A Starlette application serving every service mounted on ``app`` over REST, and their events.
 
@@ -398,8 +404,9 @@ def asgi_app(
         page: serve the example page at ``/`` (and its files at ``/static/``).
         authenticate: the step turning each REST call and ``/events`` request into a user, or refusing it
             (:mod:`celery_services.http.auth`: :class:`~.auth.JWTAuthentication` or your own callable);
-            its user is ``params["user"]``, and events go only to clients with a user unless a publish
-            filter says otherwise. ``None``: every client is anonymous.
+            its user is ``params["user"]``, and events go only to clients with a user (and among them to
+            those the publish filters accept). ``None``: every client is anonymous.
+        sockets: serve Feathers' socket protocol at ``/socket.io/`` (:mod:`celery_services.http.sockets`).
 
     Returns:
         The application; ``.state.hub`` is its :class:`EventHub`, ``.state.executor`` the thread pool
@@ -414,7 +421,7 @@ def asgi_app(
     base = _normalize_prefix(prefix)
     hub = EventHub(app, queue_size=queue_size, requires_user=authenticate is not None)
     gateway = _Gateway(app, base, max_body_bytes, coerce, threads, hub, heartbeat, authenticate)
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/health", _alive, methods=["GET"]),
         Route(f"{base}/events", gateway.events, methods=["GET"]),
         Route(f"{base}/distribution/healthcheck", gateway.healthcheck, methods=["GET"]),
@@ -425,6 +432,16 @@ def asgi_app(
             Route("/", gateway.page, methods=["GET"]),
             Route("/static/{name}", gateway.asset, methods=["GET"]),
         ]
+    if sockets:
+        transport = SocketTransport(
+            app,
+            hub,
+            gateway.in_thread,
+            authenticate=authenticate,
+            max_bytes=max_body_bytes,
+            queue_size=queue_size,
+        )
+        routes.append(Mount("/socket.io", app=transport.asgi()))
     routes.append(Route(f"{base}/{{path:path}}", gateway.service, methods=_VERBS))
     starlette = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
     starlette.state.hub = hub

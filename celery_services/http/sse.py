@@ -6,15 +6,16 @@ never holds back the services or the other clients. The hub listens to the servi
 are connected.
 
 Each client carries its user (``None`` when anonymous), and each event goes only to the clients the
-service's publish filter accepts (:meth:`~.ServiceWrapper.publish`, else :meth:`~.App.publish`); without a
-filter, to every client, or only to those with a user when the hub ``requires_user`` (an authenticated
-gateway).
+service's publish filter accepts (:meth:`~.ServiceWrapper.publish`, else :meth:`~.App.publish`; without a
+filter, every client), and never to a client without a user when the hub ``requires_user`` (an
+authenticated gateway).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import threading
@@ -28,12 +29,12 @@ from starlette.types import Receive, Scope, Send
 from ..core.app import App
 from ..core.service import ServiceWrapper
 
-__all__ = ["EventHub", "EventStream"]
+__all__ = ["EventHub", "EventStream", "HubClient"]
 
 log = logging.getLogger("celery_services.http")
 
 
-class _Client:
+class HubClient:
     """One ``/events`` connection: its filters and bounded queue, living on the server's event loop."""
 
     def __init__(
@@ -56,6 +57,12 @@ class _Client:
 
     def wants(self, path: str, event: str) -> bool:
         return (not self.paths or path in self.paths) and (not self.events or event in self.events)
+
+    def offer_event(self, path: str, event: str, data: Any, message: Callable[[], bytes | None]) -> None:
+        """Hand one event to the client (any thread); ``message()`` is its SSE form, built once per event."""
+        encoded = message()
+        if encoded is not None:
+            self.offer(encoded)
 
     def offer(self, message: bytes | None) -> None:
         """Hand ``message`` to the client's loop (any thread); ``None`` ends the stream."""
@@ -99,7 +106,7 @@ class EventHub:
         self.queue_size = queue_size
         self.requires_user = requires_user
         self.dropped = 0
-        self._clients: set[_Client] = set()
+        self._clients: set[HubClient] = set()
         self._attached: dict[ServiceWrapper, list[tuple[str, Callable[..., None]]]] = {}
         self._lock = threading.RLock()
         # Bound once: ``off`` removes a listener by identity, and each attribute access binds anew.
@@ -123,17 +130,22 @@ class EventHub:
         paths: Iterable[str] = (),
         events: Iterable[str] = (),
         user: Any = None,
-    ) -> _Client:
+    ) -> HubClient:
         """Register a client of ``user`` on ``loop`` (filters: empty means everything)."""
-        client = _Client(self, loop, frozenset(paths), frozenset(events), self.queue_size, user)
+        client = HubClient(self, loop, frozenset(paths), frozenset(events), self.queue_size, user)
+        self.attach(client)
+        return client
+
+    def attach(self, client: HubClient) -> None:
+        """Register a client of another transport (a subclass of the SSE client overriding
+        ``offer_event``): it hears what an ``/events`` client of its user would."""
         with self._lock:
             first = not self._clients
             self._clients.add(client)
             if first:
                 self._listen()
-        return client
 
-    def disconnect(self, client: _Client) -> None:
+    def disconnect(self, client: HubClient) -> None:
         """Forget ``client``; the last one leaving removes the hub's listeners."""
         with self._lock:
             self._clients.discard(client)
@@ -195,10 +207,10 @@ class EventHub:
 
     def receives(self, wrapper: ServiceWrapper, event: str, data: Any, context: Any, user: Any) -> bool:
         """Whether a client of ``user`` gets ``event``: the publish filter's answer, else the default."""
+        if user is None and self.requires_user:
+            return False  # an authenticated gateway's anonymous socket (one that has not logged in yet)
         decided = wrapper.published_to(event, data, context, user)
-        if decided is None:
-            return user is not None or not self.requires_user
-        return decided
+        return True if decided is None else decided
 
     def publish(self, wrapper: ServiceWrapper, event: str, data: Any, context: Any = None) -> None:
         """Offer ``event`` of ``wrapper`` to the clients that want it and may see it (any thread)."""
@@ -208,16 +220,20 @@ class EventHub:
         clients = [c for c in candidates if self.receives(wrapper, event, data, context, c.user)]
         if not clients:
             return
-        try:
-            payload = json.dumps(
-                {"path": path, "event": event, "data": data}, ensure_ascii=False, default=str
-            )
-        except (TypeError, ValueError):
-            log.warning("event %s of %s is not JSON serializable: not streamed", event, path)
-            return
-        message = f"event: {event}\ndata: {payload}\n\n".encode()
+
+        @functools.cache
+        def message() -> bytes | None:
+            try:
+                payload = json.dumps(
+                    {"path": path, "event": event, "data": data}, ensure_ascii=False, default=str
+                )
+            except (TypeError, ValueError):
+                log.warning("event %s of %s is not JSON serializable: not streamed", event, path)
+                return None
+            return f"event: {event}\ndata: {payload}\n\n".encode()
+
         for client in clients:
-            client.offer(message)
+            client.offer_event(path, event, data, message)
 
 
 class EventStream(StreamingResponse):
@@ -241,7 +257,7 @@ class EventStream(StreamingResponse):
         self.events = events
         self.heartbeat = heartbeat
         self.user = user
-        self.client: _Client | None = None
+        self.client: HubClient | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.client = self.hub.connect(asyncio.get_running_loop(), self.paths, self.events, self.user)

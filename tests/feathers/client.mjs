@@ -49,7 +49,13 @@ function client(transport, token) {
     const headers = token ? { Authorization: `Bearer ${token}` } : {}
     app.configure(rest(options.url).fetch(fetch, { headers }))
   }
-  app.configure(authentication({ storage: new Map() }))
+  const store = new Map()
+  const storage = {
+    getItem: (key) => store.get(key),
+    setItem: (key, value) => store.set(key, value),
+    removeItem: (key) => store.delete(key)
+  }
+  app.configure(authentication({ storage }))
   const close = () => socket && socket.close()
   return { app, close }
 }

@@ -1,9 +1,8 @@
-// The articles page: lists GET {prefix}/articles and follows {prefix}/events live. Plain JS, no build step.
+// The articles page, a Feathers socket client without Feathers: lists and creates the articles and follows
+// their events over the gateway's Socket.IO transport (static/socket.io.min.js). Plain JS, no build step.
 (() => {
   "use strict";
 
-  const meta = document.querySelector('meta[name="api-prefix"]');
-  const prefix = meta && meta.content !== "__API_PREFIX__" ? meta.content : "";
   const list = document.getElementById("articles");
   const empty = document.getElementById("empty");
   const status = document.getElementById("status");
@@ -60,12 +59,19 @@
     render();
   }
 
+  const socket = io({ transports: ["websocket", "polling"] });
+
+  // Feathers' socket protocol: emit(method, path, ...args, callback(error, result)).
+  function call(method, ...args) {
+    return new Promise((resolve, reject) => {
+      socket.emit(method, "articles", ...args, (error, result) => (error ? reject(error) : resolve(result)));
+    });
+  }
+
   async function load() {
     pending = [];
     try {
-      const response = await fetch(`${prefix}/articles`, { headers: { Accept: "application/json" } });
-      const body = await response.json();
-      if (!response.ok) throw new Error(body.message || response.statusText);
+      const body = await call("find", {});
       const items = Array.isArray(body) ? body : body.data || [];
       articles.clear();
       items.forEach((article) => articles.set(String(article.id), article));
@@ -81,28 +87,23 @@
   }
 
   function follow() {
-    const source = new EventSource(`${prefix}/events?path=articles`);
-    source.addEventListener("open", async () => {
-      // Loaded once the stream is open, so no change falls between the list and the live updates.
+    socket.on("connect", async () => {
+      // Loaded once connected (and again after a reconnection), so no change falls between the list and
+      // the live updates.
       if (await load()) say(`Live: ${articles.size} article(s)`);
     });
     const verbs = { created: "created", updated: "updated", patched: "updated", article_published: "published" };
     for (const [event, verb] of Object.entries(verbs)) {
-      source.addEventListener(event, (message) => {
-        const { data } = JSON.parse(message.data);
+      socket.on(`articles ${event}`, (data) => {
         change(data);
         say(`Live: article #${data.id} ${verb}`);
       });
     }
-    source.addEventListener("removed", (message) => {
-      const { data } = JSON.parse(message.data);
+    socket.on("articles removed", (data) => {
       change(data, true);
       say(`Live: article #${data.id} removed`);
     });
-    source.addEventListener("dropped", async () => {
-      if (await load()) say("Live: caught up after missing updates");
-    });
-    source.addEventListener("error", () => say("Live updates interrupted: reconnecting…", true));
+    socket.on("disconnect", () => say("Live updates interrupted: reconnecting…", true));
   }
 
   form.addEventListener("submit", async (event) => {
@@ -110,13 +111,7 @@
     const value = title.value.trim();
     if (!value) return;
     try {
-      const response = await fetch(`${prefix}/articles`, {
-        method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "application/json" },
-        body: JSON.stringify({ title: value }),
-      });
-      const body = await response.json();
-      if (!response.ok) throw new Error(body.message || response.statusText);
+      const body = await call("create", { title: value }, {});
       change(body);
       title.value = "";
       say(`Article #${body.id} created`);

@@ -1,0 +1,224 @@
+"""The official Feathers clients, unchanged, against the gateway: REST and Socket.IO, a remote ``articles``
+on a real provider worker, JWT authentication, typed errors, events and per-user delivery.
+
+The clients are the npm packages pinned in ``tests/feathers/package.json`` (installed by ``.ci/run`` with
+``npm ci``), driven by ``tests/feathers/client.mjs``, which prints one JSON line per step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+
+from celery_services import App, DistributionSettings, distribute, finalize
+from celery_services.http import make_server
+from celery_services.http.auth import JWTAuthentication, JWTSettings
+from celery_services.testing import wait_for
+from workers.services import guard
+
+from .support import ROOT, Provider, cleanup, fresh_prefix, registered_provider
+
+CLIENTS = ROOT / "tests" / "feathers"
+NODE = shutil.which("node")
+pytestmark = [
+    pytest.mark.timeout(90),
+    pytest.mark.skipif(
+        NODE is None or not (CLIENTS / "node_modules" / "@feathersjs" / "feathers").is_dir(),
+        reason="node or the Feathers clients are missing (.ci/run: npm ci --prefix tests/feathers)",
+    ),
+]
+SECRET = "a-feathers-test-secret-of-32-chars-or-more"
+METHODS = ["find", "get", "create", "update", "patch", "remove", "publish_article"]
+EVENTS = ["created", "updated", "patched", "removed", "article_published"]
+
+
+def token(sub: str, role: str = "editor") -> str:
+    return jwt.encode({"sub": sub, "role": role, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+
+
+def run_client(scenario: str, **options: Any) -> dict[str, Any]:
+    """Run a scenario to its end: step name → its line (``ok`` or ``error``)."""
+    done = subprocess.run(
+        [str(NODE), "client.mjs", scenario, json.dumps(options)],
+        cwd=CLIENTS,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return {line["step"]: line for line in map(json.loads, done.stdout.splitlines())}
+
+
+class Listener:
+    """``client.mjs listen`` in the background: the events one socket client receives."""
+
+    def __init__(self, url: str, user_token: str | None, count: int) -> None:
+        options = {"url": url, "token": user_token, "count": count, "timeout": 20000}
+        self.process = subprocess.Popen(
+            [str(NODE), "client.mjs", "listen", json.dumps(options)],
+            cwd=CLIENTS,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[dict[str, Any]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        wait_for(
+            lambda: self.step("ready") or self.process.poll() is not None, timeout=30, what="listener ready"
+        )
+        assert self.step("ready"), self.lines
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(json.loads(line))
+
+    def step(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in list(self.lines) if line["step"] == name]
+
+    def events(self) -> list[tuple[str, Any]]:
+        return [(line["event"], line["data"]) for line in self.step("event")]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+        self._reader.join(10)
+
+
+@pytest.fixture(scope="module")
+def prefix(redis_url: str) -> Iterator[str]:
+    yield from fresh_prefix(redis_url, "feathers")
+
+
+@pytest.fixture(scope="module")
+def provider(redis_url: str, prefix: str) -> Iterator[Provider]:
+    prov = registered_provider(redis_url, prefix, "feathers-prov")
+    with prov.worker():
+        yield prov
+    cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.fixture(scope="module")
+def url(redis_url: str, prefix: str, provider: Provider) -> Iterator[str]:
+    api = App()
+    distribution = distribute(
+        api,
+        DistributionSettings(
+            key=f"feathers-gw-{os.urandom(3).hex()}",
+            broker_url=redis_url,
+            registry_prefix=prefix,
+            heartbeat_interval=0.5,
+            timeout=8,
+            services=[],
+            remote_services=[provider.key],
+            distributed_methods=METHODS,
+            distributed_events=EVENTS,
+        ),
+    )
+    guard(distribution.wait_for("articles", timeout=10))  # roles, owners, events to their owner only
+    server = make_server(
+        api, port=0, log_level="warning", authenticate=JWTAuthentication(JWTSettings(secret=SECRET))
+    )
+    thread = threading.Thread(target=server.run, name="uvicorn-feathers", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, timeout=10, what="uvicorn started")
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        finalize(api)
+
+
+@pytest.mark.parametrize("transport", ["rest", "socketio"])
+def test_every_method_query_operators_custom_method_and_typed_errors(url: str, transport: str) -> None:
+    tag = uuid.uuid4().hex[:8]
+    steps = run_client("methods", url=url, transport=transport, token=token("ada"), tag=tag)
+    ok = {name: line.get("ok") for name, line in steps.items() if "ok" in line}
+    if transport == "socketio":
+        assert ok["authenticate"]["user"]["sub"] == "ada"
+    created = ok["create"]
+    assert (created["title"], created["owner"]) == (f"{tag}-1", "ada")  # the user reached the hooks
+    assert ok["get"] == created
+    assert ok["find"] == [created]  # $limit
+    assert {item["title"] for item in ok["find-in"]} == {f"{tag}-1", f"{tag}-2"}  # $in
+    assert ok["patch"]["draft"] is True
+    assert ok["update"]["title"] == f"{tag}-1b"
+    assert ok["publish_article"]["published"] is True
+    assert ok["remove"]["id"] == created["id"]
+    # Typed errors, rebuilt by the client: its class, name, code, className and data.
+    not_found = steps["not-found"]["error"]
+    assert (not_found["class"], not_found["code"], not_found["className"]) == ("NotFound", 404, "not-found")
+    assert steps["bad-request"]["error"]["class"] == "BadRequest"
+    unknown = steps["unknown-service"]["error"]
+    assert unknown["class"] == "NotFound" and unknown["data"]["path"].startswith("nothing-here")
+
+
+def test_authentication_accepted_and_refused(url: str) -> None:
+    accepted = run_client("auth", url=url, token=token("bob", role="reader"))["authenticate"]["ok"]
+    assert accepted["user"]["sub"] == "bob" and accepted["authentication"]["strategy"] == "jwt"
+    forged = jwt.encode(
+        {"sub": "eve", "exp": int(time.time()) + 60}, "another-secret-of-32-chars-or-more!!", "HS256"
+    )
+    refused = run_client("auth", url=url, token=forged)["authenticate"]["error"]
+    assert (refused["class"], refused["code"]) == ("NotAuthenticated", 401)
+    # A socket that did not authenticate may not call; REST without a token neither.
+    anonymous = run_client("methods", url=url, transport="socketio", tag="anon")
+    assert anonymous["create"]["error"]["class"] == "NotAuthenticated"
+    assert run_client("methods", url=url, transport="rest", tag="anon")["get"]["error"]["code"] == 401
+    # A reader is refused by the permission hook of the remote proxy, over the socket too.
+    reader = run_client("methods", url=url, transport="socketio", token=token("rita", role="reader"), tag="r")
+    assert reader["create"]["error"]["class"] == "Forbidden"
+
+
+def test_events_of_a_remote_service_reach_each_user_for_its_own_articles(url: str) -> None:
+    alice, bob = token("alice"), token("bob")
+    listeners = [Listener(url, alice, count=2), Listener(url, bob, count=2), Listener(url, None, count=1)]
+    # A client that stops reading (its process frozen, as a dead or stalled browser): it holds back no one.
+    frozen = Listener(url, alice, count=2)
+    frozen.process.send_signal(signal.SIGSTOP)
+    listeners.append(frozen)
+    try:
+        for user_token, title in ((alice, "of alice"), (bob, "of bob")):
+            headers = {"Authorization": f"Bearer {user_token}"}
+            created = httpx.post(f"{url}/articles", json={"title": title}, headers=headers, timeout=10).json()
+            published = httpx.post(
+                f"{url}/articles",
+                json={"id": created["id"]},
+                headers={**headers, "X-Service-Method": "publish_article"},
+                timeout=10,
+            )
+            assert published.status_code == 200, published.text
+        wait_for(lambda: len(listeners[0].events()) >= 2 and len(listeners[1].events()) >= 2, timeout=20)
+        for listener, owner in zip(listeners[:2], ("alice", "bob"), strict=True):
+            events = listener.events()
+            assert [name for name, _ in events] == ["created", "article_published"], events
+            assert {data["owner"] for _, data in events} == {owner}
+        # Each stream's own events came after the other user's were published: none of those was sent to it,
+        # and the anonymous socket of an authenticated gateway hears nothing.
+        assert listeners[2].events() == []
+    finally:
+        frozen.process.send_signal(signal.SIGCONT)
+        for listener in listeners:
+            listener.close()
+
+
+def test_readme_shows_a_feathers_client() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "@feathersjs/socketio-client" in readme and "app.authenticate" in readme
+    assert Path(CLIENTS / "package-lock.json").is_file()
