@@ -287,10 +287,12 @@ class Transport:
             try:
                 connection.send_command("BLPOP", key, max(remaining, 0.001))
                 reply = connection.read_response(timeout=remaining + _READ_MARGIN)
-            except (redis.ConnectionError, OSError):
+            except (redis.ConnectionError, OSError, ValueError) as exc:
+                # ValueError ("I/O operation on closed file"): another thread dropped this connection while it
+                # was read, as a pool does when Sentinel names a new master (redis_clients.py).
                 connection.disconnect()
                 if attempt == 2:
-                    raise
+                    raise redis.ConnectionError(f"reply connection lost: {exc}") from exc
                 continue
             except BaseException:
                 connection.disconnect()  # a read cut short leaves a reply in flight on this connection
