@@ -222,3 +222,10 @@ def test_readme_shows_a_feathers_client() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "@feathersjs/socketio-client" in readme and "app.authenticate" in readme
     assert Path(CLIENTS / "package-lock.json").is_file()
+
+
+def test_sockets_of_other_origins_are_refused(url: str) -> None:
+    # A page of another site must not open a socket on the user's behalf (cross-site WebSocket hijacking).
+    handshake = f"{url}/socket.io/?EIO=4&transport=polling"
+    assert httpx.get(handshake, headers={"Origin": url}, timeout=5).status_code == 200
+    assert httpx.get(handshake, headers={"Origin": "http://evil.example"}, timeout=5).status_code == 400

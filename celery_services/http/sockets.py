@@ -112,7 +112,7 @@ class SocketTransport:
         self.queue_size = queue_size
         self.server = socketio.AsyncServer(
             async_mode="asgi",
-            cors_allowed_origins=[],  # same origin only, as the REST routes
+            cors_allowed_origins=None,  # a browser page of the gateway's own origin only ([] would allow any)
             max_http_buffer_size=max_bytes,
             ping_interval=10,
             ping_timeout=10,
