@@ -3,6 +3,8 @@
 The whole chain is real: the page is served by uvicorn from a consumer app whose ``articles`` is a proxy of
 a provider worker process; what the test creates through the gateway is created on the provider, whose
 event comes back through the event bus to the proxy, then to the page over the gateway's Socket.IO transport.
+The gateway authenticates its clients with JWTs, as the example deployment does: the page gets its token from
+its URL's fragment (``/#access_token=...``), which never reaches the server.
 """
 
 from __future__ import annotations
@@ -10,15 +12,17 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 
 from celery_services import App, DistributionSettings, distribute, finalize
-from celery_services.http import make_server
+from celery_services.http import JWTAuthentication, JWTSettings, make_server
 from celery_services.testing import wait_for
 
 from .support import ROOT, cleanup, purge_prefix, registered_provider
@@ -37,6 +41,7 @@ FLAGS = (
     "--window-size=1000,800",
 )
 ARTIFACT = ROOT / "artifacts" / "browser.png"
+SECRET = "the-browser-test-gateway-secret-32+"
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -81,7 +86,8 @@ def gateway(redis_url: str) -> Iterator[tuple[App, str]]:
             ),
         )
         distribution.wait_for("articles", timeout=10)
-        server = make_server(api, port=0, log_level="warning")
+        authenticate = JWTAuthentication(JWTSettings(secret=SECRET))
+        server = make_server(api, port=0, log_level="warning", authenticate=authenticate)
         thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
         thread.start()
         wait_for(lambda: server is not None and server.started, timeout=10, what="uvicorn started")
@@ -134,7 +140,8 @@ def test_page_lists_articles_and_follows_the_provider_live(gateway: tuple[App, s
     first = articles.create({"title": "First from the provider"})
     second = articles.create({"title": "Second from the provider"})
 
-    browser.get(f"{url}/")
+    token = jwt.encode({"sub": "page", "role": "editor", "exp": int(time.time() + 300)}, SECRET)
+    browser.get(f"{url}/#access_token={token}")
     assert browser.find_element(By.TAG_NAME, "h1").text == "Articles"
     status = browser.find_element(By.ID, "status")
     assert status.get_attribute("role") == "status" and status.get_attribute("aria-live") == "polite"
@@ -142,8 +149,10 @@ def test_page_lists_articles_and_follows_the_provider_live(gateway: tuple[App, s
     listed = shown(browser)
     assert listed[str(first["id"])] == f"#{first['id']} | First from the provider"
     until(browser, lambda d: d.find_element(By.ID, "status").text.startswith("Live:"), "live status")
+    assert token not in browser.current_url  # taken out of the address bar (and its history)
 
-    with httpx.Client(base_url=url, timeout=10) as http:
+    headers = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=url, timeout=10, headers=headers) as http:
         # Created through the page's backend (the gateway), on the provider: the page learns it by event.
         live = http.post("/articles", json={"title": "Live from the provider"}).json()
         until(browser, lambda d: str(live["id"]) in shown(d), "the created article")

@@ -3,6 +3,8 @@ events to their owners only. A real provider worker, a consumer app, real uvicor
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
 import time
@@ -16,9 +18,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from starlette.requests import HTTPConnection
 
-from celery_services import App, DistributionSettings, NotAuthenticated, distribute, finalize
+from celery_services import App, DistributionSettings, MemoryService, NotAuthenticated, distribute, finalize
 from celery_services.http import make_server
-from celery_services.http.auth import Authenticate, JWTAuthentication, JWTSettings
+from celery_services.http.auth import Authenticate, JWTAuthentication, JWTSettings, warn_if_anonymous
 from celery_services.testing import wait_for
 from workers.services import guard
 
@@ -86,23 +88,25 @@ def api(redis_url: str, registry_prefix: str, provider: Provider) -> Iterator[Ap
         finalize(app)
 
 
+@contextlib.contextmanager
+def served(app: App, authenticate: Authenticate | None) -> Iterator[str]:
+    """``app`` served by uvicorn on a free port of loopback; yields its base URL."""
+    server = make_server(app, port=0, log_level="warning", heartbeat=0.2, authenticate=authenticate)
+    thread = threading.Thread(target=server.run, name="uvicorn-auth", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, timeout=10, what="uvicorn started")
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 @pytest.fixture(scope="module")
 def serve(api: App) -> Iterator[Callable[[Authenticate], str]]:
     """Serve ``api`` with an authenticate step; returns the base URL (servers stop at the module's end)."""
-    servers: list[tuple[Any, threading.Thread]] = []
-
-    def start(authenticate: Authenticate) -> str:
-        server = make_server(api, port=0, log_level="warning", heartbeat=0.2, authenticate=authenticate)
-        thread = threading.Thread(target=server.run, name="uvicorn-auth", daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        wait_for(lambda: server.started, timeout=10, what="uvicorn started")
-        return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
+    with contextlib.ExitStack() as stack:
+        yield lambda authenticate: stack.enter_context(served(api, authenticate))
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +135,12 @@ def test_rest_and_events_refuse_missing_forged_expired_and_foreign_tokens(hs256:
     unsigned = jwt.encode({"sub": "ada", "exp": int(time.time() + 60)}, None, algorithm="none")
     refused(httpx.get(f"{hs256}/articles", headers=bearer(unsigned)), "Invalid token")
     refused(httpx.get(f"{hs256}/events", params={"access_token": forged}), "Invalid token")
+    # ?access_token= is read on /events only (EventSource cannot send headers), never on a REST call.
+    valid = token("ada")
+    refused(
+        httpx.get(f"{hs256}/articles/events", params={"access_token": valid}),
+        "Not authenticated: send Authorization: Bearer <token>",
+    )
     # The healthcheck stays public.
     assert httpx.get(f"{hs256}/distribution/healthcheck").status_code == 200
 
@@ -222,3 +232,66 @@ def test_jwt_settings_refuse_what_would_be_unsafe() -> None:
     with pytest.raises(ValueError, match="need a secret"):
         JWTSettings()
     assert SECRET not in repr(JWTSettings(secret=SECRET))
+
+
+def test_publish_filters_per_service_and_app_wide_and_a_failing_one_drops_only_its_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = App()
+    notes = app.use("notes", MemoryService())
+    app.use("memos", MemoryService())
+    # App-wide: a memo addressed to someone goes to that user only.
+    app.publish(lambda event, data, context, user: data.get("to") in (None, user["sub"]))
+
+    def alice_only(event: str, data: Any, context: Any, user: Any) -> bool:
+        if user["sub"] == "bob":
+            raise RuntimeError("this filter breaks on bob")
+        return True
+
+    notes.publish(alice_only)  # a service's own filter overrides the app's
+    alice, bob = token("alice"), token("bob")
+    with served(app, JWTAuthentication(JWTSettings(secret=SECRET))) as url:
+        readers = {who: SSEReader(url, f"access_token={t}") for who, t in (("alice", alice), ("bob", bob))}
+        try:
+            with caplog.at_level(logging.WARNING, logger="celery_services.service"):
+                # The emitter is never broken by a filter: the call succeeds.
+                assert (
+                    httpx.post(f"{url}/notes", json={"text": "n1"}, headers=bearer(alice)).status_code == 201
+                )
+            assert "publish filter of 'notes' failed on 'created'" in caplog.text
+            for body in ({"to": "bob"}, {"text": "for all"}):
+                assert httpx.post(f"{url}/memos", json=body, headers=bearer(alice)).status_code == 201
+            # Each stream's events come in the order of the calls: its last one says nothing came between.
+            got = {who: reader.wait("created", 2) for who, reader in readers.items()}
+            assert [(e["path"], e["data"].get("text")) for e in got["alice"]] == [
+                ("notes", "n1"),
+                ("memos", "for all"),
+            ]
+            assert [(e["path"], e["data"].get("to")) for e in got["bob"]] == [
+                ("memos", "bob"),
+                ("memos", None),
+            ]
+        finally:
+            for reader in readers.values():
+                reader.close()
+    finalize(app)
+
+
+def test_an_anonymous_gateway_off_loopback_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    jwt_auth = JWTAuthentication(JWTSettings(secret=SECRET))
+    with caplog.at_level(logging.WARNING, logger="celery_services.http"):
+        assert not any(
+            warn_if_anonymous(host, None) for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost")
+        )
+        assert not warn_if_anonymous("0.0.0.0", jwt_auth)
+        assert caplog.records == []
+        assert all(
+            warn_if_anonymous(host, None) for host in ("0.0.0.0", "::", "192.0.2.7", "gateway.example")
+        )
+        caplog.clear()
+        server = make_server(App(), host="0.0.0.0", port=0)  # built, never run: the warning comes first
+        server.config.app.state.executor.shutdown()
+    assert [r.getMessage() for r in caplog.records] == [
+        "the HTTP gateway listens on '0.0.0.0' without authentication: every client is anonymous and hears "
+        "every event (asgi_app(authenticate=JWTAuthentication()), or serve --auth jwt)"
+    ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import signal
 import socket
 import sys
@@ -15,8 +14,6 @@ from ..distribution import finalize, logs, make_celery
 from .app import EXIT_SERVER_ERROR, Options, _exit_on_sigterm, _failures, app, load_target
 
 __all__ = []
-
-log = logging.getLogger("celery_services.cli")
 
 
 #: Options passed through to ``celery worker`` / ``celery flower`` untouched.
@@ -89,8 +86,6 @@ def serve(
             authenticate = JWTAuthentication()
         except (ValueError, OSError) as exc:
             raise typer.BadParameter(str(exc), param_hint="CELERY_SERVICES_JWT_*") from None
-    elif host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving %s without authentication: every client is anonymous (--auth jwt)", host)
     with _failures():
         api = load_target(target).app
     # uvicorn shuts down on SIGTERM, then raises it again: exit through Python so the app is finalized

@@ -1,11 +1,24 @@
 """The HTTP gateway: every service of an app, local or remote, over REST and Server-Sent Events.
 
 - :mod:`.gateway`: the Starlette app (REST routes with Feathers' conventions, healthcheck, live page);
+- :mod:`.auth`: who is calling (the authenticate step, :class:`JWTAuthentication` and its settings);
 - :mod:`.query`: the query-string parser (``$limit``, ``$in``, ``$or[0][id]`` …);
-- :mod:`.sse`: the hub fanning service events out to ``/events`` clients;
+- :mod:`.sse`: the hub fanning service events out to ``/events`` clients, through the publish filters;
+- :mod:`.sockets`: Feathers' socket protocol over Socket.IO;
 - ``static/``: the live page.
 """
 
+from .auth import Authenticate, JWTAuthentication, JWTSettings
 from .gateway import EventHub, asgi_app, make_server, serve
 
-__all__ = ["EventHub", "asgi_app", "make_server", "serve"]
+__all__ = [
+    # serving
+    "asgi_app",
+    "make_server",
+    "serve",
+    "EventHub",
+    # authentication
+    "Authenticate",
+    "JWTAuthentication",
+    "JWTSettings",
+]

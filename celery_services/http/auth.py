@@ -7,16 +7,25 @@ the services' hooks as ``params["user"]``, with ``params["provider"] == "rest"``
 on a remote proxy exactly as on a local service (a proxy's hooks run in the gateway, before the call
 travels).
 
-:class:`JWTAuthentication` is the ready one: ``Authorization: Bearer <token>`` (and, for ``/events``, whose
-browser client ``EventSource`` cannot set headers, an ``access_token`` query parameter; such a URL lands in
-access logs, so keep those private or the tokens short-lived), checked with PyJWT: HS256 with a shared
-secret, or RS256 / ES256 with a public key, from :class:`JWTSettings` (``CELERY_SERVICES_JWT_*``). The user
-is the token's claims.
+:class:`JWTAuthentication` is the ready one, checking tokens with PyJWT: HS256 with a shared secret, or
+RS256 / ES256 with a public key, from :class:`JWTSettings` (``CELERY_SERVICES_JWT_*``); tokens must carry
+``exp``, and the user is their claims. The token comes from ``Authorization: Bearer <token>``; on
+``/events`` also from an ``access_token`` query parameter, since the browser's ``EventSource`` cannot set
+headers. Such a URL lands in access logs and proxies' logs: keep those private and the tokens short-lived.
+(A cookie would stay out of URLs, but a browser sends it with other sites' requests too, which calls for
+CSRF defences; a bearer token is only ever sent on purpose.) The query parameter is read only where the
+gateway allows it: it marks its ``/events`` requests with :data:`TOKEN_IN_QUERY`, so
+``GET /articles/events?access_token=...`` (a REST ``get``) is not let in by it.
+
+Without an authenticate step the gateway is anonymous, as a development gateway on loopback may be;
+:func:`warn_if_anonymous` says so at start when it listens on any other interface.
 """
 
 from __future__ import annotations
 
 import inspect
+import ipaddress
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -27,10 +36,24 @@ from starlette.requests import HTTPConnection
 
 from ..core.errors import NotAuthenticated
 
-__all__ = ["Authenticate", "JWTAuthentication", "JWTSettings", "authenticate_request", "bearer_token"]
+__all__ = [
+    "TOKEN_IN_QUERY",
+    "Authenticate",
+    "JWTAuthentication",
+    "JWTSettings",
+    "authenticate_request",
+    "bearer_token",
+    "warn_if_anonymous",
+]
+
+log = logging.getLogger("celery_services.http")
 
 #: ``(request) -> user | None``, sync or async; raise :class:`NotAuthenticated` to refuse.
 Authenticate = Callable[[HTTPConnection], Any | Awaitable[Any]]
+
+#: The ASGI scope key the gateway sets on the requests that may carry their token as ``?access_token=``
+#: (``/events``: ``EventSource`` cannot send headers).
+TOKEN_IN_QUERY = "celery_services.token_in_query"
 
 _ASYMMETRIC = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256")
 
@@ -79,7 +102,13 @@ class JWTSettings(BaseSettings):
 
 
 def bearer_token(connection: HTTPConnection, *, query: bool = False) -> str | None:
-    """The token of ``Authorization: Bearer <token>``, else (with ``query``) of ``?access_token=``."""
+    """The token of ``Authorization: Bearer <token>``, else (with ``query``) of ``?access_token=``.
+
+    Args:
+        connection: the request.
+        query: also read ``?access_token=``; pass ``bool(connection.scope.get(TOKEN_IN_QUERY))`` to accept
+            it only where the gateway allows it.
+    """
     header = connection.headers.get("authorization", "")
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() in ("bearer", "jwt") and token.strip():
@@ -136,7 +165,7 @@ class JWTAuthentication:
         return claims
 
     def __call__(self, connection: HTTPConnection) -> dict[str, Any] | None:
-        token = bearer_token(connection, query=connection.url.path.endswith("/events"))
+        token = bearer_token(connection, query=bool(connection.scope.get(TOKEN_IN_QUERY)))
         if token is None:
             if self.required:
                 raise NotAuthenticated("Not authenticated: send Authorization: Bearer <token>")
@@ -152,3 +181,28 @@ async def authenticate_request(authenticate: Authenticate | None, connection: HT
     if inspect.isawaitable(user):
         user = await user
     return user
+
+
+def warn_if_anonymous(host: str, authenticate: Authenticate | None) -> bool:
+    """Log a warning when a gateway without ``authenticate`` listens on ``host`` other than loopback.
+
+    Returns:
+        Whether it warned (a host name other than ``localhost`` counts as reachable from elsewhere).
+    """
+    if authenticate is not None or _loopback(host):
+        return False
+    log.warning(
+        "the HTTP gateway listens on %r without authentication: every client is anonymous and hears every "
+        "event (asgi_app(authenticate=JWTAuthentication()), or serve --auth jwt)",
+        host,
+    )
+    return True
+
+
+def _loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -84,7 +84,7 @@ from ..core.errors import (
     Unavailable,
 )
 from ..core.service import ServiceWrapper
-from .auth import Authenticate, authenticate_request
+from .auth import TOKEN_IN_QUERY, Authenticate, authenticate_request, warn_if_anonymous
 from .query import Coerce, parse_id, parse_query
 from .sockets import SocketTransport
 from .sse import EventHub, EventStream
@@ -318,6 +318,7 @@ class _Gateway:
             values = request.query_params.getlist(name)
             return frozenset(item.strip() for value in values for item in value.split(",") if item.strip())
 
+        request.scope[TOKEN_IN_QUERY] = True  # EventSource cannot send headers: ?access_token= is read here
         try:
             user = await authenticate_request(self.authenticate, request)
         except Exception as exc:
@@ -469,8 +470,10 @@ def make_server(
 
     ``port=0`` picks a free port: read it from ``server.servers[0].sockets[0].getsockname()`` once
     ``server.started``. Open ``/events`` streams are ended on shutdown, so it never waits for them.
+    Without ``authenticate``, a warning is logged when ``host`` is not loopback.
     """
     application = asgi_app(app, **options)
+    warn_if_anonymous(host, options.get("authenticate"))
     config = uvicorn.Config(
         application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, lifespan="off"
     )

@@ -59,7 +59,24 @@
     render();
   }
 
+  // A gateway with authentication wants a JWT: open the page as /#access_token=<token>. The fragment never
+  // reaches the server nor its logs; the token is kept for this tab only, and taken out of the address bar.
+  const given = new URLSearchParams(location.hash.slice(1)).get("access_token");
+  if (given) {
+    sessionStorage.setItem("access_token", given);
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  const token = sessionStorage.getItem("access_token");
+
   const socket = io({ transports: ["websocket", "polling"] });
+
+  function authenticate() {
+    if (!token) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const data = { strategy: "jwt", accessToken: token };
+      socket.emit("create", "authentication", data, {}, (error) => (error ? reject(error) : resolve()));
+    });
+  }
 
   // Feathers' socket protocol: emit(method, path, ...args, callback(error, result)).
   function call(method, ...args) {
@@ -71,6 +88,7 @@
   async function load() {
     pending = [];
     try {
+      await authenticate();
       const body = await call("find", {});
       const items = Array.isArray(body) ? body : body.data || [];
       articles.clear();
@@ -79,7 +97,8 @@
       render();
       return true;
     } catch (error) {
-      say(`Could not load the articles: ${error.message}`, true);
+      const hint = error.code === 401 ? " (open this page as /#access_token=<your JWT>)" : "";
+      say(`Could not load the articles: ${error.message}${hint}`, true);
       return false;
     } finally {
       pending = null;
