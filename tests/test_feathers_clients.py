@@ -7,10 +7,12 @@ The clients are the npm packages pinned in ``tests/feathers/package.json`` (inst
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -23,7 +25,7 @@ import httpx
 import jwt
 import pytest
 
-from celery_services import App, DistributionSettings, distribute, finalize
+from celery_services import App, DistributionSettings, MemoryService, distribute, finalize
 from celery_services.http import make_server
 from celery_services.http.auth import JWTAuthentication, JWTSettings
 from celery_services.testing import wait_for
@@ -65,8 +67,8 @@ def run_client(scenario: str, **options: Any) -> dict[str, Any]:
 class Listener:
     """``client.mjs listen`` in the background: the events one socket client receives."""
 
-    def __init__(self, url: str, user_token: str | None, count: int) -> None:
-        options = {"url": url, "token": user_token, "count": count, "timeout": 20000}
+    def __init__(self, url: str, user_token: str | None, count: int, timeout: int = 20000) -> None:
+        options = {"url": url, "token": user_token, "count": count, "timeout": timeout}
         self.process = subprocess.Popen(
             [str(NODE), "client.mjs", "listen", json.dumps(options)],
             cwd=CLIENTS,
@@ -113,6 +115,20 @@ def provider(redis_url: str, prefix: str) -> Iterator[Provider]:
     cleanup(redis_url, redis_url, prov.key, prov.runs_key)
 
 
+@contextlib.contextmanager
+def serve_in_thread(api: App, **options: Any) -> Iterator[tuple[str, Any]]:
+    """A real gateway of ``api`` on a free port: its URL and its Starlette application."""
+    server = make_server(api, port=0, log_level="warning", **options)
+    thread = threading.Thread(target=server.run, name="uvicorn-feathers", daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: server.started, timeout=10, what="uvicorn started")
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", server.config.app
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
 @pytest.fixture(scope="module")
 def url(redis_url: str, prefix: str, provider: Provider) -> Iterator[str]:
     api = App()
@@ -131,17 +147,10 @@ def url(redis_url: str, prefix: str, provider: Provider) -> Iterator[str]:
         ),
     )
     guard(distribution.wait_for("articles", timeout=10))  # roles, owners, events to their owner only
-    server = make_server(
-        api, port=0, log_level="warning", authenticate=JWTAuthentication(JWTSettings(secret=SECRET))
-    )
-    thread = threading.Thread(target=server.run, name="uvicorn-feathers", daemon=True)
-    thread.start()
     try:
-        wait_for(lambda: server.started, timeout=10, what="uvicorn started")
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        with serve_in_thread(api, authenticate=JWTAuthentication(JWTSettings(secret=SECRET))) as (served, _):
+            yield served
     finally:
-        server.should_exit = True
-        thread.join(10)
         finalize(api)
 
 
@@ -229,3 +238,60 @@ def test_sockets_of_other_origins_are_refused(url: str) -> None:
     handshake = f"{url}/socket.io/?EIO=4&transport=polling"
     assert httpx.get(handshake, headers={"Origin": url}, timeout=5).status_code == 200
     assert httpx.get(handshake, headers={"Origin": "http://evil.example"}, timeout=5).status_code == 400
+
+
+def stalled_socket(port: int) -> socket.socket:
+    """A Socket.IO client over WebSocket that connects, then never reads (a tiny receive buffer, as a
+    stalled browser whose kernel buffers are full)."""
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", port))
+    stalled.sendall(
+        b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    stalled.settimeout(10)
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        chunk = stalled.recv(4096)
+        assert chunk, answer
+        answer += chunk
+    assert answer.startswith(b"HTTP/1.1 101"), answer
+    mask = os.urandom(4)  # a client's frames are masked: one text frame, "40" (Socket.IO connect to "/")
+    stalled.sendall(bytes([0x81, 0x80 | 2]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(b"40")))
+    return stalled
+
+
+def test_a_stalled_socket_has_its_events_dropped_not_buffered_without_bound() -> None:
+    # Socket.IO's own per-socket queue has no bound: the transport hands it an event only once it took the
+    # previous ones, so the events of a client that stops reading stay in its bounded outbox, and the
+    # overflow is dropped (counted), while the other clients get every event.
+    api = App()
+    articles = api.use("articles", MemoryService())
+    with serve_in_thread(api, queue_size=8) as (url_, application):
+        hub = application.state.hub
+        live = Listener(url_, None, count=10_000, timeout=60_000)
+        stalled = stalled_socket(int(url_.rsplit(":", 1)[1]))
+        try:
+            wait_for(lambda: hub.clients == 2, timeout=10, what="the stalled socket connected")
+            blob = "x" * 65536
+            sent = 0
+
+            def emit_one() -> None:
+                nonlocal sent
+                articles.create({"i": sent, "blob": blob})  # emitted from this thread, as a worker's
+                sent += 1
+                wait_for(lambda: len(live.events()) >= sent, timeout=10, what=f"live event {sent}")
+
+            while hub.dropped == 0 and sent < 600:
+                emit_one()
+            assert hub.dropped > 0, f"no drop after {sent} events to a socket that reads none"
+            dropped = hub.dropped
+            for _ in range(10):  # the stalled socket's outbox stays full: the live client keeps up
+                emit_one()
+            assert hub.dropped >= dropped + 10
+            assert [data["i"] for _, data in live.events()] == list(range(sent))
+        finally:
+            stalled.close()
+            live.close()

@@ -156,8 +156,22 @@ class SocketTransport:
             name, data = item
             try:
                 await self.server.emit(name, data, to=client.sid)
+                await self._taken(client.sid)
             except Exception:
                 log.debug("event %s not sent to socket %s", name, client.sid, exc_info=True)
+
+    async def _taken(self, sid: str) -> None:
+        """Wait until the socket's writer took what was emitted to it.
+
+        python-engineio queues each socket's packets without bound and ``emit`` returns once queued; its
+        writer takes more only after writing the last ones out. Waiting for it here keeps a stalled
+        client's events in its bounded outbox, where they are dropped and counted, instead of piling up
+        until its ping timeout. (A socket that closes meanwhile cancels this sender: see ``_disconnect``.)
+        """
+        eio_sid = self.server.manager.eio_sid_from_sid(sid, "/")
+        socket = self.server.eio.sockets.get(eio_sid) if eio_sid is not None else None
+        if socket is not None:
+            await socket.queue.join()
 
     # -- calls --------------------------------------------------------------------------------------------
 
