@@ -16,7 +16,7 @@ from typing import Any
 from celery import Celery
 from kombu.connection import Connection
 
-from .redis_clients import RedisOptions, is_sentinel
+from .redis_clients import RedisOptions, is_sentinel, is_tls
 from .redis_transport import reuse_sync_clients
 from .settings import DistributionSettings
 
@@ -98,16 +98,12 @@ def make_celery(settings: DistributionSettings) -> Celery:
         worker_hijack_root_logger=False,
     )
     tls = RedisOptions.of(settings).ssl_options()
-    if _scheme(settings.resolved_broker_url()) == "rediss":
+    if is_tls(settings.resolved_broker_url()):
         celery.conf.broker_use_ssl = tls
-    if _scheme(settings.resolved_result_backend()) == "rediss":
+    if is_tls(settings.resolved_result_backend()):
         celery.conf.redis_backend_use_ssl = tls
     celery.amqp.Connection = PromptReconnection
     return celery
-
-
-def _scheme(url: str) -> str:
-    return url.partition("://")[0].lower()
 
 
 def _sentinel_options(url: str, settings: DistributionSettings, setting: str) -> dict[str, Any]:

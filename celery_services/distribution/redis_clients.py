@@ -40,7 +40,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConn
 if TYPE_CHECKING:
     from .settings import DistributionSettings
 
-__all__ = ["MASTER_CHECK_INTERVAL", "RedisOptions", "is_sentinel", "redis_client", "sentinel_nodes"]
+__all__ = ["MASTER_CHECK_INTERVAL", "RedisOptions", "is_sentinel", "is_tls", "redis_client", "sentinel_nodes"]
 
 log = logging.getLogger("celery_services.redis")
 
@@ -90,6 +90,11 @@ class RedisOptions:
             if value:
                 options[name] = value
         return options
+
+
+def is_tls(url: str) -> bool:
+    """Whether ``url`` is a ``rediss://`` URL (Redis over TLS)."""
+    return url.lower().startswith("rediss://")
 
 
 def is_sentinel(url: str) -> bool:
@@ -142,7 +147,7 @@ def redis_client(
     timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
     if is_sentinel(url):
         return _master_client(url, options, timeouts, kwargs)
-    if url.lower().startswith("rediss://"):
+    if is_tls(url):
         kwargs = {**options.ssl_options(), **kwargs}
     return redis.Redis.from_url(url, **timeouts, **kwargs)
 
