@@ -25,6 +25,7 @@ from celery_services import (
     finalize,
 )
 from celery_services.distribution import Distribution
+from celery_services.distribution.caller import Call
 from celery_services.distribution.protocol import reply_key, safe_params
 from celery_services.distribution.provider import health_task_name
 from celery_services.testing import WorkerProcess, wait_for
@@ -170,19 +171,24 @@ def test_a_replayed_call_is_refused_and_does_not_answer(
     signed: tuple[Provider, WorkerProcess], trusted: Distribution, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     provider, worker = signed
-    sent: list[tuple[Any, ...]] = []
+    sent: list[Call] = []
     transport = trusted.transport
-    publish = transport._publish
+    send = transport.send
 
-    def remember(*args: Any) -> None:
-        sent.append(args)
-        publish(*args)
+    def remember(call: Call) -> Any:
+        sent.append(call)
+        return send(call)
 
-    monkeypatch.setattr(transport, "_publish", remember)
+    monkeypatch.setattr(transport, "send", remember)
     tag = os.urandom(4).hex()
     assert trusted.remote_service(provider.key, "probe", ["get"]).get(tag, {})["id"] == tag
-    name, queue, call_id, kwargs, deadline = sent[0]
-    publish(name, queue, call_id, kwargs, deadline)  # the same message, signature and all, once more
+    call = sent[0]
+    call_id = call.call_id
+    # The same call id, headers and signature once more, as an eavesdropper on the broker could send it.
+    if transport._queue_store is not None:
+        transport._queue_store.lpush(transport.queue_key(call.key), transport.encode(call))
+    else:
+        transport._publish(call)
     wait_for(
         lambda: any(call_id in line and "replayed" in line for line in worker.log().splitlines()),
         timeout=10,

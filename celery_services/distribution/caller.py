@@ -18,6 +18,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kombu.exceptions import OperationalError
@@ -33,6 +34,7 @@ from ..core.errors import (
 )
 from ..core.service import SIGNATURES, method_attribute
 from .logs import call_fields
+from .messages import encode_task
 from .protocol import (
     HEADER_CALLER,
     HEADER_DEADLINE,
@@ -52,7 +54,7 @@ if TYPE_CHECKING:
 
     from .settings import DistributionSettings
 
-__all__ = ["RemoteService", "Transport", "current_deadline"]
+__all__ = ["Call", "RemoteService", "Transport", "current_deadline"]
 
 log = logging.getLogger("celery_services.remote")
 
@@ -80,8 +82,38 @@ def reset_deadline(token: contextvars.Token[float | None]) -> None:
     _deadline.reset(token)
 
 
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One call, decided and ready to travel (:meth:`Transport.prepare`).
+
+    Attributes:
+        name: the task name, ``{key}.{path}.{method}``.
+        key: the provider's key, which is also its queue.
+        call_id: the call's id (Celery's task id).
+        kwargs: the envelope: ``id``, ``data`` and the params that travel.
+        deadline: epoch seconds after which nobody waits for the reply.
+        headers: the call's message headers (caller, deadline, reply, signature).
+        fields: its log fields.
+    """
+
+    name: str
+    key: str
+    call_id: str
+    kwargs: dict[str, Any]
+    deadline: float
+    headers: dict[str, Any]
+    fields: dict[str, str]
+
+
 class Transport:
-    """Sends calls to a key's queue and waits for their replies."""
+    """Sends calls to a key's queue and waits for their replies.
+
+    Args:
+        replies: the Redis of the reply lists.
+        queues: the broker's Redis, when the broker is one: a call is then ``LPUSH``ed straight on its queue
+            (in the same round trip as the reply wait when ``queues is replies``) instead of going through
+            kombu; ``None`` (RabbitMQ) publishes through kombu.
+    """
 
     def __init__(
         self,
@@ -92,8 +124,12 @@ class Transport:
         caller: str,
         is_live: Callable[[str], bool | None] | None = None,
         signer: Signer | None = None,
+        queues: redis.Redis | None = None,
     ) -> None:
         self.celery = celery
+        self._queue_store = queues
+        options = dict(celery.conf.broker_transport_options or {})
+        self._keyprefix = str(options.get("global_keyprefix") or "")
         self.signer = signer
         self.is_live = is_live
         self.replies = replies
@@ -132,6 +168,31 @@ class Transport:
             MethodNotAllowed: the provider's workers do not serve ``path.method``.
             BadGateway: the reply is not one the protocol knows.
         """
+        call = self.prepare(key, path, method, id=id, data=data, params=params, timeout=timeout, wait=wait)
+        log.debug("call sent", extra=call.fields)
+        try:
+            return self.send(call)
+        except ServiceError as exc:
+            log.info("call failed: %s (%s) %s", exc.name, exc.code, exc.message, extra=call.fields)
+            raise
+
+    def prepare(
+        self,
+        key: str,
+        path: str,
+        method: str,
+        *,
+        id: Any = None,
+        data: Any = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        wait: bool = False,
+    ) -> Call:
+        """Decide what travels for one call: deadline, envelope, params allow-list, headers, size.
+
+        The one place both the blocking and the asyncio transports (:mod:`.aio`) take a call from, so they
+        cannot disagree on what is sent. Raises what :meth:`call` raises before anything is sent.
+        """
         settings = self.settings
         now = time.time()
         deadline = now + (timeout if timeout is not None else settings.timeout)
@@ -166,42 +227,90 @@ class Transport:
                 f"Call to '{name}' is {size} bytes, over the {settings.max_payload_bytes} byte limit",
                 {"size": size, "limit": settings.max_payload_bytes},
             )
+        return self._call(name, key, kwargs, deadline, call_fields(key, path, method, ""))
+
+    def _call(
+        self, name: str, queue: str, kwargs: dict[str, Any], deadline: float, fields: dict[str, str]
+    ) -> Call:
         call_id = str(uuid.uuid4())
-        fields = call_fields(key, path, method, call_id)
-        log.debug("call sent", extra=fields)
-        try:
-            return self.request(name, key, kwargs, deadline, call_id=call_id)
-        except ServiceError as exc:
-            log.info("call failed: %s (%s) %s", exc.name, exc.code, exc.message, extra=fields)
-            raise
-
-    def request(
-        self, name: str, queue: str, kwargs: dict[str, Any], deadline: float, *, call_id: str | None = None
-    ) -> Any:
-        """Publish the task ``name`` on ``queue`` and wait for its reply until ``deadline`` (epoch)."""
-        call_id = call_id or str(uuid.uuid4())
-        self._publish(name, queue, call_id, kwargs, deadline)
-        return self._wait(name, queue, call_id, deadline)
-
-    def _publish(self, name: str, queue: str, call_id: str, kwargs: dict[str, Any], deadline: float) -> None:
-        celery = self.celery
-        expires = max(deadline - time.time(), 0.001)
-        message = celery.amqp.create_task_message(
-            call_id,
-            name,
-            (),
-            kwargs,
-            expires=expires,
-            # The reply list carries the result: the worker need not also store it in the backend, and
-            # Flower follows the call from the worker's task events (received, started, succeeded/failed).
-            ignore_result=True,
-            create_sent_event=False,
-            argsrepr="()",
-            kwargsrepr=_kwargsrepr(kwargs),
-        )
         headers: dict[str, Any] = {HEADER_CALLER: self.caller, HEADER_DEADLINE: deadline, HEADER_REPLY: True}
         if self.signer is not None:
             headers[HEADER_SIGNATURE] = self.signer.sign_call(name, call_id, deadline, kwargs)
+        return Call(name, queue, call_id, kwargs, deadline, headers, {**fields, "call_id": call_id})
+
+    def request(self, name: str, queue: str, kwargs: dict[str, Any], deadline: float) -> Any:
+        """Publish the task ``name`` on ``queue`` and wait for its reply until ``deadline`` (epoch)."""
+        return self.send(self._call(name, queue, kwargs, deadline, {"task": name}))
+
+    def send(self, call: Call) -> Any:
+        """Send a prepared call and wait for its reply (one round trip on a Redis broker)."""
+        store = self._queue_store
+        if store is None:
+            self._publish(call)
+            raw = self._wait(call, None)
+        elif store is self.replies:
+            raw = self._wait(call, self.encode(call))  # queued and waited for in one round trip
+        else:
+            self._push(store, call)
+            raw = self._wait(call, None)
+        return self.open_reply(call, raw)
+
+    def encode(self, call: Call) -> bytes:
+        """The call as kombu's Redis transport queues a Celery task message (:mod:`.messages`)."""
+        expires = max(call.deadline - time.time(), 0.001)
+        message = self.celery.amqp.create_task_message(
+            call.call_id,
+            call.name,
+            (),
+            call.kwargs,
+            expires=expires,
+            # The reply list carries the result: the worker need not also store it in the backend, and
+            # Flower follows the call from the worker's task events.
+            ignore_result=True,
+            create_sent_event=False,
+            argsrepr="()",
+            kwargsrepr=_kwargsrepr(call.kwargs),
+        )
+        properties = {**message.properties, "expiration": str(int(expires * 1000))}
+        return encode_task({**message.headers, **call.headers}, properties, message.body, call.key)
+
+    def queue_key(self, queue: str) -> str:
+        """The Redis list of ``queue`` (kombu's ``global_keyprefix`` included)."""
+        return f"{self._keyprefix}{queue}"
+
+    def open_reply(self, call: Call, raw: bytes | None) -> Any:
+        """The result of a call from its raw reply (``None``: none came), or its error rebuilt by name."""
+        if raw is None:
+            raise Timeout(
+                f"Timeout of the call to '{call.name}' (no reply before its deadline)",
+                {"task": call.name, "call_id": call.call_id},
+            )
+        raw = self.signer.open_reply(call.key, call.call_id, raw) if self.signer else unsigned_body(raw)
+        return _decode_reply(call.name, call.call_id, raw)
+
+    def _push(self, store: redis.Redis, call: Call) -> None:
+        import redis
+
+        try:
+            store.lpush(self.queue_key(call.key), self.encode(call))
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            log.warning("broker %s unreachable while sending %s: %s", self._broker, call.name, exc)
+            raise _not_sent(call) from None
+
+    def _publish(self, call: Call) -> None:
+        celery = self.celery
+        expires = max(call.deadline - time.time(), 0.001)
+        message = celery.amqp.create_task_message(
+            call.call_id,
+            call.name,
+            (),
+            call.kwargs,
+            expires=expires,
+            ignore_result=True,
+            create_sent_event=False,
+            argsrepr="()",
+            kwargsrepr=_kwargsrepr(call.kwargs),
+        )
         # A bounded retry: an unreachable broker must fail the call within its deadline, not hang it.
         policy = {"max_retries": max(1, int(expires / 0.5)), "interval_start": 0, "interval_step": 0.5}
         policy["interval_max"] = 0.5
@@ -210,19 +319,19 @@ class Transport:
             with producer.connection._reraise_as_library_errors():
                 celery.amqp.send_task_message(
                     producer,
-                    name,
+                    call.name,
                     message,
-                    queue=queue,
-                    routing_key=queue,
-                    headers=headers,
+                    queue=call.key,
+                    routing_key=call.key,
+                    headers=call.headers,
                     expiration=expires,
                     retry=True,
                     retry_policy=policy,
                 )
         except (OperationalError, OSError, ConnectionError) as exc:
             # The broker's address and the library's message stay in the log: an error reaches HTTP clients.
-            log.warning("broker %s unreachable while sending %s: %s", self._broker, name, exc)
-            raise Unavailable(f"Broker unreachable: '{name}' was not sent", {"task": name}) from None
+            log.warning("broker %s unreachable while sending %s: %s", self._broker, call.name, exc)
+            raise _not_sent(call) from None
 
     def _producer(self) -> Any:
         producer = getattr(self._local, "producer", None)
@@ -250,49 +359,55 @@ class Transport:
         for producer in producers:
             _close_quietly(producer)
 
-    def _wait(self, name: str, provider: str, call_id: str, deadline: float) -> Any:
+    def _wait(self, call: Call, message: bytes | None) -> bytes | None:
         import redis
 
-        key = reply_key(self.settings.registry_prefix, call_id)
+        key = reply_key(self.settings.registry_prefix, call.call_id)
         try:
-            raw = self._pop(key, deadline)
+            return self._pop(key, call, message)
+        except _NotQueued:
+            log.warning("broker %s unreachable while sending %s", self._broker, call.name, exc_info=True)
+            raise _not_sent(call) from None
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise Unavailable(
-                f"Reply store unreachable while waiting for '{name}': {type(exc).__name__}",
-                {"task": name, "call_id": call_id},
+                f"Reply store unreachable while waiting for '{call.name}': {type(exc).__name__}",
+                {"task": call.name, "call_id": call.call_id},
             ) from None
-        if raw is None:
-            raise Timeout(
-                f"Timeout of the call to '{name}' (no reply before its deadline)",
-                {"task": name, "call_id": call_id},
-            )
-        raw = self.signer.open_reply(provider, call_id, raw) if self.signer else unsigned_body(raw)
-        return _decode_reply(name, call_id, raw)
 
-    def _pop(self, key: str, deadline: float) -> bytes | None:
-        """``BLPOP key`` until ``deadline``, reading with a socket timeout set from that deadline.
+    def _pop(self, key: str, call: Call, message: bytes | None) -> bytes | None:
+        """``BLPOP key`` until the call's deadline, reading with a socket timeout set from that deadline.
 
-        The client's own socket timeout (redis-py 8 defaults to 5 s) would cut a longer call short; a Redis
-        that stops answering must not hang the call either. A pooled connection that died while idle (a
-        Redis restart) is replaced once.
+        With ``message``, it is ``LPUSH``ed to the call's queue on the same connection first, and both
+        replies are read in one round trip. The client's own socket timeout (redis-py 8 defaults to 5 s)
+        would cut a longer call short; a Redis that stops answering must not hang the call either. A pooled
+        connection that died while idle (a Redis restart) is replaced once: nothing sent on it arrived.
         """
         import redis
 
         pool = self.replies.connection_pool
+        queued = message is None
         for attempt in (1, 2):
-            remaining = deadline - time.time()
+            remaining = call.deadline - time.time()
             if remaining <= 0:
                 return None
             connection: Any = pool.get_connection()
             try:
-                connection.send_command("BLPOP", key, max(remaining, 0.001))
+                if queued:
+                    connection.send_command("BLPOP", key, max(remaining, 0.001))
+                else:
+                    push = ("LPUSH", self.queue_key(call.key), message)
+                    pop = ("BLPOP", key, max(remaining, 0.001))
+                    connection.send_packed_command(connection.pack_commands([push, pop]))
+                    connection.read_response(timeout=remaining + _READ_MARGIN)
+                    queued = True
                 reply = connection.read_response(timeout=remaining + _READ_MARGIN)
             except (redis.ConnectionError, OSError, ValueError) as exc:
                 # ValueError ("I/O operation on closed file"): another thread dropped this connection while it
                 # was read, as a pool does when Sentinel names a new master (redis_clients.py).
                 connection.disconnect()
                 if attempt == 2:
-                    raise redis.ConnectionError(f"reply connection lost: {exc}") from exc
+                    lost = redis.ConnectionError if queued else _NotQueued
+                    raise lost(f"reply connection lost: {exc}") from exc
                 continue
             except BaseException:
                 connection.disconnect()  # a read cut short leaves a reply in flight on this connection
@@ -301,6 +416,14 @@ class Transport:
                 pool.release(connection)
             return None if reply is None else reply[1]
         return None
+
+
+def _not_sent(call: Call) -> Unavailable:
+    return Unavailable(f"Broker unreachable: '{call.name}' was not sent", {"task": call.name})
+
+
+class _NotQueued(Exception):
+    """The connection was lost before the broker took the call: the call was not sent."""
 
 
 def _decode_reply(name: str, call_id: str, raw: bytes) -> Any:

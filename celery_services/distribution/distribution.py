@@ -37,7 +37,7 @@ from .events import EventBus, EventEnvelope, event_context
 from .lease import lease_keeper
 from .manifest import Manifest, ServiceManifest
 from .provider import Replies, health_task_name, register_health, register_method
-from .redis_clients import RedisOptions, redis_client
+from .redis_clients import RedisOptions, is_redis, redis_client
 from .registry import Registry
 from .settings import DistributionSettings
 from .signing import Signer
@@ -94,6 +94,7 @@ class Distribution:
         self.started_at = time.time()
         self.registry = Registry.from_settings(settings)  # manifest limits included
         self.discovery = Discovery(self)
+        self.broker_store = _broker_store(self.celery, settings, self.reply_store)
         self.transport = Transport(
             self.celery,
             self.reply_store,
@@ -101,6 +102,7 @@ class Distribution:
             caller=self.key,
             is_live=self.registry.has_key,
             signer=self.signer,
+            queues=self.broker_store,
         )
         self.events = EventBus(
             self.celery.conf.broker_url or settings.resolved_broker_url(),
@@ -374,7 +376,23 @@ class Distribution:
         if self.lease is not None:
             self.lease.stop()
         self.transport.close()
+        if self.broker_store is not None and self.broker_store is not self.reply_store:
+            self.broker_store.close()
         self.reply_store.close()
+
+
+def _broker_store(celery: Celery, settings: DistributionSettings, replies: redis.Redis) -> redis.Redis | None:
+    """The broker's Redis, for the calls queued and served without kombu (``None`` for RabbitMQ).
+
+    The reply store's own client when the broker is the same Redis database: a call is then queued and its
+    reply awaited in one round trip.
+    """
+    broker = str(celery.conf.broker_url or settings.resolved_broker_url())
+    if not is_redis(broker):
+        return None
+    if broker == str(celery.conf.result_backend or settings.resolved_result_backend()):
+        return replies
+    return redis_client(broker, RedisOptions.of(settings), socket_timeout=5.0, socket_connect_timeout=2.0)
 
 
 def _sentinel_options(options: Any) -> dict[str, Any]:

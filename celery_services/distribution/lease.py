@@ -22,12 +22,12 @@ import json
 import logging
 import threading
 import time
-import uuid
 from typing import TYPE_CHECKING, Any
 
 import redis
 
-from .redis_clients import RedisOptions, redis_client
+from .messages import HEADER_REDELIVERED, mark_redelivered
+from .redis_clients import RedisOptions, is_redis, redis_client
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -38,8 +38,6 @@ __all__ = ["HEADER_REDELIVERED", "LeaseKeeper", "lease_keeper"]
 
 log = logging.getLogger("celery_services.lease")
 
-#: Message header counting how many times the library gave a call back to its queue.
-HEADER_REDELIVERED = "cs_redelivered"
 
 # Renews the leases of the tags still unacknowledged; returns those (the others were acked: forgotten).
 _RENEW = """
@@ -191,7 +189,7 @@ class LeaseKeeper:
 def lease_keeper(celery: Celery, settings: DistributionSettings) -> LeaseKeeper | None:
     """The lease keeper of a distribution (``None`` on AMQP: it gives a dead consumer's calls back)."""
     broker = str(celery.conf.broker_url or "")
-    if not broker.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
+    if not is_redis(broker):
         return None
     return LeaseKeeper(
         broker,
@@ -208,14 +206,7 @@ def _redelivery(raw: Any) -> str | None:
     if raw is None:
         return None
     try:
-        message = json.loads(raw)[0]
-        headers = message.setdefault("headers", {})
-        headers[HEADER_REDELIVERED] = int(headers.get(HEADER_REDELIVERED) or 0) + 1
-        properties = message.setdefault("properties", {})
-        # A new tag: the paused holder's late ack must not remove the entry of this new delivery.
-        properties["delivery_tag"] = str(uuid.uuid4())
-        properties.setdefault("delivery_info", {})["redelivered"] = True
-        return json.dumps(message)
+        return json.dumps(mark_redelivered(json.loads(raw)[0]))
     except (ValueError, TypeError, KeyError, IndexError, AttributeError):
         log.warning("unreadable unacked message left to Celery's own restore", exc_info=True)
         return None

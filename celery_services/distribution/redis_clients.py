@@ -40,7 +40,15 @@ from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConn
 if TYPE_CHECKING:
     from .settings import DistributionSettings
 
-__all__ = ["MASTER_CHECK_INTERVAL", "RedisOptions", "is_sentinel", "is_tls", "redis_client", "sentinel_nodes"]
+__all__ = [
+    "MASTER_CHECK_INTERVAL",
+    "RedisOptions",
+    "is_redis",
+    "is_sentinel",
+    "is_tls",
+    "redis_client",
+    "sentinel_nodes",
+]
 
 log = logging.getLogger("celery_services.redis")
 
@@ -90,6 +98,11 @@ class RedisOptions:
             if value:
                 options[name] = value
         return options
+
+
+def is_redis(url: str) -> bool:
+    """Whether a broker or backend URL names a Redis (plain, TLS, socket or through Sentinel)."""
+    return url.lower().startswith(("redis://", "rediss://", "unix://", "sentinel://"))
 
 
 def is_tls(url: str) -> bool:

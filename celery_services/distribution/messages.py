@@ -1,0 +1,134 @@
+"""Celery protocol-v2 task messages and task events, as kombu's Redis transport stores them.
+
+The fast path (:mod:`.fastpath`) and the caller (:mod:`.caller`) read and write these bytes straight on the
+Redis connection, so that a call costs one round trip each way instead of kombu's consumer loop. What they
+write is exactly what ``send_task`` and a worker's event dispatcher write (checked by the tests against
+both), so a plain ``celery worker`` serves a call the caller queued here, and Flower reads the events.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "MalformedMessage",
+    "TaskMessage",
+    "decode_task",
+    "encode_event",
+    "encode_task",
+    "mark_redelivered",
+]
+
+#: Header a redelivery increments (the library's own; kombu's ``redelivered`` flag is set too).
+HEADER_REDELIVERED = "cs_redelivered"
+
+
+class MalformedMessage(ValueError):
+    """Bytes on a call queue that are not a Celery protocol-v2 task message in JSON."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskMessage:
+    """A task message read from a queue: Celery's headers, its arguments and kombu's delivery info."""
+
+    headers: dict[str, Any]
+    args: list[Any]
+    kwargs: dict[str, Any]
+    properties: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        """The task id (a call's call id)."""
+        return str(self.headers["id"])
+
+    @property
+    def name(self) -> str:
+        """The task name, ``{key}.{path}.{method}`` for a call."""
+        return str(self.headers["task"])
+
+
+def encode_task(headers: dict[str, Any], properties: dict[str, Any], body: Any, queue: str) -> bytes:
+    """The bytes kombu's Redis transport ``LPUSH``es for ``celery.amqp.create_task_message(...)``'s parts.
+
+    ``body`` is the ``(args, kwargs, embed)`` triple; ``properties`` gets kombu's delivery fields (a fresh
+    delivery tag, the default exchange and ``queue`` as routing key, priority 0: the queue's own list).
+    """
+    payload = base64.b64encode(json.dumps(body).encode()).decode()
+    message = {
+        "body": payload,
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": headers,
+        "properties": {
+            **properties,
+            "delivery_mode": 2,
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return json.dumps(message).encode()
+
+
+def decode_task(raw: bytes) -> TaskMessage:
+    """Read a task message as kombu's Redis transport stored it.
+
+    Raises:
+        MalformedMessage: not JSON, not protocol v2 (``headers.task`` and ``headers.id``), or a body that is
+            not ``[args, kwargs, embed]`` in JSON.
+    """
+    try:
+        message = json.loads(raw)
+        headers = message["headers"]
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        if message.get("content-type") != "application/json":
+            raise MalformedMessage(f"content type {message.get('content-type')!r} is not JSON")
+        args, kwargs, _embed = json.loads(body)
+        if not isinstance(headers, dict) or "task" not in headers or "id" not in headers:
+            raise MalformedMessage("no task name or id in its headers (not Celery's protocol v2)")
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise MalformedMessage("its body is not [args, kwargs, embed]")
+        return TaskMessage(headers, args, kwargs, message.get("properties") or {})
+    except MalformedMessage:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise MalformedMessage(f"unreadable task message: {type(exc).__name__}: {exc}") from None
+
+
+def mark_redelivered(message: dict[str, Any]) -> dict[str, Any]:
+    """``message`` (kombu's Redis form) as given back to its queue: redelivery counted, with a new tag.
+
+    The new delivery tag keeps a late ack of the paused holder from removing anything of the new delivery.
+    """
+    headers = message.setdefault("headers", {})
+    headers[HEADER_REDELIVERED] = int(headers.get(HEADER_REDELIVERED) or 0) + 1
+    properties = message.setdefault("properties", {})
+    properties["delivery_tag"] = str(uuid.uuid4())
+    properties.setdefault("delivery_info", {})["redelivered"] = True
+    return message
+
+
+def encode_event(event: dict[str, Any], hostname: str) -> bytes:
+    """The bytes a worker's event dispatcher publishes for ``event`` (a dict with its ``type``)."""
+    payload = base64.b64encode(json.dumps(event).encode()).decode()
+    message = {
+        "body": payload,
+        "content-encoding": "utf-8",
+        "content-type": "application/json",
+        "headers": {"hostname": hostname},
+        "properties": {
+            "delivery_mode": 1,
+            "delivery_info": {"exchange": "celeryev", "routing_key": event["type"].replace("-", ".")},
+            "priority": 0,
+            "body_encoding": "base64",
+            "delivery_tag": str(uuid.uuid4()),
+        },
+    }
+    return json.dumps(message).encode()
