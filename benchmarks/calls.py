@@ -1,23 +1,28 @@
-"""Cost of a call: the local service, raw Celery (``send_task().get()``) and the proxy, on one broker.
+"""Cost of a call: the Redis floor, raw Celery, and the proxy on Celery's consumer and on the fast path.
 
-Usage: ``python benchmarks/calls.py [--calls N] [--broker URL] [--backend URL] [--replicas 1,2]
+Usage: ``python benchmarks/calls.py [--calls N] [--backend URL] [--brokers redis,rabbitmq] [--replicas 1,2]
 [--output FILE]``.
 
 Measured in one run, for each path, with ``articles.get(id)`` on the same 100 items:
 
 - (a) the local service: ``App().use("articles", MemoryService(...))`` then ``svc.get(id)``;
+- (f) the floor: the least a Python round trip over Redis lists costs (``benchmarks/floor_worker.py``:
+  ``LPUSH`` → ``BRPOP`` → ``LPUSH`` reply → ``BRPOP``, no envelope), Redis broker only;
 - (b) raw Celery: ``celery.send_task(name, kwargs={"id": id}).get()`` to the plain task of
   ``benchmarks/plain_tasks.py`` (default Celery settings except JSON), served by ``celery worker -P solo``;
-- (c) the proxy: ``app.service("articles").get(id)`` through ``distribution.remote_service(...)`` to
-  ``celery -A workers.articles worker -P solo`` (its own Celery settings, from ``make_celery``).
+- (c) the proxy served by Celery's consumer: ``app.service("articles").get(id)`` to
+  ``celery -A workers.articles worker -P solo`` with ``CELERY_SERVICES_FAST_PATH=false``;
+- (d) the proxy on the fast path: the same worker with the fast path on (the default; Redis broker only).
 
-For each: p50 / p99 latency with one call in flight, and calls/s with 1 and 8 caller threads; (b) and (c)
-are served by the same number of solo workers (one row per ``--replicas`` value). The default broker and
-result backend is Redis db 9 on 127.0.0.1:6379, else an embedded Redis started (and stopped) here. Queues,
-result keys and broker bindings created by the run are deleted at the end, even on error. Nothing here
-asserts a time: it is a benchmark.
+For each: p50 / p99 latency with one call in flight, calls/s with 1 and 8 caller threads, and CPU per call
+of the caller, the path's workers and Redis; one row per broker and per ``--replicas`` value (the same
+number of solo workers for each path). A last table: a 100 KB ``articles.create`` against a small ``get``
+on the proxy, with what serializing the 100 KB costs (``json.dumps`` + ``json.loads``, measured here).
+The result backend is Redis db 9 on 127.0.0.1:6379, else an embedded Redis started (and stopped) here;
+RabbitMQ rows need one on 127.0.0.1:5672. Queues, result keys and broker bindings created by the run are
+deleted at the end, even on error. Nothing here asserts a time: it is a benchmark.
 
-Writes the table to ``benchmarks/results/calls.md``.
+Writes the tables to ``benchmarks/results/calls.md``.
 """
 
 from __future__ import annotations
@@ -60,6 +65,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "benchmarks"
 RESULTS = BENCH_DIR / "results" / "calls.md"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/9"
+DEFAULT_RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
+#: Size of the large ``create`` of the payload table, and how many are timed.
+LARGE_BYTES = 100_000
+LARGE_CALLS = 200
 ITEM_COUNT = 100
 WARMUP = 50
 THREADS = 8
@@ -112,6 +121,7 @@ def make_items(count: int = ITEM_COUNT) -> list[dict[str, Any]]:
 class Row:
     """One line of the table: a path and what it measured (CPU: ms per call in the multi-caller runs)."""
 
+    broker: str
     path: str
     workers: str
     p50_ms: float
@@ -204,6 +214,7 @@ class CpuProbe:
 class Target:
     """A path under measure: its call, its worker processes, and what its rounds measured so far."""
 
+    broker: str
     path: str
     workers: str
     call: Call
@@ -218,6 +229,7 @@ class Target:
         calls_n = sum(n for n, _ in self.multi)
         caller, workers, server = (1000 * used / calls_n for used in self.cpu)
         return Row(
+            self.broker,
             self.path,
             self.workers,
             statistics.median(self.times_ms),
@@ -287,7 +299,7 @@ def answers(url: str) -> bool:
 
 @dataclass
 class Bench:
-    """The run's names, workers and the ids of what it created, for the cleanup."""
+    """The run's names, workers and the ids of what it created, for the cleanup (one per broker)."""
 
     broker: str
     backend: str
@@ -301,12 +313,15 @@ class Bench:
         return f"bench-plain-{self.token}"
 
     @property
+    def floor_queue(self) -> str:
+        return f"bench-floor-{self.token}"
+
+    @property
     def raw_task(self) -> str:
         return f"bench_plain_{self.token}.articles.get"
 
-    @property
-    def provider_key(self) -> str:
-        return f"bench-articles-{self.token}"
+    def provider_key(self, fast: bool) -> str:
+        return f"bench-articles-{self.token}-{'fast' if fast else 'celery'}"
 
     @property
     def prefix(self) -> str:
@@ -323,19 +338,30 @@ class Bench:
         }
         return WorkerProcess("plain_tasks", self.raw_queue, env=env)
 
-    def provider_worker(self) -> WorkerProcess:
+    def floor_worker(self) -> WorkerProcess:
+        env = {
+            "BENCH_BROKER_URL": self.broker,
+            "BENCH_QUEUE": self.floor_queue,
+            "BENCH_ITEMS": json.dumps(self.items),
+        }
+        command = [sys.executable, str(BENCH_DIR / "floor_worker.py")]
+        return WorkerProcess("floor_worker", self.floor_queue, env=env, command=command)
+
+    def provider_worker(self, fast: bool) -> WorkerProcess:
+        key = self.provider_key(fast)
         env = {
             "CELERY_SERVICES_CONFIG": str(ROOT / "config" / "default.toml"),
-            "CELERY_SERVICES_KEY": self.provider_key,
+            "CELERY_SERVICES_KEY": key,
             "CELERY_SERVICES_BROKER_URL": self.broker,
             "CELERY_SERVICES_RESULT_BACKEND": self.backend,
             "CELERY_SERVICES_SERVICES": '["*"]',
+            "CELERY_SERVICES_FAST_PATH": "true" if fast else "false",
             "BENCH_ITEMS": json.dumps(self.items),
             "CELERY_SERVICES_REGISTRY_PREFIX": self.prefix,
             "BENCH_KEYPREFIX": f"{self.prefix}:",
             "PYTHONPATH": str(ROOT),
         }
-        worker = WorkerProcess("workers.articles", self.provider_key, env=env)
+        worker = WorkerProcess("workers.articles", key, env=env)
         # The same command WorkerProcess builds (`python -m celery -A workers.articles worker -Q key -P solo
         # -c 1 ...`), run through PROVIDER_BOOT to seed the items first.
         assert worker.command[1:3] == ["-m", "celery"], worker.command
@@ -356,7 +382,7 @@ class Bench:
 
     def cleanup(self) -> None:
         """Delete the queues, bindings and result keys of the run."""
-        queues = [self.raw_queue, self.provider_key]
+        queues = [self.raw_queue, self.floor_queue, self.provider_key(True), self.provider_key(False)]
         nodes = [worker.name for worker in self.workers]
         store = redis.Redis.from_url(self.backend)
         try:
@@ -380,6 +406,9 @@ class Bench:
         try:
             broker.delete(*(q + s for q in queues for s in PRIORITY_SUFFIXES))
             broker.delete(*(f"_kombu.{table}.{q}" for q in queues for table in BINDING_TABLES))
+            replies = list(broker.scan_iter(match=f"bench-floor-reply-{self.token}-*", count=1000))
+            if replies:
+                broker.delete(*replies)
             for table in BINDING_TABLES:  # the workers' pidbox queues, bound to the shared control exchange
                 pidbox = f"_kombu.{table}.celery.pidbox"
                 stale = [m for m in broker.smembers(pidbox) if any(n.encode() in m for n in nodes)]
@@ -407,18 +436,35 @@ def redis_server(url: str | None) -> Iterator[str]:
 # -- the run ----------------------------------------------------------------------------------------------
 
 
-def run(args: argparse.Namespace, backend: str) -> tuple[list[Row], dict[str, str]]:
-    broker = args.broker or backend
+def floor_call(bench: Bench) -> Call:
+    """The floor's caller: ``LPUSH`` the request and ``BRPOP`` the reply, on a per-thread reply list."""
+    store = redis.Redis.from_url(bench.broker, socket_timeout=CALL_TIMEOUT + 5)
+    local = threading.local()
+
+    def call(item_id: int) -> Any:
+        reply = getattr(local, "reply", None)
+        if reply is None:
+            reply = local.reply = f"bench-floor-reply-{bench.token}-{threading.get_ident()}"
+        store.lpush(bench.floor_queue, f"{reply} {item_id}")
+        popped = store.brpop([reply], timeout=CALL_TIMEOUT)
+        if popped is None:
+            raise TimeoutError("the floor worker did not answer")
+        return json.loads(popped[1])
+
+    return call
+
+
+def run_broker(
+    name: str, broker: str, backend: str, args: argparse.Namespace, callers: Callers, probe: CpuProbe
+) -> tuple[list[Row], list[list[str]], str]:
+    """The rows of one broker, its large-payload row, and the worker settings of its paths."""
     items = make_items()
     by_id = {item["id"]: item for item in items}
     ids = [item["id"] for item in items]
     bench = Bench(broker, backend, items)
+    redis_broker = not broker.startswith("amqp")
     rows: list[Row] = []
-    load_before = os.getloadavg()[0]
-    callers = Callers(THREADS)
-    store = redis.Redis.from_url(backend)
-    probe = CpuProbe(store)
-
+    large: list[list[str]] = []
     raw = Celery("bench-raw-caller", broker=broker, backend=backend, set_as_current=False)
     raw.conf.update(
         task_serializer="json",
@@ -434,12 +480,7 @@ def run(args: argparse.Namespace, backend: str) -> tuple[list[Row], dict[str, st
         return result.get(timeout=CALL_TIMEOUT)
 
     caller = App()
-    settings_note = ""
     try:
-        print("measuring the local service ...", file=sys.stderr)
-        local = App().use("articles", MemoryService(store=by_id))
-        target = Target("(a) local service", "in-process", local.get, checked(local.get, by_id))
-        rows += measure([target], ids, args.calls * LOCAL_SCALE, callers, probe)
         distribution = distribute(
             caller,
             DistributionSettings(
@@ -447,51 +488,116 @@ def run(args: argparse.Namespace, backend: str) -> tuple[list[Row], dict[str, st
                 broker_url=broker,
                 result_backend=backend,
                 services=[],
-                # The proxy is mounted by hand; the registry of the run is its own.
+                # The proxies are mounted by hand; the registry of the run is its own.
                 remote_services=[],
                 registry_prefix=bench.prefix,
                 timeout=CALL_TIMEOUT,
             ),
         )
-        caller.use("articles", distribution.remote_service(bench.provider_key, "articles", ["get"]))
-        proxy = caller.service("articles")
-        settings_note = (
+        variants = [True, False] if redis_broker else [False]
+        for fast in variants:
+            path = f"articles-{'fast' if fast else 'celery'}"
+            caller.use(
+                path, distribution.remote_service(bench.provider_key(fast), "articles", ["get", "create"])
+            )
+        settings = (
             f"(b) {worker_settings(raw)}, the reply read from the result backend; "
-            f"(c) {worker_settings(distribution.celery)} (`make_celery`), the reply read from the caller's "
-            "reply list"
+            f"(c, d) {worker_settings(distribution.celery)} (`make_celery`), the reply read from the "
+            "caller's reply list"
         )
-        raw_workers: list[WorkerProcess] = []
-        provider_workers: list[WorkerProcess] = []
+        workers: dict[str, list[WorkerProcess]] = {"floor": [], "raw": [], "fast": [], "celery": []}
         for replicas in args.replicas:
-            more = replicas - len(raw_workers)
+            more = replicas - len(workers["raw"])
             if more > 0:
-                new_raw = [bench.raw_worker() for _ in range(more)]
-                new_providers = [bench.provider_worker() for _ in range(more)]
-                bench.start(new_raw + new_providers)
-                raw_workers += new_raw
-                provider_workers += new_providers
+                new: dict[str, list[WorkerProcess]] = {
+                    "raw": [bench.raw_worker() for _ in range(more)],
+                    "celery": [bench.provider_worker(False) for _ in range(more)],
+                }
+                if redis_broker:
+                    new["floor"] = [bench.floor_worker() for _ in range(more)]
+                    new["fast"] = [bench.provider_worker(True) for _ in range(more)]
+                bench.start([w for group in new.values() for w in group])
+                for group, started in new.items():
+                    workers[group] += started
             label = f"{replicas} solo"
-            print(f"measuring raw Celery and the proxy with {label} worker(s) each ...", file=sys.stderr)
-            targets = [
-                Target(
-                    "(b) raw Celery", label, raw_call, checked(raw_call, by_id), [w.pid for w in raw_workers]
-                ),
-                Target(
-                    "(c) proxy",
-                    label,
-                    proxy.get,
-                    checked(proxy.get, by_id),
-                    [w.pid for w in provider_workers],
-                ),
-            ]
+            print(f"measuring on {name} with {label} worker(s) per path ...", file=sys.stderr)
+
+            def target(path: str, call: Call, group: str, label: str = label) -> Target:
+                pids = [w.pid for w in workers[group]]
+                return Target(name, path, label, call, checked(call, by_id), pids)
+
+            targets = []
+            if redis_broker:
+                targets.append(target("(f) floor: LPUSH/BRPOP", floor_call(bench), "floor"))
+            targets.append(target("(b) raw Celery", raw_call, "raw"))
+            targets.append(
+                target("(c) proxy, Celery's consumer", caller.service("articles-celery").get, "celery")
+            )
+            if redis_broker:
+                targets.append(target("(d) proxy, fast path", caller.service("articles-fast").get, "fast"))
             rows += measure(targets, ids, args.calls, callers, probe)
+        path = "articles-fast" if redis_broker else "articles-celery"
+        large.append(measure_large(name, caller.service(path), ids))
     finally:
-        callers.close()
         bench.stop_workers()
         finalize(caller)
         raw.close()
         bench.cleanup()
+    return rows, large, settings
 
+
+def measure_large(broker: str, service: Any, ids: Sequence[int]) -> list[str]:
+    """A 100 KB ``create`` against a small ``get``, and the in-process cost of serializing its payload."""
+    body = {"title": "large", "body": "x" * LARGE_BYTES, "tags": ["bench"]}
+    small = latencies(service.get, ids, LARGE_CALLS)
+    big = latencies(lambda _: service.create(body), ids, LARGE_CALLS)
+    encoded = json.dumps(body)
+    start = time.perf_counter()
+    for _ in range(LARGE_CALLS):
+        json.loads(json.dumps(body))
+    # Once per side and way: the caller encodes the call and decodes the reply, the provider the reverse
+    # (the created item comes back in the reply).
+    serialize = 2 * (time.perf_counter() - start) * 1000 / LARGE_CALLS
+    extra = statistics.median(big) - statistics.median(small)
+    return [
+        broker,
+        f"{len(encoded) // 1000} KB",
+        fmt_ms(statistics.median(small)),
+        fmt_ms(statistics.median(big)),
+        fmt_ms(extra),
+        fmt_ms(serialize),
+        f"{extra / serialize:.2f}",
+    ]
+
+
+def run(args: argparse.Namespace, backend: str) -> tuple[list[Row], list[list[str]], dict[str, str]]:
+    rows: list[Row] = []
+    large: list[list[str]] = []
+    notes: list[str] = []
+    load_before = os.getloadavg()[0]
+    callers = Callers(THREADS)
+    store = redis.Redis.from_url(backend)
+    probe = CpuProbe(store)
+    brokers = {"Redis": args.broker or backend}
+    if "rabbitmq" in args.brokers:
+        if answers(args.rabbitmq):
+            brokers["RabbitMQ"] = args.rabbitmq
+        else:
+            print(f"no RabbitMQ at {mask_url(args.rabbitmq)}: its rows are left out", file=sys.stderr)
+    try:
+        print("measuring the local service ...", file=sys.stderr)
+        items = make_items()
+        by_id = {item["id"]: item for item in items}
+        local = App().use("articles", MemoryService(store=by_id))
+        target = Target("-", "(a) local service", "in-process", local.get, checked(local.get, by_id))
+        rows += measure([target], list(by_id), args.calls * LOCAL_SCALE, callers, probe)
+        for name, broker in brokers.items():
+            more, big, settings = run_broker(name, broker, backend, args, callers, probe)
+            rows += more
+            large += big
+            notes.append(settings)
+    finally:
+        callers.close()
     try:
         redis_version = str(store.info("server").get("redis_version", "?"))
     finally:
@@ -501,21 +607,21 @@ def run(args: argparse.Namespace, backend: str) -> tuple[list[Row], dict[str, st
         "machine": f"{os.cpu_count()} cores, {platform.machine()} ({cpu_model()}), "
         f"Python {platform.python_version()}; load average (1 min) {load_before:.2f} before the run, "
         f"{os.getloadavg()[0]:.2f} after",
-        "broker": mask_url(broker),
+        "brokers": ", ".join(f"{name} {mask_url(url)}" for name, url in brokers.items()),
         "result backend": f"{mask_url(backend)} (Redis {redis_version})",
         "celery": f"{celery_pkg.__version__} (kombu {kombu.__version__})",
         "calls": (
-            f"{WARMUP} warm-up calls, then {ROUNDS} rounds interleaving (b) and (c); in all, per path: "
-            f"{args.calls // 4} sequential calls timed one by one (p50, p99), {args.calls} calls from 1 "
-            f"thread and {args.calls} from {THREADS} threads (local: {args.calls * LOCAL_SCALE})"
+            f"{WARMUP} warm-up calls, then {ROUNDS} rounds interleaving the paths of a broker; in all, "
+            f"per path: {args.calls // 4} sequential calls timed one by one (p50, p99), {args.calls} calls "
+            f"from 1 thread and {args.calls} from {THREADS} threads (local: {args.calls * LOCAL_SCALE})"
         ),
-        "settings": settings_note,
+        "settings": notes[0] if notes else "",
         "CPU": (
             f"ms per call during the {THREADS}-caller runs: the caller process (all its threads), the "
             "path's worker processes, the Redis server (whole server: other clients of it count too)"
         ),
     }
-    return rows, about
+    return rows, large, about
 
 
 def worker_settings(app: Celery) -> str:
@@ -542,8 +648,9 @@ def fmt_ms(value: float) -> str:
 
 
 def tables(rows: list[Row]) -> tuple[list[str], list[list[str]], list[str], list[list[str]]]:
-    """The results table and the proxy-over-raw table, as headers and cells."""
+    """The results table and the ratios table (each proxy row against the floor and raw Celery)."""
     head = [
+        "broker",
         "path",
         "workers",
         "p50 ms",
@@ -556,6 +663,7 @@ def tables(rows: list[Row]) -> tuple[list[str], list[list[str]], list[str], list
     ]
     cells = [
         [
+            r.broker,
             r.path,
             r.workers,
             fmt_ms(r.p50_ms),
@@ -569,24 +677,46 @@ def tables(rows: list[Row]) -> tuple[list[str], list[list[str]], list[str], list
         for r in rows
     ]
     ratio_head = [
+        "broker",
+        "path",
         "workers",
-        "p50 proxy / raw",
-        "p99 proxy / raw",
-        "calls/s raw / proxy, 1 caller",
-        f"calls/s raw / proxy, {THREADS} callers",
+        "p50 / floor",
+        f"calls/s ({THREADS} callers) / floor",
+        "p50 / raw Celery",
+        "calls/s / raw Celery, 1 caller",
+        f"calls/s / raw Celery, {THREADS} callers",
     ]
     ratios = []
-    for raw, proxy in zip(rows[1::2], rows[2::2], strict=True):
+    for row in rows:
+        if not row.path.startswith(("(c)", "(d)")):
+            continue
+        same = [r for r in rows if r.broker == row.broker and r.workers == row.workers]
+        floor = next((r for r in same if r.path.startswith("(f)")), None)
+        raw = next(r for r in same if r.path.startswith("(b)"))
         ratios.append(
             [
-                raw.workers,
-                f"{proxy.p50_ms / raw.p50_ms:.2f}",
-                f"{proxy.p99_ms / raw.p99_ms:.2f}",
-                f"{raw.rate_1 / proxy.rate_1:.2f}",
-                f"{raw.rate_n / proxy.rate_n:.2f}",
+                row.broker,
+                row.path,
+                row.workers,
+                "-" if floor is None else f"{row.p50_ms / floor.p50_ms:.2f}",
+                "-" if floor is None else f"{row.rate_n / floor.rate_n:.2f}",
+                f"{row.p50_ms / raw.p50_ms:.2f}",
+                f"{row.rate_1 / raw.rate_1:.2f}",
+                f"{row.rate_n / raw.rate_n:.2f}",
             ]
         )
     return head, cells, ratio_head, ratios
+
+
+LARGE_HEAD = [
+    "broker",
+    "payload",
+    "p50 ms: small get",
+    "p50 ms: large create",
+    "extra ms",
+    "serialize ms (dumps + loads, both ways)",
+    "extra / serialize",
+]
 
 
 def markdown_table(head: list[str], cells: list[list[str]]) -> str:
@@ -595,42 +725,52 @@ def markdown_table(head: list[str], cells: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def report(rows: list[Row], about: dict[str, str]) -> str:
-    head, cells, ratio_head, ratios = tables(rows)
-    console = Console(width=max(Console().width, 150))
-    table = Table(title="articles.get(id): one call")
+def rich_table(title: str, head: list[str], cells: list[list[str]]) -> Table:
+    table = Table(title=title)
     for name in head:
-        table.add_column(name, justify="left" if name in ("path", "workers") else "right")
+        table.add_column(
+            name, justify="left" if name in ("broker", "path", "workers", "payload") else "right"
+        )
     for row in cells:
         table.add_row(*row)
-    console.print(table)
-    overhead = Table(title="Proxy overhead over raw Celery (> 1: the proxy is slower)")
-    for name in ratio_head:
-        overhead.add_column(name, justify="left" if name == "workers" else "right")
-    for row in ratios:
-        overhead.add_row(*row)
-    console.print(overhead)
+    return table
+
+
+def report(rows: list[Row], large: list[list[str]], about: dict[str, str]) -> str:
+    head, cells, ratio_head, ratios = tables(rows)
+    console = Console(width=max(Console().width, 170))
+    console.print(rich_table("articles.get(id): one call", head, cells))
+    console.print(
+        rich_table("The proxy against the floor and raw Celery (> 1: more than it)", ratio_head, ratios)
+    )
+    console.print(rich_table("A large call on the proxy", LARGE_HEAD, large))
     for name, value in about.items():
         console.print(f"[bold]{name}[/bold]: {value}")
     return "\n".join(
         [
-            "# Calls: local service, raw Celery and the proxy",
+            "# Calls: the Redis floor, raw Celery and the proxy",
             "",
             "Generated by `.venv/bin/python benchmarks/calls.py`.",
             "",
             *(f"- **{name}**: {value}" for name, value in about.items()),
-            "- **paths**: (a) `App().use('articles', MemoryService(...)).get(id)`; (b) "
+            "- **paths**: (a) `App().use('articles', MemoryService(...)).get(id)`; (f) the floor, "
+            "`benchmarks/floor_worker.py`: LPUSH → BRPOP → LPUSH reply → BRPOP, no envelope; (b) "
             "`celery.send_task(name, kwargs={'id': id}).get()` to the plain task of "
             "`benchmarks/plain_tasks.py` (default Celery settings + JSON); (c) "
             "`app.service('articles').get(id)` through `distribution.remote_service(...)` to "
-            "`celery -A workers.articles worker`. (b) and (c) "
-            "have the same number of `-P solo` workers, one process each.",
+            "`celery -A workers.articles worker` with `fast_path = false`; (d) the same with the fast path "
+            "(the default on Redis). Each path has the same number of `-P solo` workers, one process each.",
             "",
             markdown_table(head, cells),
             "",
-            "Proxy overhead over raw Celery (> 1: the proxy is slower):",
+            "The proxy against the floor and raw Celery (> 1: more than it):",
             "",
             markdown_table(ratio_head, ratios),
+            "",
+            f"A large call on the proxy ({LARGE_CALLS} calls each, one in flight; the create's item comes "
+            "back in its reply, so the payload travels both ways):",
+            "",
+            markdown_table(LARGE_HEAD, large),
             "",
         ]
     )
@@ -643,9 +783,18 @@ def _interrupt(signum: int, frame: Any) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000, help="calls per throughput measure (default 2000)")
-    parser.add_argument("--broker", default=None, help="Celery broker URL (default: the result backend)")
+    parser.add_argument("--broker", default=None, help="Redis broker URL (default: the result backend)")
     parser.add_argument(
         "--backend", default=None, help=f"Redis result backend (default {DEFAULT_REDIS}, else embedded)"
+    )
+    parser.add_argument(
+        "--brokers",
+        type=lambda text: {part.strip().lower() for part in text.split(",")},
+        default={"redis", "rabbitmq"},
+        help="brokers measured (default redis,rabbitmq; RabbitMQ rows only when one answers)",
+    )
+    parser.add_argument(
+        "--rabbitmq", default=DEFAULT_RABBITMQ, help=f"RabbitMQ URL (default {DEFAULT_RABBITMQ})"
     )
     parser.add_argument(
         "--replicas",
@@ -664,8 +813,8 @@ def main() -> None:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)
     with redis_server(args.backend) as backend:
-        rows, about = run(args, backend)
-    text = report(rows, about)
+        rows, large, about = run(args, backend)
+    text = report(rows, large, about)
     output: Path = args.output
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text)

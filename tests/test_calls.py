@@ -278,8 +278,9 @@ def test_timeout_and_expired_call_never_runs(provider: Provider, redis_url: str)
 
 
 def test_flower_and_logs_never_see_user_or_authentication(provider: Provider, redis_url: str) -> None:
-    # On both brokers: the worker's task-received event (what Flower shows, received here the way Flower
-    # receives it) and the worker's log mask identity and credential headers of a call that carries them.
+    # On both brokers: the worker's task event that shows a call's arguments (what Flower shows, received
+    # here the way Flower receives it) and the worker's log mask identity and credential headers of a call
+    # that carries them.
     from .test_flower import EVERY_HEADER, TaskEvents, assert_masked, assert_no_secret, credential_params
 
     key = f"masked-{os.urandom(3).hex()}"
@@ -299,7 +300,7 @@ def test_flower_and_logs_never_see_user_or_authentication(provider: Provider, re
                 assert app.service("probe").find(credential_params(marker))[0]["pid"] > 0
                 return [e for e in events.received(name) if marker in e["kwargs"]]
 
-            event = wait_for(received, timeout=30, interval=0.1, what="the task-received event")[0]
+            event = wait_for(received, timeout=30, interval=0.1, what="the task event with the arguments")[0]
             log = worker.log()
         assert_masked(event["kwargs"], marker)
         assert_no_secret(json.dumps(event))

@@ -132,11 +132,12 @@ class TaskEvents:
             self._events.append(event)
 
     def received(self, name: str) -> list[dict[str, Any]]:
-        """The ``task-received`` events of the task ``name`` so far."""
+        """The events of the task ``name`` so far that show its arguments: ``task-received`` on Celery's
+        consumer, the one merged ``task-succeeded``/``task-failed`` event of the fast path."""
         if self._error is not None:
             raise RuntimeError("the event receiver failed") from self._error
         with self._lock:
-            return [e for e in self._events if e["type"] == "task-received" and e.get("name") == name]
+            return [e for e in self._events if e.get("name") == name and "kwargs" in e]
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -254,6 +255,14 @@ def test_flower_shows_remote_calls_with_their_state(flower: Flower, redis_url: s
                 )
 
             wait_for(seen, timeout=30, interval=0.2, what="flower lists the calls")
+            # On Redis, served on the fast path (one merged event per call): Flower still shows it whole.
+            assert ("fast path serving queue" in worker.log()) == flower.broker.startswith("redis")
+            created = next(iter(flower.tasks(f"{key}.articles.create", state="SUCCESS").values()))
+            assert created["worker"] == worker.name
+            assert "seen by flower" in created["kwargs"] and created["args"] == "()"
+            assert created["received"] <= created["started"] <= created["succeeded"]
+            assert created["runtime"] is not None and 0 <= created["runtime"] < 5
+            assert "seen by flower" in created["result"]
             failed = next(iter(flower.tasks(f"{key}.articles.get", state="FAILURE").values()))
             assert failed["name"] == f"{key}.articles.get"
             # An expected error is a refusal, not a crash: its name and code, no traceback.

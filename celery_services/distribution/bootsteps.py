@@ -1,5 +1,8 @@
 """Worker bootsteps the distribution adds to its Celery app.
 
+:class:`FastCalls` hands the key's queue from kombu's consumer to the fast path (:mod:`.fastpath`) in a
+worker that consumes it on a Redis broker.
+
 :class:`LoopTick` works around a stall measured on RabbitMQ (Celery 5.7, kombu 5.7, py-amqp): with prefetch 1
 and late acks, a worker's event loop now and then sleeps until its next timer (about 2 s) although a call
 is waiting, so some calls take 2 s instead of 2 ms (8 of 300 sequential calls here). A no-op timer every
@@ -13,7 +16,9 @@ from typing import Any
 
 from celery import Celery, bootsteps
 
-__all__ = ["LoopTick", "add_bootsteps"]
+from .fastpath import EVENT_TYPES, FastPath
+
+__all__ = ["FastCalls", "LoopTick", "add_bootsteps"]
 
 #: Seconds between two turns of the worker's event loop, at most.
 TICK = 0.05
@@ -34,8 +39,65 @@ def _noop() -> None:
     return None
 
 
+class FastCalls(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Serves the key's queue on the fast path instead of kombu's consumer (Redis broker, ``fast_path``).
+
+    A consumer step: it runs again after each reconnection of the consumer, and each time takes the key's
+    queue away from kombu's task consumer; the fast path itself starts once and keeps its own connections.
+    """
+
+    requires = ("celery.worker.consumer.tasks:Tasks", "celery.worker.consumer.events:Events")
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        super().__init__(parent, **kwargs)
+        self.fast: FastPath | None = None
+
+    def start(self, c: Any) -> None:
+        """Start the fast path once, and stop kombu consuming the key's queue."""
+        distribution = getattr(c.app, "celery_services_distribution", None)
+        if distribution is None or not distribution.settings.fast_path or distribution.broker_store is None:
+            return
+        key = distribution.key
+        consumed = {queue.name for queue in getattr(c.task_consumer, "queues", ())}
+        if self.fast is None:
+            if key not in consumed:
+                return  # a worker of other queues (-Q): the key's calls are not this worker's to take
+            self.fast = FastPath(distribution, _slots(c), c.hostname, _topics(c))
+            self.fast.start()
+            distribution.fastpath = self.fast
+        if key in consumed:
+            c.cancel_task_queue(key)
+
+    def shutdown(self, c: Any) -> None:
+        """Let the running calls finish and stop serving."""
+        if self.fast is not None:
+            self.fast.stop()
+            self.fast = None
+
+
+def _slots(c: Any) -> int:
+    """How many tasks the worker's pool runs at once (solo: one)."""
+    limit = getattr(c.pool, "limit", None) or getattr(c.controller, "concurrency", None)
+    return int(limit or 1)
+
+
+def _topics(c: Any) -> dict[str, list[str]] | None:
+    """The pub/sub channels of each task event the fast path sends (``None``: task events are off)."""
+    dispatcher = getattr(c, "event_dispatcher", None)
+    if dispatcher is None or not dispatcher.enabled:
+        return None
+    if dispatcher.groups and "task" not in dispatcher.groups:
+        return None
+    # The channel of the worker's own dispatcher knows the transport's fanout prefix and patterns.
+    channel = dispatcher.producer.channel
+    topics = channel._get_publish_topics
+    return {kind: list(topics("celeryev", kind.replace("-", "."))) for kind in EVENT_TYPES}
+
+
 def add_bootsteps(celery: Celery) -> None:
     """Add the bootsteps its broker needs to ``celery``'s workers (idempotent)."""
     broker = str(celery.conf.broker_url or "")
     if broker.startswith(("amqp", "pyamqp")) and LoopTick not in celery.steps["worker"]:
         celery.steps["worker"].add(LoopTick)
+    if FastCalls not in celery.steps["consumer"]:
+        celery.steps["consumer"].add(FastCalls)

@@ -94,6 +94,7 @@ class Call:
         deadline: epoch seconds after which nobody waits for the reply.
         headers: the call's message headers (caller, deadline, reply, signature).
         fields: its log fields.
+        encoded: ``kwargs`` in JSON, serialized once for its size check and the message.
     """
 
     name: str
@@ -103,6 +104,7 @@ class Call:
     deadline: float
     headers: dict[str, Any]
     fields: dict[str, str]
+    encoded: str
 
 
 class Transport:
@@ -219,24 +221,32 @@ class Transport:
             ),
         }
         try:
-            size = len(json.dumps(kwargs))
+            encoded = json.dumps(kwargs)
         except (TypeError, ValueError) as exc:
             raise BadRequest(f"Call to '{name}' is not JSON serializable: {exc}") from None
+        size = len(encoded)
         if size > settings.max_payload_bytes:
             raise PayloadTooLarge(
                 f"Call to '{name}' is {size} bytes, over the {settings.max_payload_bytes} byte limit",
                 {"size": size, "limit": settings.max_payload_bytes},
             )
-        return self._call(name, key, kwargs, deadline, call_fields(key, path, method, ""))
+        return self._call(name, key, kwargs, deadline, call_fields(key, path, method, ""), encoded)
 
     def _call(
-        self, name: str, queue: str, kwargs: dict[str, Any], deadline: float, fields: dict[str, str]
+        self,
+        name: str,
+        queue: str,
+        kwargs: dict[str, Any],
+        deadline: float,
+        fields: dict[str, str],
+        encoded: str | None = None,
     ) -> Call:
         call_id = str(uuid.uuid4())
         headers: dict[str, Any] = {HEADER_CALLER: self.caller, HEADER_DEADLINE: deadline, HEADER_REPLY: True}
         if self.signer is not None:
             headers[HEADER_SIGNATURE] = self.signer.sign_call(name, call_id, deadline, kwargs)
-        return Call(name, queue, call_id, kwargs, deadline, headers, {**fields, "call_id": call_id})
+        encoded = json.dumps(kwargs) if encoded is None else encoded
+        return Call(name, queue, call_id, kwargs, deadline, headers, {**fields, "call_id": call_id}, encoded)
 
     def request(self, name: str, queue: str, kwargs: dict[str, Any], deadline: float) -> Any:
         """Publish the task ``name`` on ``queue`` and wait for its reply until ``deadline`` (epoch)."""
@@ -269,10 +279,11 @@ class Transport:
             ignore_result=True,
             create_sent_event=False,
             argsrepr="()",
-            kwargsrepr=_kwargsrepr(call.kwargs),
+            kwargsrepr=_kwargsrepr(call.kwargs, len(call.encoded)),
         )
         properties = {**message.properties, "expiration": str(int(expires * 1000))}
-        return encode_task({**message.headers, **call.headers}, properties, message.body, call.key)
+        body = f"[[], {call.encoded}, {json.dumps(message.body[2])}]"  # (args, kwargs, embed)
+        return encode_task({**message.headers, **call.headers}, properties, body, call.key)
 
     def queue_key(self, queue: str) -> str:
         """The Redis list of ``queue`` (kombu's ``global_keyprefix`` included)."""
@@ -309,7 +320,7 @@ class Transport:
             ignore_result=True,
             create_sent_event=False,
             argsrepr="()",
-            kwargsrepr=_kwargsrepr(call.kwargs),
+            kwargsrepr=_kwargsrepr(call.kwargs, len(call.encoded)),
         )
         # A bounded retry: an unreachable broker must fail the call within its deadline, not hang it.
         policy = {"max_retries": max(1, int(expires / 0.5)), "interval_start": 0, "interval_step": 0.5}
@@ -449,7 +460,7 @@ def _close_quietly(producer: Any) -> None:
         log.debug("closing a producer connection failed", exc_info=True)
 
 
-def _kwargsrepr(kwargs: dict[str, Any]) -> str:
+def _kwargsrepr(kwargs: dict[str, Any], size: int) -> str:
     # What Flower and worker logs show: never the identity or the credentials of the caller (``user``,
     # ``authentication``, protocol.is_secret_header's headers), and never a huge payload. The message
     # itself is untouched: what travels is decided by protocol.safe_params.
@@ -460,7 +471,10 @@ def _kwargsrepr(kwargs: dict[str, Any]) -> str:
         masked["headers"] = {k: ("***" if is_secret_header(k) else v) for k, v in headers.items()}
     elif headers is not None:  # not a name → value map: nothing tells which part is a credential
         masked["headers"] = "***"
-    text = repr({**kwargs, "params": masked}) if kwargs else "{}"
+    shown = {**kwargs, "params": masked}
+    if size > 1024:  # a large payload is never rendered whole only to be cut
+        shown["data"] = f"<{size} bytes of JSON>"
+    text = repr(shown) if kwargs else "{}"
     return text if len(text) <= 1024 else text[:1021] + "..."
 
 

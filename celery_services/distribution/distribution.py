@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 import weakref
+from functools import partial
 from typing import Any
 
 import redis
@@ -34,9 +35,17 @@ from .caller import RemoteService, Transport
 from .celery_app import make_celery
 from .discovery import Discovery
 from .events import EventBus, EventEnvelope, event_context
+from .fastpath import FastPath
 from .lease import lease_keeper
 from .manifest import Manifest, ServiceManifest
-from .provider import Replies, health_task_name, register_health, register_method
+from .provider import (
+    Handler,
+    Replies,
+    after_reply,
+    health_task_name,
+    register_health,
+    register_method,
+)
 from .redis_clients import RedisOptions, is_redis, redis_client
 from .registry import Registry
 from .settings import DistributionSettings
@@ -60,6 +69,8 @@ class Distribution:
         transport: the caller's half of calls (:mod:`.caller`).
         replies: the provider's half of replies (:mod:`.provider`).
         lease: leases on the calls this worker holds (Redis broker; :mod:`.lease`).
+        handlers: what serves each call task of this key, by task name (:mod:`.provider`).
+        fastpath: the fast path serving this key's queue in this worker, if it runs (:mod:`.fastpath`).
         registry, discovery: manifests in Redis, and the proxies that follow them.
         events: the event bus.
         worker: what the distribution does inside a Celery worker (:mod:`.worker`).
@@ -91,6 +102,8 @@ class Distribution:
         )
         self.lease = lease_keeper(self.celery, settings)
         self.exposed: dict[str, ServiceManifest] = {}
+        self.handlers: dict[str, Handler] = {}
+        self.fastpath: FastPath | None = None  # set by the worker's FastCalls step (bootsteps.py)
         self.started_at = time.time()
         self.registry = Registry.from_settings(settings)  # manifest limits included
         self.discovery = Discovery(self)
@@ -200,7 +213,11 @@ class Distribution:
         for event in events:
 
             def publish(data: Any, context: Any = None, event: str = event) -> None:
-                self.events.publish(self.key, wrapper.path, event, data, event_context(context, extra))
+                send = partial(
+                    self.events.publish, self.key, wrapper.path, event, data, event_context(context, extra)
+                )
+                if not after_reply(send):  # a remote call's events go out once its caller has its answer
+                    send()
 
             wrapper.on(event, publish)
             listeners.append((wrapper, event, publish))

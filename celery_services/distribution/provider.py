@@ -10,20 +10,24 @@ it answers (reply list, Celery state, Flower's view of an expected error) are re
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import redis
+from celery.app.task import Context
 from celery.worker.request import Request
 
 from ..core.errors import (
     Forbidden,
+    MethodNotAllowed,
     NotAuthenticated,
     PayloadTooLarge,
     ServiceError,
@@ -39,6 +43,7 @@ from .protocol import (
     HEADER_REPLY,
     parse_envelope,
     reply_key,
+    split_task_name,
     task_name,
 )
 
@@ -50,12 +55,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "HEALTH_METHOD",
+    "Answer",
     "CallRequest",
+    "Handler",
     "Replies",
+    "SizedRequest",
+    "after_reply",
     "call_params",
     "health_task_name",
     "register_health",
     "register_method",
+    "serve",
+    "unknown_task_error",
 ]
 
 log = logging.getLogger("celery_services.tasks")
@@ -82,6 +93,17 @@ class Replies:
     def __init__(self, store: redis.Redis) -> None:
         self._push = store.register_script(_PUSH_REPLY)
 
+    def command(self, key: str, body: str, deadline: float | None) -> tuple[Any, ...] | None:
+        """The Redis command that pushes a reply (for a caller sending it with others in one round trip),
+        or ``None`` once the deadline has passed: nobody would pop it."""
+        ttl = (deadline - time.time()) if deadline is not None else DEFAULT_REPLY_TTL
+        if ttl <= 0:
+            log.info("reply %s not pushed: its caller's deadline has passed", key)
+            return None
+        # EVAL, not the registered script: sent among other commands, the script object would first ask
+        # SCRIPT EXISTS, one more round trip on every call. Redis caches the script by its digest.
+        return ("EVAL", _PUSH_REPLY, 2, key, f"{key}:sent", body, int((ttl + 1.0) * 1000))
+
     def push(self, key: str, body: str, deadline: float | None) -> bool:
         """Push a call's reply on its caller's list, once per call, while its caller still waits.
 
@@ -89,12 +111,11 @@ class Replies:
         redelivered call that ran twice): the first reply wins. The list and its marker expire a second
         after the deadline. Returns whether the reply was pushed.
         """
-        ttl = (deadline - time.time()) if deadline is not None else DEFAULT_REPLY_TTL
-        if ttl <= 0:
-            log.info("reply %s not pushed: its caller's deadline has passed", key)
+        command = self.command(key, body, deadline)
+        if command is None:
             return False
         try:
-            pushed = bool(self._push(keys=[key, f"{key}:sent"], args=[body, int((ttl + 1.0) * 1000)]))
+            pushed = bool(self._push(keys=list(command[3:5]), args=list(command[5:])))
         except redis.RedisError:
             log.exception("could not push the reply %s", key)
             return False
@@ -103,9 +124,95 @@ class Replies:
         return pushed
 
 
+def unknown_task_error(name: str) -> MethodNotAllowed:
+    """What the caller of a task this worker does not serve gets (a newer caller, an older provider)."""
+    key, path, method = split_task_name(name)
+    return MethodNotAllowed(
+        f"No instance of '{key}' serving this call offers '{path}.{method}' (task '{name}' unknown)",
+        {"key": key, "path": path, "method": method},
+    )
+
+
 def health_task_name(key: str) -> str:
     """The task that answers a key's healthcheck."""
     return f"{key}.{HEALTH_METHOD}"
+
+
+@dataclass(slots=True)
+class Answer:
+    """How a call ended: its result or its error, and the reply its caller gets.
+
+    Attributes:
+        result: the call's result (when ``error`` is ``None``).
+        encoded: the result in JSON, as its reply carries it.
+        error: the typed error the caller gets (``None`` on success).
+        cause: the exception that was not a service error (an internal error's cause, for the log/Flower).
+        reply_to: the caller's reply list (``None``: a caller that does not wait on one).
+        body: the reply to push there (``None``: push nothing, as for a replayed call).
+        deadline: the caller's deadline (epoch), if any.
+    """
+
+    result: Any = None
+    encoded: str = "null"
+    error: ServiceError | None = None
+    cause: BaseException | None = None
+    reply_to: str | None = None
+    body: str | None = None
+    deadline: float | None = None
+
+    def outcome(self) -> Any:
+        """The result, or raise the error (chained to its cause): what the Celery task returns or raises."""
+        if self.error is None:
+            return self.result
+        if self.cause is None:
+            raise self.error from None
+        raise self.error from self.cause  # Flower's traceback of an internal error shows its cause
+
+
+#: What serves one call: the task's request (Celery's context, or the fast path's), its args and kwargs.
+Handler = Callable[[Any, tuple[Any, ...], dict[str, Any]], Answer]
+
+#: What a call being served defers until its reply is sent (the events it published: see after_reply).
+_after_reply: contextvars.ContextVar[list[Callable[[], object]] | None] = contextvars.ContextVar(
+    "celery_services_after_reply", default=None
+)
+
+
+def after_reply(work: Callable[[], object]) -> bool:
+    """Run ``work`` once the call being served in this context has replied; ``False`` outside a call.
+
+    The distribution publishes a call's service events this way: its caller does not wait for them.
+    """
+    pending = _after_reply.get()
+    if pending is None:
+        return False
+    pending.append(work)
+    return True
+
+
+def serve(
+    handle: Handler,
+    request: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    reply: Callable[[Answer], None],
+) -> Answer:
+    """Run a call with ``handle``, ``reply`` with its answer, then what it deferred (:func:`after_reply`)."""
+    pending: list[Callable[[], object]] = []
+    token = _after_reply.set(pending)
+    try:
+        answer = handle(request, args, kwargs)
+    finally:
+        _after_reply.reset(token)
+    try:
+        reply(answer)
+    finally:
+        for work in pending:
+            try:
+                work()
+            except Exception:  # one failed publication must not lose the others, nor the answer
+                log.exception("work deferred after the reply of call %s failed", request.id)
+    return answer
 
 
 def register_method(distribution: Distribution, path: str, method: str) -> str:
@@ -114,15 +221,11 @@ def register_method(distribution: Distribution, path: str, method: str) -> str:
     if name not in distribution.celery.tasks:
         fields = {"key": distribution.key, "path": path, "method": method}
 
-        def serve(task: Task, *args: Any, **kwargs: Any) -> Any:
-            return _answer(
-                distribution,
-                task,
-                partial(_run, distribution, task.request, path, method, args, kwargs),
-                fields,
-            )
+        def handle(request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Answer:
+            work = partial(_run, distribution, request, path, method, args, kwargs)
+            return _answer(distribution, request, work, fields)
 
-        _register(distribution, serve, name)
+        _register(distribution, handle, name)
     return name
 
 
@@ -132,11 +235,20 @@ def register_health(distribution: Distribution) -> str:
     if name not in distribution.celery.tasks:
         fields = {"key": distribution.key, "path": "", "method": HEALTH_METHOD}
 
-        def health(task: Task, *args: Any, **kwargs: Any) -> Any:
-            return _answer(distribution, task, distribution.local_health, fields)
+        def handle(request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Answer:
+            return _answer(distribution, request, distribution.local_health, fields)
 
-        _register(distribution, health, name)
+        _register(distribution, handle, name)
     return name
+
+
+class SizedRequest(Context):  # type: ignore[misc]
+    """The request of a call the fast path read: Celery's context, and the size of the call's envelope.
+
+    ``envelope_size`` is set after the message's headers are applied, so no header can stand for it.
+    """
+
+    envelope_size: int = 0
 
 
 class CallRequest(Request):  # type: ignore[misc]
@@ -165,9 +277,18 @@ def _expected_error(shown: Any, request: Any) -> str | None:
     return f"{match.group(1)}({match.group(3)}): {match.group(2)}"
 
 
-def _register(distribution: Distribution, fn: Any, name: str) -> None:
+def _register(distribution: Distribution, handle: Handler, name: str) -> None:
+    distribution.handlers[name] = handle  # the fast path serves the same calls (fastpath.py)
+
+    def push(answer: Answer) -> None:
+        if answer.reply_to and answer.body is not None:
+            distribution.replies.push(answer.reply_to, answer.body, answer.deadline)
+
+    def task(task: Task, *args: Any, **kwargs: Any) -> Any:
+        return serve(handle, task.request, args, kwargs, push).outcome()
+
     distribution.celery.task(
-        fn,
+        task,
         name=name,
         bind=True,
         typing=False,
@@ -181,14 +302,16 @@ def _register(distribution: Distribution, fn: Any, name: str) -> None:
     )
 
 
-def _answer(distribution: Distribution, task: Task, work: Callable[[], Any], fields: dict[str, str]) -> Any:
-    """Admit a call, run it with its deadline set for nested calls, reply on the caller's list and to Celery.
+def _answer(
+    distribution: Distribution, request: Any, work: Callable[[], Any], fields: dict[str, str]
+) -> Answer:
+    """Admit a call, run it with its deadline set for nested calls, and say how it ended and what to reply.
 
     A call whose deadline has passed is not started, and no reply is pushed once nobody waits for it. With
     signing on, an unsigned, forged or replayed call is refused before anything of it runs; a caller not in
-    ``allow_callers`` is refused too.
+    ``allow_callers`` is refused too. Errors are returned, not raised: the Celery task raises them after the
+    reply is pushed, the fast path sends reply, ack and event together.
     """
-    request = task.request
     call_id = str(request.id)
     extra = {**fields, "call_id": call_id}
     raw_deadline = getattr(request, HEADER_DEADLINE, None)
@@ -197,33 +320,37 @@ def _answer(distribution: Distribution, task: Task, work: Callable[[], Any], fie
     if getattr(request, HEADER_REPLY, None):
         reply_to = reply_key(distribution.settings.registry_prefix, call_id)
     signer = distribution.signer
+    answer = Answer(reply_to=reply_to, deadline=deadline)
 
-    def reply(body: str) -> None:
-        if reply_to:
-            distribution.replies.push(
-                reply_to, signer.sign_reply(call_id, body) if signer else body, deadline
-            )
+    def failed(error: ServiceError, cause: BaseException | None = None) -> Answer:
+        body = json.dumps({"error": _json_safe(error.to_dict())})
+        answer.error, answer.cause = error, cause
+        answer.body = signer.sign_reply(call_id, body) if signer else body
+        return answer
 
     if deadline is not None and deadline <= time.time():
         # Its caller gave up (Celery's ``expires`` is only checked on receipt, not when a prefetched or
         # redelivered call starts): nothing runs, nothing is pushed.
         log.info("call not started: its caller's deadline has passed", extra=extra)
-        raise Timeout(f"Call '{request.task}' started after its caller's deadline", {"call_id": call_id})
+        late = f"Call '{request.task}' started after its caller's deadline"
+        answer.error = Timeout(late, {"call_id": call_id})
+        return answer
     if signer is not None:
         try:
             signer.check_call(request, deadline)
         except NotAuthenticated as refused:
-            reply(json.dumps({"error": refused.to_dict()}))
-            raise
+            return failed(refused)
         if not signer.first_start(call_id, deadline) and not _redelivered(request):
             # No reply: the original delivery of this call answers its caller.
             log.warning("call %s refused: replayed call id", call_id, extra=extra)
-            raise NotAuthenticated("Call refused: replayed", {"call_id": call_id})
+            answer.error = NotAuthenticated("Call refused: replayed", {"call_id": call_id})
+            return answer
     token = set_deadline(deadline)
     try:
         _check_caller(distribution, request, fields)
         result = work()
-        body = json.dumps({"result": result})
+        encoded = json.dumps(result)
+        body = f'{{"result": {encoded}}}'
         limit = distribution.settings.max_payload_bytes
         if len(body) > limit:
             raise PayloadTooLarge(
@@ -235,17 +362,15 @@ def _answer(distribution: Distribution, task: Task, work: Callable[[], Any], fie
         if error is not exc:
             # The detail stays here, under the call id the caller got (its message may name internals).
             log.exception("call %s failed: %s", call_id, type(exc).__name__, extra=extra)
-        else:
-            log.info("call answered %s (%s): %s", error.name, error.code, error.message, extra=extra)
-        reply(json.dumps({"error": _json_safe(error.to_dict())}))
-        if error is exc:
-            raise error from None
-        raise error from exc  # Flower's traceback of an internal error shows its cause
+            return failed(error, exc)
+        log.info("call answered %s (%s): %s", error.name, error.code, error.message, extra=extra)
+        return failed(error)
     finally:
         reset_deadline(token)
-    reply(body)
     log.debug("call served", extra=extra)
-    return result
+    answer.result, answer.encoded = result, encoded
+    answer.body = signer.sign_reply(call_id, body) if signer else body
+    return answer
 
 
 def _check_caller(distribution: Distribution, request: Any, fields: dict[str, str]) -> None:
@@ -294,7 +419,8 @@ def _run(
 ) -> Any:
     settings = distribution.settings
     envelope = parse_envelope(args, kwargs)
-    size = len(json.dumps(kwargs))
+    # The fast path read the envelope's size off its message: no second serialization of a large call.
+    size = request.envelope_size if isinstance(request, SizedRequest) else len(json.dumps(kwargs))
     if size > settings.max_payload_bytes:
         raise PayloadTooLarge(
             f"Call is {size} bytes, over the {settings.max_payload_bytes} byte limit",

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
-from ..core.errors import MethodNotAllowed
 from ..core.service import ServiceWrapper
-from .protocol import HEADER_DEADLINE, HEADER_REPLY, reply_key, split_task_name
+from .protocol import HEADER_DEADLINE, HEADER_REPLY, reply_key
+from .provider import unknown_task_error
 
 if TYPE_CHECKING:
     from .distribution import Distribution
@@ -133,12 +133,8 @@ class WorkerSignals:
         headers = getattr(message, "headers", None) or {}
         if not headers.get(HEADER_REPLY):
             return
-        key, path, method = split_task_name(name)
         deadline = headers.get(HEADER_DEADLINE)
-        error = MethodNotAllowed(
-            f"No instance of '{key}' serving this call offers '{path}.{method}' (task '{name}' unknown)",
-            {"key": key, "path": path, "method": method},
-        )
+        error = unknown_task_error(name)
         self.distribution.replies.push(
             reply_key(self.distribution.settings.registry_prefix, str(id)),
             json.dumps({"error": error.to_dict()}),

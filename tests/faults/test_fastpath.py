@@ -1,0 +1,164 @@
+"""The fast path (``fastpath.py``) under real conditions: beside Celery's consumer on one queue, a replica
+SIGKILLed in the middle of a call, a message it cannot read.
+
+Real ``celery worker`` processes of ``tests.apps.provider`` on the real Redis; the fast path is the default
+there, and ``CELERY_SERVICES_FAST_PATH=false`` gives a worker served by Celery's own consumer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from celery_services import App, DistributionSettings, NotFound, distribute, finalize
+from celery_services.distribution import Distribution
+from celery_services.testing import WorkerProcess, wait_for
+
+from ..support import Provider, cleanup, fresh_prefix, registered_provider
+
+PROBE = ["get", "slow", "boom"]
+FAST = "fast path serving queue"
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    yield from fresh_prefix(redis_url, "fast")
+
+
+def make_caller(prov: Provider, prefix: str) -> tuple[App, Distribution]:
+    app = App()
+    settings = DistributionSettings(
+        key=f"caller-{os.urandom(3).hex()}",
+        broker_url=prov.broker,
+        result_backend=prov.backend,
+        registry_prefix=prefix,
+        services=[],
+        remote_services=[],
+        timeout=8,
+    )
+    return app, distribute(app, settings)
+
+
+def in_flight(redis_url: str, prefix: str, key: str) -> dict[str, int]:
+    """The fast path's in-flight lists of ``key`` (one per serving thread) and their lengths."""
+    store = redis.Redis.from_url(redis_url)
+    try:
+        lists = store.scan_iter(f"{prefix}:fast:{key}:inflight:*")
+        return {name.decode(): int(store.llen(name)) for name in lists}
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_plain_worker_and_a_fast_path_worker_serve_one_queue(redis_url: str, prefix: str) -> None:
+    prov = registered_provider(redis_url, prefix, "mixed")
+    fast = prov.worker()
+    plain = WorkerProcess(
+        "tests.apps.provider", prov.key, env={**prov.env, "CELERY_SERVICES_FAST_PATH": "false"}
+    )
+    app, distribution = make_caller(prov, prefix)
+    client = Celery(broker=prov.broker, backend=prov.backend, set_as_current=False)
+    try:
+        fast.start()
+        plain.start()
+        assert FAST in fast.log() and FAST not in plain.log()
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        served: set[int] = set()
+
+        def both_served() -> bool:
+            # Each worker takes the calls it pops first: call until both did, every answer checked.
+            with ThreadPoolExecutor(4) as pool:
+                answers = list(pool.map(lambda n: (n, probe.get(n, {})), range(16)))
+            assert all(answer["id"] == n and answer["params"]["from_remote"] for n, answer in answers)
+            served.update(answer["pid"] for _, answer in answers)
+            return {fast.pid, plain.pid} <= served
+
+        wait_for(both_served, timeout=30, interval=0, what="calls served by both workers")
+        # Typed errors come back the same from either path.
+        for _ in range(6):
+            with pytest.raises(NotFound):
+                probe.boom("notfound", {})
+        # A plain Celery client (no reply list: the result backend) is served by both paths too.
+        by: set[int] = set()
+
+        def plain_client_served_by_both() -> bool:
+            result = client.send_task(f"{prov.key}.probe.get", kwargs={"id": "raw"}, queue=prov.key)
+            answer = result.get(timeout=10)
+            assert answer["id"] == "raw"
+            by.add(answer["pid"])
+            return {fast.pid, plain.pid} <= by
+
+        wait_for(plain_client_served_by_both, timeout=30, interval=0, what="send_task served by both")
+        assert in_flight(redis_url, prefix, prov.key) == {}  # every call acknowledged
+    finally:
+        fast.stop()
+        plain.stop()
+        finalize(app)
+        client.close()
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.timeout(90)
+def test_a_call_of_a_killed_fast_path_replica_is_served_by_another(redis_url: str, prefix: str) -> None:
+    prov = registered_provider(redis_url, prefix, "fastkill", CELERY_SERVICES_LEASE_TIMEOUT="1")
+    first, second = prov.worker(), prov.worker()
+    app, distribution = make_caller(prov, prefix)
+    try:
+        first.start()
+        second.start()
+        assert FAST in first.log() and FAST in second.log()
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(probe.slow, {"tag": "k", "seconds": 1.5}, {"timeout": 20})
+            start = wait_for(
+                lambda: next((r for r in prov.runs() if r.startswith("slow-start-k:")), None),
+                timeout=10,
+                what="slow call started",
+            )
+            # Held in the victim's in-flight list, not in kombu's unacked hash.
+            assert sorted(in_flight(redis_url, prefix, prov.key).values()) == [1]
+            victim_pid = int(start.rsplit(":", 1)[1])
+            victim = first if first.pid == victim_pid else second
+            survivor = second if victim is first else first
+            victim.kill(signal.SIGKILL)
+            result: dict[str, Any] = future.result(timeout=20)
+        assert result["pid"] == survivor.pid
+        assert result["redelivered"] is True
+        assert prov.runs().count(f"slow-end-k:{survivor.pid}") == 1
+        assert f"slow-end-k:{victim_pid}" not in prov.runs()
+        assert "given back to queue" in survivor.log()
+        wait_for(
+            lambda: sum(in_flight(redis_url, prefix, prov.key).values()) == 0,
+            timeout=10,
+            what="nothing left in flight",
+        )
+        assert probe.get(1, {})["pid"] == survivor.pid
+    finally:
+        first.stop()
+        second.stop()
+        finalize(app)
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.timeout(60)
+def test_an_unreadable_message_is_dropped_and_the_next_call_served(redis_url: str, prefix: str) -> None:
+    prov = registered_provider(redis_url, prefix, "garbage")
+    app, distribution = make_caller(prov, prefix)
+    store = redis.Redis.from_url(redis_url)
+    try:
+        with prov.worker() as worker:
+            store.lpush(prov.key, b"not a task message")
+            wait_for(lambda: "dropped an unreadable message" in worker.log(), timeout=10, what="drop logged")
+            assert distribution.remote_service(prov.key, "probe", PROBE).get(7, {})["id"] == 7
+            assert os.kill(worker.pid, 0) is None  # still serving
+    finally:
+        store.close()
+        finalize(app)
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
