@@ -8,24 +8,30 @@ Order of a call (the Feathers order):
 - on any failure (in a hook or the method): ``error`` hooks in the ``after`` order. An error hook may
   replace ``context.error``, or set ``context.result`` and clear ``context.error`` to recover.
 
-A hook takes the :class:`HookContext` and returns ``None`` or a context to use from then on.
+A hook takes the :class:`HookContext` and returns ``None`` or a context to use from then on. A hook may be
+``async def``: the call is then awaitable (:mod:`celery_services.core.aio`) and the hook is awaited in its
+place in the order.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
+
+from .aio import is_async_callable
 
 if TYPE_CHECKING:
     from .app import App
     from .service import ServiceWrapper
 
-__all__ = ["Hook", "HookContext", "HookSpec", "HookType", "Hooks"]
+__all__ = ["Hook", "HookContext", "HookSpec", "HookType", "Hooks", "run_hooks", "run_hooks_async"]
 
 HookType = Literal["before", "after", "error"]
 HOOK_TYPES: tuple[HookType, ...] = ("before", "after", "error")
 
-Hook = Callable[["HookContext"], "HookContext | None"]
+#: A hook: returns ``None`` or the context to go on with (an ``async def`` hook: a coroutine of either).
+Hook = Callable[["HookContext"], Any]
 #: ``{"before": {"all": [hook], "get": hook}, "after": {...}, "error": {...}}``
 HookSpec = Mapping[str, Mapping[str, "Hook | Sequence[Hook]"]]
 
@@ -90,6 +96,8 @@ class Hooks:
 
     def __init__(self, spec: HookSpec | None = None) -> None:
         self._table: dict[HookType, dict[str, list[Hook]]] = {kind: {} for kind in HOOK_TYPES}
+        #: Whether some hook of this level is ``async def`` (a blocking call never looks further).
+        self.has_async = False
         if spec:
             self.add(spec)
 
@@ -105,6 +113,7 @@ class Hooks:
                     if not callable(hook):
                         raise TypeError(f"{kind} hook for {method!r} is not callable: {hook!r}")
                     table.setdefault(method, []).append(hook)
+                    self.has_async = self.has_async or is_async_callable(hook)
 
     def for_call(self, kind: HookType, method: str) -> list[Hook]:
         """The hooks of ``kind`` for ``method``: ``all`` first, then the method's own."""
@@ -119,6 +128,23 @@ def run_hooks(hooks: Iterable[Hook], context: HookContext) -> HookContext:
     """Run hooks in order; a hook that returns a context replaces the one passed on."""
     for hook in hooks:
         returned = hook(context)
+        if inspect.isawaitable(returned):
+            # An awaitable the call did not see coming (an async callable it could not tell): never dropped.
+            close = getattr(returned, "close", None)
+            if callable(close):
+                close()
+            raise TypeError(f"hook {hook!r} returned an awaitable in a blocking call: await the call (acall)")
+        if returned is not None:
+            context = returned
+    return context
+
+
+async def run_hooks_async(hooks: Iterable[Hook], context: HookContext) -> HookContext:
+    """:func:`run_hooks` for an awaited call: an ``async def`` hook is awaited, a plain one runs inline."""
+    for hook in hooks:
+        returned = hook(context)
+        if inspect.isawaitable(returned):
+            returned = await returned
         if returned is not None:
             context = returned
     return context

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import keyword
 import logging
 import re
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
+from .aio import AsyncService, is_async_callable, resolve, run_blocking
 from .emitter import EventEmitter
 from .errors import MethodNotAllowed
-from .hooks import HookContext, Hooks, HookSpec, run_hooks
+from .hooks import HOOK_TYPES, HookContext, Hooks, HookSpec, run_hooks, run_hooks_async
 
 if TYPE_CHECKING:
     from .app import App
@@ -192,7 +195,7 @@ class ServiceWrapper(EventEmitter):
         # Only reached for names the wrapper itself lacks.
         if name.startswith("_"):
             raise AttributeError(name)
-        method = next((m for m in self.custom_methods if method_attribute(m) == name), None)
+        method = self._custom_method(name)
         if method is not None:  # publish_article reaches publish-article too
             return lambda data=None, params=None, **options: self.call(
                 method, data=data, params=params, **options
@@ -213,6 +216,10 @@ class ServiceWrapper(EventEmitter):
     ) -> Any:
         """Call ``method`` through the hooks; the one entry point of local, remote and HTTP calls.
 
+        When the method or one of the hooks the call runs is ``async def`` (:meth:`is_async`), the call
+        returns a coroutine to await (``await app.service("articles").get(1)``); otherwise it blocks and
+        returns the result.
+
         Args:
             method: a standard or custom method the service offers.
             id: the id argument, for the methods that take one.
@@ -220,16 +227,9 @@ class ServiceWrapper(EventEmitter):
             params: the call's params; copied, so hooks never change the caller's dict.
             timeout: seconds a remote call may take (stored as ``params["timeout"]``).
         """
-        if method not in SIGNATURES and method not in self.custom_methods:
-            raise MethodNotAllowed(f"Method '{method}' is not offered by service '{self.path}'")
-        if method in SIGNATURES and not callable(getattr(self.service, method, None)):
-            raise MethodNotAllowed(f"Method '{method}' is not supported by service '{self.path}'")
-        call_params = dict(params) if params else {}
-        if timeout is not None:
-            call_params["timeout"] = timeout
-        context = HookContext(
-            self.app, self, method, id=id, data=data, params=call_params, event=STANDARD_EVENTS.get(method)
-        )
+        context = self._context(method, id, data, params, timeout)
+        if self.is_async(method):
+            return self._run_async(context, None)
         app_hooks = self.app.hook_table
         try:
             context = run_hooks(app_hooks.for_call("before", method), context)
@@ -244,21 +244,112 @@ class ServiceWrapper(EventEmitter):
             context.error = exc
             context = run_hooks(self._hooks.for_call("error", method), context)
             context = run_hooks(app_hooks.for_call("error", method), context)
-            if context.error is not None:
-                if context.error is exc:
-                    raise
-                raise context.error from exc
+            _raise_unrecovered(context, exc)
+        self._emit_event(context)
+        return context.result
+
+    async def acall(
+        self,
+        method: str,
+        *,
+        id: Any = None,
+        data: Any = None,
+        params: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        executor: Executor | None = None,
+    ) -> Any:
+        """Call ``method`` through the hooks without blocking the event loop, whatever the service.
+
+        An ``async def`` method is awaited; a remote proxy's call is sent and awaited on asyncio clients; a
+        blocking service with blocking hooks runs whole in ``executor`` (``None``: the loop's default one),
+        as a blocking method with ``async def`` hooks runs its method there. Arguments as :meth:`call`.
+        """
+        if not self.is_async(method) and not getattr(self.service, "remote", False):
+            blocking = functools.partial(self.call, method, id=id, data=data, params=params, timeout=timeout)
+            return await run_blocking(blocking, executor)
+        return await self._run_async(self._context(method, id, data, params, timeout), executor)
+
+    @property
+    def aio(self) -> AsyncService:
+        """The awaitable face of this service: ``await app.service("articles").aio.get(1)`` (see
+        :meth:`acall`), for local and remote services alike."""
+        return AsyncService(self)
+
+    def is_async(self, method: str) -> bool:
+        """Whether :meth:`call` of ``method`` gives a coroutine: the service's method, or one of the hooks
+        such a call runs, is ``async def``."""
+        if is_async_callable(getattr(self.service, method_attribute(method), None)):
+            return True
+        levels = [hooks for hooks in (self.app.hook_table, self._hooks) if hooks.has_async]
+        return any(
+            is_async_callable(hook)
+            for hooks in levels
+            for kind in HOOK_TYPES
+            for hook in hooks.for_call(kind, method)
+        )
+
+    def _context(
+        self, method: str, id: Any, data: Any, params: dict[str, Any] | None, timeout: float | None
+    ) -> HookContext:
+        if method not in SIGNATURES and method not in self.custom_methods:
+            raise MethodNotAllowed(f"Method '{method}' is not offered by service '{self.path}'")
+        if method in SIGNATURES and not callable(getattr(self.service, method, None)):
+            raise MethodNotAllowed(f"Method '{method}' is not supported by service '{self.path}'")
+        call_params = dict(params) if params else {}
+        if timeout is not None:
+            call_params["timeout"] = timeout
+        return HookContext(
+            self.app, self, method, id=id, data=data, params=call_params, event=STANDARD_EVENTS.get(method)
+        )
+
+    async def _run_async(self, context: HookContext, executor: Executor | None) -> Any:
+        # The order of call(), each hook awaited when async def.
+        method = context.method
+        app_hooks = self.app.hook_table
+        try:
+            context = await run_hooks_async(app_hooks.for_call("before", method), context)
+            context = await run_hooks_async(self._hooks.for_call("before", method), context)
+            if not context.result_set:
+                context.result = await self._invoke_async(context, executor)
+            context.type = "after"
+            context = await run_hooks_async(self._hooks.for_call("after", method), context)
+            context = await run_hooks_async(app_hooks.for_call("after", method), context)
+        except Exception as exc:
+            context.type = "error"
+            context.error = exc
+            context = await run_hooks_async(self._hooks.for_call("error", method), context)
+            context = await run_hooks_async(app_hooks.for_call("error", method), context)
+            _raise_unrecovered(context, exc)
+        self._emit_event(context)
+        return context.result
+
+    def _emit_event(self, context: HookContext) -> None:
         # A proxy's events come from its provider through the event bus: emitting them here would double them.
         if context.event is not None and not getattr(self.service, "remote", False):
             items = context.result if isinstance(context.result, list) else [context.result]
             for item in items:
                 self.emit(context.event, item, context)
-        return context.result
 
     def _invoke(self, context: HookContext) -> Any:
         method = getattr(self.service, method_attribute(context.method))
         args = [getattr(context, name) for name in SIGNATURES.get(context.method, ("data",))]
         return method(*args, context.params)
+
+    async def _invoke_async(self, context: HookContext, executor: Executor | None) -> Any:
+        call_async = getattr(self.service, "call_async", None)
+        if getattr(self.service, "remote", False) and callable(call_async):
+            # A proxy's awaitable call: sent and awaited on asyncio clients (distribution/aio.py).
+            fields = {name: getattr(context, name) for name in SIGNATURES.get(context.method, ("data",))}
+            return await call_async(context.method, params=context.params, **fields)
+        method = getattr(self.service, method_attribute(context.method))
+        args = [getattr(context, name) for name in SIGNATURES.get(context.method, ("data",))]
+        if is_async_callable(method):
+            return await method(*args, context.params)
+        return await resolve(await run_blocking(functools.partial(method, *args, context.params), executor))
+
+    def _custom_method(self, name: str) -> str | None:
+        """The custom method an attribute name reaches (``publish_article`` reaches ``publish-article``)."""
+        return next((m for m in self.custom_methods if method_attribute(m) == name), None)
 
     def __repr__(self) -> str:
         return f"<ServiceWrapper {self.path!r} of {type(self.service).__name__}>"
@@ -266,6 +357,14 @@ class ServiceWrapper(EventEmitter):
 
 _STD_EVENTS = frozenset(STANDARD_EVENTS.values())
 _MISSING = object()
+
+
+def _raise_unrecovered(context: HookContext, exc: Exception) -> None:
+    """After the error hooks: raise what is left of the error, unless a hook recovered the call."""
+    if context.error is not None:
+        if context.error is exc:
+            raise exc
+        raise context.error from exc
 
 
 def _refuse(path: str, name: str) -> Callable[..., Any]:

@@ -36,6 +36,7 @@ from ..core.errors import (
 )
 from .caller import reset_deadline, set_deadline
 from .lease import HEADER_REDELIVERED
+from .loops import settle
 from .protocol import (
     AUTH_PARAMS,
     HEADER_CALLER,
@@ -427,7 +428,10 @@ def _run(
             {"size": size, "limit": settings.max_payload_bytes},
         )
     params = call_params(settings, request, envelope.params)
-    return distribution.app.service(path).call(method, id=envelope.id, data=envelope.data, params=params)
+    # An async def method or hook gives a coroutine: settled on this thread's kept loop, by the deadline.
+    return settle(
+        distribution.app.service(path).call(method, id=envelope.id, data=envelope.data, params=params)
+    )
 
 
 def _json_safe(payload: dict[str, Any]) -> dict[str, Any]:
