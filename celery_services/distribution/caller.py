@@ -17,12 +17,14 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from kombu.exceptions import OperationalError
 
+from ..core.aio import run_blocking
 from ..core.errors import (
     BadGateway,
     BadRequest,
@@ -504,8 +506,11 @@ class RemoteService:
         methods: Sequence[str],
         events: Sequence[str] = (),
         remote_options: dict[str, Any] | None = None,
+        *,
+        call_async: Callable[..., Awaitable[Any]] | None = None,
     ) -> None:
         self._call = call
+        self._call_async = call_async
         self.key = key
         self.path = path
         self.methods = tuple(methods)
@@ -540,6 +545,24 @@ class RemoteService:
             return self._call(self.key, self.path, name, params=params, timeout=timeout, wait=wait, **fields)
 
         return method
+
+    async def call_async(
+        self, method: str, *, id: Any = None, data: Any = None, params: dict[str, Any] | None = None
+    ) -> Any:
+        """Send ``method`` and await its reply without blocking the event loop (what the wrapper's
+        :meth:`~celery_services.ServiceWrapper.acall` does for a proxy): the same call as the blocking
+        methods', sent by the distribution's asyncio transport (:mod:`.aio`)."""
+        if method not in self.methods:
+            raise MethodNotAllowed(f"Method '{method}' is not offered by remote service '{self.path}'")
+        params = dict(params or {})
+        # Call controls, not params: they never travel.
+        controls = {"timeout": params.pop("timeout", None), "wait": bool(params.pop("wait", False))}
+        names = SIGNATURES.get(method, ("data",))
+        fields = {name: value for name, value in (("id", id), ("data", data)) if name in names}
+        if self._call_async is None:  # a proxy built without one: its blocking call, off the loop
+            call = partial(self._call, self.key, self.path, method, params=params, **controls, **fields)
+            return await run_blocking(call)
+        return await self._call_async(self.key, self.path, method, params=params, **controls, **fields)
 
     def __repr__(self) -> str:
         return f"<RemoteService {self.key}/{self.path} {list(self.methods)}>"

@@ -30,6 +30,7 @@ from ..core.app import App
 from ..core.emitter import Listener
 from ..core.errors import NotFound, ServiceError, Unavailable
 from ..core.service import ServiceWrapper
+from .aio import AsyncTransport
 from .bootsteps import add_bootsteps
 from .caller import RemoteService, Transport
 from .celery_app import make_celery
@@ -67,6 +68,7 @@ class Distribution:
         key: the app's key (its queue name).
         instance: this process's unique instance id.
         transport: the caller's half of calls (:mod:`.caller`).
+        aio: the same calls awaited on asyncio clients (:mod:`.aio`).
         replies: the provider's half of replies (:mod:`.provider`).
         lease: leases on the calls this worker holds (Redis broker; :mod:`.lease`).
         handlers: what serves each call task of this key, by task name (:mod:`.provider`).
@@ -116,6 +118,14 @@ class Distribution:
             is_live=self.registry.has_key,
             signer=self.signer,
             queues=self.broker_store,
+        )
+        # The same calls, awaited (``proxy.aio.get(1)``, the gateway): asyncio clients, one set per loop.
+        broker = str(self.celery.conf.broker_url or settings.resolved_broker_url())
+        self.aio = AsyncTransport(
+            self.transport,
+            settings.resolved_result_backend(),
+            broker_url=broker if self.broker_store not in (None, self.reply_store) else None,
+            options=RedisOptions.of(settings),
         )
         self.events = EventBus(
             self.celery.conf.broker_url or settings.resolved_broker_url(),
@@ -322,11 +332,21 @@ class Distribution:
         """
         offered = tuple(methods) if methods is not None else tuple(self.settings.distributed_methods)
         evts = tuple(events) if events is not None else tuple(self.settings.distributed_events)
-        call = self._call_local if key == self.key else self.transport.call
-        return RemoteService(call, key, path, offered, evts, remote_options)
+        if key == self.key:
+            return RemoteService(
+                self._call_local, key, path, offered, evts, remote_options, call_async=self._call_local_async
+            )
+        return RemoteService(
+            self.transport.call, key, path, offered, evts, remote_options, call_async=self.aio.call
+        )
 
     def _call_local(self, key: str, path: str, method: str, *, wait: bool = False, **fields: Any) -> Any:
         return self.app.service(path).call(method, **fields)
+
+    async def _call_local_async(
+        self, key: str, path: str, method: str, *, wait: bool = False, **fields: Any
+    ) -> Any:
+        return await self.app.service(path).acall(method, **fields)
 
     def wait_for(self, path: str, timeout: float | None = None) -> ServiceWrapper:
         """The service at ``path`` once it is mounted (a remote one may still be on its way).
@@ -392,6 +412,7 @@ class Distribution:
         self.worker.disconnect()
         if self.lease is not None:
             self.lease.stop()
+        self.aio.close()
         self.transport.close()
         if self.broker_store is not None and self.broker_store is not self.reply_store:
             self.broker_store.close()

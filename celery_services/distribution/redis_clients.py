@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import redis
+import redis.asyncio
+import redis.asyncio.sentinel
 from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MASTER_CHECK_INTERVAL",
     "RedisOptions",
+    "async_redis_client",
     "is_redis",
     "is_sentinel",
     "is_tls",
@@ -53,6 +56,7 @@ __all__ = [
 log = logging.getLogger("celery_services.redis")
 
 _Sentinel: Any = Sentinel  # redis-py leaves its constructor unannotated
+_AsyncSentinel: Any = redis.asyncio.sentinel.Sentinel
 
 #: Seconds between two checks, by one process, of which server a Sentinel names master.
 MASTER_CHECK_INTERVAL = 0.5
@@ -163,6 +167,43 @@ def redis_client(
     if is_tls(url):
         kwargs = {**options.ssl_options(), **kwargs}
     return redis.Redis.from_url(url, **timeouts, **kwargs)
+
+
+def async_redis_client(
+    url: str,
+    options: RedisOptions | None = None,
+    *,
+    socket_timeout: float,
+    socket_connect_timeout: float,
+    **kwargs: Any,
+) -> redis.asyncio.Redis:
+    """:func:`redis_client` for asyncio: a ``redis.asyncio`` client of the same URL, options and timeouts.
+
+    Its connections belong to the event loop that opens them: keep one client per loop (:mod:`.aio`).
+    Through Sentinel, its pool asks the Sentinels for the master on each new connection; a connection
+    whose server became a replica fails as a lost one (``UNBLOCKED`` / ``READONLY``: see its callers), and
+    the next connection goes to the new master.
+
+    Raises:
+        ValueError: a ``sentinel://`` URL without ``options.sentinel_master``.
+    """
+    options = options or RedisOptions()
+    timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
+    if is_sentinel(url):
+        if not options.sentinel_master:
+            raise ValueError("a sentinel:// URL needs the setting sentinel_master (the name of the master)")
+        nodes, db, username, password = sentinel_nodes(url)
+        credentials = {"username": username, "password": password} if password is not None else {}
+        sentinel = _AsyncSentinel(nodes, sentinel_kwargs=dict(timeouts), **timeouts)
+        client: redis.asyncio.Redis = sentinel.master_for(
+            options.sentinel_master, db=db, **credentials, **kwargs
+        )
+        return client
+    if is_tls(url):
+        kwargs = {**options.ssl_options(), **kwargs}
+    return redis.asyncio.Redis.from_url(
+        url, socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout, **kwargs
+    )
 
 
 def _master_client(

@@ -26,8 +26,10 @@ Requests: the body is JSON (an empty body reads as ``{}``, as Feathers' body par
 ``X-Service-Method`` must name a custom method of the service (standard methods have their verbs); ``POST``
 to an id and verbs other than these are a 405. Every call carries ``params = {"provider": "rest", "query":
 {...}, "headers": {lowercased headers}}`` plus ``"authentication": {"strategy": "jwt", "accessToken": t}``
-for ``Authorization: Bearer t``. Service calls are synchronous: each runs in one of the gateway's own
-threads (at most ``threads`` at once), never on the event loop. A result of ``None`` answers 204.
+for ``Authorization: Bearer t``. Calls are awaited (:meth:`~.ServiceWrapper.acall`): a remote proxy's on
+asyncio clients and an ``async def`` service's on the loop, holding no thread while they wait; a blocking
+service runs in one of the gateway's own threads (at most ``threads`` at once), never on the event loop. A
+result of ``None`` answers 204.
 
 Authentication: ``asgi_app(app, authenticate=...)`` turns each REST call and ``/events`` request into a user
 (``params["user"]``) or refuses it with a 401 (:mod:`celery_services.http.auth`); the healthcheck and the
@@ -184,15 +186,23 @@ class _Gateway:
         self.threads = threads
         self.hub = hub
         self.heartbeat = heartbeat
-        # A pool of our own, of fixed threads: the remote transport keeps one broker connection per calling
-        # thread, so threads that come and go (anyio's idle workers exit after 10 s) would leave
-        # connections behind; and service calls never compete with Starlette's own thread pool.
+        # A pool of our own, of fixed threads, for blocking services (remote and async ones hold none): the
+        # remote transport keeps one broker connection per calling thread (a blocking service's nested calls),
+        # so threads that come and go (anyio's idle workers exit after 10 s) would leave connections behind;
+        # and service calls never compete with Starlette's own thread pool.
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="celery-services-http")
 
     async def in_thread(self, function: Callable[[], T]) -> T:
         """Run blocking ``function`` in one of the gateway's ``threads`` (context variables included)."""
         context = contextvars.copy_context()
         return await asyncio.get_running_loop().run_in_executor(self.executor, context.run, function)
+
+    async def invoke(
+        self, wrapper: ServiceWrapper, method: str, id: Any, data: Any, params: dict[str, Any]
+    ) -> Any:
+        """Call a service for a request without holding a thread while a remote or async call waits (a
+        blocking service runs in the gateway's threads)."""
+        return await wrapper.acall(method, id=id, data=data, params=params, executor=self.executor)
 
     # services
 
@@ -215,13 +225,8 @@ class _Gateway:
         if user is not None:
             params["user"] = user
 
-        def call() -> bytes | None:
-            result = wrapper.call(
-                method, id=id, data=_decode(data) if data is not None else None, params=params
-            )
-            return None if result is None else _encode(result)
-
-        content = await self.in_thread(call)
+        result = await self.invoke(wrapper, method, id, _decode(data) if data is not None else None, params)
+        content = None if result is None else _encode(result)
         if content is None:
             return Response(status_code=204)
         return Response(content, status_code=201 if method == "create" else 200, media_type=_JSON)
@@ -399,7 +404,8 @@ def asgi_app(
         coerce: which query-string values become numbers / booleans / null besides ``$limit``, ``$skip``
             and ``$sort``: ``"operators"`` (values of ``$gt``, ``$in``…), ``"all"`` or ``"none"``
             (see :mod:`celery_services.http.query`).
-        threads: service calls running at once (in worker threads) per event loop.
+        threads: blocking service calls running at once (in the gateway's threads); remote proxies and
+            ``async def`` services are awaited and take none.
         heartbeat: seconds between two ``: ping`` comments on an idle ``/events`` stream.
         queue_size: events pending per ``/events`` client before new ones are dropped for it.
         page: serve the example page at ``/`` (and its files at ``/static/``).
@@ -437,7 +443,7 @@ def asgi_app(
         transport = SocketTransport(
             app,
             hub,
-            gateway.in_thread,
+            gateway.executor,
             authenticate=authenticate,
             max_bytes=max_body_bytes,
             queue_size=queue_size,

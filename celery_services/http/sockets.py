@@ -9,8 +9,9 @@ them::
 
 and the callback gets ``(error, result)``, the error as Feathers writes it (:meth:`~.ServiceError.to_dict`;
 an exception that is not a ``ServiceError`` is logged and answered as ``GeneralError`` revealing nothing).
-Calls run in the gateway's thread pool, never on the event loop, with ``params = {"provider": "socketio",
-"query", "headers" (of the handshake), "user", "authentication"}``.
+Calls are awaited as the gateway's REST calls are (a blocking service in the gateway's thread pool, never
+on the event loop), with ``params = {"provider": "socketio", "query", "headers" (of the handshake), "user",
+"authentication"}``.
 
 Authentication is Feathers' authentication client's: ``create`` on the path ``authentication`` with
 ``{"strategy": "jwt", "accessToken"}`` checks the token (the gateway's :class:`~.auth.JWTAuthentication`,
@@ -29,14 +30,14 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from concurrent.futures import Executor
 from typing import Any
 
 import socketio  # type: ignore[import-untyped]
 
 from ..core.app import App
 from ..core.errors import BadRequest, GeneralError, MethodNotAllowed, NotAuthenticated, NotFound, ServiceError
-from ..core.service import ServiceWrapper
 from .auth import Authenticate
 from .query import parse_id
 from .sse import EventHub, HubClient
@@ -89,7 +90,7 @@ class SocketTransport:
     Args:
         app: the app whose services are served.
         hub: the gateway's event hub (its publish decisions).
-        in_thread: runs a blocking call in the gateway's thread pool.
+        executor: the gateway's thread pool, where blocking services run.
         authenticate: the gateway's authenticate step (its ``verify(token)`` checks socket tokens).
         max_bytes: largest message accepted from a client.
         queue_size: events pending per socket before new ones are dropped for it.
@@ -99,7 +100,7 @@ class SocketTransport:
         self,
         app: App,
         hub: EventHub,
-        in_thread: Callable[[Callable[[], Any]], Awaitable[Any]],
+        executor: Executor | None,
         *,
         authenticate: Authenticate | None = None,
         max_bytes: int = 1_048_576,
@@ -107,7 +108,7 @@ class SocketTransport:
     ) -> None:
         self.app = app
         self.hub = hub
-        self.in_thread = in_thread
+        self.executor = executor
         self.authenticate = authenticate
         self.queue_size = queue_size
         self.server = socketio.AsyncServer(
@@ -210,7 +211,10 @@ class SocketTransport:
         if session["user"] is not None:
             params["user"] = session["user"]
             params["authentication"] = session["authentication"]
-        return await self.in_thread(lambda: _json_safe(_call(wrapper, method, fields, params)))
+        result = await wrapper.acall(
+            method, id=fields.get("id"), data=fields.get("data"), params=params, executor=self.executor
+        )
+        return _json_safe(result)
 
     async def _authentication(self, sid: str, method: str, args: list[Any]) -> Any:
         session = await self.server.get_session(sid)
@@ -244,10 +248,6 @@ class SocketTransport:
         client = self._clients.get(sid)
         if client is not None:
             client.user = user
-
-
-def _call(wrapper: ServiceWrapper, method: str, fields: dict[str, Any], params: dict[str, Any]) -> Any:
-    return wrapper.call(method, id=fields.get("id"), data=fields.get("data"), params=params)
 
 
 def _json_safe(result: Any) -> Any:
