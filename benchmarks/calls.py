@@ -12,7 +12,7 @@ Measured in one run, for each path, with ``articles.get(id)`` on the same 100 it
   ``benchmarks/plain_tasks.py`` (default Celery settings except JSON), served by ``celery worker -P solo``;
 - (c) the proxy served by Celery's consumer: ``app.service("articles").get(id)`` to
   ``celery -A workers.articles worker -P solo`` with ``CELERY_SERVICES_FAST_PATH=false``;
-- (d) the proxy on the fast path: the same worker with the fast path on (the default; Redis broker only).
+- (d) the proxy on the fast path: the same worker with the fast path on (the default).
 
 For each: p50 / p99 latency with one call in flight, calls/s with 1 and 8 caller threads, and CPU per call
 of the caller, the path's workers and Redis; one row per broker and per ``--replicas`` value (the same
@@ -494,8 +494,7 @@ def run_broker(
                 timeout=CALL_TIMEOUT,
             ),
         )
-        variants = [True, False] if redis_broker else [False]
-        for fast in variants:
+        for fast in (True, False):
             path = f"articles-{'fast' if fast else 'celery'}"
             caller.use(
                 path, distribution.remote_service(bench.provider_key(fast), "articles", ["get", "create"])
@@ -513,9 +512,9 @@ def run_broker(
                     "raw": [bench.raw_worker() for _ in range(more)],
                     "celery": [bench.provider_worker(False) for _ in range(more)],
                 }
+                new["fast"] = [bench.provider_worker(True) for _ in range(more)]
                 if redis_broker:
                     new["floor"] = [bench.floor_worker() for _ in range(more)]
-                    new["fast"] = [bench.provider_worker(True) for _ in range(more)]
                 bench.start([w for group in new.values() for w in group])
                 for group, started in new.items():
                     workers[group] += started
@@ -533,11 +532,9 @@ def run_broker(
             targets.append(
                 target("(c) proxy, Celery's consumer", caller.service("articles-celery").get, "celery")
             )
-            if redis_broker:
-                targets.append(target("(d) proxy, fast path", caller.service("articles-fast").get, "fast"))
+            targets.append(target("(d) proxy, fast path", caller.service("articles-fast").get, "fast"))
             rows += measure(targets, ids, args.calls, callers, probe)
-        path = "articles-fast" if redis_broker else "articles-celery"
-        large.append(measure_large(name, caller.service(path), ids))
+        large.append(measure_large(name, caller.service("articles-fast"), ids))
     finally:
         bench.stop_workers()
         finalize(caller)

@@ -1,7 +1,7 @@
 """Worker bootsteps the distribution adds to its Celery app.
 
-:class:`FastCalls` hands the key's queue from kombu's consumer to the fast path (:mod:`.fastpath`) in a
-worker that consumes it on a Redis broker.
+:class:`FastCalls` hands the key's queue from Celery's consumer to the fast path (:mod:`.fastpath`) in a
+worker that consumes it.
 
 :class:`LoopTick` works around a stall measured on RabbitMQ (Celery 5.7, kombu 5.7, py-amqp): with prefetch 1
 and late acks, a worker's event loop now and then sleeps until its next timer (about 2 s) although a call
@@ -16,7 +16,7 @@ from typing import Any
 
 from celery import Celery, bootsteps
 
-from .fastpath import EVENT_TYPES, FastPath
+from .fastpath import EVENT_TYPES, AmqpFastPath, FastPath, RedisFastPath
 
 __all__ = ["FastCalls", "LoopTick", "add_bootsteps"]
 
@@ -40,7 +40,7 @@ def _noop() -> None:
 
 
 class FastCalls(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Serves the key's queue on the fast path instead of kombu's consumer (Redis broker, ``fast_path``).
+    """Serves the key's queue on the fast path instead of Celery's consumer (``fast_path``).
 
     A consumer step: it runs again after each reconnection of the consumer, and each time takes the key's
     queue away from kombu's task consumer; the fast path itself starts once and keeps its own connections.
@@ -55,14 +55,17 @@ class FastCalls(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, c: Any) -> None:
         """Start the fast path once, and stop kombu consuming the key's queue."""
         distribution = getattr(c.app, "celery_services_distribution", None)
-        if distribution is None or not distribution.settings.fast_path or distribution.broker_store is None:
+        if distribution is None or not distribution.settings.fast_path:
             return
         key = distribution.key
         consumed = {queue.name for queue in getattr(c.task_consumer, "queues", ())}
         if self.fast is None:
             if key not in consumed:
                 return  # a worker of other queues (-Q): the key's calls are not this worker's to take
-            self.fast = FastPath(distribution, _slots(c), c.hostname, _topics(c))
+            if distribution.broker_store is not None:
+                self.fast = RedisFastPath(distribution, _slots(c), c.hostname, _topics(c))
+            else:
+                self.fast = AmqpFastPath(distribution, _slots(c), c.hostname, _events_on(c))
             self.fast.start()
             distribution.fastpath = self.fast
         if key in consumed:
@@ -81,13 +84,19 @@ def _slots(c: Any) -> int:
     return int(limit or 1)
 
 
-def _topics(c: Any) -> dict[str, list[str]] | None:
-    """The pub/sub channels of each task event the fast path sends (``None``: task events are off)."""
+def _events_on(c: Any) -> bool:
+    """Whether the worker sends task events."""
     dispatcher = getattr(c, "event_dispatcher", None)
     if dispatcher is None or not dispatcher.enabled:
+        return False
+    return not dispatcher.groups or "task" in dispatcher.groups
+
+
+def _topics(c: Any) -> dict[str, list[str]] | None:
+    """The pub/sub channels of each task event the fast path sends (``None``: task events are off)."""
+    if not _events_on(c):
         return None
-    if dispatcher.groups and "task" not in dispatcher.groups:
-        return None
+    dispatcher = c.event_dispatcher
     # The channel of the worker's own dispatcher knows the transport's fanout prefix and patterns.
     channel = dispatcher.producer.channel
     topics = channel._get_publish_topics

@@ -25,6 +25,7 @@ and retries; task messages with a priority (other lists of the queue) are left t
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import logging
@@ -32,12 +33,24 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import kombu.entity
+import kombu.messaging
 import redis
 from celery.utils.time import utcoffset
 
-from .messages import HEADER_REDELIVERED, MalformedMessage, decode_task, encode_event, mark_redelivered
+from .messages import (
+    HEADER_REDELIVERED,
+    MalformedMessage,
+    TaskMessage,
+    decode_task,
+    encode_event,
+    mark_redelivered,
+    task_message,
+)
 from .protocol import HEADER_DEADLINE, HEADER_REPLY, reply_key
 from .provider import Answer, SizedRequest, serve, unknown_task_error
 from .redis_clients import RedisOptions, redis_client
@@ -45,9 +58,18 @@ from .redis_clients import RedisOptions, redis_client
 if TYPE_CHECKING:
     from .distribution import Distribution
 
-__all__ = ["EVENT_TYPES", "FastPath"]
+__all__ = ["EVENT_TYPES", "AmqpFastPath", "FastPath", "RedisFastPath"]
+
+#: How a transport ends a call: ``(request, answer, started, event)`` → whether it went through.
+Finish = Callable[[Any, Answer, float, "str | None"], bool]
 
 log = logging.getLogger("celery_services.fastpath")
+
+# kombu leaves its API unannotated: typed as Any-returning callables here
+_Consumer: Callable[..., Any] = kombu.messaging.Consumer
+_Exchange: Callable[..., Any] = kombu.entity.Exchange
+_Producer: Callable[..., Any] = kombu.messaging.Producer
+_Queue: Callable[..., Any] = kombu.entity.Queue
 
 #: Seconds a serving thread blocks on the queue before it looks whether it should stop (a warm shutdown
 #: waits this long at most for the idle threads).
@@ -74,7 +96,146 @@ return 1
 
 
 class FastPath:
-    """The serving threads and the liveness keeper of one worker for its key's queue.
+    """The serving threads of one worker for its key's queue, and how a message becomes a served call.
+
+    :class:`RedisFastPath` and :class:`AmqpFastPath` take the messages and answer them, each on its broker.
+
+    Args:
+        distribution: the distribution whose calls are served (its ``handlers``).
+        threads: how many calls run at once.
+        hostname: the worker's node name, as Flower shows it.
+    """
+
+    def __init__(self, distribution: Distribution, threads: int, hostname: str) -> None:
+        self.distribution = distribution
+        self.threads = max(1, threads)
+        self.hostname = hostname
+        self.pid = os.getpid()
+        self.queue = distribution.key
+        self._stop = threading.Event()
+        self._workers: list[threading.Thread] = []
+        #: Calls served by this instance.
+        self.served = 0
+
+    def start(self) -> None:
+        """Start the serving threads."""
+        name = "celery-services-fastpath"
+        for index in range(self.threads):
+            thread = threading.Thread(target=self._serve, args=(index,), name=f"{name}-{index}", daemon=True)
+            thread.start()
+            self._workers.append(thread)
+        log.info("fast path serving queue %s with %d thread(s)", self.queue, self.threads)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no new call and let the running ones finish (up to ``timeout``, default the call timeout)."""
+        self._stop.set()
+        limit = time.monotonic() + (self.distribution.settings.timeout if timeout is None else timeout)
+        for thread in self._workers:
+            thread.join(max(limit - time.monotonic(), 0.0))
+        self._stopped(any(thread.is_alive() for thread in self._workers))
+
+    def _stopped(self, running: bool) -> None:
+        """What a transport does once its threads stopped (``running``: some are still in a call)."""
+
+    def _serve(self, index: int) -> None:
+        raise NotImplementedError
+
+    def _serve_message(self, message: TaskMessage, received: float, finish: Finish) -> bool:
+        """Run one call and ``finish`` it (reply, acknowledgement, Flower's event); what ``finish`` said."""
+        headers = message.headers
+        handle = self.distribution.handlers.get(message.name)
+        request = SizedRequest(
+            headers,
+            args=message.args,
+            kwargs=message.kwargs,
+            delivery_info={
+                **(message.properties.get("delivery_info") or {}),
+                "redelivered": bool(headers.get(HEADER_REDELIVERED) or message.redelivered),
+            },
+            hostname=self.hostname,
+            headers=headers,  # else Celery's context sifts its custom headers out of them on every call
+        )
+        request.envelope_size = message.size
+        if handle is None:
+            return finish(request, self._unknown(request), received, None)
+        if _expired(headers):
+            log.info("call %s not started: it expired in the queue", message.id)
+            return finish(request, Answer(), received, "task-revoked")
+        started = time.time()
+        done = False
+
+        def reply(answer: Answer) -> None:
+            nonlocal done
+            if answer.reply_to is None and not getattr(request, "ignore_result", False):
+                self._store_result(request, answer)
+            done = finish(request, answer, started, _outcome_event(answer))
+
+        serve(handle, request, tuple(message.args), dict(message.kwargs), reply)
+        return done
+
+    def _unknown(self, request: Any) -> Answer:
+        # A call this worker does not serve (a newer caller, an older provider): answered at once.
+        log.warning("fast path got the unknown task %s", request.task)
+        error = unknown_task_error(str(request.task))
+        answer = Answer(error=error)
+        if getattr(request, HEADER_REPLY, None):
+            answer.reply_to = reply_key(self.distribution.settings.registry_prefix, str(request.id))
+            answer.body = json.dumps({"error": error.to_dict()})
+            raw_deadline = getattr(request, HEADER_DEADLINE, None)
+            answer.deadline = float(raw_deadline) if raw_deadline is not None else None
+        return answer
+
+    def _store_result(self, request: Any, answer: Answer) -> None:
+        # A plain ``send_task().get()`` caller reads Celery's result backend.
+        backend = self.distribution.celery.backend
+        try:
+            if answer.error is None:
+                backend.mark_as_done(request.id, answer.result, request=request)
+            else:
+                backend.mark_as_failure(request.id, answer.error, request=request)
+        except Exception:
+            log.exception("result of call %s not stored in the result backend", request.id)
+
+    def _event(
+        self, request: Any, answer: Answer, received: float, started: float, kind: str
+    ) -> dict[str, Any]:
+        # One event per call, holding what the received, started and succeeded/failed events would:
+        # Flower's state merges fields by task id, and shows the call's name, arguments, worker and runtime.
+        now = time.time()
+        fields: dict[str, Any] = {
+            "uuid": str(request.id),
+            "name": str(request.task),
+            "args": str(getattr(request, "argsrepr", None) or request.args),
+            "kwargs": str(getattr(request, "kwargsrepr", None) or request.kwargs),
+            "root_id": getattr(request, "root_id", None),
+            "parent_id": getattr(request, "parent_id", None),
+            "retries": getattr(request, "retries", 0),
+            "eta": None,
+            "expires": getattr(request, "expires", None),
+            "received": received,
+            "started": started,
+            "hostname": self.hostname,
+            "pid": self.pid,
+            "clock": self.distribution.celery.clock.forward(),
+            "utcoffset": utcoffset(),
+            "timestamp": now,
+        }
+        if kind == "task-succeeded":
+            encoded = answer.encoded  # what the reply carries: no second rendering of a large result
+            fields["result"] = encoded if len(encoded) <= RESULT_REPR else encoded[: RESULT_REPR - 3] + "..."
+            fields["runtime"] = now - started
+        elif kind == "task-failed":
+            fields["exception"], fields["traceback"] = _failure(answer)
+            fields["runtime"] = now - started
+        else:
+            fields["expired"] = True
+        fields["type"] = kind
+        return fields
+
+
+class RedisFastPath(FastPath):
+    """The fast path on a Redis broker: ``BLMOVE`` into per-thread in-flight lists, answers in one round
+    trip, and the liveness keeper that gives back the calls of lapsed instances.
 
     Args:
         distribution: the distribution whose calls are served (its ``handlers``).
@@ -90,12 +251,9 @@ class FastPath:
         hostname: str,
         topics: dict[str, list[str]] | None = None,
     ) -> None:
+        super().__init__(distribution, threads, hostname)
         settings = distribution.settings
-        self.distribution = distribution
-        self.threads = max(1, threads)
-        self.hostname = hostname
         self.topics = topics
-        self.pid = os.getpid()
         self.lease_timeout = settings.resolved_lease_timeout()
         celery = distribution.celery
         broker = str(celery.conf.broker_url or settings.resolved_broker_url())
@@ -117,13 +275,9 @@ class FastPath:
         )
         self.same_store = distribution.broker_store is distribution.reply_store
         self._give_back = self.store.register_script(_GIVE_BACK)
-        self._stop = threading.Event()
-        self._workers: list[threading.Thread] = []
         self._keeper: threading.Thread | None = None
         #: Calls given back to the queue from lapsed instances, by this instance.
         self.given_back = 0
-        #: Calls served by this instance.
-        self.served = 0
 
     def _inflight(self, member: str) -> str:
         return f"{self.base}:inflight:{member}"
@@ -136,30 +290,19 @@ class FastPath:
     def start(self) -> None:
         """Mark this instance alive, start its keeper and its serving threads."""
         self._renew()
-        name = "celery-services-fastpath"
-        self._keeper = threading.Thread(target=self._keep, name=f"{name}-keeper", daemon=True)
+        self._keeper = threading.Thread(
+            target=self._keep, name="celery-services-fastpath-keeper", daemon=True
+        )
         self._keeper.start()
-        for index, member in enumerate(self.members):
-            inflight = self._inflight(member)
-            thread = threading.Thread(
-                target=self._serve, args=(inflight,), name=f"{name}-{index}", daemon=True
-            )
-            thread.start()
-            self._workers.append(thread)
-        log.info("fast path serving queue %s with %d thread(s)", self.queue, self.threads)
+        super().start()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Take no new call, let the running ones finish (up to ``timeout``), and leave the registry of
-        instances; a call still running after that is given back by the others once the lease lapses."""
-        self._stop.set()
-        limit = time.monotonic() + (self.distribution.settings.timeout if timeout is None else timeout)
-        for thread in self._workers:
-            thread.join(max(limit - time.monotonic(), 0.0))
+    def _stopped(self, running: bool) -> None:
+        # This instance leaves: the others may give back at once whatever is still in flight here.
         if self._keeper is not None:
             self._keeper.join(self.lease_timeout)
         try:
-            self.store.delete(self.alive)  # the others may give back at once what is still in flight
-            if any(thread.is_alive() for thread in self._workers):
+            self.store.delete(self.alive)
+            if running:
                 log.warning("fast path stopped with calls running: they are given back to the queue")
             else:
                 for member in self.members:  # none, normally
@@ -214,7 +357,8 @@ class FastPath:
 
     # -- serving --------------------------------------------------------------------------------------
 
-    def _serve(self, inflight: str) -> None:
+    def _serve(self, index: int) -> None:
+        inflight = self._inflight(self.members[index])
         # One connection held by the thread, commands written and read on it directly: redis-py's command
         # and pipeline layers cost more per call than the rest of the call's own work (DESIGN §6).
         pool = self.store.connection_pool
@@ -273,51 +417,11 @@ class FastPath:
             # Nobody to answer (no call id can be trusted): Celery's consumer drops such a message too.
             log.error("dropped an unreadable message of queue %s: %s (%r...)", self.queue, exc, raw[:120])
             return False
-        headers = message.headers
-        handle = self.distribution.handlers.get(message.name)
-        request = SizedRequest(
-            headers,
-            args=message.args,
-            kwargs=message.kwargs,
-            delivery_info={
-                **(message.properties.get("delivery_info") or {}),
-                "redelivered": bool(headers.get(HEADER_REDELIVERED)),
-            },
-            hostname=self.hostname,
-            headers=headers,  # else Celery's context sifts its custom headers out of them on every call
-        )
-        request.envelope_size = message.size
-        if handle is None:
-            return self._finish(
-                connection, inflight, request, self._unknown(request), received, received, None
-            )
-        if _expired(headers):
-            log.info("call %s not started: it expired in the queue", message.id)
-            return self._finish(connection, inflight, request, Answer(), received, received, "task-revoked")
-        started = time.time()
-        done = False
 
-        def reply(answer: Answer) -> None:
-            nonlocal done
-            if answer.reply_to is None and not getattr(request, "ignore_result", False):
-                self._store_result(request, answer)
-            event = _outcome_event(answer)
-            done = self._finish(connection, inflight, request, answer, received, started, event)
+        def finish(request: Any, answer: Answer, started: float, event: str | None) -> bool:
+            return self._finish(connection, inflight, request, answer, received, started, event)
 
-        serve(handle, request, tuple(message.args), dict(message.kwargs), reply)
-        return done
-
-    def _unknown(self, request: Any) -> Answer:
-        # A call this worker does not serve (a newer caller, an older provider): answered at once.
-        log.warning("fast path got the unknown task %s", request.task)
-        error = unknown_task_error(str(request.task))
-        answer = Answer(error=error)
-        if getattr(request, HEADER_REPLY, None):
-            answer.reply_to = reply_key(self.distribution.settings.registry_prefix, str(request.id))
-            answer.body = json.dumps({"error": error.to_dict()})
-            raw_deadline = getattr(request, HEADER_DEADLINE, None)
-            answer.deadline = float(raw_deadline) if raw_deadline is not None else None
-        return answer
+        return self._serve_message(message, received, finish)
 
     def _finish(
         self,
@@ -344,7 +448,7 @@ class FastPath:
             commands.append(push)
         commands.append(("DEL", inflight))
         if self.topics is not None and event is not None:
-            payload = self._event(request, answer, received, started, event)
+            payload = encode_event(self._event(request, answer, received, started, event), self.hostname)
             commands += [("PUBLISH", topic, payload) for topic in self.topics[event]]
         try:
             connection.send_packed_command(connection.pack_commands(commands))
@@ -357,50 +461,92 @@ class FastPath:
             log.info("reply %s not pushed: the call was already answered", answer.reply_to)
         return True
 
-    def _store_result(self, request: Any, answer: Answer) -> None:
-        # A plain ``send_task().get()`` caller reads Celery's result backend.
-        backend = self.distribution.celery.backend
-        try:
-            if answer.error is None:
-                backend.mark_as_done(request.id, answer.result, request=request)
-            else:
-                backend.mark_as_failure(request.id, answer.error, request=request)
-        except Exception:
-            log.exception("result of call %s not stored in the result backend", request.id)
 
-    def _event(self, request: Any, answer: Answer, received: float, started: float, kind: str) -> bytes:
-        # One event per call, holding what the received, started and succeeded/failed events would:
-        # Flower's state merges fields by task id, and shows the call's name, arguments, worker and runtime.
-        now = time.time()
-        fields: dict[str, Any] = {
-            "uuid": str(request.id),
-            "name": str(request.task),
-            "args": str(getattr(request, "argsrepr", None) or request.args),
-            "kwargs": str(getattr(request, "kwargsrepr", None) or request.kwargs),
-            "root_id": getattr(request, "root_id", None),
-            "parent_id": getattr(request, "parent_id", None),
-            "retries": getattr(request, "retries", 0),
-            "eta": None,
-            "expires": getattr(request, "expires", None),
-            "received": received,
-            "started": started,
-            "hostname": self.hostname,
-            "pid": self.pid,
-            "clock": self.distribution.celery.clock.forward(),
-            "utcoffset": utcoffset(),
-            "timestamp": now,
-        }
-        if kind == "task-succeeded":
-            encoded = answer.encoded  # what the reply carries: no second rendering of a large result
-            fields["result"] = encoded if len(encoded) <= RESULT_REPR else encoded[: RESULT_REPR - 3] + "..."
-            fields["runtime"] = now - started
-        elif kind == "task-failed":
-            fields["exception"], fields["traceback"] = _failure(answer)
-            fields["runtime"] = now - started
-        else:
-            fields["expired"] = True
-        fields["type"] = kind
-        return encode_event(fields, self.hostname)
+class AmqpFastPath(FastPath):
+    """The fast path on RabbitMQ: each serving thread consumes the key's queue on its own connection
+    (prefetch 1, late acknowledgement), outside Celery's consumer loop and its timers.
+
+    RabbitMQ gives back the unacknowledged call of a connection that died (a killed worker) by itself.
+
+    Args:
+        distribution: the distribution whose calls are served (its ``handlers``).
+        threads: how many calls run at once.
+        hostname: the worker's node name, as Flower shows it.
+        events: whether to send Flower its task event per call (the worker's task events are on).
+    """
+
+    def __init__(self, distribution: Distribution, threads: int, hostname: str, events: bool = True) -> None:
+        super().__init__(distribution, threads, hostname)
+        self.events = events
+
+    def _serve(self, index: int) -> None:
+        celery = self.distribution.celery
+        failing = False
+        while not self._stop.is_set():
+            connection = celery.connection_for_read()
+            errors = (OSError, *connection.connection_errors, *connection.channel_errors)
+            try:
+                with connection:
+                    connection.ensure_connection(max_retries=1)
+                    channel = connection.channel()
+                    producer = None
+                    if self.events:
+                        events = _Exchange("celeryev", type="topic")
+                        producer = _Producer(channel, exchange=events, auto_declare=False)
+                    consumer = _Consumer(
+                        channel,
+                        queues=[_Queue(self.queue, no_declare=True)],
+                        on_message=partial(self._on_message, producer),
+                        prefetch_count=1,
+                        auto_declare=False,
+                        no_ack=False,
+                    )
+                    with consumer:
+                        if failing:
+                            log.warning("fast path reaches its queue %s again", self.queue)
+                            failing = False
+                        while not self._stop.is_set():
+                            try:
+                                connection.drain_events(timeout=POLL)
+                            except TimeoutError:
+                                continue
+            except errors as exc:
+                if not failing:
+                    log.warning("fast path cannot reach its queue %s: %r; retrying", self.queue, exc)
+                    failing = True
+                self._stop.wait(RETRY_INTERVAL)
+
+    def _on_message(self, producer: Any, message: Any) -> None:
+        received = time.time()
+        delivery = dict(message.delivery_info or {})
+        try:
+            if message.content_type != "application/json":
+                raise MalformedMessage(f"content type {message.content_type!r} is not JSON")
+            task = task_message(message.headers, message.body, {"delivery_info": delivery})
+        except MalformedMessage as exc:
+            # Nobody to answer (no call id can be trusted): Celery's consumer drops such a message too.
+            log.error("dropped an unreadable message of queue %s: %s", self.queue, exc)
+            message.ack()
+            return
+        task = dataclasses.replace(task, redelivered=bool(delivery.get("redelivered")))
+
+        def finish(request: Any, answer: Answer, started: float, event: str | None) -> bool:
+            self.served += 1
+            if answer.reply_to and answer.body is not None:
+                self.distribution.replies.push(answer.reply_to, answer.body, answer.deadline)
+            if producer is not None and event is not None:
+                producer.publish(
+                    json.dumps(self._event(request, answer, received, started, event)),
+                    routing_key=event.replace("-", "."),
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    headers={"hostname": self.hostname},
+                    delivery_mode=1,
+                )
+            message.ack()
+            return True
+
+        self._serve_message(task, received, finish)
 
 
 def _outcome_event(answer: Answer) -> str:

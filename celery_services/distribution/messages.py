@@ -21,6 +21,7 @@ __all__ = [
     "encode_event",
     "encode_task",
     "mark_redelivered",
+    "task_message",
 ]
 
 #: Header a redelivery increments (the library's own; kombu's ``redelivered`` flag is set too).
@@ -33,14 +34,15 @@ class MalformedMessage(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class TaskMessage:
-    """A task message read from a queue: Celery's headers, its arguments, kombu's delivery info, and the
-    size in bytes of its ``[args, kwargs, embed]`` body."""
+    """A task message read from a queue: Celery's headers, its arguments, kombu's delivery info, the size
+    in bytes of its ``[args, kwargs, embed]`` body, and whether the broker says it was delivered before."""
 
     headers: dict[str, Any]
     args: list[Any]
     kwargs: dict[str, Any]
     properties: dict[str, Any]
     size: int
+    redelivered: bool = False
 
     @property
     def id(self) -> str:
@@ -92,20 +94,31 @@ def decode_task(raw: bytes) -> TaskMessage:
         message = json.loads(raw)
         headers = message["headers"]
         body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
+        properties = message.get("properties") or {}
+        if properties.get("body_encoding") == "base64":
             body = base64.b64decode(body)
-        if message.get("content-type") != "application/json":
-            raise MalformedMessage(f"content type {message.get('content-type')!r} is not JSON")
-        args, kwargs, _embed = json.loads(body)
-        if not isinstance(headers, dict) or "task" not in headers or "id" not in headers:
-            raise MalformedMessage("no task name or id in its headers (not Celery's protocol v2)")
-        if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise MalformedMessage("its body is not [args, kwargs, embed]")
-        return TaskMessage(headers, args, kwargs, message.get("properties") or {}, len(body))
-    except MalformedMessage:
-        raise
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise MalformedMessage(f"unreadable task message: {type(exc).__name__}: {exc}") from None
+    if message.get("content-type") != "application/json":
+        raise MalformedMessage(f"content type {message.get('content-type')!r} is not JSON")
+    return task_message(headers, body, properties)
+
+
+def task_message(headers: Any, body: str | bytes, properties: dict[str, Any]) -> TaskMessage:
+    """A protocol-v2 task message from its headers and its JSON ``[args, kwargs, embed]`` body.
+
+    Raises:
+        MalformedMessage: the headers name no task or id, or the body is not that triple in JSON.
+    """
+    if not isinstance(headers, dict) or "task" not in headers or "id" not in headers:
+        raise MalformedMessage("no task name or id in its headers (not Celery's protocol v2)")
+    try:
+        args, kwargs, _embed = json.loads(body)
+    except (ValueError, TypeError) as exc:
+        raise MalformedMessage(f"unreadable task body: {type(exc).__name__}: {exc}") from None
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise MalformedMessage("its body is not [args, kwargs, embed]")
+    return TaskMessage(headers, args, kwargs, properties, len(body))
 
 
 def mark_redelivered(message: dict[str, Any]) -> dict[str, Any]:
