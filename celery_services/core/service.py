@@ -1,4 +1,9 @@
-"""The service base class and the wrapper that runs hooks and emits events around every call."""
+"""The service base class and the wrapper that runs hooks and emits events around every call.
+
+One piece, past 300 lines: the wrapper runs a call either blocking (:meth:`ServiceWrapper.call`) or awaited
+(:meth:`ServiceWrapper.acall`), and the two runs of Feathers' hook order stay side by side so they cannot
+drift apart; what asyncio needs besides is in :mod:`.aio`.
+"""
 
 from __future__ import annotations
 

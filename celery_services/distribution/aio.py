@@ -22,6 +22,9 @@ reply already pushed: it leaves no reply list behind.
 
 Clients belong to the event loop that made them: one set per loop (the gateway's, and the loop each
 serving thread of a worker keeps, :mod:`.loops`).
+
+One piece, past 300 lines: the awaited call path, kept in one module as the blocking one is (DESIGN §6), with
+the per-loop clients it needs and the clean-up of a cancelled call.
 """
 
 from __future__ import annotations

@@ -10,7 +10,11 @@ Every redis-py client the library makes (reply store, registry and its subscribe
   ``sentinel_master``, through ``redis.sentinel.Sentinel(...).master_for``.
 
 Socket timeouts are always the caller's, never the client library's defaults, and the Sentinel nodes are
-asked with the same timeouts.
+asked with the same timeouts. :func:`async_redis_client` builds the ``redis.asyncio`` client of the same URL
+and options.
+
+One piece, past 300 lines: every Redis client the library makes, blocking or asyncio, is built here, so a
+URL's scheme, TLS files, Sentinel master and timeouts are read in one place.
 
 A forced failover (``SENTINEL FAILOVER``) leaves the old master up, and writable, until Sentinel reconfigures
 it as a replica: about ten seconds (measured on Redis 7) during which redis-py's Sentinel pools keep using
