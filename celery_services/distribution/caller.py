@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from celery.utils.nodenames import anon_nodename
 from kombu.exceptions import OperationalError
 
 from ..core.aio import run_blocking
@@ -36,7 +37,7 @@ from ..core.errors import (
 )
 from ..core.service import SIGNATURES, method_attribute
 from .logs import call_fields
-from .messages import encode_task
+from .messages import NO_EMBED, call_message, encode_task
 from .protocol import (
     HEADER_CALLER,
     HEADER_DEADLINE,
@@ -141,6 +142,7 @@ class Transport:
         self.caller = caller
         self._broker = mask_url(celery.conf.broker_url or settings.resolved_broker_url())
         self._headers = settings.resolved_forwarded_headers()
+        self._origin = anon_nodename()  # the sender Celery names in a task's headers
         # One connection and producer per calling thread: kombu channels are not thread-safe, and
         # keeping one per thread spares a pool acquire on every call.
         self._local = threading.local()
@@ -268,24 +270,15 @@ class Transport:
         return self.open_reply(call, raw)
 
     def encode(self, call: Call) -> bytes:
-        """The call as kombu's Redis transport queues a Celery task message (:mod:`.messages`)."""
-        expires = max(call.deadline - time.time(), 0.001)
-        message = self.celery.amqp.create_task_message(
-            call.call_id,
-            call.name,
-            (),
-            call.kwargs,
-            expires=expires,
-            # The reply list carries the result: the worker need not also store it in the backend, and
-            # Flower follows the call from the worker's task events.
-            ignore_result=True,
-            create_sent_event=False,
-            argsrepr="()",
-            kwargsrepr=_kwargsrepr(call.kwargs, len(call.encoded)),
-        )
-        properties = {**message.properties, "expiration": str(int(expires * 1000))}
-        body = f"[[], {call.encoded}, {json.dumps(message.body[2])}]"  # (args, kwargs, embed)
-        return encode_task({**message.headers, **call.headers}, properties, body, call.key)
+        """The call as kombu's Redis transport queues a Celery task message (:mod:`.messages`).
+
+        ``ignore_result``: the reply list carries the result, so the worker need not also store it in the
+        backend; Flower follows the call from the worker's task events.
+        """
+        kwargsrepr = _kwargsrepr(call.kwargs, len(call.encoded))
+        headers, properties = call_message(call.name, call.call_id, call.deadline, kwargsrepr, self._origin)
+        body = f"[[], {call.encoded}, {NO_EMBED}]"  # (args, kwargs, embed)
+        return encode_task({**headers, **call.headers}, properties, body, call.key)
 
     def queue_key(self, queue: str) -> str:
         """The Redis list of ``queue`` (kombu's ``global_keyprefix`` included)."""

@@ -9,14 +9,18 @@ both), so a plain ``celery worker`` serves a call the caller queued here, and Fl
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import json
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "NO_EMBED",
     "MalformedMessage",
     "TaskMessage",
+    "call_message",
     "decode_task",
     "encode_event",
     "encode_task",
@@ -53,6 +57,48 @@ class TaskMessage:
     def name(self) -> str:
         """The task name, ``{key}.{path}.{method}`` for a call."""
         return str(self.headers["task"])
+
+
+#: The ``embed`` part of a task body without callbacks, errbacks, chain or chord, in JSON.
+NO_EMBED = '{"callbacks": null, "errbacks": null, "chain": null, "chord": null}'
+
+
+def call_message(
+    name: str, call_id: str, deadline: float, kwargsrepr: str, origin: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The headers and properties of a call task, as ``celery.amqp.create_task_message`` makes them for
+    ``(call_id, name, (), kwargs, expires=..., ignore_result=True, argsrepr="()", kwargsrepr=...)``.
+
+    Written here, not asked of Celery: its version costs a third of a call's time on the caller (dates
+    made aware and converted, routing options); ``tests/test_messages.py`` holds the two equal.
+    """
+    headers: dict[str, Any] = {
+        "lang": "py",
+        "task": name,
+        "id": call_id,
+        "shadow": None,
+        "eta": None,
+        "expires": dt.datetime.fromtimestamp(deadline, tz=dt.UTC).isoformat(),
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": call_id,
+        "parent_id": None,
+        "argsrepr": "()",
+        "kwargsrepr": kwargsrepr,
+        "origin": origin,
+        "ignore_result": True,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+    properties = {
+        "correlation_id": call_id,
+        "reply_to": "",
+        "expiration": str(max(int((deadline - time.time()) * 1000), 1)),
+    }
+    return headers, properties
 
 
 def encode_task(headers: dict[str, Any], properties: dict[str, Any], body: str, queue: str) -> bytes:

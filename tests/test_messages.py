@@ -1,0 +1,71 @@
+"""The bytes the caller and the fast path write are the ones Celery and kombu write (no broker needed)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from celery import Celery
+
+from celery_services.distribution.messages import (
+    NO_EMBED,
+    call_message,
+    decode_task,
+    encode_task,
+    mark_redelivered,
+)
+
+VOLATILE = {"expires", "origin"}  # a moment and a node name: compared apart
+
+
+def test_call_message_is_celerys_own_task_message() -> None:
+    celery = Celery(set_as_current=False)
+    call_id, name, deadline = str(uuid.uuid4()), "key.articles.get", time.time() + 5
+    kwargs = {"id": 1, "data": None, "params": {}}
+    theirs = celery.amqp.create_task_message(
+        call_id,
+        name,
+        (),
+        kwargs,
+        expires=deadline - time.time(),
+        ignore_result=True,
+        create_sent_event=False,
+        argsrepr="()",
+        kwargsrepr="{...}",
+    )
+    headers, properties = call_message(name, call_id, deadline, "{...}", "gen1@host")
+    assert {k: v for k, v in headers.items() if k not in VOLATILE} == {
+        k: v for k, v in theirs.headers.items() if k not in VOLATILE
+    }
+    assert abs(_epoch(headers["expires"]) - _epoch(theirs.headers["expires"])) < 1
+    assert {k: properties[k] for k in theirs.properties} == theirs.properties
+    assert json.loads(NO_EMBED) == theirs.body[2]
+
+
+def test_a_task_message_reads_back_whatever_its_body_holds() -> None:
+    for data in ['x"y\\z', "é\n\t", {"a": [1, 'q"\\']}, "\u2028", None]:
+        body = json.dumps([[], {"data": data}, json.loads(NO_EMBED)])
+        raw = encode_task({"task": "t", "id": "1"}, {}, body, "queue")
+        message = json.loads(raw)
+        assert message["body"] == body  # as kombu reads it: the body text, utf-8 body encoding
+        assert message["properties"]["body_encoding"] == "utf-8"
+        assert message["properties"]["delivery_info"] == {"exchange": "", "routing_key": "queue"}
+        read = decode_task(raw)
+        assert read.kwargs == {"data": data} and read.name == "t" and read.id == "1"
+
+
+def test_a_redelivered_message_is_counted_and_gets_a_new_tag() -> None:
+    raw = encode_task({"task": "t", "id": "1"}, {}, json.dumps([[], {}, {}]), "queue")
+    message = json.loads(raw)
+    tag = message["properties"]["delivery_tag"]
+    again = mark_redelivered(mark_redelivered(message))
+    assert again["headers"]["cs_redelivered"] == 2
+    assert again["properties"]["delivery_tag"] != tag
+    assert again["properties"]["delivery_info"]["redelivered"] is True
+
+
+def _epoch(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text).timestamp()
