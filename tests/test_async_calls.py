@@ -101,6 +101,9 @@ def test_async_proxy_every_method_equals_the_blocking_proxy(blocking: Provider, 
         assert (await remote.patch(created["id"], {"n": 1}))["n"] == 1
         assert await remote.find({"query": {"tag": tag}}) == [articles.get(created["id"])]
         assert (await remote.publish_article({"id": created["id"]}))["published"] is True
+        # More calls in flight than redis-py's default pool holds (100): each waits on its own connection.
+        kept = await remote.create({"title": "kept", "tag": tag})
+        assert await asyncio.gather(*(remote.get(kept["id"]) for _ in range(150))) == [kept] * 150
         assert (await remote.remove(created["id"]))["title"] == "replaced"
         with pytest.raises(NotFound):
             await remote.get(created["id"])

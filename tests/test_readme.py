@@ -140,7 +140,9 @@ def python_blocks() -> dict[str, str]:
     blocks = re.findall(r"^```python\n(.*?)^```", README.read_text(), re.S | re.M)
     roles: dict[str, str] = {}
     for block in blocks:
-        if "class Payments(" in block:
+        if "asyncio.run(" in block:
+            role = "async"  # the Async section's program: run by tests/test_async_readme.py
+        elif "class Payments(" in block:
             role = "payments"
         elif "remote_services=" in block:
             role = "consumer"
@@ -150,7 +152,7 @@ def python_blocks() -> dict[str, str]:
             raise AssertionError(f"a README python block this test does not know how to run:\n{block}")
         assert role not in roles, f"two README blocks look like the {role} block"
         roles[role] = block
-    assert sorted(roles) == ["consumer", "payments", "provider"], sorted(roles)
+    assert sorted(roles) == ["async", "consumer", "payments", "provider"], sorted(roles)
     return roles
 
 

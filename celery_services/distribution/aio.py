@@ -248,9 +248,15 @@ class AsyncTransport:
         if clients is None:
             if self._closed:
                 raise Unavailable("This distribution is finalized: no more calls")
-            # Short commands only: the reply wait sets its own read timeout from each call's deadline.
+            # Short commands only: the reply wait sets its own read timeout from each call's deadline. A
+            # call in flight holds a connection: the pool fits them all (redis-py's default is 100, and it
+            # fails the 101st with "Too many connections" rather than waiting), with room for clean-ups.
             make = functools.partial(
-                async_redis_client, options=self._options, socket_timeout=5.0, socket_connect_timeout=2.0
+                async_redis_client,
+                options=self._options,
+                socket_timeout=5.0,
+                socket_connect_timeout=2.0,
+                max_connections=self._max_in_flight + 32,
             )
             broker = make(self._broker_url) if self._broker_url else None
             clients = _LoopClients(make(self._replies_url), broker, self._max_in_flight)
