@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from ..distribution.settings import DistributionSettings
+from .cleanup import purge_prefix
 
 __all__ = ["KitConfig", "unique_name"]
 
@@ -36,6 +39,23 @@ class KitConfig:
     registry_prefix: str
     result_backend: str | None = None
     heartbeat_interval: float = 0.5
+
+    @classmethod
+    @contextmanager
+    def isolated(cls, broker_url: str, label: str = "cs-test", **options: Any) -> Iterator[KitConfig]:
+        """A config with a new registry prefix, whose keys are deleted on exit: for fixtures of any scope
+        (``with KitConfig.isolated(url, "cs-http") as config: yield config`` in a module-scoped one).
+
+        Args:
+            broker_url: the broker.
+            label: the start of the prefix (a random suffix follows).
+            **options: the other fields (``result_backend``, ``heartbeat_interval``).
+        """
+        config = cls(broker_url, unique_name(label), **options)
+        try:
+            yield config
+        finally:
+            purge_prefix(config.redis_url, config.registry_prefix)
 
     @property
     def redis_url(self) -> str:

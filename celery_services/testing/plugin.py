@@ -28,7 +28,7 @@ import pytest
 from ..core.app import App
 from ..distribution.distribution import distribute, finalize
 from .brokers import EmbeddedRedis
-from .cleanup import purge_prefix, purge_queues
+from .cleanup import purge_queues
 from .config import KitConfig, unique_name
 from .events import EventWaiter
 from .mock import MockRemote, mock_remote
@@ -65,9 +65,8 @@ def celery_services_broker_url() -> Iterator[str]:
 @pytest.fixture
 def celery_services_registry_prefix(celery_services_broker_url: str) -> Iterator[str]:
     """A registry prefix of this test's own; everything under it is deleted after the test."""
-    prefix = unique_name("cs-test")
-    yield prefix
-    purge_prefix(_result_backend() or celery_services_broker_url, prefix)
+    with KitConfig.isolated(celery_services_broker_url, result_backend=_result_backend()) as config:
+        yield config.registry_prefix
 
 
 @pytest.fixture
