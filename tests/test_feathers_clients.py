@@ -25,13 +25,14 @@ import httpx
 import jwt
 import pytest
 
-from celery_services import App, DistributionSettings, MemoryService, distribute, finalize
+from celery_services import App, MemoryService, distribute, finalize
 from celery_services.http import make_server
 from celery_services.http.auth import JWTAuthentication, JWTSettings
-from celery_services.testing import wait_for
+from celery_services.testing import KitConfig, ProviderWorker, wait_for
 from workers.services import guard
 
-from .support import ROOT, Provider, cleanup, fresh_prefix, registered_provider
+from .support import ROOT
+from .test_http import gateway_settings, provider_worker
 
 CLIENTS = ROOT / "tests" / "feathers"
 NODE = shutil.which("node")
@@ -103,16 +104,15 @@ class Listener:
 
 
 @pytest.fixture(scope="module")
-def prefix(redis_url: str) -> Iterator[str]:
-    yield from fresh_prefix(redis_url, "feathers")
+def kit(redis_url: str) -> Iterator[KitConfig]:
+    with KitConfig.isolated(redis_url, "cs-feathers") as config:
+        yield config
 
 
 @pytest.fixture(scope="module")
-def provider(redis_url: str, prefix: str) -> Iterator[Provider]:
-    prov = registered_provider(redis_url, prefix, "feathers-prov")
-    with prov.worker():
-        yield prov
-    cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+def provider(kit: KitConfig) -> Iterator[ProviderWorker]:
+    with provider_worker(kit, "feathers-prov") as worker:
+        yield worker
 
 
 @contextlib.contextmanager
@@ -130,20 +130,12 @@ def serve_in_thread(api: App, **options: Any) -> Iterator[tuple[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def url(redis_url: str, prefix: str, provider: Provider) -> Iterator[str]:
+def url(kit: KitConfig, provider: ProviderWorker) -> Iterator[str]:
     api = App()
     distribution = distribute(
         api,
-        DistributionSettings(
-            key=f"feathers-gw-{os.urandom(3).hex()}",
-            broker_url=redis_url,
-            registry_prefix=prefix,
-            heartbeat_interval=0.5,
-            timeout=8,
-            services=[],
-            remote_services=[provider.key],
-            distributed_methods=METHODS,
-            distributed_events=EVENTS,
+        gateway_settings(
+            kit, "feathers-gw", provider.key, distributed_methods=METHODS, distributed_events=EVENTS
         ),
     )
     guard(distribution.wait_for("articles", timeout=10))  # roles, owners, events to their owner only

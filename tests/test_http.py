@@ -4,6 +4,7 @@ local services beside it, a real uvicorn server for the streams, and the ASGI ap
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -20,9 +21,9 @@ import uvicorn
 
 from celery_services import App, DistributionSettings, MemoryService, distribute, finalize
 from celery_services.http import EventHub, asgi_app, make_server
-from celery_services.testing import wait_for
+from celery_services.testing import KitConfig, ProviderWorker, purge_queues, unique_name, wait_for
 
-from .support import Provider, cleanup, fresh_prefix, registered_provider
+from .support import ROOT, cleanup, registered_provider
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -57,37 +58,58 @@ class Echo:
 # -- fixtures ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def registry_prefix(redis_url: str) -> Iterator[str]:
-    yield from fresh_prefix(redis_url, "http")
-
-
-@pytest.fixture(scope="module")
-def provider(redis_url: str, registry_prefix: str) -> Iterator[Provider]:
-    prov = registered_provider(redis_url, registry_prefix, "http-prov")
-    worker = prov.worker()
-    worker.start()
+@contextlib.contextmanager
+def provider_worker(kit: KitConfig, label: str) -> Iterator[ProviderWorker]:
+    """``tests.apps.provider`` (``articles``, ``probe``) in a worker of a new key; its queue deleted after."""
+    worker = ProviderWorker(
+        "tests.apps.provider:app",
+        kit,
+        key=unique_name(label),
+        pythonpath=[str(ROOT)],
+        services=["*"],
+        timeout=8,
+    )
     try:
-        yield prov
+        with worker:
+            yield worker
     finally:
-        worker.stop()
-        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+        purge_queues(kit.broker_url, [worker.key])
+
+
+def gateway_settings(kit: KitConfig, label: str, *remote_keys: str, **settings: Any) -> DistributionSettings:
+    """A gateway app's settings: it exposes nothing and mounts the services of ``remote_keys``."""
+    return kit.settings(
+        unique_name(label), timeout=8, services=[], remote_services=list(remote_keys), **settings
+    )
 
 
 @pytest.fixture(scope="module")
-def api(redis_url: str, registry_prefix: str, provider: Provider) -> Iterator[App]:
+def kit(redis_url: str) -> Iterator[KitConfig]:
+    with KitConfig.isolated(redis_url, "cs-http") as config:
+        yield config
+
+
+@pytest.fixture(scope="module")
+def registry_prefix(kit: KitConfig) -> str:
+    return kit.registry_prefix
+
+
+@pytest.fixture(scope="module")
+def provider(kit: KitConfig) -> Iterator[ProviderWorker]:
+    with provider_worker(kit, "http-prov") as worker:
+        yield worker
+
+
+@pytest.fixture(scope="module")
+def api(kit: KitConfig, provider: ProviderWorker) -> Iterator[App]:
     app = App()
     distribution = distribute(
         app,
-        DistributionSettings(
-            key=f"http-gw-{os.urandom(3).hex()}",
-            broker_url=redis_url,
-            result_backend=redis_url,
-            registry_prefix=registry_prefix,
-            heartbeat_interval=0.5,
-            timeout=8,
-            services=[],
-            remote_services=[provider.key, GHOST],
+        gateway_settings(
+            kit,
+            "http-gw",
+            provider.key,
+            GHOST,
             distributed_methods=[*STANDARD, "publish_article", "boom"],
             distributed_events=["created", "updated", "patched", "removed", "article_published"],
         ),
@@ -451,7 +473,7 @@ def test_dead_provider_is_503(
 
 
 def test_healthcheck(
-    api: App, http: httpx.Client, provider: Provider, redis_url: str, registry_prefix: str
+    api: App, http: httpx.Client, provider: ProviderWorker, redis_url: str, registry_prefix: str
 ) -> None:
     ok = http.get(f"/distribution/healthcheck/{provider.key}")
     assert ok.status_code == 200 and ok.json() == {"articles": True, "probe": True}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,14 +17,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from starlette.requests import HTTPConnection
 
-from celery_services import App, DistributionSettings, MemoryService, NotAuthenticated, distribute, finalize
+from celery_services import App, MemoryService, NotAuthenticated, distribute, finalize
 from celery_services.http import make_server
 from celery_services.http.auth import Authenticate, JWTAuthentication, JWTSettings, warn_if_anonymous
-from celery_services.testing import wait_for
+from celery_services.testing import KitConfig, ProviderWorker, wait_for
 from workers.services import guard
 
-from .support import Provider, cleanup, fresh_prefix, registered_provider
-from .test_http import SSEReader
+from .test_http import SSEReader, gateway_settings, provider_worker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,16 +42,15 @@ def bearer(value: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def registry_prefix(redis_url: str) -> Iterator[str]:
-    yield from fresh_prefix(redis_url, "auth")
+def kit(redis_url: str) -> Iterator[KitConfig]:
+    with KitConfig.isolated(redis_url, "cs-auth") as config:
+        yield config
 
 
 @pytest.fixture(scope="module")
-def provider(redis_url: str, registry_prefix: str) -> Iterator[Provider]:
-    prov = registered_provider(redis_url, registry_prefix, "auth-prov")
-    with prov.worker():
-        yield prov
-    cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+def provider(kit: KitConfig) -> Iterator[ProviderWorker]:
+    with provider_worker(kit, "auth-prov") as worker:
+        yield worker
 
 
 #: What the hooks of the remote articles saw of each call: (method, provider, user's sub).
@@ -61,20 +58,9 @@ SEEN: list[tuple[str, Any, Any]] = []
 
 
 @pytest.fixture(scope="module")
-def api(redis_url: str, registry_prefix: str, provider: Provider) -> Iterator[App]:
+def api(kit: KitConfig, provider: ProviderWorker) -> Iterator[App]:
     app = App()
-    distribution = distribute(
-        app,
-        DistributionSettings(
-            key=f"auth-gw-{os.urandom(3).hex()}",
-            broker_url=redis_url,
-            registry_prefix=registry_prefix,
-            heartbeat_interval=0.5,
-            timeout=8,
-            services=[],
-            remote_services=[provider.key],
-        ),
-    )
+    distribution = distribute(app, gateway_settings(kit, "auth-gw", provider.key))
     articles = guard(distribution.wait_for("articles", timeout=10))
 
     def seen(context: Any) -> None:
