@@ -1,23 +1,28 @@
-"""The fast path: a worker serves its key's queue with blocking pops on Redis, without kombu's consumer loop.
+"""The fast path: a worker serves its key's queue outside Celery's consumer loop.
 
 Each call is still the Celery task ``{key}.{path}.{method}`` in Celery's protocol v2 on the queue ``{key}``
 (a plain ``celery worker`` serves the same queue, more slowly), and Flower still sees it: only the way this
 worker takes and answers it changes (DESIGN §6 measured kombu's consumer loop and per-message objects as
 most of a call's cost):
 
-- a serving thread moves a message from the queue to this instance's in-flight list with one ``BLMOVE``
-  (the reliable-queue pattern: a crash leaves the message where it can be given back);
-- the call runs through the same handler as the Celery task (:mod:`.provider`: deadline, signature, caller,
-  hooks, payload caps, typed errors);
-- reply, acknowledgement (``LREM`` from the in-flight list) and one task event for Flower go in one
-  pipelined round trip.
+- on Redis (:class:`RedisFastPath`), a serving thread moves a message from the queue to its own in-flight
+  list with one ``BLMOVE`` (the reliable-queue pattern: a crash leaves the message where it can be given
+  back); reply, acknowledgement (``DEL`` of that list) and one task event for Flower go in one round trip;
+- on RabbitMQ (:class:`AmqpFastPath`), a serving thread consumes the queue on its own connection
+  (prefetch 1, late acknowledgement): RabbitMQ gives back a dead connection's call by itself;
+- either way the call runs through the same handler as the Celery task (:mod:`.provider`: deadline,
+  signature, caller, hooks, payload caps, typed errors), and its service events go out after its reply.
 
 Concurrency: as many serving threads as the worker's pool has slots (``-c N`` of a ``threads`` or
 ``prefork`` pool; one with ``-P solo``), all in the worker's main process, so a slow call holds one thread
-and the others go on. Delivery: each instance keeps an ``alive`` key with a TTL (``lease_timeout``); every
-instance of the key gives back to the front of the queue the in-flight calls of instances whose key
-lapsed (killed or paused), with ``cs_redelivered`` counted. A paused instance that resumes finds its calls
-gone: its late acknowledgement removes nothing, and its reply is not pushed twice (:class:`.Replies`).
+and the others go on. Delivery on Redis: each instance keeps an ``alive`` key with a TTL
+(``lease_timeout``); every instance of the key gives back to the front of the queue the in-flight calls of
+instances whose key lapsed (killed or paused), with ``cs_redelivered`` counted. A paused instance that
+resumes finds its calls gone: its late acknowledgement removes nothing, and its reply is not pushed twice
+(:class:`.Replies`).
+
+One piece, past 300 lines: taking a message, serving it and answering it are one protocol on the same keys
+(in-flight lists, alive keys, the give-back script), and both brokers share how a message becomes a call.
 
 What the fast path leaves out: Celery's task signals, time limits (the call's deadline stands for them)
 and retries; task messages with a priority (other lists of the queue) are left to Celery's consumers.
@@ -517,6 +522,14 @@ class AmqpFastPath(FastPath):
                 self._stop.wait(RETRY_INTERVAL)
 
     def _on_message(self, producer: Any, message: Any) -> None:
+        try:
+            self._on_task(producer, message)
+        except Exception:  # one bad call must not stop the thread serving the others
+            log.exception("fast path failed to serve a message of queue %s", self.queue)
+            if not message.acknowledged:
+                message.ack()  # as the Redis path does: a call that broke the server is not taken again
+
+    def _on_task(self, producer: Any, message: Any) -> None:
         received = time.time()
         delivery = dict(message.delivery_info or {})
         try:

@@ -21,7 +21,7 @@ from celery_services import App, DistributionSettings, NotFound, distribute, fin
 from celery_services.distribution import Distribution
 from celery_services.testing import WorkerProcess, wait_for
 
-from ..support import Provider, cleanup, fresh_prefix, registered_provider
+from ..support import Provider, cleanup, fresh_prefix, provider_env, registered_provider
 
 PROBE = ["get", "slow", "boom"]
 FAST = "fast path serving queue"
@@ -145,6 +145,46 @@ def test_a_call_of_a_killed_fast_path_replica_is_served_by_another(redis_url: st
         second.stop()
         finalize(app)
         cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(90)
+def test_on_rabbitmq_a_call_of_a_killed_fast_path_replica_is_served_by_another(
+    redis_url: str, rabbitmq_url: str, prefix: str
+) -> None:
+    # RabbitMQ gives back the unacknowledged call of a connection that died: no lease involved.
+    key = f"fastkill-amqp-{os.urandom(3).hex()}"
+    runs = f"test-runs:{key}"
+    env = provider_env(key, rabbitmq_url, redis_url, runs, CELERY_SERVICES_REGISTRY_PREFIX=prefix)
+    prov = Provider(key, rabbitmq_url, redis_url, runs, env)
+    first, second = prov.worker(), prov.worker()
+    app, distribution = make_caller(prov, prefix)
+    try:
+        first.start()
+        second.start()
+        assert FAST in first.log() and FAST in second.log()
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(probe.slow, {"tag": "a", "seconds": 1.5}, {"timeout": 20})
+            start = wait_for(
+                lambda: next((r for r in prov.runs() if r.startswith("slow-start-a:")), None),
+                timeout=10,
+                what="slow call started",
+            )
+            victim_pid = int(start.rsplit(":", 1)[1])
+            victim = first if first.pid == victim_pid else second
+            survivor = second if victim is first else first
+            victim.kill(signal.SIGKILL)
+            result: dict[str, Any] = future.result(timeout=20)
+        assert result["pid"] == survivor.pid
+        assert result["redelivered"] is True
+        assert f"slow-end-a:{victim_pid}" not in prov.runs()
+        assert probe.get(1, {})["pid"] == survivor.pid
+    finally:
+        first.stop()
+        second.stop()
+        finalize(app)
+        cleanup(rabbitmq_url, redis_url, prov.key, prov.runs_key)
 
 
 @pytest.mark.timeout(60)
