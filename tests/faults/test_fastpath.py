@@ -188,6 +188,31 @@ def test_on_rabbitmq_a_call_of_a_killed_fast_path_replica_is_served_by_another(
 
 
 @pytest.mark.timeout(60)
+def test_a_slow_call_holds_one_slot_and_the_others_go_on(redis_url: str, prefix: str) -> None:
+    # -c 3: three serving threads; two slow calls hold two, quick calls go through the third meanwhile.
+    prov = registered_provider(redis_url, prefix, "slots")
+    app, distribution = make_caller(prov, prefix)
+    try:
+        with prov.worker(pool="threads", concurrency=3) as worker:
+            assert "fast path serving queue" in worker.log() and "with 3 thread(s)" in worker.log()
+            probe = distribution.remote_service(prov.key, "probe", PROBE)
+            with ThreadPoolExecutor(2) as pool:
+                slow = [pool.submit(probe.slow, {"tag": f"s{n}", "seconds": 3}, {}) for n in range(2)]
+                wait_for(
+                    lambda: sum(r.startswith("slow-start-s") for r in prov.runs()) == 2,
+                    timeout=10,
+                    what="both slow calls running",
+                )
+                for n in range(5):
+                    assert probe.get(n, {"timeout": 1})["id"] == n  # not queued behind the slow ones
+                assert not any(r.startswith("slow-end-s") for r in prov.runs())
+                assert [future.result(timeout=10)["tag"] for future in slow] == ["s0", "s1"]
+    finally:
+        finalize(app)
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.timeout(60)
 def test_an_unreadable_message_is_dropped_and_the_next_call_served(redis_url: str, prefix: str) -> None:
     prov = registered_provider(redis_url, prefix, "garbage")
     app, distribution = make_caller(prov, prefix)
