@@ -137,6 +137,9 @@ class Broker:
         options: dict[str, Any] = dict(_RETRY) | self.transport_options
         if self.redis:
             options |= {"socket_timeout": socket_timeout, "socket_connect_timeout": _CONNECT_TIMEOUT}
+            # Events are JSON text: kept as text in the message (every kombu consumer reads it) rather than
+            # base64, whose passes cost more than the JSON itself for a large event.
+            options |= {"body_encoding": "utf-8"}
             options |= redis_options or {}
         return Connection(
             self.url,
