@@ -18,6 +18,8 @@ __all__ = []
 
 #: Options passed through to ``celery worker`` / ``celery flower`` untouched.
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+#: Calls a worker started without -P runs at once (its threads pool).
+DEFAULT_THREADS = 8
 
 
 def _given(args: list[str], *names: str) -> bool:
@@ -35,6 +37,9 @@ def worker(
 ) -> None:
     """Run a Celery worker for the app's key: celery worker -Q KEY -E, plus the options given after it.
 
+    Without -P, a threads pool of 8 (-c to change it): calls then run on the fast path. A prefork pool
+    (-P prefork) runs them in child processes, fed by Celery's consumer.
+
     Example: celery-services worker workers.articles:app -P solo -c 1
     """
     options: Options = ctx.obj
@@ -45,6 +50,11 @@ def worker(
         argv += ["-Q", distribution.key]
     if not _given(ctx.args, "-l", "--loglevel"):
         argv += ["--loglevel", options.log_level]
+    if not _given(ctx.args, "-P", "--pool"):
+        # Calls mostly wait (databases, other services): threads serve many at once, on the fast path.
+        argv += ["--pool", "threads"]
+        if not _given(ctx.args, "-c", "--concurrency"):
+            argv += ["--concurrency", str(DEFAULT_THREADS)]
     from celery import signals
 
     # The worker replaces sys.stderr with a proxy that logs: the lines must go to the real stream.

@@ -12,13 +12,17 @@ Redis transport is not affected, and the tick is only added for AMQP brokers.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery, bootsteps
 
 from .fastpath import EVENT_TYPES, AmqpFastPath, FastPath, RedisFastPath
+from .worker import IN_PROCESS_POOLS
 
 __all__ = ["FastCalls", "LoopTick", "add_bootsteps"]
+
+log = logging.getLogger("celery_services.fastpath")
 
 #: Seconds between two turns of the worker's event loop, at most.
 TICK = 0.05
@@ -40,7 +44,8 @@ def _noop() -> None:
 
 
 class FastCalls(bootsteps.StartStopStep):  # type: ignore[misc]
-    """Serves the key's queue on the fast path instead of Celery's consumer (``fast_path``).
+    """Serves the key's queue on the fast path instead of Celery's consumer (``fast_path``), in a worker whose
+    pool runs calls in its own process (``solo``, ``threads``, ``gevent``, ``eventlet``).
 
     A consumer step: it runs again after each reconnection of the consumer, and each time takes the key's
     queue away from kombu's task consumer; the fast path itself starts once and keeps its own connections.
@@ -62,6 +67,11 @@ class FastCalls(bootsteps.StartStopStep):  # type: ignore[misc]
         if self.fast is None:
             if key not in consumed:
                 return  # a worker of other queues (-Q): the key's calls are not this worker's to take
+            pool = type(c.pool).__module__.rsplit(".", 1)[-1]
+            if pool not in IN_PROCESS_POOLS:
+                # Its calls run in child processes (isolation, several cores): Celery's consumer feeds them.
+                log.info("fast path off: the %s pool runs calls in child processes", pool)
+                return
             if distribution.broker_store is not None:
                 self.fast = RedisFastPath(distribution, _slots(c), c.hostname, _topics(c))
             else:

@@ -486,13 +486,15 @@ class AmqpFastPath(FastPath):
 
     def _serve(self, index: int) -> None:
         celery = self.distribution.celery
+        # Celery's own declaration of the key's queue (exchange, binding, durability): declared again on
+        # each connection, as Celery's consumer does, so a broker that lost it gets it back.
+        queue = celery.amqp.queues.get(self.queue) or _Queue(self.queue)
         failing = False
         while not self._stop.is_set():
-            connection = celery.connection_for_read()
-            errors = (OSError, *connection.connection_errors, *connection.channel_errors)
             try:
-                with connection:
-                    connection.ensure_connection(max_retries=1)
+                with celery.connection_for_read() as connection:
+                    # One attempt: this loop's own pause between attempts is the retry.
+                    connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
                     channel = connection.channel()
                     producer = None
                     if self.events:
@@ -500,10 +502,9 @@ class AmqpFastPath(FastPath):
                         producer = _Producer(channel, exchange=events, auto_declare=False)
                     consumer = _Consumer(
                         channel,
-                        queues=[_Queue(self.queue, no_declare=True)],
+                        queues=[queue],
                         on_message=partial(self._on_message, producer),
                         prefetch_count=1,
-                        auto_declare=False,
                         no_ack=False,
                     )
                     with consumer:
@@ -515,7 +516,7 @@ class AmqpFastPath(FastPath):
                                 connection.drain_events(timeout=POLL)
                             except TimeoutError:
                                 continue
-            except errors as exc:
+            except Exception as exc:  # a lost or refused connection, whatever its library calls it
                 if not failing:
                     log.warning("fast path cannot reach its queue %s: %r; retrying", self.queue, exc)
                     failing = True

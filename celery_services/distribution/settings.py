@@ -190,10 +190,11 @@ class DistributionSettings(BaseSettings):
     (``params["redelivered"]`` says so); its caller still gets one reply."""
 
     fast_path: bool = True
-    """A worker serves its key's queue outside Celery's consumer loop, as many calls at once as its pool has
-    slots (``-c``; one with ``-P solo``): blocking pops straight on Redis, or its own consumers on RabbitMQ
-    (about 3x quicker per call; calls stay Celery tasks that Flower shows and plain workers can serve).
-    ``False``: Celery's own consumer serves them, with its task signals and time limits."""
+    """A worker whose pool runs calls in its own process (``-P threads``, ``solo``, ``gevent``, ``eventlet``)
+    serves its key's queue outside Celery's consumer loop, as many calls at once as the pool has slots
+    (``-c``; one with ``solo``): blocking pops straight on Redis, or its own consumers on RabbitMQ (about 3x
+    quicker per call; calls stay Celery tasks that Flower shows and plain workers can serve). A prefork
+    pool, and ``False``, keep Celery's own consumer, with its task signals and time limits."""
 
     heartbeat_interval: PositiveFloat = 5.0
     """Seconds between two refreshes of this instance's manifest in the registry."""
