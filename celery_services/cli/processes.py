@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..distribution import finalize, logs, make_celery
+from ..distribution import finalize, logs, make_celery, observability
 from .app import EXIT_SERVER_ERROR, Options, _exit_on_sigterm, _failures, app, load_target
 
 __all__ = []
@@ -20,6 +20,22 @@ __all__ = []
 PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 #: Calls a worker started without -P runs at once (its threads pool).
 DEFAULT_THREADS = 8
+
+LogFormatOption = Annotated[
+    str | None,
+    typer.Option(
+        "--log-format",
+        help="'text' or 'json' (one JSON object per line, with the call fields); default: the settings' "
+        "log_format.",
+    ),
+]
+
+
+def _log_format(given: str | None, settings_format: str) -> logs.LogFormat:
+    chosen = given or settings_format
+    if chosen not in ("text", "json"):
+        raise typer.BadParameter(f"{chosen!r} is not 'text' nor 'json'", param_hint="--log-format")
+    return "json" if chosen == "json" else "text"
 
 
 def _given(args: list[str], *names: str) -> bool:
@@ -34,6 +50,15 @@ def _given(args: list[str], *names: str) -> bool:
 def worker(
     ctx: typer.Context,
     target: Annotated[str, typer.Argument(metavar="MODULE:ATTR", help="The services App or its Celery app.")],
+    log_format: LogFormatOption = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port",
+            help="Serve Prometheus metrics on this port (default: the settings' metrics_port; needs the "
+            "metrics extra).",
+        ),
+    ] = None,
 ) -> None:
     """Run a Celery worker for the app's key: celery worker -Q KEY -E, plus the options given after it.
 
@@ -45,7 +70,10 @@ def worker(
     options: Options = ctx.obj
     with _failures():
         distribution = load_target(target)
-    argv = ["worker", "-E"]
+    settings = distribution.settings
+    line_format = _log_format(log_format, settings.log_format)
+    # JSON lines only: Celery's start-up banner (stdout) is not a log line.
+    argv = ["--quiet", "worker", "-E"] if line_format == "json" else ["worker", "-E"]
     if not _given(ctx.args, "-Q", "--queues"):
         argv += ["-Q", distribution.key]
     if not _given(ctx.args, "-l", "--loglevel"):
@@ -57,8 +85,12 @@ def worker(
             argv += ["--concurrency", str(DEFAULT_THREADS)]
     from celery import signals
 
+    if metrics_port is not None:
+        observability.enable_metrics()
+        observability.serve_metrics(metrics_port, settings.metrics_host)
     # The worker replaces sys.stderr with a proxy that logs: the lines must go to the real stream.
-    logs.configure(options.log_level, stream=sys.stderr)
+    logs.configure(options.log_level, stream=sys.stderr, format=line_format)
+    _worker_log_format[0] = line_format
     # Celery configures the worker's logging: keep its lines, add the call fields to them.
     signals.after_setup_logger.connect(_decorate_handlers, weak=False)
     signals.after_setup_task_logger.connect(_decorate_handlers, weak=False)
@@ -66,13 +98,18 @@ def worker(
     raise typer.Exit(int(code or 0))
 
 
+#: The format the worker command chose, for Celery's logging signals.
+_worker_log_format: list[logs.LogFormat] = ["text"]
+
+
 def _decorate_handlers(logger: Any = None, **_: Any) -> None:
     if logger is not None:
-        logs.decorate(logger.handlers)
+        logs.decorate(logger.handlers, _worker_log_format[0])
 
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     target: Annotated[str, typer.Argument(metavar="MODULE:ATTR", help="The services App or its Celery app.")],
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
@@ -83,6 +120,7 @@ def serve(
             "or 'none' (anonymous)."
         ),
     ] = "none",
+    log_format: LogFormatOption = None,
 ) -> None:
     """Serve an app's services over HTTP (REST, /events and the healthcheck), with celery_services.http."""
     if auth not in ("jwt", "none"):
@@ -97,7 +135,13 @@ def serve(
         except (ValueError, OSError) as exc:
             raise typer.BadParameter(str(exc), param_hint="CELERY_SERVICES_JWT_*") from None
     with _failures():
-        api = load_target(target).app
+        distribution = load_target(target)
+    api = distribution.app
+    line_format = _log_format(log_format, distribution.settings.log_format)
+    if line_format == "json":
+        options: Options = ctx.obj
+        logs.configure(options.log_level, format="json")
+        _json_uvicorn_logs()
     # uvicorn shuts down on SIGTERM, then raises it again: exit through Python so the app is finalized
     # (manifest withdrawn, event queue deleted) rather than killed.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
@@ -105,6 +149,16 @@ def serve(
         http.serve(api, host=host, port=port, authenticate=authenticate)
     finally:
         finalize(api)
+
+
+def _json_uvicorn_logs() -> None:
+    # uvicorn configures its loggers from this dict when it starts (its own handlers, not the root's): the
+    # gateway process's lines are then JSON too. Changed in place: it is uvicorn.Config's default argument.
+    import uvicorn.config
+
+    formatter = {"()": "celery_services.distribution.logs.JsonFormatter"}
+    for name in ("default", "access"):
+        uvicorn.config.LOGGING_CONFIG["formatters"][name] = formatter
 
 
 @app.command(context_settings=PASS_THROUGH)

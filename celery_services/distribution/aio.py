@@ -45,6 +45,7 @@ import redis.asyncio
 from ..core.aio import run_blocking
 from ..core.errors import ServiceError, Unavailable
 from .caller import Call, Transport
+from .observability import client_acall, hooks
 from .protocol import reply_key
 from .redis_clients import RedisOptions, async_redis_client
 
@@ -119,6 +120,22 @@ class AsyncTransport:
         wait: bool = False,
     ) -> Any:
         """Send one call and await its result; raises what :meth:`.Transport.call` raises."""
+        if hooks.on:  # tracing or metrics: the same call in a CLIENT span, counted (observability.py)
+            send = functools.partial(self._call, key, path, method, id, data, params, timeout, wait)
+            return await client_acall(send, key, path, method)
+        return await self._call(key, path, method, id, data, params, timeout, wait)
+
+    async def _call(
+        self,
+        key: str,
+        path: str,
+        method: str,
+        id: Any,
+        data: Any,
+        params: dict[str, Any] | None,
+        timeout: float | None,
+        wait: bool,
+    ) -> Any:
         call = self.transport.prepare(
             key, path, method, id=id, data=data, params=params, timeout=timeout, wait=wait
         )

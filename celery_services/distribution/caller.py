@@ -38,6 +38,7 @@ from ..core.errors import (
 from ..core.service import SIGNATURES, method_attribute
 from .logs import call_fields
 from .messages import NO_EMBED, call_message, encode_task
+from .observability import call_headers, client_call, hooks
 from .protocol import (
     HEADER_CALLER,
     HEADER_DEADLINE,
@@ -174,6 +175,22 @@ class Transport:
             MethodNotAllowed: the provider's workers do not serve ``path.method``.
             BadGateway: the reply is not one the protocol knows.
         """
+        if hooks.on:  # tracing or metrics: the same call in a CLIENT span, counted (observability.py)
+            send = partial(self._send_call, key, path, method, id, data, params, timeout, wait)
+            return client_call(send, key, path, method)
+        return self._send_call(key, path, method, id, data, params, timeout, wait)
+
+    def _send_call(
+        self,
+        key: str,
+        path: str,
+        method: str,
+        id: Any,
+        data: Any,
+        params: dict[str, Any] | None,
+        timeout: float | None,
+        wait: bool,
+    ) -> Any:
         call = self.prepare(key, path, method, id=id, data=data, params=params, timeout=timeout, wait=wait)
         log.debug("call sent", extra=call.fields)
         try:
@@ -249,6 +266,8 @@ class Transport:
         headers: dict[str, Any] = {HEADER_CALLER: self.caller, HEADER_DEADLINE: deadline, HEADER_REPLY: True}
         if self.signer is not None:
             headers[HEADER_SIGNATURE] = self.signer.sign_call(name, call_id, deadline, kwargs)
+        if hooks.on:
+            call_headers(headers, call_id)  # the trace context (observability.py)
         encoded = json.dumps(kwargs) if encoded is None else encoded
         return Call(name, queue, call_id, kwargs, deadline, headers, {**fields, "call_id": call_id}, encoded)
 

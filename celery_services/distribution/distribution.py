@@ -39,6 +39,7 @@ from .events import EventBus, EventEnvelope, event_context
 from .fastpath import FastPath
 from .lease import lease_keeper
 from .manifest import Manifest, ServiceManifest
+from .observability import event_headers, hooks, install
 from .provider import (
     Handler,
     Replies,
@@ -87,6 +88,7 @@ class Distribution:
         self.instance = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.celery = celery if celery is not None else make_celery(settings)
         self.worker = WorkerSignals(self)
+        install(self)  # metrics, a worker's log format and metrics server (observability.py)
         self.celery.celery_services_distribution = self
         add_bootsteps(self.celery)
         # Every command of this client is short (the reply wait sets its own read timeout).
@@ -224,7 +226,14 @@ class Distribution:
 
             def publish(data: Any, context: Any = None, event: str = event) -> None:
                 send = partial(
-                    self.events.publish, self.key, wrapper.path, event, data, event_context(context, extra)
+                    self.events.publish,
+                    self.key,
+                    wrapper.path,
+                    event,
+                    data,
+                    event_context(context, extra),
+                    # The trace of the call emitting it: the event goes out after the call's reply.
+                    headers=event_headers() if hooks.on else None,
                 )
                 if not after_reply(send):  # a remote call's events go out once its caller has its answer
                     send()

@@ -62,8 +62,9 @@ class EventConsumer:
         instance: id of this app instance; names the broadcast queue.
         delivery: ``broadcast`` (a queue per instance) or ``group`` (one durable queue per consumer key).
         queue_prefix: prefix of the queue names.
-        handle: called from the consumer thread with the decoded JSON body of each message whose routing key
-            is bound, in queue order; must not raise (the message is acked after it returns).
+        handle: called from the consumer thread with the decoded JSON body and the headers of each message
+            whose routing key is bound, in queue order; must not raise (the message is acked after it
+            returns).
     """
 
     def __init__(
@@ -75,7 +76,7 @@ class EventConsumer:
         instance: str,
         delivery: Literal["broadcast", "group"],
         queue_prefix: str,
-        handle: Callable[[Any], None],
+        handle: Callable[[Any, Any], None],
     ) -> None:
         self.broker, self.exchange = broker, exchange
         self.consumer_key, self.instance, self.delivery = consumer_key, instance, delivery
@@ -311,7 +312,7 @@ class EventConsumer:
 
     def _on_message(self, body: Any, message: Any) -> None:
         if message.delivery_info.get("routing_key") in self._bindings:  # else unbound meanwhile: drop
-            self.handle(body)
+            self.handle(body, message.headers)
         message.ack()
 
     def _on_decode_error(self, message: Any, exc: Exception) -> None:

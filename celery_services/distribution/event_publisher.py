@@ -72,8 +72,10 @@ class EventPublisher:
         self._last_error = ""
         self._closed = False
 
-    def publish(self, routing_key: str, payload: str) -> bool:
+    def publish(self, routing_key: str, payload: str, headers: dict[str, Any] | None = None) -> bool:
         """Publish one JSON ``payload`` under ``routing_key``; returns whether the broker took it.
+
+        ``headers``: message headers (an event's trace context, see :mod:`.observability`).
 
         On a broker error: counts the event in ``dropped`` (and ``publish_failures``), returns False, and
         fails fast for a moment (0.5 s, doubling on each failure up to 5 s); the drops are reported at
@@ -95,6 +97,7 @@ class EventPublisher:
                 routing_key=routing_key,
                 content_type="application/json",
                 content_encoding="utf-8",
+                headers=headers,
                 delivery_mode=2,
                 retry=True,
                 retry_policy=self.broker.retry_policy,

@@ -36,6 +36,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .event_consumer import EventConsumer
 from .event_publisher import EventPublisher
+from .observability import deliver, hooks, publish
 from .redis_transport import reuse_sync_clients
 
 __all__ = ["Broker", "EventBus", "EventEnvelope", "event_context", "routing_key"]
@@ -282,12 +283,21 @@ class EventBus:
     # Publishing.
 
     def publish(
-        self, key: str, path: str, event: str, data: Any, context: dict[str, Any] | None = None
+        self,
+        key: str,
+        path: str,
+        event: str,
+        data: Any,
+        context: dict[str, Any] | None = None,
+        *,
+        headers: dict[str, Any] | None = None,
     ) -> bool:
         """Publish one event; thread-safe, never raises, returns whether the broker took it.
 
         On a broker error: counts the event in ``dropped`` (and ``publish_failures``), returns False, and
         fails fast for a moment; the drops are reported at WARNING, rate-limited (see the class).
+        ``headers``: the event's trace context, when taken earlier than now (default, with tracing on: the
+        current one; see :mod:`.observability`).
         """
         try:
             key_ = routing_key(key, path, event)
@@ -295,7 +305,9 @@ class EventBus:
             payload = body.model_dump_json()
         except Exception as exc:  # bad names, data pydantic cannot serialize
             return self._publisher.reject("event %s %s %s not published: %s", key, path, event, exc)
-        return self._publisher.publish(key_, payload)
+        if hooks.on:  # tracing or metrics: the trace context in its headers, counted (observability.py)
+            return publish(self._publisher.publish, key_, payload, (key, path, event), headers)
+        return self._publisher.publish(key_, payload, headers)
 
     # Consuming.
 
@@ -347,7 +359,7 @@ class EventBus:
         if self.on_event is not None:
             self._consumer.start()
 
-    def _deliver(self, body: Any) -> None:
+    def _deliver(self, body: Any, headers: Any = None) -> None:
         """The consumer's ``handle``: one bound message's body, as an envelope, to ``on_event``.
 
         Never raises (a bad envelope or a failing handler is logged): the consumer acks the message after.
@@ -359,7 +371,9 @@ class EventBus:
             return
         self.received += 1
         try:
-            if self.on_event is not None:
+            if self.on_event is not None and hooks.on:  # in the publisher's trace, counted
+                deliver(self.on_event, envelope, headers)
+            elif self.on_event is not None:
                 self.on_event(envelope)
         except Exception:
             log.exception("event handler failed on %s %s %s", envelope.key, envelope.path, envelope.event)

@@ -20,6 +20,8 @@ __all__ = [
     "HEADER_DEADLINE",
     "HEADER_REPLY",
     "HEADER_SIGNATURE",
+    "HEADER_TRACEPARENT",
+    "HEADER_TRACESTATE",
     "PROTOCOL_VERSION",
     "Envelope",
     "is_secret_header",
@@ -39,6 +41,10 @@ HEADER_DEADLINE = "cs_deadline"
 HEADER_REPLY = "cs_reply"
 #: The HMAC of a signed call (:mod:`.signing`).
 HEADER_SIGNATURE = "cs_signature"
+#: W3C trace context of a call or an event, with OpenTelemetry on (:mod:`.tracing`: the global
+#: propagator's fields, these two by default, and ``baggage`` when there is some).
+HEADER_TRACEPARENT = "traceparent"
+HEADER_TRACESTATE = "tracestate"
 
 #: Params that may travel with any call; ``provider``, ``user`` and ``authentication`` travel only when
 #: the ``authentication`` setting says so. Of ``headers``, only the names the ``forwarded_headers`` setting

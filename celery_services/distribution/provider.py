@@ -34,9 +34,12 @@ from ..core.errors import (
     Timeout,
     error_from_exception,
 )
+from . import logs
 from .caller import reset_deadline, set_deadline
 from .lease import HEADER_REDELIVERED
 from .loops import settle
+from .observability import hooks
+from .observability import server as observed
 from .protocol import (
     AUTH_PARAMS,
     HEADER_CALLER,
@@ -202,7 +205,8 @@ def serve(
     pending: list[Callable[[], object]] = []
     token = _after_reply.set(pending)
     try:
-        answer = handle(request, args, kwargs)
+        # Tracing or metrics: the same handler in a SERVER span, counted (observability.py).
+        answer = handle(request, args, kwargs) if not hooks.on else observed(handle, request, args, kwargs)
     finally:
         _after_reply.reset(token)
     try:
@@ -347,6 +351,7 @@ def _answer(
             answer.error = NotAuthenticated("Call refused: replayed", {"call_id": call_id})
             return answer
     token = set_deadline(deadline)
+    logged = logs.enter_call(extra)  # the service's own log lines carry the call's fields too
     try:
         _check_caller(distribution, request, fields)
         result = work()
@@ -367,6 +372,7 @@ def _answer(
         log.info("call answered %s (%s): %s", error.name, error.code, error.message, extra=extra)
         return failed(error)
     finally:
+        logs.leave_call(logged)
         reset_deadline(token)
     log.debug("call served", extra=extra)
     answer.result, answer.encoded = result, encoded

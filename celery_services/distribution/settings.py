@@ -283,6 +283,23 @@ class DistributionSettings(BaseSettings):
     debug: bool = False
     """Log every call, event and registry change."""
 
+    log_format: Literal["text", "json"] = "text"
+    """Lines of a worker's log (``celery-services worker`` and a plain ``celery worker`` of the app):
+    ``text`` (Celery's format, the call fields appended), or ``json``: one JSON object per line with the
+    call fields (``key``, ``path``, ``method``, ``call_id``) and, with tracing on, ``trace_id`` and
+    ``span_id``."""
+
+    metrics: bool = False
+    """Count calls, events and live instances with ``prometheus_client`` (the ``metrics`` extra) in this
+    process: the gateway serves them on ``/metrics``; see :attr:`metrics_port` for a worker."""
+
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] | None = None
+    """A worker of the app serves its metrics on this port (``prometheus_client``'s HTTP server, started
+    once per worker process); implies :attr:`metrics`. ``None``: no server."""
+
+    metrics_host: str = "127.0.0.1"
+    """The interface :attr:`metrics_port` listens on (``0.0.0.0`` for a scraper in another container)."""
+
     registry_prefix: Annotated[str, Field(pattern=r"^\S+$")] = "celery_services"
     """Prefix of the registry keys and channel (``{prefix}:manifest:{key}:{instance}``)."""
 

@@ -87,6 +87,7 @@ from ..core.errors import (
 )
 from ..core.service import ServiceWrapper
 from .auth import TOKEN_IN_QUERY, Authenticate, authenticate_request, warn_if_anonymous
+from .metrics import metrics_endpoint
 from .query import Coerce, parse_id, parse_query
 from .sockets import SocketTransport
 from .sse import EventHub, EventStream
@@ -430,6 +431,7 @@ def asgi_app(
     gateway = _Gateway(app, base, max_body_bytes, coerce, threads, hub, heartbeat, authenticate)
     routes: list[BaseRoute] = [
         Route("/health", _alive, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),  # Prometheus (http/metrics.py)
         Route(f"{base}/events", gateway.events, methods=["GET"]),
         Route(f"{base}/distribution/healthcheck", gateway.healthcheck, methods=["GET"]),
         Route(f"{base}/distribution/healthcheck/{{key}}", gateway.healthcheck, methods=["GET"]),
