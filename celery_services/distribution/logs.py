@@ -184,7 +184,8 @@ def configure(level: str | int = "WARNING", *, stream: Any = None, format: LogFo
     Args:
         level: A level name (``"info"``, ``"DEBUG"``) or number.
         stream: Where lines go; default ``sys.stderr``.
-        format: ``text`` lines, or ``json``: one JSON object per line (:class:`JsonFormatter`).
+        format: ``text`` lines, or ``json``: one JSON object per line (:class:`JsonFormatter`); Python's
+            warnings then become log records too, so that nothing else is written between the lines.
 
     Raises:
         ValueError: ``level`` is not a logging level.
@@ -195,6 +196,8 @@ def configure(level: str | int = "WARNING", *, stream: Any = None, format: LogFo
         root.removeHandler(old)
     handler = _CommandLineHandler(stream)
     handler.setFormatter(JsonFormatter() if format == "json" else CallFormatter())
+    if format == "json":
+        logging.captureWarnings(True)  # e.g. Celery's SecurityWarning, printed before its logging is set
     root.addHandler(handler)
     root.setLevel(numeric)
 

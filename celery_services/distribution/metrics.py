@@ -171,12 +171,19 @@ class _Instances:
     def __init__(self, views: Callable[[], Iterable[Mapping[str, Mapping[str, Any]]]]) -> None:
         self.views = views
 
-    def collect(self) -> Iterable[Any]:
-        family = GaugeMetricFamily(
+    @staticmethod
+    def _family() -> Any:
+        return GaugeMetricFamily(
             "celery_services_registry_instances",
             "Live instances of each app key, as this process sees them.",
             labels=["key"],
         )
+
+    def describe(self) -> Iterable[Any]:
+        yield self._family()  # what registering asks: not a read of the views
+
+    def collect(self) -> Iterable[Any]:
+        family = self._family()
         live: dict[str, set[str]] = {}
         for view in self.views():
             for key, instances in view.items():

@@ -159,7 +159,8 @@ def install(distribution: Distribution) -> None:
 
 
 def _registry_views() -> list[Mapping[str, Mapping[str, Any]]]:
-    return [d.registry.view for d in list(_distributions) if not getattr(d, "_closed", False)]
+    live = [d for d in list(_distributions) if not getattr(d, "_closed", False)]
+    return [d.registry.view for d in live if hasattr(d, "registry")]  # a distribution being made has none
 
 
 # -- Celery's signals ------------------------------------------------------------------------------------
