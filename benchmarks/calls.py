@@ -97,6 +97,28 @@ from celery.__main__ import main
 main()
 """
 
+#: Observability (#14) off costs the fast path (d) nothing measurable: the baseline (d0) is the same worker
+#: with its hooks replaced by no-ops (the call's log-fields context variable, the one ``hooks.on`` check of
+#: serve); (d1) and (d2) are the same worker with metrics on, and traced by an SDK TracerProvider (spans
+#: made, none exported). Redis, one worker each.
+HOOKS_NOOP = """\
+from celery_services.distribution import logs, provider
+logs.enter_call = lambda fields: None
+logs.leave_call = lambda token: None
+provider.hooks = type("NoHooks", (), {"on": False})()
+"""
+TRACED = """\
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+trace.set_tracer_provider(TracerProvider())
+"""
+#: (label, key suffix, boot prefix, more environment) of those rows.
+OBSERVED_PATHS = (
+    ("(d0) fast path, observability hooks no-op", "-noop", HOOKS_NOOP, {}),
+    ("(d1) fast path, metrics on", "-metrics", "", {"CELERY_SERVICES_METRICS": "true"}),
+    ("(d2) fast path, traced (SDK, no exporter)", "-traced", TRACED, {}),
+)
+
 Call = Callable[[int], Any]
 
 
@@ -320,8 +342,8 @@ class Bench:
     def raw_task(self) -> str:
         return f"bench_plain_{self.token}.articles.get"
 
-    def provider_key(self, fast: bool) -> str:
-        return f"bench-articles-{self.token}-{'fast' if fast else 'celery'}"
+    def provider_key(self, fast: bool, variant: str = "") -> str:
+        return f"bench-articles-{self.token}-{'fast' if fast else 'celery'}{variant}"
 
     @property
     def prefix(self) -> str:
@@ -347,9 +369,12 @@ class Bench:
         command = [sys.executable, str(BENCH_DIR / "floor_worker.py")]
         return WorkerProcess("floor_worker", self.floor_queue, env=env, command=command)
 
-    def provider_worker(self, fast: bool) -> WorkerProcess:
-        key = self.provider_key(fast)
+    def provider_worker(
+        self, fast: bool, variant: str = "", boot: str = "", more: dict[str, str] | None = None
+    ) -> WorkerProcess:
+        key = self.provider_key(fast, variant)
         env = {
+            **(more or {}),
             "CELERY_SERVICES_CONFIG": str(ROOT / "config" / "default.toml"),
             "CELERY_SERVICES_KEY": key,
             "CELERY_SERVICES_BROKER_URL": self.broker,
@@ -365,7 +390,7 @@ class Bench:
         # The same command WorkerProcess builds (`python -m celery -A workers.articles worker -Q key -P solo
         # -c 1 ...`), run through PROVIDER_BOOT to seed the items first.
         assert worker.command[1:3] == ["-m", "celery"], worker.command
-        worker.command[1:3] = ["-c", PROVIDER_BOOT]
+        worker.command[1:3] = ["-c", boot + PROVIDER_BOOT]
         return worker
 
     def start(self, workers: list[WorkerProcess]) -> None:
@@ -383,6 +408,7 @@ class Bench:
     def cleanup(self) -> None:
         """Delete the queues, bindings and result keys of the run."""
         queues = [self.raw_queue, self.floor_queue, self.provider_key(True), self.provider_key(False)]
+        queues += [self.provider_key(True, variant) for _, variant, _, _ in OBSERVED_PATHS]
         nodes = [worker.name for worker in self.workers]
         store = redis.Redis.from_url(self.backend)
         try:
@@ -499,6 +525,9 @@ def run_broker(
             caller.use(
                 path, distribution.remote_service(bench.provider_key(fast), "articles", ["get", "create"])
             )
+        for _, variant, _, _ in OBSERVED_PATHS:
+            key = bench.provider_key(True, variant)
+            caller.use(f"articles{variant}", distribution.remote_service(key, "articles", ["get", "create"]))
         settings = (
             f"(b) {worker_settings(raw)}, the reply read from the result backend; "
             f"(c, d) {worker_settings(distribution.celery)} (`make_celery`), the reply read from the "
@@ -515,9 +544,12 @@ def run_broker(
                 new["fast"] = [bench.provider_worker(True) for _ in range(more)]
                 if redis_broker:
                     new["floor"] = [bench.floor_worker() for _ in range(more)]
+                if redis_broker and replicas == 1:
+                    for _, variant, boot, env in OBSERVED_PATHS:
+                        new[variant] = [bench.provider_worker(True, variant, boot, env)]
                 bench.start([w for group in new.values() for w in group])
                 for group, started in new.items():
-                    workers[group] += started
+                    workers.setdefault(group, []).extend(started)
             label = f"{replicas} solo"
             print(f"measuring on {name} with {label} worker(s) per path ...", file=sys.stderr)
 
@@ -533,6 +565,9 @@ def run_broker(
                 target("(c) proxy, Celery's consumer", caller.service("articles-celery").get, "celery")
             )
             targets.append(target("(d) proxy, fast path", caller.service("articles-fast").get, "fast"))
+            if redis_broker and replicas == 1:
+                for label, variant, _, _ in OBSERVED_PATHS:
+                    targets.append(target(label, caller.service(f"articles{variant}").get, variant))
             rows += measure(targets, ids, args.calls, callers, probe)
         large.append(measure_large(name, caller.service("articles-fast"), ids))
     finally:
@@ -705,6 +740,34 @@ def tables(rows: list[Row]) -> tuple[list[str], list[list[str]], list[str], list
     return head, cells, ratio_head, ratios
 
 
+OBSERVED_HEAD = ["path", "p50 / (d0)", "calls/s, 1 caller / (d0)", f"calls/s, {THREADS} callers / (d0)"]
+OBSERVED_HEAD += ["CPU workers / (d0)"]
+
+
+def observed_ratios(rows: list[Row]) -> list[list[str]]:
+    """The fast path (d) and its observed variants against (d0), its hooks no-op (Redis, one worker)."""
+    same = [r for r in rows if r.broker == "Redis" and r.workers == "1 solo"]
+    base = next((r for r in same if r.path.startswith("(d0)")), None)
+    if base is None:
+        return []
+    cells = []
+    for row in same:
+        if row.path.startswith(("(d)", "(d1)", "(d2)")):
+            cpu = "-"
+            if row.cpu_workers_ms is not None and base.cpu_workers_ms:
+                cpu = f"{row.cpu_workers_ms / base.cpu_workers_ms:.3f}"
+            cells.append(
+                [
+                    row.path,
+                    f"{row.p50_ms / base.p50_ms:.3f}",
+                    f"{row.rate_1 / base.rate_1:.3f}",
+                    f"{row.rate_n / base.rate_n:.3f}",
+                    cpu,
+                ]
+            )
+    return cells
+
+
 LARGE_HEAD = [
     "broker",
     "payload",
@@ -740,6 +803,10 @@ def report(rows: list[Row], large: list[list[str]], about: dict[str, str]) -> st
     console.print(
         rich_table("The proxy against the floor and raw Celery (> 1: more than it)", ratio_head, ratios)
     )
+    observed = observed_ratios(rows)
+    console.print(
+        rich_table("Observability: the fast path against its hooks no-op (d0)", OBSERVED_HEAD, observed)
+    )
     console.print(rich_table("A large call on the proxy", LARGE_HEAD, large))
     for name, value in about.items():
         console.print(f"[bold]{name}[/bold]: {value}")
@@ -763,6 +830,12 @@ def report(rows: list[Row], large: list[list[str]], about: dict[str, str]) -> st
             "The proxy against the floor and raw Celery (> 1: more than it):",
             "",
             markdown_table(ratio_head, ratios),
+            "",
+            "Observability (#14), Redis, one worker: the fast path (d) with nothing observed, then with "
+            "metrics on (d1) and traced (d2), against the same worker with its observability hooks replaced "
+            "by no-ops (d0; the budget of (d) is 5%: p50 at most 1.05, calls/s at least 0.95):",
+            "",
+            markdown_table(OBSERVED_HEAD, observed),
             "",
             f"A large call on the proxy ({LARGE_CALLS} calls each, one in flight; the create's item comes "
             "back in its reply, so the payload travels both ways):",
