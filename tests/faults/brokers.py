@@ -1,8 +1,9 @@
 """Helpers of the fault-injection suite: private brokers to restart, a consumer app that records, a load.
 
 - :class:`RedisServer` and :class:`PrivateRabbitMQ` run a broker process of the test's own, on free loopback
-  ports, so that restarting it or killing its clients never disturbs anyone else's tests. They signal only
-  the processes they started (by PID or by the process group they created), never a process found by name.
+  ports (of this xdist worker's own range: tests/support.py), so that restarting it or killing its clients
+  never disturbs anyone else's tests. They signal only the processes they started (by PID or by the process
+  group they created), never a process found by name.
 - :class:`RedisSentinel` and :class:`SentinelGroup` (a master, a replica and one Sentinel, quorum 1, fast to
   fail over), and :func:`tls_files` (a CA and a server certificate made for the test) run the Redis
   topologies of ``test_sentinel.py``.
@@ -46,8 +47,9 @@ from celery_services.testing.brokers import (
     RedisServer,
     _tail,
     _wait_exit,
-    free_port,
 )
+
+from ..support import free_port
 
 __all__ = [
     "EVENTS",
