@@ -40,9 +40,11 @@ class Probe(Service):
         return [{"pid": os.getpid()}]
 
     def slow(self, data: Any, params: dict[str, Any]) -> Any:
-        deadline = current_deadline()
-        if deadline is not None and deadline < time.time():
-            record(f"late-start-{data['tag']}")  # must never happen: the library checks before a call starts
+        deadline, now = current_deadline(), time.time()
+        if deadline is not None and deadline < now:
+            # The library refuses a call whose deadline has passed before it starts; a loaded machine may
+            # still cross the deadline between that check and this line: how late, for the test to judge.
+            record(f"late-start-{data['tag']}+{now - deadline:.3f}s")
         record(f"slow-start-{data['tag']}")
         time.sleep(float(data["seconds"]))
         record(f"slow-end-{data['tag']}")
