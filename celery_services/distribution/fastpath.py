@@ -439,7 +439,11 @@ class RedisFastPath(FastPath):
         event: str | None,
     ) -> bool:
         """Reply, acknowledge and tell Flower (``event``), in one round trip on the thread's connection when
-        broker and replies share a Redis; whether it went through."""
+        broker and replies share a Redis; whether it went through.
+
+        The reply and the acknowledgement are written first, the event once it is built (while Redis
+        answers them): the caller does not wait for Flower's event to be made.
+        """
         distribution = self.distribution
         self.served += 1
         commands: list[tuple[Any, ...]] = []
@@ -452,11 +456,13 @@ class RedisFastPath(FastPath):
         elif push is not None:
             commands.append(push)
         commands.append(("DEL", inflight))
-        if self.topics is not None and event is not None:
-            payload = encode_event(self._event(request, answer, received, started, event), self.hostname)
-            commands += [("PUBLISH", topic, payload) for topic in self.topics[event]]
         try:
             connection.send_packed_command(connection.pack_commands(commands))
+            if self.topics is not None and event is not None:
+                payload = encode_event(self._event(request, answer, received, started, event), self.hostname)
+                published = [("PUBLISH", topic, payload) for topic in self.topics[event]]
+                connection.send_packed_command(connection.pack_commands(published))
+                commands += published
             results = [connection.read_response() for _ in commands]
         except (redis.RedisError, OSError, ValueError) as exc:
             # The reply may be lost with the connection (its caller then times out).
