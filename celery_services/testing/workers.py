@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
 __all__ = ["WorkerProcess", "wait_for"]
+
+#: Signals that stop a program: held while a worker process is being created (see WorkerProcess.start).
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 T = TypeVar("T")
 
@@ -82,11 +87,12 @@ class WorkerProcess:
         return self.log_path.read_text(errors="replace")
 
     def start(self) -> WorkerProcess:
-        """Start the worker and wait until it serves its queue (its log says ``ready``)."""
-        with self.log_path.open("wb") as out:
-            self.process = subprocess.Popen(
-                self.command, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        """Start the worker and wait until it serves its queue (its log says ``ready``).
+
+        A stop signal (SIGINT, SIGTERM) that arrives while the process is being created is held until this
+        object knows its pid, then delivered: unwinding from inside ``Popen`` would leave the new process
+        running with nobody to stop it. If starting fails or is interrupted, the process is stopped.
+        """
 
         def ready() -> bool:
             if self.process is not None and self.process.poll() is not None:
@@ -94,8 +100,12 @@ class WorkerProcess:
             return " ready." in self.log()
 
         try:
+            with self.log_path.open("wb") as out, _signals_held():
+                self.process = subprocess.Popen(
+                    self.command, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
             wait_for(ready, self.ready_timeout, interval=0.05, what=f"worker {self.name} ready")
-        except TimeoutError:
+        except BaseException:  # a timeout, or Ctrl-C while it starts: no process is left behind
             self.kill()
             raise
         return self
@@ -126,3 +136,23 @@ class WorkerProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM for the block, then deliver the first that came (main thread only: signals
+    are handled there, and only there can handlers be swapped)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda signum, frame: held.append(signum)) for signum in _STOP_SIGNALS
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if held:
+            signal.raise_signal(held[0])
