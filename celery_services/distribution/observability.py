@@ -19,6 +19,9 @@ lines are another matter (:mod:`.logs`): their call fields cost one context vari
 In a Celery worker, :func:`install` also configures the worker's log lines (``log_format``) through Celery's
 logging signals, and starts the metrics server on ``metrics_port`` when the worker starts: a plain
 ``celery -A module worker`` gets both, as ``celery-services worker`` does.
+
+One piece, past 300 lines: the switch (``hooks``) and every hook it guards are read together, so that what
+the call path pays when observability is off stays visible in one place.
 """
 
 from __future__ import annotations
