@@ -17,6 +17,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
+from celery_services import App, DistributionSettings, distribute
+from celery_services.distribution import Distribution
 from celery_services.testing import WorkerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,3 +224,19 @@ def write_manifest(redis_url: str, prefix: str, key: str, paths: list[str], inst
     store.set(f"{prefix}:manifest:{key}:{instance}", json.dumps(manifest), ex=60)
     store.publish(f"{prefix}:registry", json.dumps({"op": "up", "key": key, "instance": instance}))
     store.close()
+
+
+def make_caller(prov: Provider, prefix: str, **options: Any) -> tuple[App, Distribution]:
+    """A consumer app on ``prov``'s broker and backend in the registry ``prefix``: no services of its own
+    and no remote services mounted unless ``options`` say so (finalize it when done)."""
+    app = App()
+    settings: dict[str, Any] = {
+        "key": f"caller-{os.urandom(3).hex()}",
+        "broker_url": prov.broker,
+        "result_backend": prov.backend,
+        "registry_prefix": prefix,
+        "services": [],
+        "remote_services": [],
+        "timeout": 8,
+    }
+    return app, distribute(app, DistributionSettings(**(settings | options)))

@@ -36,7 +36,16 @@ from celery_services import (
 from celery_services.distribution import Distribution
 from celery_services.testing import WorkerProcess, wait_for
 
-from ..support import ROOT, Provider, cleanup, fresh_prefix, provider_env, registered_provider, write_manifest
+from ..support import (
+    ROOT,
+    Provider,
+    cleanup,
+    fresh_prefix,
+    make_caller,
+    provider_env,
+    registered_provider,
+    write_manifest,
+)
 
 PROBE = ["get", "find", "slow", "boom", "nested", "grow"]
 
@@ -44,21 +53,6 @@ PROBE = ["get", "find", "slow", "boom", "nested", "grow"]
 @pytest.fixture
 def prefix(redis_url: str) -> Iterator[str]:
     yield from fresh_prefix(redis_url, "faults")
-
-
-def make_caller(prov: Provider, prefix: str, **options: Any) -> tuple[App, Distribution]:
-    app = App()
-    settings = DistributionSettings(
-        key=f"caller-{os.urandom(3).hex()}",
-        broker_url=prov.broker,
-        result_backend=prov.backend,
-        registry_prefix=prefix,
-        services=[],
-        remote_services=[],
-        timeout=8,
-        **options,
-    )
-    return app, distribute(app, settings)
 
 
 @contextlib.contextmanager

@@ -17,11 +17,10 @@ import pytest
 import redis
 from celery import Celery
 
-from celery_services import App, DistributionSettings, NotFound, distribute, finalize
-from celery_services.distribution import Distribution
+from celery_services import NotFound, finalize
 from celery_services.testing import WorkerProcess, wait_for
 
-from ..support import Provider, cleanup, fresh_prefix, provider_env, registered_provider
+from ..support import Provider, cleanup, fresh_prefix, make_caller, provider_env, registered_provider
 
 PROBE = ["get", "slow", "boom"]
 FAST = "fast path serving queue"
@@ -32,20 +31,6 @@ def prefix(redis_url: str) -> Iterator[str]:
     yield from fresh_prefix(redis_url, "fast")
 
 
-def make_caller(prov: Provider, prefix: str) -> tuple[App, Distribution]:
-    app = App()
-    settings = DistributionSettings(
-        key=f"caller-{os.urandom(3).hex()}",
-        broker_url=prov.broker,
-        result_backend=prov.backend,
-        registry_prefix=prefix,
-        services=[],
-        remote_services=[],
-        timeout=8,
-    )
-    return app, distribute(app, settings)
-
-
 def in_flight(redis_url: str, prefix: str, key: str) -> dict[str, int]:
     """The fast path's in-flight lists of ``key`` (one per serving thread) and their lengths."""
     store = redis.Redis.from_url(redis_url)
@@ -54,6 +39,21 @@ def in_flight(redis_url: str, prefix: str, key: str) -> dict[str, int]:
         return {name.decode(): int(store.llen(name)) for name in lists}
     finally:
         store.close()
+
+
+def kill_the_holder(prov: Provider, probe: Any, workers: list[WorkerProcess], tag: str) -> Any:
+    """Start a slow call, SIGKILL the worker running it; the call's result, and the killed worker's pid."""
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(probe.slow, {"tag": tag, "seconds": 1.5}, {"timeout": 20})
+        start = wait_for(
+            lambda: next((r for r in prov.runs() if r.startswith(f"slow-start-{tag}:")), None),
+            timeout=10,
+            what="slow call started",
+        )
+        victim_pid = int(start.rsplit(":", 1)[1])
+        holds = in_flight(prov.backend, prov.env["CELERY_SERVICES_REGISTRY_PREFIX"], prov.key)
+        next(w for w in workers if w.pid == victim_pid).kill(signal.SIGKILL)
+        return future.result(timeout=20), victim_pid, holds
 
 
 @pytest.mark.timeout(90)
@@ -115,20 +115,9 @@ def test_a_call_of_a_killed_fast_path_replica_is_served_by_another(redis_url: st
         second.start()
         assert FAST in first.log() and FAST in second.log()
         probe = distribution.remote_service(prov.key, "probe", PROBE)
-        with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(probe.slow, {"tag": "k", "seconds": 1.5}, {"timeout": 20})
-            start = wait_for(
-                lambda: next((r for r in prov.runs() if r.startswith("slow-start-k:")), None),
-                timeout=10,
-                what="slow call started",
-            )
-            # Held in the victim's in-flight list, not in kombu's unacked hash.
-            assert sorted(in_flight(redis_url, prefix, prov.key).values()) == [1]
-            victim_pid = int(start.rsplit(":", 1)[1])
-            victim = first if first.pid == victim_pid else second
-            survivor = second if victim is first else first
-            victim.kill(signal.SIGKILL)
-            result: dict[str, Any] = future.result(timeout=20)
+        result, victim_pid, held = kill_the_holder(prov, probe, [first, second], "k")
+        assert sorted(held.values()) == [1]  # in the victim's in-flight list, not in kombu's unacked hash
+        survivor = second if first.pid == victim_pid else first
         assert result["pid"] == survivor.pid
         assert result["redelivered"] is True
         assert prov.runs().count(f"slow-end-k:{survivor.pid}") == 1
@@ -164,18 +153,8 @@ def test_on_rabbitmq_a_call_of_a_killed_fast_path_replica_is_served_by_another(
         second.start()
         assert FAST in first.log() and FAST in second.log()
         probe = distribution.remote_service(prov.key, "probe", PROBE)
-        with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(probe.slow, {"tag": "a", "seconds": 1.5}, {"timeout": 20})
-            start = wait_for(
-                lambda: next((r for r in prov.runs() if r.startswith("slow-start-a:")), None),
-                timeout=10,
-                what="slow call started",
-            )
-            victim_pid = int(start.rsplit(":", 1)[1])
-            victim = first if first.pid == victim_pid else second
-            survivor = second if victim is first else first
-            victim.kill(signal.SIGKILL)
-            result: dict[str, Any] = future.result(timeout=20)
+        result, victim_pid, _ = kill_the_holder(prov, probe, [first, second], "a")
+        survivor = second if first.pid == victim_pid else first
         assert result["pid"] == survivor.pid
         assert result["redelivered"] is True
         assert f"slow-end-a:{victim_pid}" not in prov.runs()
