@@ -1,12 +1,14 @@
 """The caller's half of a remote call: the proxy service and the lean call path behind it.
 
-A call is one task message published through a pooled producer, and one ``BLPOP`` on a reply list the
-provider fills (see :mod:`.provider`). Celery's own ``send_task().get()`` would also subscribe
-to a result channel, ``GET`` the meta key and poll: not needed when the provider answers on a list.
+A call is decided once (:meth:`Transport.prepare`: deadline, params allow-list, size, headers), then sent
+as one Celery task message and answered on a reply list the provider fills (see :mod:`.provider`). On a
+Redis broker the message is written as kombu's Redis transport writes it (:mod:`.messages`) and ``LPUSH``ed
+in the same round trip as the ``BLPOP`` on the reply list; on RabbitMQ it goes through this thread's kombu
+producer. Celery's own ``send_task().get()`` would also subscribe to a result channel, ``GET`` the meta key
+and poll: not needed when the provider answers on a list.
 
-One piece, past 300 lines: the call path is kept in one module so that its speed choices (one producer per
-thread, one read of the reply) stay local, as DESIGN §6 asks.
-"""
+One piece, past 300 lines: the call path is kept in one module so that its speed choices (the message
+written by hand, one round trip, one read of the reply) stay local, as DESIGN §6 asks."""
 
 from __future__ import annotations
 
