@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from celery_services import App, DistributionSettings, distribute, finalize
+from celery_services import finalize
 from celery_services.distribution import logs, observability
 from celery_services.testing import WorkerProcess, wait_for
 
-from .support import cleanup, fresh_prefix, registered_provider
+from .support import cleanup, fresh_prefix, make_caller, registered_provider
 
 
 @pytest.fixture
@@ -39,21 +38,9 @@ def test_celery_services_worker_writes_json_lines_with_the_call_fields(
         "-P", "threads", "-c", "2", "-n", probe.name, "--without-gossip", "--without-mingle",
     ]  # fmt: skip
     worker = WorkerProcess("tests.apps.traced", prov.key, env=prov.env, command=command)
-    caller = App()
+    caller, distribution = make_caller(prov, prefix, remote_services=[prov.key])
     try:
         worker.start()
-        distribution = distribute(
-            caller,
-            DistributionSettings(
-                key=f"jsonlog-caller-{os.urandom(3).hex()}",
-                broker_url=redis_url,
-                result_backend=redis_url,
-                registry_prefix=prefix,
-                services=[],
-                remote_services=[prov.key],
-                timeout=8,
-            ),
-        )
         answer = distribution.wait_for("echo", 10).get(7, {})
         found = wait_for(
             lambda: [line for line in worker.log().splitlines() if '"echo 7"' in line],

@@ -16,11 +16,11 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from celery_services import App, DistributionSettings, NotFound, distribute, finalize
+from celery_services import NotFound, finalize
 from celery_services.distribution import Distribution
 from celery_services.testing import WorkerProcess, wait_for
 
-from .support import ROOT, Provider, cleanup, free_port, purge_prefix, registered_provider
+from .support import ROOT, Provider, cleanup, free_port, make_caller, purge_prefix, registered_provider
 
 METHODS = ["find", "get", "create", "update", "patch", "remove", "boom"]
 
@@ -40,22 +40,9 @@ def served(redis_url: str) -> Iterator[Served]:
     port = free_port()
     prov = registered_provider(redis_url, prefix, "metered", CELERY_SERVICES_METRICS_PORT=str(port))
     worker = WorkerProcess("tests.apps.traced", prov.key, env=prov.env)
-    caller = App()
+    caller, distribution = make_caller(prov, prefix, remote_services=[prov.key], distributed_methods=METHODS)
     try:
         worker.start()
-        distribution = distribute(
-            caller,
-            DistributionSettings(
-                key=f"metrics-caller-{os.urandom(3).hex()}",
-                broker_url=redis_url,
-                result_backend=redis_url,
-                registry_prefix=prefix,
-                services=[],
-                remote_services=[prov.key],
-                distributed_methods=METHODS,
-                timeout=8,
-            ),
-        )
         yield Served(prov, worker, port, distribution)
     finally:
         worker.stop()

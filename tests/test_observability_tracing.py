@@ -6,7 +6,6 @@ the call that emitted it."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, get_current_span
 
-from celery_services import App, DistributionSettings, NotFound, distribute, finalize
+from celery_services import NotFound, finalize
 from celery_services.distribution import observability
 from celery_services.distribution.tracing import CALL_ID, ERROR, KEY, METHOD, PATH
 from celery_services.testing import WorkerProcess, wait_for
 
-from .support import cleanup, fresh_prefix, registered_provider
+from .support import cleanup, fresh_prefix, make_caller, registered_provider
 
 
 @pytest.fixture
@@ -76,22 +75,14 @@ def test_the_provider_span_is_a_child_of_the_caller_span_and_events_carry_the_tr
         redis_url, prefix, "traced", TEST_SPANS_FILE=str(spans_file), CELERY_SERVICES_FAST_PATH=fast_path
     )
     worker = WorkerProcess("tests.apps.traced", prov.key, env=prov.env)
-    caller = App()
+    caller, distribution = make_caller(
+        prov,
+        prefix,
+        remote_services=[prov.key],
+        distributed_methods=["find", "get", "create", "update", "patch", "remove", "boom"],
+    )
     try:
         worker.start()
-        distribution = distribute(
-            caller,
-            DistributionSettings(
-                key=f"tracing-caller-{os.urandom(3).hex()}",
-                broker_url=redis_url,
-                result_backend=redis_url,
-                registry_prefix=prefix,
-                services=[],
-                remote_services=[prov.key],
-                distributed_methods=["find", "get", "create", "update", "patch", "remove", "boom"],
-                timeout=8,
-            ),
-        )
         echo, articles = distribution.wait_for("echo", 10), distribution.wait_for("articles", 10)
         heard: list[tuple[int, int]] = []
         articles.on("created", lambda data, context: heard.append(_ids()))
