@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+from celery.app.amqp import task_message
 from celery.utils.nodenames import anon_nodename
 from kombu.exceptions import OperationalError
 
@@ -39,7 +40,7 @@ from ..core.errors import (
 )
 from ..core.service import SIGNATURES, method_attribute
 from .logs import call_fields
-from .messages import NO_EMBED, call_message, encode_task
+from .messages import EMBED, NO_EMBED, call_message, encode_task
 from .observability import call_headers, client_call, hooks
 from .protocol import (
     HEADER_CALLER,
@@ -327,17 +328,10 @@ class Transport:
     def _publish(self, call: Call) -> None:
         celery = self.celery
         expires = max(call.deadline - time.time(), 0.001)
-        message = celery.amqp.create_task_message(
-            call.call_id,
-            call.name,
-            (),
-            call.kwargs,
-            expires=expires,
-            ignore_result=True,
-            create_sent_event=False,
-            argsrepr="()",
-            kwargsrepr=_kwargsrepr(call.kwargs, len(call.encoded)),
-        )
+        kwargsrepr = _kwargsrepr(call.kwargs, len(call.encoded))
+        headers, properties = call_message(call.name, call.call_id, call.deadline, kwargsrepr, self._origin)
+        del properties["expiration"]  # kombu writes it from ``expiration`` (seconds) below
+        message = task_message(headers, properties, ((), call.kwargs, EMBED), None)
         # A bounded retry: an unreachable broker must fail the call within its deadline, not hang it.
         policy = {"max_retries": max(1, int(expires / 0.5)), "interval_start": 0, "interval_step": 0.5}
         policy["interval_max"] = 0.5

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "EMBED",
     "NO_EMBED",
     "MalformedMessage",
     "TaskMessage",
@@ -59,8 +60,9 @@ class TaskMessage:
         return str(self.headers["task"])
 
 
-#: The ``embed`` part of a task body without callbacks, errbacks, chain or chord, in JSON.
-NO_EMBED = '{"callbacks": null, "errbacks": null, "chain": null, "chord": null}'
+#: The ``embed`` part of a task body without callbacks, errbacks, chain or chord (and in JSON).
+EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+NO_EMBED = json.dumps(EMBED)
 
 
 def call_message(
