@@ -6,6 +6,7 @@ The two sections between ``--8<--`` markers are the examples of ``docs/testing.m
 
 from __future__ import annotations
 
+import gc
 import re
 import textwrap
 from collections.abc import Iterator
@@ -158,6 +159,8 @@ def test_a_fake_is_a_provider_in_the_registry_and_leaves_nothing_behind(
             assert len(manifests) == 1
             assert celery_services_app.distribution.healthcheck(key) == {"notes": True}  # type: ignore[union-attr]
             assert fake.distribution is not None
+            # Its worker is embedded in this test process: the process's collector is left alone.
+            assert gc.get_freeze_count() == 0
         assert "notes" not in celery_services_app.services  # unmounted by the time the block ends
         assert not list(store.scan_iter(f"{celery_services_config.registry_prefix}:manifest:{key}:*"))
         assert not store.exists(key, f"_kombu.binding.{key}")

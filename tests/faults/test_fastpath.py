@@ -24,6 +24,7 @@ from ..support import Provider, cleanup, fresh_prefix, make_caller, provider_env
 
 PROBE = ["get", "slow", "boom"]
 FAST = "fast path serving queue"
+FROZEN = "start-up objects frozen"
 
 
 @pytest.fixture
@@ -69,6 +70,8 @@ def test_a_plain_worker_and_a_fast_path_worker_serve_one_queue(redis_url: str, p
         fast.start()
         plain.start()
         assert FAST in fast.log() and FAST not in plain.log()
+        # The fast-path worker owns its process: its start-up objects stay out of the collector's scans.
+        assert FROZEN in fast.log() and FROZEN not in plain.log()
         probe = distribution.remote_service(prov.key, "probe", PROBE)
         served: set[int] = set()
 
