@@ -74,6 +74,10 @@ WARMUP = 50
 THREADS = 8
 #: Each measure is split in this many rounds, interleaved between the paths compared.
 ROUNDS = 4
+#: Untimed calls before each round's timed ones: the first calls after another path's 8-caller run wake
+#: this path's worker (descheduled, its caches cold) and paid for it: one or two per round were 4 to 8 of
+#: the 500 timed calls, as many as the 1% tail the p99 reads.
+SETTLE = 5
 #: Local calls are ~100x quicker: run more of them so the measure lasts long enough to mean something.
 LOCAL_SCALE = 20
 CALL_TIMEOUT = 10.0
@@ -285,6 +289,7 @@ def measure(
     share, latency_share = max(calls // rounds, THREADS), max(calls // 4 // rounds, 5)
     for number in range(rounds):
         for target in targets if number % 2 == 0 else list(reversed(targets)):
+            latencies(target.call, ids, SETTLE)
             target.times_ms += latencies(target.call, ids, latency_share)
             target.single.append((share, sequential(target.call, ids, share)))
             before = probe.read(target.pids)
@@ -644,7 +649,8 @@ def run(args: argparse.Namespace, backend: str) -> tuple[list[Row], list[list[st
         "celery": f"{celery_pkg.__version__} (kombu {kombu.__version__})",
         "calls": (
             f"{WARMUP} warm-up calls, then {ROUNDS} rounds interleaving the paths of a broker; in all, "
-            f"per path: {args.calls // 4} sequential calls timed one by one (p50, p99), {args.calls} calls "
+            f"per path: {args.calls // 4} sequential calls timed one by one (p50, p99; each round's after "
+            f"{SETTLE} untimed ones), {args.calls} calls "
             f"from 1 thread and {args.calls} from {THREADS} threads (local: {args.calls * LOCAL_SCALE})"
         ),
         "settings": notes[0] if notes else "",
