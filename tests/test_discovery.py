@@ -489,3 +489,26 @@ def test_dynamic_custom_service(redis_url: str, prefix: str, consumers: list[Con
     finally:
         store.rpush(commands, "stop")
         cleanup(redis_url, redis_url, prov.key, commands, f"{commands}:done")
+
+
+def test_a_proxy_offers_exactly_what_its_provider_offers_now() -> None:
+    from celery_services.distribution.caller import RemoteService
+
+    sent: list[tuple[Any, ...]] = []
+
+    def send(*args: Any, **fields: Any) -> None:
+        sent.append((*args, fields))
+
+    proxy = RemoteService(send, "k", "notes", ["get", "pin-it"])
+    assert proxy.get is proxy.get  # made once: a call does not build its method again
+    proxy.get(1, {"timeout": 2})
+    proxy.pin_it({"n": 1}, None)
+    assert [s[:3] for s in sent] == [("k", "notes", "get"), ("k", "notes", "pin-it")]
+    # The provider came back without get and with find: the proxy follows at once.
+    proxy._offer(["find"], [])
+    with pytest.raises(AttributeError):
+        proxy.get(1, {})
+    with pytest.raises(AttributeError):
+        proxy.pin_it({}, None)
+    proxy.find({})
+    assert sent[-1][:3] == ("k", "notes", "find")

@@ -519,6 +519,7 @@ class RemoteService:
     ) -> None:
         self._call = call
         self._call_async = call_async
+        self._bound: list[str] = []  # the attributes __getattr__ made, kept until the offer changes
         self.key = key
         self.path = path
         self.methods = tuple(methods)
@@ -530,16 +531,28 @@ class RemoteService:
     ) -> None:
         # What the provider offers now (discovery mounts a returning provider's proxy again). Private: any
         # public name could be one of the remote service's methods.
+        for attribute in self._bound:
+            self.__dict__.pop(attribute, None)
+        self._bound = []
         self.methods = tuple(methods)
         self.events = tuple(events)
         self.remote_options = dict(remote_options or {})
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         # The method offered under this attribute: publish_article is the Python spelling of publish-article.
+        # Made once and kept as an instance attribute, so later lookups never reach here (a call looks its
+        # method up three times: async or not, offered or not, then the call).
         offered = self.__dict__.get("methods", ())
+        attribute = name
         name = next((m for m in offered if method_attribute(m) == name), name)
         if name.startswith("_") or name not in offered:
             raise AttributeError(name)
+        method = self._method(name)
+        self.__dict__[attribute] = method
+        self._bound.append(attribute)
+        return method
+
+    def _method(self, name: str) -> Callable[..., Any]:
         names = SIGNATURES.get(name, ("data",))
 
         def method(*args: Any) -> Any:
