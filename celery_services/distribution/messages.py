@@ -108,8 +108,10 @@ def encode_task(headers: dict[str, Any], properties: dict[str, Any], body: str, 
 
     ``body`` is the ``[args, kwargs, embed]`` triple as ``json.dumps`` writes it (serialized once, by the
     caller; no raw control characters);
-    ``properties`` gets kombu's delivery fields (a fresh delivery tag, the default exchange and ``queue``
-    as routing key, priority 0: the queue's own list).
+    ``properties`` gets kombu's delivery fields (a delivery tag, the default exchange and ``queue`` as
+    routing key, priority 0: the queue's own list). The tag is the call's id (its ``correlation_id``):
+    unique to the call already, so no second uuid is made per call; a redelivery gets a fresh one
+    (:func:`mark_redelivered`).
     """
     message = {
         "content-encoding": "utf-8",
@@ -121,7 +123,7 @@ def encode_task(headers: dict[str, Any], properties: dict[str, Any], body: str, 
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
             "body_encoding": "utf-8",
-            "delivery_tag": str(uuid.uuid4()),
+            "delivery_tag": properties.get("correlation_id") or str(uuid.uuid4()),
         },
     }
     # The body is kept as text (kombu's ``utf-8`` body encoding, which every kombu consumer reads), not
