@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -126,6 +127,33 @@ def test_method_outside_list_is_refused_without_sending(provider: Provider, redi
             assert redis.Redis.from_url(provider.broker).llen("nobody-" + provider.key) == 0
     finally:
         finalize(app)
+
+
+def test_a_calling_thread_holds_one_reply_connection_and_gives_it_back_when_it_ends(
+    provider: Provider, caller: tuple[App, Distribution]
+) -> None:
+    app, distribution = caller
+    app.use("articles", distribution.remote_service(provider.key, "articles", ["create", "get"]))
+    articles = app.service("articles")
+    item = articles.create({"title": "held"})
+    pool = distribution.reply_store.connection_pool
+    seen: list[Any] = []
+
+    def calls() -> None:
+        for _ in range(3):
+            assert articles.get(item["id"]) == item
+            seen.append(distribution.transport._local.replies[1])
+
+    thread = threading.Thread(target=calls)
+    thread.start()
+    thread.join(10)
+    # One connection for the thread's calls, taken from the pool once and held between them.
+    assert len(seen) == 3 and seen[0] is seen[1] is seen[2]
+    assert seen[0] in pool._in_use_connections
+    del thread
+    gc.collect()
+    # The thread ended: its connection is the pool's again, for the next thread.
+    assert seen[0] not in pool._in_use_connections and seen[0] in pool._available_connections
 
 
 def test_errors_come_back_typed(provider: Provider, caller: tuple[App, Distribution]) -> None:
