@@ -16,6 +16,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -272,6 +273,16 @@ def test_flower_shows_remote_calls_with_their_state(flower: Flower, redis_url: s
             crashed = next(iter(flower.tasks(f"{key}.probe.boom", state="FAILURE").values()))
             assert "GeneralError" in (crashed.get("exception") or "")
             assert "KeyError: 'secret-internal-detail'" in (crashed.get("traceback") or "")
+            # Calls served together have their events sent together (task.multi): Flower shows each one.
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda n: articles.create({"title": f"batch-{n}"}, {}), range(24)))
+
+            def batch_seen() -> bool:
+                tasks = flower.tasks(f"{key}.articles.create", state="SUCCESS").values()
+                shown = {task["kwargs"] for task in tasks if "batch-" in task["kwargs"] and task["runtime"]}
+                return len(shown) == 24
+
+            wait_for(batch_seen, timeout=15, interval=0.2, what="flower shows each of 24 concurrent calls")
     finally:
         finalize(api)
         cleanup(flower.broker, redis_url, key, runs)
