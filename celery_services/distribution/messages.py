@@ -113,24 +113,32 @@ def encode_task(headers: dict[str, Any], properties: dict[str, Any], body: str, 
     unique to the call already, so no second uuid is made per call; a redelivery gets a fresh one
     (:func:`mark_redelivered`).
     """
-    message = {
+    delivery = {
+        **properties,
+        "delivery_mode": 2,
+        "delivery_info": {"exchange": "", "routing_key": queue},
+        "priority": 0,
+        "body_encoding": "utf-8",
+        "delivery_tag": properties.get("correlation_id") or str(uuid.uuid4()),
+    }
+    return _kombu_message(body, headers, delivery)
+
+
+def _kombu_message(body: str, headers: dict[str, Any], properties: dict[str, Any]) -> bytes:
+    """A message as kombu's Redis transport writes it, its JSON ``body`` kept as text (``body_encoding``
+    ``utf-8``, which every kombu consumer reads) rather than base64.
+
+    The body is written into the message by hand: ``json.dumps`` of the body's JSON (ASCII, control
+    characters already escaped) would scan a large call once more only to escape its quotes.
+    """
+    text = body.replace("\\", "\\\\").replace('"', '\\"') if body.isascii() else json.dumps(body)[1:-1]
+    rest = {
         "content-encoding": "utf-8",
         "content-type": "application/json",
         "headers": headers,
-        "properties": {
-            **properties,
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
-            "body_encoding": "utf-8",
-            "delivery_tag": properties.get("correlation_id") or str(uuid.uuid4()),
-        },
+        "properties": properties,
     }
-    # The body is kept as text (kombu's ``utf-8`` body encoding, which every kombu consumer reads), not
-    # base64; and written into the message by hand: ``json.dumps`` of the body's JSON (pure ASCII, control
-    # characters already escaped) would scan a large call once more only to escape its quotes.
-    text = body.replace("\\", "\\\\").replace('"', '\\"') if body.isascii() else json.dumps(body)[1:-1]
-    return f'{{"body": "{text}", {json.dumps(message)[1:]}'.encode()
+    return f'{{"body": "{text}", {json.dumps(rest)[1:]}'.encode()
 
 
 def decode_task(raw: bytes) -> TaskMessage:
@@ -185,18 +193,13 @@ def mark_redelivered(message: dict[str, Any]) -> dict[str, Any]:
 
 
 def encode_event(event: dict[str, Any], hostname: str) -> bytes:
-    """The bytes a worker's event dispatcher publishes for ``event`` (a dict with its ``type``)."""
-    message = {
-        "body": json.dumps(event),  # as text, like a call (encode_task)
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {"hostname": hostname},
-        "properties": {
-            "delivery_mode": 1,
-            "delivery_info": {"exchange": "celeryev", "routing_key": event["type"].replace("-", ".")},
-            "priority": 0,
-            "body_encoding": "utf-8",
-            "delivery_tag": str(uuid.uuid4()),
-        },
+    """The bytes a worker's event dispatcher publishes for ``event`` (a dict with its ``type``; a task's
+    event carries its ``uuid``, which serves as the delivery tag: one event per call on the fast path)."""
+    properties = {
+        "delivery_mode": 1,
+        "delivery_info": {"exchange": "celeryev", "routing_key": event["type"].replace("-", ".")},
+        "priority": 0,
+        "body_encoding": "utf-8",
+        "delivery_tag": str(event.get("uuid") or uuid.uuid4()),
     }
-    return json.dumps(message).encode()
+    return _kombu_message(json.dumps(event), {"hostname": hostname}, properties)
