@@ -12,6 +12,7 @@ from celery_services.distribution.messages import (
     NO_EMBED,
     call_message,
     decode_task,
+    encode_event,
     encode_task,
     mark_redelivered,
 )
@@ -53,6 +54,15 @@ def test_a_task_message_reads_back_whatever_its_body_holds() -> None:
         assert message["properties"]["delivery_info"] == {"exchange": "", "routing_key": "queue"}
         read = decode_task(raw)
         assert read.kwargs == {"data": data} and read.name == "t" and read.id == "1"
+
+
+def test_a_task_event_reads_back_as_the_worker_dispatcher_writes_it() -> None:
+    event = {"type": "task-succeeded", "uuid": "c1", "result": '{"a": "q\\"\\\\"}', "kwargs": "{'t': 'é'}"}
+    message = json.loads(encode_event(event, "w@host"))
+    assert json.loads(message["body"]) == event
+    assert message["headers"] == {"hostname": "w@host"}
+    assert message["properties"]["delivery_info"] == {"exchange": "celeryev", "routing_key": "task.succeeded"}
+    assert message["properties"]["delivery_tag"] == "c1"
 
 
 def test_a_redelivered_message_is_counted_and_gets_a_new_tag() -> None:

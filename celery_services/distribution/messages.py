@@ -129,9 +129,14 @@ def _kombu_message(body: str, headers: dict[str, Any], properties: dict[str, Any
     ``utf-8``, which every kombu consumer reads) rather than base64.
 
     The body is written into the message by hand: ``json.dumps`` of the body's JSON (ASCII, control
-    characters already escaped) would scan a large call once more only to escape its quotes.
+    characters already escaped) would scan a large call once more only to escape its quotes. Looking for a
+    backslash first costs 1 us for 100 KB; replacing none of them, 40.
     """
-    text = body.replace("\\", "\\\\").replace('"', '\\"') if body.isascii() else json.dumps(body)[1:-1]
+    if body.isascii():
+        text = body.replace("\\", "\\\\") if "\\" in body else body
+        text = text.replace('"', '\\"')
+    else:
+        text = json.dumps(body)[1:-1]
     rest = {
         "content-encoding": "utf-8",
         "content-type": "application/json",
