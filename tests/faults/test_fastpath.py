@@ -100,6 +100,9 @@ def test_a_plain_worker_and_a_fast_path_worker_serve_one_queue(redis_url: str, p
 
         wait_for(plain_client_served_by_both, timeout=30, interval=0, what="send_task served by both")
         assert in_flight(redis_url, prefix, prov.key) == {}  # every call acknowledged
+        # `celery inspect registered` lists the calls of a fast-path worker: its remote control is Celery's.
+        registered = client.control.inspect(destination=[fast.name], timeout=5).registered() or {}
+        assert f"{prov.key}.probe.get" in registered.get(fast.name, []), registered
     finally:
         fast.stop()
         plain.stop()
