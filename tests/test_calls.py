@@ -305,6 +305,43 @@ def test_timeout_and_expired_call_never_runs(provider: Provider, redis_url: str)
         cleanup(provider.broker, provider.backend, key, runs)
 
 
+def queued(broker: str, queue: str) -> int:
+    """How many messages wait in ``queue`` (0 when it does not exist)."""
+    if not broker.startswith("amqp"):
+        store = redis.Redis.from_url(broker)
+        try:
+            return int(store.llen(queue))
+        finally:
+            store.close()
+    from kombu import Connection
+
+    with Connection(broker) as connection:  # type: ignore[no-untyped-call]
+        try:
+            return int(connection.default_channel.queue_declare(queue, passive=True).message_count)
+        except Exception:  # no such queue: the channel closes
+            return 0
+
+
+def test_a_call_sent_before_any_worker_waits_in_its_queue_and_is_served(provider: Provider) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = f"early-{os.urandom(3).hex()}"
+    runs = f"test-runs:{key}"
+    env = provider_env(key, provider.broker, provider.backend, runs)
+    app, distribution = make_caller(provider)
+    try:
+        app.use("probe", distribution.remote_service(key, "probe", PROBE))
+        with ThreadPoolExecutor(1) as pool:
+            # No worker has declared the key's queue yet: the caller declares it, so the call waits there.
+            answer = pool.submit(app.service("probe").get, "early", {"wait": True}, timeout=30)
+            wait_for(lambda: queued(provider.broker, key) == 1, timeout=10, what="the call queued")
+            with Provider(key, provider.broker, provider.backend, runs, env).worker():
+                assert answer.result(timeout=30)["id"] == "early"
+    finally:
+        finalize(app)
+        cleanup(provider.broker, provider.backend, key, runs)
+
+
 def test_flower_and_logs_never_see_user_or_authentication(provider: Provider, redis_url: str) -> None:
     # On both brokers: the worker's task event that shows a call's arguments (what Flower shows, received
     # here the way Flower receives it) and the worker's log mask identity and credential headers of a call

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from celery.app.amqp import task_message
 from celery.utils.nodenames import anon_nodename
 from kombu.exceptions import OperationalError
 
@@ -41,7 +40,7 @@ from ..core.errors import (
 )
 from ..core.service import SIGNATURES, method_attribute
 from .logs import call_fields
-from .messages import EMBED, NO_EMBED, call_message, encode_task
+from .messages import NO_EMBED, call_message, encode_task
 from .observability import call_headers, client_call, hooks
 from .protocol import (
     HEADER_CALLER,
@@ -327,28 +326,40 @@ class Transport:
             raise _not_sent(call) from None
 
     def _publish(self, call: Call) -> None:
-        celery = self.celery
+        """Publish a call on RabbitMQ: the message Celery's ``send_task_message`` would send, its body the
+        call's JSON as serialized once by :meth:`prepare`.
+
+        Through the thread's kombu producer rather than Celery's ``send_task_message``, which cost twice as
+        much (160 us against 82 per call, measured): it serialized the arguments again and looked up,
+        built and checked the queue's routing on every call. Celery's ``before/after_task_publish``
+        signals are not sent, as on Redis (where the message is written by hand).
+        """
         expires = max(call.deadline - time.time(), 0.001)
         kwargsrepr = _kwargsrepr(call.kwargs, len(call.encoded))
         headers, properties = call_message(call.name, call.call_id, call.deadline, kwargsrepr, self._origin)
         del properties["expiration"]  # kombu writes it from ``expiration`` (seconds) below
-        message = task_message(headers, properties, ((), call.kwargs, EMBED), None)
+        # Celery's own declaration of the key's queue, which its workers consume: declared (once per
+        # channel) before the first call, so a call sent before any worker started waits in it.
+        queue = self.celery.amqp.queues[call.key]
         # A bounded retry: an unreachable broker must fail the call within its deadline, not hang it.
         policy = {"max_retries": max(1, int(expires / 0.5)), "interval_start": 0, "interval_step": 0.5}
         policy["interval_max"] = 0.5
         try:
             producer = self._producer()
             with producer.connection._reraise_as_library_errors():
-                celery.amqp.send_task_message(
-                    producer,
-                    call.name,
-                    message,
-                    queue=call.key,
-                    routing_key=call.key,
-                    headers=call.headers,
+                producer.publish(
+                    f"[[], {call.encoded}, {NO_EMBED}]",  # (args, kwargs, embed)
+                    exchange=queue.exchange,
+                    routing_key=queue.routing_key,
+                    declare=[queue],
+                    headers={**headers, **call.headers},
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    delivery_mode=2,
                     expiration=expires,
                     retry=True,
                     retry_policy=policy,
+                    **properties,
                 )
         except (OperationalError, OSError, ConnectionError) as exc:
             # The broker's address and the library's message stay in the log: an error reaches HTTP clients.
