@@ -73,11 +73,19 @@ ITEM_COUNT = 100
 WARMUP = 50
 THREADS = 8
 #: Each measure is split in this many rounds, interleaved between the paths compared.
-ROUNDS = 4
+ROUNDS = 8
 #: Untimed calls before each round's timed ones: the first calls after another path's 8-caller run wake
 #: this path's worker (descheduled, its caches cold) and paid for it: one or two per round were 4 to 8 of
 #: the 500 timed calls, as many as the 1% tail the p99 reads.
 SETTLE = 5
+#: Before each round's timed calls, the workers of every path compared must be quiet: together under this
+#: much CPU over a window of QUIET_WINDOW seconds, i.e. not one clock tick (a path's worker goes on working
+#: for some ms after its 8-caller run: task events, acknowledgements; it took the CPU the next path's timed
+#: calls needed: one run timed two fast-path workers alike but for no-op observability hooks, (d) and
+#: (d0), at 0.68 and 0.32 ms p50, by their places in the rounds). Polled for QUIET_LIMIT seconds at most.
+QUIET_CPU = 0.005
+QUIET_WINDOW = 0.05
+QUIET_LIMIT = 3.0
 #: Local calls are ~100x quicker: run more of them so the measure lasts long enough to mean something.
 LOCAL_SCALE = 20
 CALL_TIMEOUT = 10.0
@@ -174,6 +182,19 @@ def latencies(call: Call, ids: Sequence[int], count: int) -> list[float]:
         call(item_id)
         times.append((time.perf_counter() - start) * 1000)
     return times
+
+
+def quiet(pids: Sequence[int]) -> None:
+    """Return once processes ``pids`` used less than :data:`QUIET_CPU` seconds of CPU together over the last
+    :data:`QUIET_WINDOW` seconds, or after :data:`QUIET_LIMIT` seconds."""
+    limit = time.monotonic() + QUIET_LIMIT
+    before = sum(process_cpu(pid) for pid in pids)
+    while time.monotonic() < limit:
+        time.sleep(QUIET_WINDOW)  # the window measured, not a wait for something to happen
+        now = sum(process_cpu(pid) for pid in pids)
+        if now - before < QUIET_CPU:
+            return
+        before = now
 
 
 def sequential(call: Call, ids: Sequence[int], total: int) -> float:
@@ -287,8 +308,10 @@ def measure(
             target.check(ids[n % len(ids)])
         callers.run(target.check, ids, THREADS * 5)  # opens the connections of every caller thread
     share, latency_share = max(calls // rounds, THREADS), max(calls // 4 // rounds, 5)
+    workers = [pid for target in targets for pid in target.pids]
     for number in range(rounds):
         for target in targets if number % 2 == 0 else list(reversed(targets)):
+            quiet(workers)
             latencies(target.call, ids, SETTLE)
             target.times_ms += latencies(target.call, ids, latency_share)
             target.single.append((share, sequential(target.call, ids, share)))
@@ -649,8 +672,8 @@ def run(args: argparse.Namespace, backend: str) -> tuple[list[Row], list[list[st
         "celery": f"{celery_pkg.__version__} (kombu {kombu.__version__})",
         "calls": (
             f"{WARMUP} warm-up calls, then {ROUNDS} rounds interleaving the paths of a broker; in all, "
-            f"per path: {args.calls // 4} sequential calls timed one by one (p50, p99; each round's after "
-            f"{SETTLE} untimed ones), {args.calls} calls "
+            f"per path: {args.calls // 4} sequential calls timed one by one (p50, p99; each round's once "
+            f"every path's workers are quiet, after {SETTLE} untimed calls), {args.calls} calls "
             f"from 1 thread and {args.calls} from {THREADS} threads (local: {args.calls * LOCAL_SCALE})"
         ),
         "settings": notes[0] if notes else "",
