@@ -451,10 +451,12 @@ class Bench:
             with Connection(self.broker) as conn:  # type: ignore[no-untyped-call]
                 channel = conn.channel()
                 for queue in queues:
-                    try:
-                        channel.queue_delete(queue)
-                    except Exception:  # the channel closes on a missing queue
-                        channel = conn.channel()
+                    # The queue, and the direct exchange of its name that Celery declares with it.
+                    for delete in (channel.queue_delete, channel.exchange_delete):
+                        try:
+                            delete(queue)
+                        except Exception:  # the channel closes on a missing queue
+                            channel = conn.channel()
             return
         broker = redis.Redis.from_url(self.broker)
         try:

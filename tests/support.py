@@ -141,10 +141,12 @@ def cleanup(broker: str, backend: str, *names: str) -> None:
         with Connection(broker) as conn:
             channel = conn.channel()
             for name in names:
-                try:
-                    channel.queue_delete(name)
-                except Exception:
-                    channel = conn.channel()
+                # The queue, and the direct exchange of its name that Celery declares with it.
+                for delete in (channel.queue_delete, channel.exchange_delete):
+                    try:
+                        delete(name)
+                    except Exception:  # the channel closes on a missing queue
+                        channel = conn.channel()
     else:
         # A worker's queue on Redis: its list, its priority lists, kombu's binding tables for it, the
         # library's leases of its calls, and what a killed worker left in kombu's unacked index (Celery
