@@ -271,10 +271,15 @@ def test_bad_envelope_and_oversize_payload(provider: Provider, caller: tuple[App
     assert app.service("probe").get(1)["id"] == 1  # the worker is alive and serving
 
 
-def test_timeout_and_expired_call_never_runs(provider: Provider, redis_url: str) -> None:
-    key = f"late-{os.urandom(3).hex()}"
+def unserved_key(provider: Provider, label: str) -> tuple[str, str, dict[str, str]]:
+    """A fresh key no worker serves yet, its runs list, and the environment of a worker that would."""
+    key = f"{label}-{os.urandom(3).hex()}"
     runs = f"test-runs:{key}"
-    env = provider_env(key, provider.broker, provider.backend, runs)
+    return key, runs, provider_env(key, provider.broker, provider.backend, runs)
+
+
+def test_timeout_and_expired_call_never_runs(provider: Provider, redis_url: str) -> None:
+    key, runs, env = unserved_key(provider, "late")
     app, distribution = make_caller(provider)
     try:
         app.use("probe", distribution.remote_service(key, "probe", PROBE))
@@ -325,9 +330,7 @@ def queued(broker: str, queue: str) -> int:
 def test_a_call_sent_before_any_worker_waits_in_its_queue_and_is_served(provider: Provider) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    key = f"early-{os.urandom(3).hex()}"
-    runs = f"test-runs:{key}"
-    env = provider_env(key, provider.broker, provider.backend, runs)
+    key, runs, env = unserved_key(provider, "early")
     app, distribution = make_caller(provider)
     try:
         app.use("probe", distribution.remote_service(key, "probe", PROBE))
