@@ -142,7 +142,7 @@ def test_a_calling_thread_holds_one_reply_connection_and_gives_it_back_when_it_e
     def calls() -> None:
         for _ in range(3):
             assert articles.get(item["id"]) == item
-            seen.append(distribution.transport._local.replies[1])
+            seen.append(distribution.transport._local.replies[1].get())
 
     thread = threading.Thread(target=calls)
     thread.start()

@@ -53,6 +53,7 @@ from .protocol import (
     safe_params,
     task_name,
 )
+from .redis_clients import HeldConnection
 from .signing import Signer, unsigned_body
 
 if TYPE_CHECKING:
@@ -426,7 +427,8 @@ class Transport:
             remaining = call.deadline - time.time()
             if remaining <= 0:
                 return None
-            connection = self._connection()
+            held = self._held()
+            connection = held.get()
             try:
                 if queued:
                     connection.send_command("BLPOP", key, max(remaining, 0.001))
@@ -440,43 +442,31 @@ class Transport:
             except (redis.ConnectionError, OSError, ValueError) as exc:
                 # ValueError ("I/O operation on closed file"): another thread dropped this connection while it
                 # was read, as a pool does when Sentinel names a new master (redis_clients.py).
-                self._give_back(connection)
+                held.drop()
                 if attempt == 2:
                     lost = redis.ConnectionError if queued else _NotQueued
                     raise lost(f"reply connection lost: {exc}") from exc
                 continue
             except BaseException:
-                self._give_back(connection)  # a read cut short leaves a reply in flight on this connection
+                held.drop()  # a read cut short leaves a reply in flight on this connection
                 raise
             return None if reply is None else reply[1]
         return None
 
-    def _connection(self) -> Any:
+    def _held(self) -> HeldConnection:
         """This thread's reply connection, held between its calls until one fails or the thread ends.
 
-        Taken from the pool once, not per call: the pool's bookkeeping (a lock, redis-py's connection
-        metrics) cost a call some 15 us, 6% of it (measured in alternating rounds). A forked child takes
-        its own.
+        Taken from the pool once, not per call: taking and returning it cost a call some 15 us, 6% of it
+        (measured in alternating rounds). A forked child takes its own.
         """
         held = getattr(self._local, "replies", None)
         if held is not None and held[0] == os.getpid():
-            return held[1]
-        pool = self.replies.connection_pool
-        connection = pool.get_connection()
+            return held[1]  # type: ignore[no-any-return]
+        connection = HeldConnection(self.replies.connection_pool)
         # Callers' threads come and go (thread pools): the pool gets a finished thread's connection back.
-        done = weakref.finalize(threading.current_thread(), pool.release, connection)
-        self._local.replies = (os.getpid(), connection, done)
+        weakref.finalize(threading.current_thread(), connection.release)
+        self._local.replies = (os.getpid(), connection)
         return connection
-
-    def _give_back(self, connection: Any) -> None:
-        """Disconnect a failed connection and return it to the pool: the next call takes one from the pool,
-        which is where a Sentinel pool checks who the master is now (redis_clients.py)."""
-        connection.disconnect()
-        held = getattr(self._local, "replies", None)
-        if held is not None and held[1] is connection:
-            self._local.replies = None
-            if held[2].detach() is not None:  # released once: by this, not also when the thread ends
-                self.replies.connection_pool.release(connection)
 
 
 def _not_sent(call: Call) -> Unavailable:

@@ -58,7 +58,7 @@ from .messages import (
 )
 from .protocol import HEADER_DEADLINE, HEADER_REPLY, reply_key
 from .provider import Answer, SizedRequest, serve, unknown_task_error
-from .redis_clients import RedisOptions, redis_client
+from .redis_clients import HeldConnection, RedisOptions, redis_client
 
 if TYPE_CHECKING:
     from .distribution import Distribution
@@ -364,13 +364,11 @@ class RedisFastPath(FastPath):
         inflight = self._inflight(self.members[index])
         # One connection held by the thread, commands written and read on it directly: redis-py's command
         # and pipeline layers cost more per call than the rest of the call's own work (DESIGN §6).
-        pool = self.store.connection_pool
-        connection: Any = None
+        held = HeldConnection(self.store.connection_pool)
         failing = False
         while not self._stop.is_set():
             try:
-                if connection is None:
-                    connection = pool.get_connection()
+                connection = held.get()
                 connection.send_command("BLMOVE", self.queue, inflight, "RIGHT", "LEFT", POLL)
                 raw = connection.read_response(timeout=POLL + READ_MARGIN)
                 if failing:
@@ -378,8 +376,7 @@ class RedisFastPath(FastPath):
                     failing = False
             except (redis.RedisError, OSError, ValueError) as exc:
                 # ValueError: a Sentinel pool closed this connection while it was read (redis_clients.py).
-                _drop(pool, connection)
-                connection = None
+                held.drop()
                 if not failing:
                     log.warning("fast path cannot reach its queue %s: %r; retrying", self.queue, exc)
                     failing = True
@@ -393,11 +390,9 @@ class RedisFastPath(FastPath):
             except Exception:  # one bad call must not stop the thread serving the others
                 log.exception("fast path failed to serve a message of queue %s", self.queue)
             if not done:
-                _drop(pool, connection)
-                connection = None
+                held.drop()
                 self._acknowledge(inflight)
-        if connection is not None:
-            pool.release(connection)
+        held.release()
 
     def _acknowledge(self, inflight: str) -> None:
         """Empty this thread's in-flight list before it takes another call (retried while Redis is away:
@@ -493,7 +488,7 @@ class AmqpFastPath(FastPath):
         # Celery's own declaration of the key's queue (exchange, binding, durability): declared again on
         # each connection, as Celery's consumer does, so a broker that lost it gets it back.
         queue = celery.amqp.queues.get(self.queue) or _Queue(self.queue)
-        replies = _ReplyConnection(self.distribution)
+        replies = HeldConnection(self.distribution.reply_store.connection_pool)
         failing = False
         while not self._stop.is_set():
             try:
@@ -523,9 +518,9 @@ class AmqpFastPath(FastPath):
                     log.warning("fast path cannot reach its queue %s: %r; retrying", self.queue, exc)
                     failing = True
                 self._stop.wait(RETRY_INTERVAL)
-        replies.close()
+        replies.release()
 
-    def _on_message(self, events: Any, replies: _ReplyConnection, message: Any) -> None:
+    def _on_message(self, events: Any, replies: HeldConnection, message: Any) -> None:
         try:
             self._on_task(events, replies, message)
         except Exception:  # one bad call must not stop the thread serving the others
@@ -533,7 +528,7 @@ class AmqpFastPath(FastPath):
             if not message.acknowledged:
                 message.ack()  # as the Redis path does: a call that broke the server is not taken again
 
-    def _on_task(self, events: Any, replies: _ReplyConnection, message: Any) -> None:
+    def _on_task(self, events: Any, replies: HeldConnection, message: Any) -> None:
         received = time.time()
         delivery = dict(message.delivery_info or {})
         try:
@@ -550,7 +545,7 @@ class AmqpFastPath(FastPath):
         def finish(request: Any, answer: Answer, started: float, event: str | None) -> bool:
             self.served += 1
             if answer.reply_to and answer.body is not None:
-                replies.push(request, answer)
+                self._push(replies, request, answer)
             if events is not None and event is not None:
                 # On the channel itself, as Celery's dispatcher would publish it: through a kombu Producer,
                 # preparing the message cost as much again as publishing it.
@@ -565,43 +560,24 @@ class AmqpFastPath(FastPath):
 
         self._serve_message(task, received, finish)
 
-
-class _ReplyConnection:
-    """A serving thread's own connection to the reply store, on which it pushes its calls' replies.
-
-    The once-only push is packed and sent on it directly: through redis-py's script object and command
-    layers it cost a quarter of a RabbitMQ fast-path worker's time per call. A connection that fails goes
-    back to its pool (whose next one follows a Sentinel master that moved).
-    """
-
-    def __init__(self, distribution: Distribution) -> None:
-        self.replies = distribution.replies
-        self.pool = distribution.reply_store.connection_pool
-        self.connection: Any = None
-
-    def push(self, request: Any, answer: Answer) -> None:
-        """Push ``answer``'s reply once, while its caller still waits (see :class:`.Replies`)."""
-        command = self.replies.command(answer.reply_to or "", answer.body or "", answer.deadline)
+    def _push(self, replies: HeldConnection, request: Any, answer: Answer) -> None:
+        """Push ``answer``'s reply once, while its caller still waits (see :class:`.Replies`), on the serving
+        thread's own reply connection: through redis-py's script object and command layers, the push cost a
+        quarter of a RabbitMQ fast-path worker's time per call."""
+        command = self.distribution.replies.command(answer.reply_to or "", answer.body or "", answer.deadline)
         if command is None:
             return
         try:
-            if self.connection is None:
-                self.connection = self.pool.get_connection()
-            self.connection.send_packed_command(self.connection.pack_commands([command]))
-            pushed = self.connection.read_response()
+            connection = replies.get()
+            connection.send_packed_command(connection.pack_commands([command]))
+            pushed = connection.read_response()
         except (redis.RedisError, OSError, ValueError) as exc:
-            _drop(self.pool, self.connection)
-            self.connection = None
+            replies.drop()
             # The call is acknowledged all the same: its caller times out, as with a lost reply.
             log.warning("reply of call %s not pushed: %r", request.id, exc)
             return
         if not pushed:
             log.info("reply %s not pushed: the call was already answered", answer.reply_to)
-
-    def close(self) -> None:
-        if self.connection is not None:
-            self.pool.release(self.connection)
-            self.connection = None
 
 
 def _outcome_event(answer: Answer) -> str:
@@ -631,10 +607,3 @@ def _failure(answer: Answer) -> tuple[str, str]:
     cause = answer.cause or error
     shown = "".join(traceback.format_exception(type(cause), cause, cause.__traceback__))
     return repr(error), shown
-
-
-def _drop(pool: Any, connection: Any) -> None:
-    """Close a connection whose state is unknown (an error mid-exchange) and give it back to its pool."""
-    if connection is not None:
-        connection.disconnect()
-        pool.release(connection)

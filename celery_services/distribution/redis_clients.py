@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MASTER_CHECK_INTERVAL",
+    "HeldConnection",
     "RedisOptions",
     "async_redis_client",
     "is_redis",
@@ -64,6 +65,39 @@ _AsyncSentinel: Any = redis.asyncio.sentinel.Sentinel
 
 #: Seconds between two checks, by one process, of which server a Sentinel names master.
 MASTER_CHECK_INTERVAL = 0.5
+
+
+class HeldConnection:
+    """One connection of ``pool``, held by one thread between its commands, which it writes and reads on it
+    directly: taking it from the pool and giving it back around every command cost more than a fast call's
+    own work (a lock, redis-py's connection metrics and command layers).
+
+    A connection that failed is dropped: disconnected and given back, so the next one is the pool's again
+    (where a Sentinel pool checks who the master is now).
+    """
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self._connection: Any = None
+
+    def get(self) -> Any:
+        """The held connection (taken from the pool the first time, or after :meth:`drop`)."""
+        if self._connection is None:
+            self._connection = self.pool.get_connection()
+        return self._connection
+
+    def drop(self) -> None:
+        """Disconnect the held connection, whose state is unknown after an error, and give it back."""
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            connection.disconnect()
+            self.pool.release(connection)
+
+    def release(self) -> None:
+        """Give the held connection back to the pool, as it is."""
+        if self._connection is not None:
+            connection, self._connection = self._connection, None
+            self.pool.release(connection)
 
 
 @dataclass(frozen=True)
