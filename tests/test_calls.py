@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import os
 import threading
 import time
@@ -525,6 +526,7 @@ def test_own_celery_app_with_an_in_process_worker_serves_services_mounted_later(
     common = {"broker_url": redis_url, "result_backend": redis_url, "remote_services": []}
     dist = distribute(provider, DistributionSettings(key=key, **common), celery=mine)
     caller, caller_dist = App(), None
+    root_level = logging.getLogger().level  # Celery's start_worker sets it for the whole process
     try:
         assert dist.celery is mine
         assert f"{key}.articles.get" in mine.tasks
@@ -538,6 +540,7 @@ def test_own_celery_app_with_an_in_process_worker_serves_services_mounted_later(
             caller.use("late", caller_dist.remote_service(key, "late", ["create"]))
             assert caller.service("late").create({"n": 1}) == {"n": 1, "id": 0}
     finally:
+        logging.getLogger().setLevel(root_level)
         finalize(caller)
         finalize(provider)
         cleanup(redis_url, redis_url, key)

@@ -67,6 +67,7 @@ def test_json_formatter_writes_one_line_with_the_fields_of_the_call_being_served
     logger = logging.getLogger("tests.json-formatter")
     logger.addHandler(handler)
     logger.propagate = False
+    logger.setLevel(logging.DEBUG)  # not the root's, which an embedded worker earlier in the process may set
     try:
         token = logs.enter_call(logs.call_fields("my-app", "articles", "get", "c-1"))
         try:
@@ -80,6 +81,7 @@ def test_json_formatter_writes_one_line_with_the_fields_of_the_call_being_served
         logger.warning("outside", extra=logs.call_fields("other", "p", "m", "c-2"))
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 3  # a traceback stays inside its line
     inside, failed, outside = (json.loads(line) for line in lines)

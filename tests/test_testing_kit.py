@@ -7,6 +7,7 @@ The two sections between ``--8<--`` markers are the examples of ``docs/testing.m
 from __future__ import annotations
 
 import gc
+import logging
 import re
 import textwrap
 from collections.abc import Iterator
@@ -153,18 +154,24 @@ def test_a_fake_is_a_provider_in_the_registry_and_leaves_nothing_behind(
 ) -> None:
     key = unique_name("notes")
     store = redis.Redis.from_url(celery_services_config.redis_url)
+    root = logging.getLogger()
+    level_before = root.level
+    root.setLevel(logging.DEBUG)  # not the level Celery's embedded worker sets
     try:
+        logging_before = (root.level, list(root.handlers))
         with mock_remote(celery_services_app, key, "notes", Notes()) as fake:
             manifests = list(store.scan_iter(f"{celery_services_config.registry_prefix}:manifest:{key}:*"))
             assert len(manifests) == 1
             assert celery_services_app.distribution.healthcheck(key) == {"notes": True}  # type: ignore[union-attr]
             assert fake.distribution is not None
-            # Its worker is embedded in this test process: the process's collector is left alone.
+            # Its worker is embedded in this test process: the process's collector and logging are left alone.
             assert gc.get_freeze_count() == 0
+            assert (root.level, root.handlers) == logging_before
         assert "notes" not in celery_services_app.services  # unmounted by the time the block ends
         assert not list(store.scan_iter(f"{celery_services_config.registry_prefix}:manifest:{key}:*"))
         assert not store.exists(key, f"_kombu.binding.{key}")
     finally:
+        root.setLevel(level_before)
         store.close()
 
 

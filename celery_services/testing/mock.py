@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -152,6 +153,8 @@ class MockRemote:
         celery.conf.update(worker_hijack_root_logger=False, worker_enable_remote_control=False)
         stack = contextlib.ExitStack()
         previous = (celery_state.default_app, celery_state.get_current_app())
+        root = logging.getLogger()
+        logging_before = (root.level, list(root.handlers))
         try:
             stack.enter_context(
                 start_worker(
@@ -164,6 +167,10 @@ class MockRemote:
                     shutdown_timeout=self.timeout,
                 )
             )
+            # Celery's logging set-up still sets the root logger's level (and may add a handler): undo it,
+            # or the test's own records below WARNING vanish for the rest of the process.
+            root.setLevel(logging_before[0])
+            root.handlers[:] = logging_before[1]
             # start_worker makes the fake's Celery app the process's default: give the test its own back.
             stack.callback(_restore_current_app, *previous)
             self._worker = stack
