@@ -1,4 +1,4 @@
-"""Cost of a call: the Redis floor, raw Celery, and the proxy on Celery's consumer and on the fast path.
+"""Cost of a call: the broker's floor, raw Celery, and the proxy on Celery's consumer and on the fast path.
 
 Usage: ``python benchmarks/calls.py [--calls N] [--backend URL] [--brokers redis,rabbitmq] [--replicas 1,2]
 [--output FILE]``.
@@ -6,8 +6,9 @@ Usage: ``python benchmarks/calls.py [--calls N] [--backend URL] [--brokers redis
 Measured in one run, for each path, with ``articles.get(id)`` on the same 100 items:
 
 - (a) the local service: ``App().use("articles", MemoryService(...))`` then ``svc.get(id)``;
-- (f) the floor: the least a Python round trip over Redis lists costs (``benchmarks/floor_worker.py``:
-  ``LPUSH`` → ``BRPOP`` → ``LPUSH`` reply → ``BRPOP``, no envelope), Redis broker only;
+- (f) the floor: the least a Python round trip over the broker costs (``benchmarks/floor_worker.py``, no
+  envelope): on Redis ``LPUSH`` → ``BRPOP`` → ``LPUSH`` reply → ``BRPOP``; on RabbitMQ a py-amqp publish →
+  consume → ``LPUSH`` reply on the result backend's Redis (where the fast path replies) → ``BRPOP``;
 - (b) raw Celery: ``celery.send_task(name, kwargs={"id": id}).get()`` to the plain task of
   ``benchmarks/plain_tasks.py`` (default Celery settings except JSON), served by ``celery worker -P solo``;
 - (c) the proxy served by Celery's consumer: ``app.service("articles").get(id)`` to
@@ -357,6 +358,7 @@ class Bench:
     token: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     workers: list[WorkerProcess] = field(default_factory=list)
     raw_ids: list[str] = field(default_factory=list)
+    floor_connections: list[Any] = field(default_factory=list)  # of the RabbitMQ floor's callers
 
     @property
     def raw_queue(self) -> str:
@@ -391,6 +393,7 @@ class Bench:
     def floor_worker(self) -> WorkerProcess:
         env = {
             "BENCH_BROKER_URL": self.broker,
+            "BENCH_REPLY_URL": self.backend,
             "BENCH_QUEUE": self.floor_queue,
             "BENCH_ITEMS": json.dumps(self.items),
         }
@@ -438,11 +441,15 @@ class Bench:
         queues = [self.raw_queue, self.floor_queue, self.provider_key(True), self.provider_key(False)]
         queues += [self.provider_key(True, variant) for _, variant, _, _ in OBSERVED_PATHS]
         nodes = [worker.name for worker in self.workers]
+        for connection in self.floor_connections:
+            with contextlib.suppress(Exception):
+                connection.close()
         store = redis.Redis.from_url(self.backend)
         try:
             for start in range(0, len(self.raw_ids), 1000):
                 store.delete(*(f"celery-task-meta-{i}" for i in self.raw_ids[start : start + 1000]))
             prefixed = list(store.scan_iter(match=f"{self.prefix}:*", count=1000))
+            prefixed += store.scan_iter(match=f"bench-floor-reply-{self.token}-*", count=1000)
             for start in range(0, len(prefixed), 1000):
                 store.delete(*prefixed[start : start + 1000])
         finally:
@@ -493,15 +500,25 @@ def redis_server(url: str | None) -> Iterator[str]:
 
 
 def floor_call(bench: Bench) -> Call:
-    """The floor's caller: ``LPUSH`` the request and ``BRPOP`` the reply, on a per-thread reply list."""
-    store = redis.Redis.from_url(bench.broker, socket_timeout=CALL_TIMEOUT + 5)
+    """The floor's caller: send the request (``LPUSH`` on Redis, a py-amqp publish on RabbitMQ, on a
+    per-thread channel) and ``BRPOP`` the reply, on a per-thread reply list."""
+    on_redis = not bench.broker.startswith("amqp")
+    store = redis.Redis.from_url(bench.broker if on_redis else bench.backend, socket_timeout=CALL_TIMEOUT + 5)
     local = threading.local()
 
     def call(item_id: int) -> Any:
         reply = getattr(local, "reply", None)
         if reply is None:
             reply = local.reply = f"bench-floor-reply-{bench.token}-{threading.get_ident()}"
-        store.lpush(bench.floor_queue, f"{reply} {item_id}")
+            if not on_redis:
+                local.connection = Connection(bench.broker, connect_timeout=5)  # type: ignore[no-untyped-call]
+                bench.floor_connections.append(local.connection)
+                local.channel = local.connection.connection.channel()  # py-amqp's own
+        if on_redis:
+            store.lpush(bench.floor_queue, f"{reply} {item_id}")
+        else:
+            request = local.channel.prepare_message(f"{reply} {item_id}".encode(), content_type="text/plain")
+            local.channel.basic_publish(request, exchange="", routing_key=bench.floor_queue)
         popped = store.brpop([reply], timeout=CALL_TIMEOUT)
         if popped is None:
             raise TimeoutError("the floor worker did not answer")
@@ -572,8 +589,7 @@ def run_broker(
                     "celery": [bench.provider_worker(False) for _ in range(more)],
                 }
                 new["fast"] = [bench.provider_worker(True) for _ in range(more)]
-                if redis_broker:
-                    new["floor"] = [bench.floor_worker() for _ in range(more)]
+                new["floor"] = [bench.floor_worker() for _ in range(more)]
                 if redis_broker and replicas == 1:
                     for _, variant, boot, env in OBSERVED_PATHS:
                         new[variant] = [bench.provider_worker(True, variant, boot, env)]
@@ -588,8 +604,8 @@ def run_broker(
                 return Target(name, path, label, call, checked(call, by_id), pids)
 
             targets = []
-            if redis_broker:
-                targets.append(target("(f) floor: LPUSH/BRPOP", floor_call(bench), "floor"))
+            floor = "(f) floor: LPUSH/BRPOP" if redis_broker else "(f) floor: publish/consume, BRPOP"
+            targets.append(target(floor, floor_call(bench), "floor"))
             targets.append(target("(b) raw Celery", raw_call, "raw"))
             targets.append(
                 target("(c) proxy, Celery's consumer", caller.service("articles-celery").get, "celery")
@@ -843,13 +859,14 @@ def report(rows: list[Row], large: list[list[str]], about: dict[str, str]) -> st
         console.print(f"[bold]{name}[/bold]: {value}")
     return "\n".join(
         [
-            "# Calls: the Redis floor, raw Celery and the proxy",
+            "# Calls: the broker's floor, raw Celery and the proxy",
             "",
             "Generated by `.venv/bin/python benchmarks/calls.py`.",
             "",
             *(f"- **{name}**: {value}" for name, value in about.items()),
             "- **paths**: (a) `App().use('articles', MemoryService(...)).get(id)`; (f) the floor, "
-            "`benchmarks/floor_worker.py`: LPUSH → BRPOP → LPUSH reply → BRPOP, no envelope; (b) "
+            "`benchmarks/floor_worker.py`, no envelope: on Redis LPUSH → BRPOP → LPUSH reply → BRPOP, on "
+            "RabbitMQ a py-amqp publish → consume → LPUSH reply (the result backend's Redis) → BRPOP; (b) "
             "`celery.send_task(name, kwargs={'id': id}).get()` to the plain task of "
             "`benchmarks/plain_tasks.py` (default Celery settings + JSON); (c) "
             "`app.service('articles').get(id)` through `distribution.remote_service(...)` to "
