@@ -625,17 +625,27 @@ def run_broker(
 
 
 def measure_large(broker: str, service: Any, ids: Sequence[int]) -> list[str]:
-    """A 100 KB ``create`` against a small ``get``, and the in-process cost of serializing its payload."""
+    """A 100 KB ``create`` against a small ``get``, and the in-process cost of serializing its payload.
+
+    The three are measured in interleaved rounds, each timed one by one, so that their medians (and the
+    ratio) are taken under the same load of the machine.
+    """
     body = {"title": "large", "body": "x" * LARGE_BYTES, "tags": ["bench"]}
-    small = latencies(service.get, ids, LARGE_CALLS)
-    big = latencies(lambda _: service.create(body), ids, LARGE_CALLS)
     encoded = json.dumps(body)
-    start = time.perf_counter()
-    for _ in range(LARGE_CALLS):
-        json.loads(json.dumps(body))
+    small: list[float] = []
+    big: list[float] = []
+    serialized: list[float] = []
+    share = LARGE_CALLS // ROUNDS
+    for _ in range(ROUNDS):
+        small += latencies(service.get, ids, share)
+        big += latencies(lambda _: service.create(body), ids, share)
+        for _ in range(share):
+            start = time.perf_counter()
+            json.loads(json.dumps(body))
+            serialized.append((time.perf_counter() - start) * 1000)
     # Once per side and way: the caller encodes the call and decodes the reply, the provider the reverse
     # (the created item comes back in the reply).
-    serialize = 2 * (time.perf_counter() - start) * 1000 / LARGE_CALLS
+    serialize = 2 * statistics.median(serialized)
     extra = statistics.median(big) - statistics.median(small)
     return [
         broker,
@@ -885,8 +895,9 @@ def report(rows: list[Row], large: list[list[str]], about: dict[str, str]) -> st
             "",
             markdown_table(OBSERVED_HEAD, observed),
             "",
-            f"A large call on the proxy ({LARGE_CALLS} calls each, one in flight; the create's item comes "
-            "back in its reply, so the payload travels both ways):",
+            f"A large call on the proxy ({LARGE_CALLS} calls each, one in flight, in {ROUNDS} rounds "
+            "interleaved with the serialization's own measure; the create's item comes back in its reply, "
+            "so the payload travels both ways):",
             "",
             markdown_table(LARGE_HEAD, large),
             "",
