@@ -115,6 +115,8 @@ class Registry:
         self._heartbeat_thread: threading.Thread | None = None
         self._view_lock = threading.Lock()  # consumer state
         self._view: View = {}
+        # Instances kept in the view, though their entry is missing, until a time.monotonic(): see _deliver.
+        self._kept: dict[tuple[str, str], float] = {}
         self._synced = threading.Event()
         self._watch_thread: threading.Thread | None = None
         # registry key → what was logged about it: the hash of a bad payload, or the limit it is over
@@ -328,7 +330,7 @@ class Registry:
             pubsub = cast(Callable[[], Any], self._sub_client.pubsub)()
             try:
                 self._subscribe(pubsub)
-                self._deliver(self.snapshot(), on_change)
+                self._deliver(self.snapshot(), on_change, resync=self._synced.is_set())
                 backoff = _POLL
                 self._listen(pubsub, on_change)
             except Exception as exc:
@@ -383,7 +385,7 @@ class Registry:
             pipe.exists(name)
         for ident, found in zip(idents, pipe.execute(), strict=True):
             if not found:
-                self._update(*ident, None, on_change)
+                self._update(*ident, None, on_change)  # unless kept after a resync
 
     def _on_message(self, channel: str, data: str, on_change: OnChange) -> None:
         if channel == self.expired_channel:
@@ -396,20 +398,28 @@ class Registry:
             log.warning("ignoring malformed registry announcement %.200r", data)
             return
         op, key, instance = announced
-        manifest = None
-        if op != "down":
-            name = self.layout.name(key, instance)
-            try:
-                raw: bytes | str | None = self._client.get(name)
-            except redis.ResponseError as exc:  # e.g. WRONGTYPE: a foreign key under our prefix
-                raw = str(exc)
-            manifest = self._decode(name, raw)
-        self._update(key, instance, manifest, on_change)
+        if op == "down":
+            self._update(key, instance, None, on_change, withdrawn=True)
+            return
+        name = self.layout.name(key, instance)
+        try:
+            raw: bytes | str | None = self._client.get(name)
+        except redis.ResponseError as exc:  # e.g. WRONGTYPE: a foreign key under our prefix
+            raw = str(exc)
+        self._update(key, instance, self._decode(name, raw), on_change)
 
-    def _update(self, key: str, instance: str, manifest: Manifest | None, on_change: OnChange) -> None:
+    def _update(
+        self, key: str, instance: str, manifest: Manifest | None, on_change: OnChange, withdrawn: bool = False
+    ) -> None:
+        """Apply one instance's news: its manifest, or ``None`` when its entry is missing (or ``withdrawn``,
+        announced down: an instance kept after a resync leaves at once then)."""
         with self._view_lock:
             current = self._view.get(key, {}).get(instance)
+            kept_until = self._kept.pop((key, instance), None)
             if manifest is None:
+                if kept_until is not None and kept_until > time.monotonic() and not withdrawn:
+                    self._kept[(key, instance)] = kept_until
+                    return
                 if current is None:
                     return
                 del self._view[key][instance]
@@ -422,8 +432,29 @@ class Registry:
             view = {k: dict(instances) for k, instances in self._view.items()}
         self._notify(on_change, view)
 
-    def _deliver(self, fresh: View, on_change: OnChange) -> None:
+    def _deliver(self, fresh: View, on_change: OnChange, resync: bool = False) -> None:
+        """Make the snapshot ``fresh`` the view, and report it if it changed.
+
+        ``resync``: the snapshot follows a lost connection. Redis may have come back empty (restarted
+        without persistence, failed over to a replica that lagged), and each provider only writes its entry
+        again at its next heartbeat: one missing now is kept in the view for a TTL, the time an instance
+        that stops heartbeating keeps its entry, and leaves it then unless it came back. Dropped at once,
+        a provider that serves was refused to its callers (``Unavailable``) until its next heartbeat.
+        """
+        now = time.monotonic()
         with self._view_lock:
+            if resync:
+                until = now + self.ttl_ms / 1000
+                for key, instances in self._view.items():
+                    for instance in instances:
+                        if instance not in fresh.get(key, {}):
+                            self._kept.setdefault((key, instance), until)
+            for (key, instance), until in builtins.list(self._kept.items()):
+                kept = self._view.get(key, {}).get(instance)
+                if instance in fresh.get(key, {}) or until <= now or kept is None:
+                    del self._kept[(key, instance)]
+                else:
+                    fresh.setdefault(key, {})[instance] = kept
             same = self._synced.is_set() and same_view(self._view, fresh)
             self._view = fresh
             view = {key: dict(instances) for key, instances in fresh.items()}
