@@ -14,6 +14,9 @@ own (:mod:`tests.faults.brokers`), so that restarting them never touches anyone 
   the registry is empty until each provider's next heartbeat; the consumer's watcher, back first, must not
   read that as every provider gone (its callers got ``Unavailable`` from a provider that serves: the load
   test above failed so in CI), yet a provider that never comes back leaves the view within the TTL.
+- ``test_a_call_made_while_redis_is_down_is_answered_once_it_is_back``: a call whose deadline outlasts a
+  short Redis outage waits for Redis and is answered, as a RabbitMQ call does; it failed at once with
+  ``Unavailable`` since the caller queues calls on its own connection (the soak showed thousands per run).
 - ``test_rabbitmq_restart_under_load``: RabbitMQ restarted under load: calls fail typed during the outage and
   succeed within 5 s once the broker and the provider's worker are back (the worker's own reconnection is
   Celery's, measured), and events published after the restart reach the consumer's listeners.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -135,6 +139,38 @@ def test_redis_restart_under_load(private_redis: RedisServer) -> None:
                 errors_while_recovering=len(errors),
                 removed_and_remounted=remounts,
             )
+        finally:
+            consumer.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_call_made_while_redis_is_down_is_answered_once_it_is_back(private_redis: RedisServer) -> None:
+    url, prefix = private_redis.url, f"cs-fault-{os.urandom(4).hex()}"
+    prov = provider_on(url, url, prefix, "rdown")
+    with prov.worker():
+        consumer = Consumer(url, url, prefix, prov.key)
+        try:
+            probe = consumer.distribution.wait_for("probe", timeout=10)
+            assert probe.get("warm-up")["id"] == "warm-up"
+            private_redis.stop()
+            outcome: dict[str, Any] = {}
+
+            def call() -> None:
+                started = time.monotonic()
+                try:
+                    outcome["result"] = probe.get("during", {"timeout": 10.0})
+                except Exception as exc:
+                    outcome["error"] = exc
+                outcome["seconds"] = time.monotonic() - started
+
+            caller = threading.Thread(target=call)
+            caller.start()
+            time.sleep(1.0)  # the outage itself, not a wait for something to happen
+            assert "error" not in outcome, f"failed while Redis was down: {outcome['error']!r}"
+            private_redis.start()
+            caller.join(timeout=15)
+            assert outcome.get("result", {}).get("id") == "during", outcome
+            report("call during a redis outage", answered_after_s=outcome["seconds"])
         finally:
             consumer.close()
 
