@@ -27,6 +27,7 @@ own (:mod:`tests.faults.brokers`), so that restarting them never touches anyone 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -152,25 +153,34 @@ def test_a_call_made_while_redis_is_down_is_answered_once_it_is_back(private_red
         try:
             probe = consumer.distribution.wait_for("probe", timeout=10)
             assert probe.get("warm-up")["id"] == "warm-up"
+            assert asyncio.run(probe.aio.get("warm-up-async"))["id"] == "warm-up-async"
             private_redis.stop()
-            outcome: dict[str, Any] = {}
+            outcomes: dict[str, dict[str, Any]] = {"blocking": {}, "asyncio": {}}
 
-            def call() -> None:
-                started = time.monotonic()
+            def call(how: str) -> None:
+                outcome, started = outcomes[how], time.monotonic()
+                params = {"timeout": 10.0}
                 try:
-                    outcome["result"] = probe.get("during", {"timeout": 10.0})
+                    if how == "blocking":
+                        outcome["result"] = probe.get(how, params)
+                    else:
+                        outcome["result"] = asyncio.run(probe.aio.get(how, params))
                 except Exception as exc:
                     outcome["error"] = exc
                 outcome["seconds"] = time.monotonic() - started
 
-            caller = threading.Thread(target=call)
-            caller.start()
+            callers = [threading.Thread(target=call, args=(how,)) for how in outcomes]
+            for caller in callers:
+                caller.start()
             time.sleep(1.0)  # the outage itself, not a wait for something to happen
-            assert "error" not in outcome, f"failed while Redis was down: {outcome['error']!r}"
+            failed = {how: outcome["error"] for how, outcome in outcomes.items() if "error" in outcome}
+            assert not failed, f"failed while Redis was down: {failed!r}"
             private_redis.start()
-            caller.join(timeout=15)
-            assert outcome.get("result", {}).get("id") == "during", outcome
-            report("call during a redis outage", answered_after_s=outcome["seconds"])
+            for caller in callers:
+                caller.join(timeout=15)
+            for how, outcome in outcomes.items():
+                assert outcome.get("result", {}).get("id") == how, outcomes
+            report("calls during a redis outage", **{how: o["seconds"] for how, o in outcomes.items()})
         finally:
             consumer.close()
 
