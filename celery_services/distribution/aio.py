@@ -44,7 +44,7 @@ import redis.asyncio
 
 from ..core.aio import run_blocking
 from ..core.errors import ServiceError, Unavailable
-from .caller import Call, Transport
+from .caller import CONNECT_RETRY, Call, Transport
 from .observability import client_acall, hooks
 from .protocol import reply_key
 from .redis_clients import RedisOptions, async_redis_client
@@ -189,7 +189,7 @@ class AsyncTransport:
                 return None
             connection: Any = None
             try:
-                connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+                connection = await _connected(pool, call.deadline)
                 if queued:
                     await connection.send_command("BLPOP", key, max(remaining, 0.001))
                 else:
@@ -209,7 +209,7 @@ class AsyncTransport:
                 lost = not isinstance(exc, redis.ResponseError) or str(exc).startswith(
                     ("UNBLOCKED", "READONLY")
                 )
-                if attempt == 2 or not lost:
+                if attempt == 2 or not lost or time.time() >= call.deadline:
                     raise self._lost(call, queued, exc) from None
                 continue
             except BaseException:  # cancelled: its reply may still come, on this connection and in Redis
@@ -333,6 +333,21 @@ async def _drop(connection: Any) -> None:
     # A read cut short leaves a reply in flight on the connection: it must never serve another command.
     if connection is not None:
         await connection.disconnect(nowait=True)
+
+
+async def _connected(pool: Any, deadline: float) -> Any:
+    """A connected connection of ``pool``; while Redis refuses, tried again until ``deadline`` (epoch), as
+    the blocking transport does (:func:`.caller._connected`), then its last error is raised."""
+    pause = CONNECT_RETRY[0]
+    while True:
+        try:
+            return await pool.get_connection()
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise
+            await asyncio.sleep(min(pause, remaining))
+            pause = min(pause * 2, CONNECT_RETRY[1])
 
 
 def _not_sent(call: Call) -> Unavailable:

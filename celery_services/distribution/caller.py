@@ -68,6 +68,9 @@ log = logging.getLogger("celery_services.remote")
 
 #: Seconds a reply read may take past the deadline the server's BLPOP itself honours (network, scheduling).
 _READ_MARGIN = 2.0
+#: Pauses between attempts to reach a Redis that refuses connections (restarting, failing over): doubling
+#: from the first to the second, until the call's deadline. The RabbitMQ publish retries every 0.5 s too.
+CONNECT_RETRY = (0.05, 0.5)
 
 #: The deadline of the call being served in this context; nested calls never wait past it.
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
@@ -418,7 +421,9 @@ class Transport:
         With ``message``, it is ``LPUSH``ed to the call's queue on the same connection first, and both
         replies are read in one round trip. The client's own socket timeout (redis-py 8 defaults to 5 s)
         would cut a longer call short; a Redis that stops answering must not hang the call either. A pooled
-        connection that died while idle (a Redis restart) is replaced once: nothing sent on it arrived.
+        connection that died while idle (a Redis restart) is replaced once: nothing sent on it arrived. A
+        Redis that refuses connections is tried again until the deadline (:func:`_connected`): a call
+        outlasting a short outage is answered, as on RabbitMQ, instead of failing at once.
         """
         import redis
 
@@ -428,7 +433,11 @@ class Transport:
             if remaining <= 0:
                 return None
             held = self._held()
-            connection = held.get()
+            try:
+                connection = _connected(held, call.deadline)
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                lost = redis.ConnectionError if queued else _NotQueued
+                raise lost(f"reply store unreachable until the deadline: {exc}") from exc
             try:
                 if queued:
                     connection.send_command("BLPOP", key, max(remaining, 0.001))
@@ -467,6 +476,23 @@ class Transport:
         weakref.finalize(threading.current_thread(), connection.release)
         self._local.replies = (os.getpid(), connection)
         return connection
+
+
+def _connected(held: HeldConnection, deadline: float) -> Any:
+    """``held``'s connection, connected; while Redis refuses, tried again (:data:`CONNECT_RETRY`) until
+    ``deadline`` (epoch), then its last error is raised."""
+    import redis
+
+    pause = CONNECT_RETRY[0]
+    while True:
+        try:
+            return held.get()
+        except (redis.ConnectionError, redis.TimeoutError, OSError):
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                raise
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 2, CONNECT_RETRY[1])
 
 
 def _not_sent(call: Call) -> Unavailable:
