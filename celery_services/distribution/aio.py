@@ -190,6 +190,9 @@ class AsyncTransport:
             connection: Any = None
             try:
                 connection = await _connected(pool, call.deadline)
+                remaining = call.deadline - time.time()  # less after an outage waited out
+                if remaining <= 0:
+                    return None
                 if queued:
                     await connection.send_command("BLPOP", key, max(remaining, 0.001))
                 else:

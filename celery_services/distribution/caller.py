@@ -438,6 +438,9 @@ class Transport:
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 lost = redis.ConnectionError if queued else _NotQueued
                 raise lost(f"reply store unreachable until the deadline: {exc}") from exc
+            remaining = call.deadline - time.time()  # less after an outage waited out
+            if remaining <= 0:
+                return None
             try:
                 if queued:
                     connection.send_command("BLPOP", key, max(remaining, 0.001))

@@ -15,8 +15,9 @@ own (:mod:`tests.faults.brokers`), so that restarting them never touches anyone 
   read that as every provider gone (its callers got ``Unavailable`` from a provider that serves: the load
   test above failed so in CI), yet a provider that never comes back leaves the view within the TTL.
 - ``test_a_call_made_while_redis_is_down_is_answered_once_it_is_back``: a call whose deadline outlasts a
-  short Redis outage waits for Redis and is answered, as a RabbitMQ call does; it failed at once with
-  ``Unavailable`` since the caller queues calls on its own connection (the soak showed thousands per run).
+  short Redis outage waits for Redis and is answered, as a RabbitMQ call does, and one whose deadline comes
+  first fails by it (``Unavailable``, not sent); both failed at once since the caller queues calls on its
+  own connection (the soak showed thousands per run).
 - ``test_rabbitmq_restart_under_load``: RabbitMQ restarted under load: calls fail typed during the outage and
   succeed within 5 s once the broker and the provider's worker are back (the worker's own reconnection is
   Celery's, measured), and events published after the restart reach the consumer's listeners.
@@ -200,6 +201,15 @@ def test_a_call_made_while_redis_is_down_is_answered_once_it_is_back(private_red
         time.sleep(1.0)  # the outage itself, not a wait for something to happen
         failed = {how: outcome["error"] for how, outcome in outcomes.items() if "error" in outcome}
         assert not failed, f"failed while Redis was down: {failed!r}"
+        # A call whose deadline comes first fails by it, typed and not sent, in either form.
+        for short in (
+            lambda: probe.get("short", {"timeout": 0.5}),
+            lambda: asyncio.run(probe.aio.get("short", {"timeout": 0.5})),
+        ):
+            started = time.monotonic()
+            with pytest.raises(Unavailable, match="not sent"):
+                short()
+            assert time.monotonic() - started < 0.5 + SLACK
         private_redis.start()
         for caller in callers:
             caller.join(timeout=15)
