@@ -442,11 +442,11 @@ class RedisFastPath(FastPath):
         commands: list[tuple[Any, ...]] = []
         push = None
         if answer.reply_to and answer.body is not None:
-            push = distribution.replies.command(answer.reply_to, answer.body, answer.deadline)
-        if push is not None and not self.same_store:
-            if not distribution.replies.push(answer.reply_to or "", answer.body or "", answer.deadline):
-                push = None  # logged by push
-        elif push is not None:
+            if self.same_store:
+                push = distribution.replies.command(answer.reply_to, answer.body, answer.deadline)
+            else:
+                distribution.replies.push(answer.reply_to, answer.body, answer.deadline)
+        if push is not None:
             commands.append(push)
         commands.append(("DEL", inflight))
         try:
@@ -461,8 +461,8 @@ class RedisFastPath(FastPath):
             # The reply may be lost with the connection (its caller then times out).
             log.warning("call %s answered but its reply or acknowledgement failed: %r", request.id, exc)
             return False
-        if push is not None and self.same_store and not results[0]:
-            log.info("reply %s not pushed: the call was already answered", answer.reply_to)
+        if push is not None:
+            distribution.replies.pushed(answer.reply_to or "", results[0])
         return True
 
 
@@ -545,7 +545,9 @@ class AmqpFastPath(FastPath):
         def finish(request: Any, answer: Answer, started: float, event: str | None) -> bool:
             self.served += 1
             if answer.reply_to and answer.body is not None:
-                self._push(replies, request, answer)
+                # The call is acknowledged even if its reply was not pushed: its caller times out, as with
+                # a lost reply.
+                self.distribution.replies.push_on(replies, answer.reply_to, answer.body, answer.deadline)
             if events is not None and event is not None:
                 # On the channel itself, as Celery's dispatcher would publish it: through a kombu Producer,
                 # preparing the message cost as much again as publishing it.
@@ -559,25 +561,6 @@ class AmqpFastPath(FastPath):
             return True
 
         self._serve_message(task, received, finish)
-
-    def _push(self, replies: HeldConnection, request: Any, answer: Answer) -> None:
-        """Push ``answer``'s reply once, while its caller still waits (see :class:`.Replies`), on the serving
-        thread's own reply connection: through redis-py's script object and command layers, the push cost a
-        quarter of a RabbitMQ fast-path worker's time per call."""
-        command = self.distribution.replies.command(answer.reply_to or "", answer.body or "", answer.deadline)
-        if command is None:
-            return
-        try:
-            connection = replies.get()
-            connection.send_packed_command(connection.pack_commands([command]))
-            pushed = connection.read_response()
-        except (redis.RedisError, OSError, ValueError) as exc:
-            replies.drop()
-            # The call is acknowledged all the same: its caller times out, as with a lost reply.
-            log.warning("reply of call %s not pushed: %r", request.id, exc)
-            return
-        if not pushed:
-            log.info("reply %s not pushed: the call was already answered", answer.reply_to)
 
 
 def _outcome_event(answer: Answer) -> str:
