@@ -60,7 +60,7 @@ from rich.table import Table
 
 from celery_services import App, DistributionSettings, MemoryService, distribute, finalize
 from celery_services.distribution.protocol import mask_url
-from celery_services.testing import WorkerProcess
+from celery_services.testing import WorkerProcess, purge_queues
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "benchmarks"
@@ -90,8 +90,6 @@ QUIET_LIMIT = 3.0
 #: Local calls are ~100x quicker: run more of them so the measure lasts long enough to mean something.
 LOCAL_SCALE = 20
 CALL_TIMEOUT = 10.0
-#: Raw Redis keys of the Redis transport's priority queues (kombu's ``sep`` and default priority steps).
-PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 #: The Redis transport's binding tables of an exchange (``_kombu.{table}.{exchange}``).
 BINDING_TABLES = ("binding", "binding_permanent")
 
@@ -454,21 +452,11 @@ class Bench:
                 store.delete(*prefixed[start : start + 1000])
         finally:
             store.close()
+        purge_queues(self.broker, queues)  # with their exchange on RabbitMQ, their kombu tables on Redis
         if self.broker.startswith("amqp"):
-            with Connection(self.broker) as conn:  # type: ignore[no-untyped-call]
-                channel = conn.channel()
-                for queue in queues:
-                    # The queue, and the direct exchange of its name that Celery declares with it.
-                    for delete in (channel.queue_delete, channel.exchange_delete):
-                        try:
-                            delete(queue)
-                        except Exception:  # the channel closes on a missing queue
-                            channel = conn.channel()
             return
         broker = redis.Redis.from_url(self.broker)
         try:
-            broker.delete(*(q + s for q in queues for s in PRIORITY_SUFFIXES))
-            broker.delete(*(f"_kombu.{table}.{q}" for q in queues for table in BINDING_TABLES))
             replies = list(broker.scan_iter(match=f"bench-floor-reply-{self.token}-*", count=1000))
             if replies:
                 broker.delete(*replies)

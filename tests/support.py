@@ -19,7 +19,7 @@ import redis
 
 from celery_services import App, DistributionSettings, distribute
 from celery_services.distribution import Distribution
-from celery_services.testing import WorkerProcess
+from celery_services.testing import WorkerProcess, purge_queues
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The highest database number of a Redis with its default ``databases 16``.
@@ -135,44 +135,13 @@ def cleanup(broker: str, backend: str, *names: str) -> None:
     store = redis.Redis.from_url(backend)
     for name in names:
         store.delete(name)
-    if broker.startswith("amqp"):
-        from kombu import Connection
-
-        with Connection(broker) as conn:
-            channel = conn.channel()
-            for name in names:
-                # The queue, and the direct exchange of its name that Celery declares with it.
-                for delete in (channel.queue_delete, channel.exchange_delete):
-                    try:
-                        delete(name)
-                    except Exception:  # the channel closes on a missing queue
-                        channel = conn.channel()
-    else:
-        # A worker's queue on Redis: its list, its priority lists, kombu's binding tables for it, the
-        # library's leases of its calls, and what a killed worker left in kombu's unacked index (Celery
-        # would give it back to the queue an hour later, into a later session).
-        broker_store = redis.Redis.from_url(broker)
-        for name in names:
-            broker_store.delete(name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")
-            broker_store.delete(*[f"{name}\x06\x16{priority}" for priority in range(1, 10)])
-            broker_store.delete(f"celery_services:leases:{name}")
-        _forget_unacked(broker_store, set(names))
-        broker_store.close()
     store.close()
-
-
-def _forget_unacked(store: redis.Redis, queues: set[str]) -> None:
-    stale = []
-    for tag, raw in store.hscan_iter("unacked"):
-        try:
-            routing_key = json.loads(raw)[2]
-        except (ValueError, IndexError, TypeError):
-            continue
-        if routing_key in queues:
-            stale.append(tag)
-    if stale:
-        store.hdel("unacked", *stale)
-        store.zrem("unacked_index", *stale)
+    # The queues and what kombu keeps for them (the library's test kit does it: purge_queues).
+    purge_queues(broker, names)
+    if not broker.startswith("amqp"):
+        broker_store = redis.Redis.from_url(broker)
+        broker_store.delete(*(f"celery_services:leases:{name}" for name in names))
+        broker_store.close()
 
 
 def registered_provider(redis_url: str, prefix: str, label: str = "prov", **extra: str) -> Provider:

@@ -22,8 +22,8 @@ def purge_queues(broker_url: str, queues: Iterable[str]) -> None:
 
     On Redis: each queue's lists, kombu's binding tables for it, and the entries a killed worker left of it
     in kombu's unacknowledged index (Celery would give them back an hour later, into another test). On
-    RabbitMQ: the queues themselves. A broker that does not answer is left alone: the test's own failure
-    says why.
+    RabbitMQ: the queues, and the direct exchange of each one's name that Celery declares with it. A broker
+    that does not answer is left alone: the test's own failure says why.
     """
     names = set(queues)
     if not names:
@@ -34,8 +34,9 @@ def purge_queues(broker_url: str, queues: Iterable[str]) -> None:
         connection: Any = kombu.connection.Connection  # kombu is untyped
         with contextlib.suppress(Exception), connection(broker_url, connect_timeout=2) as conn:
             for name in names:
-                with contextlib.suppress(Exception):
-                    conn.channel().queue_delete(name)
+                for delete in ("queue_delete", "exchange_delete"):
+                    with contextlib.suppress(Exception):  # a missing one closes its channel
+                        getattr(conn.channel(), delete)(name)
         return
     store = redis.Redis.from_url(broker_url, socket_timeout=5, socket_connect_timeout=2)
     try:
