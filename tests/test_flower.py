@@ -273,7 +273,7 @@ def test_flower_shows_remote_calls_with_their_state(flower: Flower, redis_url: s
             crashed = next(iter(flower.tasks(f"{key}.probe.boom", state="FAILURE").values()))
             assert "GeneralError" in (crashed.get("exception") or "")
             assert "KeyError: 'secret-internal-detail'" in (crashed.get("traceback") or "")
-            # Calls served together have their events sent together (task.multi): Flower shows each one.
+            # Calls served at once, each with its own merged task event: Flower shows every one of them.
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(lambda n: articles.create({"title": f"batch-{n}"}, {}), range(24)))
 
