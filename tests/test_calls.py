@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import decimal
 import gc
 import json
 import logging
+import math
 import os
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -114,6 +118,42 @@ def test_crud_through_proxy_equals_local(provider: Provider, caller: tuple[App, 
         assert svc.remove(created["id"])["title"] == "replaced"
         with pytest.raises(NotFound):
             svc.get(created["id"])
+
+
+def test_values_travel_in_their_json_form_and_what_has_none_is_refused_unsent(
+    provider: Provider, caller: tuple[App, Distribution]
+) -> None:
+    # The wire's encoder is pydantic's (protocol.dumps), as for events: what json.dumps refuses but has a
+    # JSON form arrives in that form; what has none is a BadRequest before anything is queued.
+    app, distribution = caller
+    app.use("articles", distribution.remote_service(provider.key, "articles", ALL))
+    remote = app.service("articles")
+    uid = uuid.uuid4()
+    data = {
+        "title": 'é 日本 \u2028 "q" \\',
+        "when": dt.datetime(2026, 11, 28, 12, 30, tzinfo=dt.UTC),
+        "uid": uid,
+        "price": decimal.Decimal("9.90"),
+        "tags": ("a", "b"),
+        "inf": math.inf,
+    }
+    created = remote.create(data)
+    assert remote.get(created["id"]) == created
+    assert {k: created[k] for k in data} == {
+        "title": data["title"],
+        "when": "2026-11-28T12:30:00Z",
+        "uid": str(uid),
+        "price": "9.90",
+        "tags": ["a", "b"],
+        "inf": math.inf,
+    }
+    queued = redis.Redis.from_url(provider.broker).llen(provider.key) if "amqp" not in provider.broker else 0
+    with pytest.raises(BadRequest, match="not JSON serializable"):
+        remote.create({"title": object()})
+    with pytest.raises(BadRequest, match="not JSON serializable"):
+        remote.create({"title": "\ud800"})  # a lone surrogate: no UTF-8 form
+    if "amqp" not in provider.broker:
+        assert redis.Redis.from_url(provider.broker).llen(provider.key) == queued
 
 
 def test_method_outside_list_is_refused_without_sending(provider: Provider, redis_url: str) -> None:

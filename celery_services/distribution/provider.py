@@ -11,7 +11,6 @@ it answers (reply list, Celery state, Flower's view of an expected error) are re
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 import re
 import time
@@ -45,6 +44,7 @@ from .protocol import (
     HEADER_CALLER,
     HEADER_DEADLINE,
     HEADER_REPLY,
+    dumps,
     parse_envelope,
     reply_key,
     split_task_name,
@@ -352,7 +352,7 @@ def _answer(
     answer = Answer(reply_to=reply_to, deadline=deadline)
 
     def failed(error: ServiceError, cause: BaseException | None = None) -> Answer:
-        body = json.dumps({"error": _json_safe(error.to_dict())})
+        body = dumps({"error": _json_safe(error.to_dict())})
         answer.error, answer.cause = error, cause
         answer.body = signer.sign_reply(call_id, body) if signer else body
         return answer
@@ -379,7 +379,7 @@ def _answer(
     try:
         _check_caller(distribution, request, fields)
         result = work()
-        encoded = json.dumps(result)
+        encoded = dumps(result)
         body = f'{{"result": {encoded}}}'
         limit = distribution.settings.max_payload_bytes
         if len(body) > limit:
@@ -451,7 +451,7 @@ def _run(
     settings = distribution.settings
     envelope = parse_envelope(args, kwargs)
     # The fast path read the envelope's size off its message: no second serialization of a large call.
-    size = request.envelope_size if isinstance(request, SizedRequest) else len(json.dumps(kwargs))
+    size = request.envelope_size if isinstance(request, SizedRequest) else len(dumps(kwargs))
     if size > settings.max_payload_bytes:
         raise PayloadTooLarge(
             f"Call is {size} bytes, over the {settings.max_payload_bytes} byte limit",
@@ -466,7 +466,7 @@ def _run(
 
 def _json_safe(payload: dict[str, Any]) -> dict[str, Any]:
     try:
-        json.dumps(payload)
-    except (TypeError, ValueError):
+        dumps(payload)
+    except ValueError:
         payload = {**payload, "data": repr(payload.get("data"))}
     return payload

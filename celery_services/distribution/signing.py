@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 import redis
 
 from ..core.errors import BadGateway, NotAuthenticated
-from .protocol import HEADER_CALLER, HEADER_SIGNATURE
+from .protocol import HEADER_CALLER, HEADER_SIGNATURE, dumps
 
 __all__ = ["Signer", "unsigned_body"]
 
@@ -42,7 +42,7 @@ _REPLY_PREFIX = b"cs-signed:v1:"
 def _canonical(value: Any) -> bytes:
     # The provider sees the arguments after a JSON round trip (tuples as lists, keys as strings): sign
     # that form, in a byte order both sides agree on.
-    return json.dumps(json.loads(json.dumps(value)), sort_keys=True, separators=(",", ":")).encode()
+    return json.dumps(json.loads(dumps(value)), sort_keys=True, separators=(",", ":")).encode()
 
 
 def _mac(secret: bytes, *parts: bytes) -> str:
