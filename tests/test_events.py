@@ -111,6 +111,24 @@ def setup(broker: str, redis_url: str) -> Iterator[dict[str, Any]]:
     purge_prefix(redis_url, prefix)
 
 
+def test_a_proxy_is_sent_an_event_once_something_listens_to_it(setup: dict[str, Any]) -> None:
+    articles = setup["articles"]  # the caller's proxy, which nothing listens to yet
+    bus = articles.app.distribution.events
+    articles.create({"title": "unheard"})
+    assert bus.bindings == frozenset()  # a consumer that only calls is sent no event
+    heard: list[str] = []
+    articles.on("created", lambda data, context: heard.append(data["title"]))
+    assert bus.bindings == {f"{articles.key}.articles.created"}  # bound before on() returned
+    created = articles.create({"title": "heard"})
+    articles.patch(created["id"], {"title": "patched"})  # nothing listens to "patched": not sent
+    articles.create({"title": "marker"})
+    # One queue, first in first out: a "patched" event sent would have arrived before the marker. (The
+    # first create's event, published after its reply, may be published after on() too, and heard.)
+    wait_for(lambda: "marker" in heard, timeout=10, what="the events listened to")
+    assert heard[-2:] == ["heard", "marker"]
+    assert bus.received == len(heard)
+
+
 def test_broadcast_and_group_counts_across_two_apps(setup: dict[str, Any]) -> None:
     a1, a2 = setup["instance"]("app-a"), setup["instance"]("app-a")
     g1 = setup["instance"]("app-g", event_delivery="group")
@@ -252,6 +270,7 @@ from celery_services import App, DistributionSettings, distribute
 app = App()
 distribute(app, DistributionSettings(key="doomed", broker_url=sys.argv[1], registry_prefix=sys.argv[2],
            heartbeat_interval=0.5, services=[]))
+app.service("articles").on("created", print)  # listened to: the event is bound, the queue declared
 print(app.distribution.events.queue_name, flush=True)
 threading.Event().wait()
 """

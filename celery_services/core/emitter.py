@@ -7,9 +7,11 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["EventEmitter", "Listener"]
+__all__ = ["EventEmitter", "Listener", "Watcher"]
 
 Listener = Callable[..., Any]
+#: ``(emitter, event)``: told when ``event`` of ``emitter`` gets a listener where it had none.
+Watcher = Callable[["EventEmitter", str], None]
 
 log = logging.getLogger("celery_services.emitter")
 
@@ -20,18 +22,42 @@ class EventEmitter:
     def __init__(self) -> None:
         self._listeners: dict[str, list[tuple[Listener, bool]]] = {}
         self._listeners_lock = threading.Lock()
+        self._watchers: list[Watcher] = []
 
     def on(self, event: str, listener: Listener) -> Listener:
         """Call ``listener(*args)`` on every ``emit(event, *args)``; returns it (usable as a decorator)."""
-        with self._listeners_lock:
-            self._listeners.setdefault(event, []).append((listener, False))
+        self._add(event, listener, once=False)
         return listener
 
     def once(self, event: str, listener: Listener) -> Listener:
         """Like :meth:`on`, for the next emission only."""
-        with self._listeners_lock:
-            self._listeners.setdefault(event, []).append((listener, True))
+        self._add(event, listener, once=True)
         return listener
+
+    def watch(self, watcher: Watcher) -> None:
+        """Call ``watcher(self, event)`` each time ``event`` gets a listener where it had none, before that
+        :meth:`on` returns: a proxy's distribution binds the remote event then, so that the events published
+        after ``on()`` returns reach the listener. A watcher that raises is logged."""
+        with self._listeners_lock:
+            if watcher not in self._watchers:
+                self._watchers.append(watcher)
+
+    def unwatch(self, watcher: Watcher) -> None:
+        """Stop calling ``watcher``."""
+        with self._listeners_lock:
+            if watcher in self._watchers:
+                self._watchers.remove(watcher)
+
+    def _add(self, event: str, listener: Listener, once: bool) -> None:
+        with self._listeners_lock:
+            entries = self._listeners.setdefault(event, [])
+            watchers = [] if entries else list(self._watchers)
+            entries.append((listener, once))
+        for watcher in watchers:
+            try:
+                watcher(self, event)
+            except Exception:
+                log.exception("watcher %r of event %r failed", watcher, event)
 
     def off(self, event: str, listener: Listener | None = None) -> None:
         """Remove ``listener`` from ``event``, or every listener of ``event`` when none is given."""

@@ -145,6 +145,8 @@ class Distribution:
         self._publishers: dict[str, list[tuple[ServiceWrapper, str, Listener]]] = {}
         self._proxies: dict[tuple[str, str], list[ServiceWrapper]] = {}
         self._hooked: weakref.WeakSet[ServiceWrapper] = weakref.WeakSet()
+        self._bound: set[tuple[str, str, str]] = set()  # (key, path, event) bound for proxies
+        self._binding = threading.RLock()  # guards _bound, held across the broker's (un)binding
         self._lock = threading.RLock()
         self._closed = False
         self._started = False
@@ -250,7 +252,7 @@ class Distribution:
             wrapper.off(event, listener)
 
     def _follow_proxy(self, wrapper: ServiceWrapper) -> None:
-        # A proxy, mounted by discovery or by hand: the settings' proxy hooks, and its events bound.
+        # A proxy, mounted by discovery or by hand: the settings' proxy hooks, and its events followed.
         # Several proxies may share a remote service (and its bindings): each gets every event.
         proxy: RemoteService = wrapper.service
         if self.settings.hooks and wrapper not in self._hooked:
@@ -259,16 +261,37 @@ class Distribution:
             wrapper.hooks(self.settings.hooks)
         with self._lock:
             sharing = self._proxies.setdefault((proxy.key, proxy.path), [])
-            bound = {event for other in sharing for event in other.service.events}
-            sharing.append(wrapper)
+            if wrapper not in sharing:
+                sharing.append(wrapper)
+        wrapper.watch(self._listened)
         for event in proxy.events:
-            if event not in bound:
-                self.events.bind(proxy.key, proxy.path, event)
-        if proxy.events:
-            self.events.start()
+            if wrapper.listeners(event):  # listened to before this mount (a gateway, a remount)
+                self._listened(wrapper, event)
+
+    def _listened(self, wrapper: Any, event: str) -> None:
+        """Bind the remote ``event`` of the proxy ``wrapper`` once something listens to it: a consumer that
+        only calls a service, or listens to some of its events, is sent none of the others (each costs the
+        provider a publish, the broker a copy and the consumer a decoding: 100 KB for a large ``created``).
+
+        The watcher of every followed proxy, called before ``on()`` returns: the events published
+        afterwards reach the listener. A binding lasts until its proxy is unmounted: an event whose last
+        listener went stays bound, its events dropped on arrival.
+        """
+        proxy: RemoteService = wrapper.service
+        address = (proxy.key, proxy.path, event)
+        with self._binding:  # held while binding: a second listener's on() returns once it is bound too
+            if event not in proxy.events or address in self._bound:
+                return
+            self._bound.add(address)
+            try:
+                self.events.bind(*address)
+            except Exception:  # still wanted: the consumer thread binds it when the broker answers
+                log.warning("could not bind %s/%s %s yet", *address, exc_info=True)
+        self.events.start()
 
     def _unfollow_proxy(self, wrapper: ServiceWrapper) -> None:
         proxy: RemoteService = wrapper.service
+        wrapper.unwatch(self._listened)
         with self._lock:
             sharing = self._proxies.get((proxy.key, proxy.path), [])
             if wrapper in sharing:
@@ -276,13 +299,16 @@ class Distribution:
             if not sharing:
                 self._proxies.pop((proxy.key, proxy.path), None)
             still = {event for other in sharing for event in other.service.events}
-        for event in proxy.events:
-            if event in still:
-                continue
-            try:
-                self.events.unbind(proxy.key, proxy.path, event)
-            except Exception:  # the consumer thread re-applies its bindings when the broker is back
-                log.warning("could not unbind %s/%s %s", proxy.key, proxy.path, event, exc_info=True)
+        with self._binding:
+            for event in proxy.events:
+                address = (proxy.key, proxy.path, event)
+                if event in still or address not in self._bound:
+                    continue
+                self._bound.discard(address)
+                try:
+                    self.events.unbind(*address)
+                except Exception:  # the consumer thread re-applies its bindings when the broker is back
+                    log.warning("could not unbind %s/%s %s", *address, exc_info=True)
 
     def _on_remote_event(self, envelope: EventEnvelope) -> None:
         # Re-emitted on the proxies: their listeners cannot tell a remote event from a local one.
