@@ -439,16 +439,13 @@ class RedisFastPath(FastPath):
         """
         distribution = self.distribution
         self.served += 1
-        commands: list[tuple[Any, ...]] = []
-        push = None
+        push: list[tuple[Any, ...]] = []
         if answer.reply_to and answer.body is not None:
             if self.same_store:
-                push = distribution.replies.command(answer.reply_to, answer.body, answer.deadline)
+                push = distribution.replies.commands(answer.reply_to, answer.body, answer.deadline)
             else:
                 distribution.replies.push(answer.reply_to, answer.body, answer.deadline)
-        if push is not None:
-            commands.append(push)
-        commands.append(("DEL", inflight))
+        commands = [*push, ("DEL", inflight)]
         try:
             connection.send_packed_command(connection.pack_commands(commands))
             if self.topics is not None and event is not None:
@@ -461,8 +458,8 @@ class RedisFastPath(FastPath):
             # The reply may be lost with the connection (its caller then times out).
             log.warning("call %s answered but its reply or acknowledgement failed: %r", request.id, exc)
             return False
-        if push is not None:
-            distribution.replies.pushed(answer.reply_to or "", results[0])
+        if push:
+            distribution.replies.pushed(answer.reply_to or "", results[len(push) - 1])
         return True
 
 
