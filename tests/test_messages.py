@@ -57,6 +57,9 @@ def test_a_task_message_reads_back_whatever_its_body_holds() -> None:
         assert message["properties"]["delivery_info"] == {"exchange": "", "routing_key": "queue"}
         read = decode_task(raw)
         assert read.kwargs == {"data": data} and read.name == "t" and read.id == "1"
+    # A plain Celery caller's json.dumps escapes a lone surrogate, which only json.loads reads: read too.
+    body = json.dumps([[], {"data": "\ud800"}, json.loads(NO_EMBED)])
+    assert decode_task(encode_task({"task": "t", "id": "1"}, {}, body, "queue")).kwargs == {"data": "\ud800"}
 
 
 def test_a_task_event_reads_back_as_the_worker_dispatcher_writes_it() -> None:

@@ -13,7 +13,6 @@ written by hand, one round trip, one read of the reply) stay local, as DESIGN §
 from __future__ import annotations
 
 import contextvars
-import json
 import logging
 import os
 import threading
@@ -49,6 +48,7 @@ from .protocol import (
     HEADER_SIGNATURE,
     dumps,
     is_secret_header,
+    loads,
     mask_url,
     reply_key,
     safe_params,
@@ -510,7 +510,7 @@ class _NotQueued(Exception):
 def _decode_reply(name: str, call_id: str, raw: bytes) -> Any:
     """The result of a reply, or its error rebuilt by name; anything else is a :class:`BadGateway`."""
     try:
-        answer = json.loads(raw)
+        answer = loads(raw)
     except ValueError:
         answer = None
     if isinstance(answer, dict) and "error" in answer and isinstance(answer["error"], dict):

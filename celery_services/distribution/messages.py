@@ -16,6 +16,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from .protocol import loads
+
 __all__ = [
     "EMBED",
     "NO_EMBED",
@@ -153,7 +155,7 @@ def decode_task(raw: bytes) -> TaskMessage:
             not ``[args, kwargs, embed]`` in JSON.
     """
     try:
-        message = json.loads(raw)
+        message = loads(raw)
         headers = message["headers"]
         body = message["body"]
         properties = message.get("properties") or {}
@@ -175,7 +177,7 @@ def task_message(headers: Any, body: str | bytes, properties: dict[str, Any]) ->
     if not isinstance(headers, dict) or "task" not in headers or "id" not in headers:
         raise MalformedMessage("no task name or id in its headers (not Celery's protocol v2)")
     try:
-        args, kwargs, _embed = json.loads(body)
+        args, kwargs, _embed = loads(body)
     except (ValueError, TypeError) as exc:
         raise MalformedMessage(f"unreadable task body: {type(exc).__name__}: {exc}") from None
     if not isinstance(args, list) or not isinstance(kwargs, dict):
