@@ -129,6 +129,14 @@ def rabbitmq_url() -> str:
 
 
 @pytest.fixture
+def raw(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client of the test Redis, closed after the test."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
 def unique() -> str:
     """A short unique token for keys, queues and prefixes, so tests never see each other's messages."""
     return uuid.uuid4().hex[:10]

@@ -85,13 +85,6 @@ def prefix(unique: str, redis_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
-def raw(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def make(redis_url: str, prefix: str) -> Iterator[Callable[..., Registry]]:
     made: list[Registry] = []
 

@@ -15,56 +15,47 @@ from celery_services.testing import wait_for
 
 
 @pytest.fixture
-def store(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def key(store: redis.Redis) -> Iterator[str]:
+def key(raw: redis.Redis) -> Iterator[str]:
     name = f"test-replies-{os.urandom(4).hex()}:reply:call"
     yield name
-    leftovers = list(store.scan_iter(f"{name}*"))
+    leftovers = list(raw.scan_iter(f"{name}*"))
     if leftovers:
-        store.delete(*leftovers)
+        raw.delete(*leftovers)
 
 
 def test_the_first_reply_wakes_its_waiting_caller_and_a_second_is_not_pushed(
-    store: redis.Redis, key: str, redis_url: str
+    raw: redis.Redis, key: str, redis_url: str
 ) -> None:
-    replies = Replies(store)
+    replies = Replies(raw)
     popped: list[object] = []
     name = f"waiter-{os.urandom(3).hex()}"
     caller = redis.Redis.from_url(redis_url, client_name=name)
     waiter = threading.Thread(target=lambda: popped.append(caller.blpop([key], timeout=5)))
     waiter.start()
     # The caller blocked in its BLPOP first, as a caller does: the push must wake it.
-    wait_for(lambda: any(c["name"] == name and c["cmd"] == "blpop" for c in store.client_list()), timeout=5)
+    wait_for(lambda: any(c["name"] == name and c["cmd"] == "blpop" for c in raw.client_list()), timeout=5)
     big = "x" * 100_000
     assert replies.push(key, f'{{"result": "{big}"}}', time.time() + 5)
     waiter.join(timeout=6)
     assert popped == [(key.encode(), f'{{"result": "{big}"}}'.encode())]
     assert not replies.push(key, '{"result": "second"}', time.time() + 5)  # the first reply won
-    assert store.llen(key) == 0
-    assert 4000 < store.pttl(f"{key}:sent") <= 6000  # the marker expires a second after the deadline
-    assert list(store.scan_iter(f"{key}:pending:*")) == []  # the loser's own list is gone
+    assert raw.llen(key) == 0
+    assert 4000 < raw.pttl(f"{key}:sent") <= 6000  # the marker expires a second after the deadline
+    assert list(raw.scan_iter(f"{key}:pending:*")) == []  # the loser's own list is gone
     caller.close()
 
 
-def test_a_reply_waits_for_its_caller_until_a_second_after_the_deadline(store: redis.Redis, key: str) -> None:
-    assert Replies(store).push(key, '{"result": 1}', time.time() + 2)
-    assert store.lrange(key, 0, -1) == [b'{"result": 1}']
-    assert 2000 < store.pttl(key) <= 3000
-    assert list(store.scan_iter(f"{key}:pending:*")) == []
+def test_a_reply_waits_for_its_caller_until_a_second_after_the_deadline(raw: redis.Redis, key: str) -> None:
+    assert Replies(raw).push(key, '{"result": 1}', time.time() + 2)
+    assert raw.lrange(key, 0, -1) == [b'{"result": 1}']
+    assert 2000 < raw.pttl(key) <= 3000
+    assert list(raw.scan_iter(f"{key}:pending:*")) == []
 
 
-def test_nothing_is_pushed_for_a_caller_that_gave_up_or_a_passed_deadline(
-    store: redis.Redis, key: str
-) -> None:
-    replies = Replies(store)
+def test_nothing_is_pushed_for_a_caller_that_gave_up_or_a_passed_deadline(raw: redis.Redis, key: str) -> None:
+    replies = Replies(raw)
     assert not replies.push(key, '{"result": 1}', time.time() - 0.1)
-    store.set(f"{key}:sent", "abandoned", px=5000)  # what an asyncio caller sets when it gives up
+    raw.set(f"{key}:sent", "abandoned", px=5000)  # what an asyncio caller sets when it gives up
     assert not replies.push(key, '{"result": 1}', time.time() + 5)
-    assert store.exists(key) == 0
-    assert list(store.scan_iter(f"{key}:pending:*")) == []
+    assert raw.exists(key) == 0
+    assert list(raw.scan_iter(f"{key}:pending:*")) == []
