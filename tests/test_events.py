@@ -129,6 +129,23 @@ def test_a_proxy_is_sent_an_event_once_something_listens_to_it(setup: dict[str, 
     assert bus.received == len(heard)
 
 
+def test_a_proxy_held_after_its_app_was_finalized_binds_nothing(redis_url: str) -> None:
+    prefix = f"cs-ev-{os.urandom(4).hex()}"
+    app = App()
+    settings = DistributionSettings(
+        key=f"held-{os.urandom(3).hex()}", broker_url=redis_url, registry_prefix=prefix, services=[]
+    )
+    distribution = distribute(app, settings.model_copy(update={"remote_services": []}))
+    app.use("articles", distribution.remote_service("elsewhere", "articles", ["get"], ["created"]))
+    finalize(app)
+    app.service("articles").on("created", print)  # the app still holds its proxy
+    assert distribution.events.bindings == frozenset()
+    assert not any(
+        str(distribution.events.queue_name).encode() in member
+        for member in redis.Redis.from_url(redis_url).smembers(f"_kombu.binding.{settings.events_exchange}")
+    )
+
+
 def test_broadcast_and_group_counts_across_two_apps(setup: dict[str, Any]) -> None:
     a1, a2 = setup["instance"]("app-a"), setup["instance"]("app-a")
     g1 = setup["instance"]("app-g", event_delivery="group")

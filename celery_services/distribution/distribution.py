@@ -280,8 +280,8 @@ class Distribution:
         proxy: RemoteService = wrapper.service
         address = (proxy.key, proxy.path, event)
         with self._binding:  # held while binding: a second listener's on() returns once it is bound too
-            if event not in proxy.events or address in self._bound:
-                return
+            if self._closed or event not in proxy.events or address in self._bound:
+                return  # (closed: a proxy the app still holds binds nothing for a bus that is gone)
             self._bound.add(address)
             try:
                 self.events.bind(*address)
