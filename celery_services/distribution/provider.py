@@ -106,8 +106,8 @@ class Replies:
 
     def commands(self, key: str, body: str, deadline: float | None) -> list[tuple[Any, ...]]:
         """The Redis commands that push a reply, to send in one round trip (with others, by a caller that
-        has some); the last one's answer says whether it was pushed (:meth:`pushed`). None once the
-        deadline has passed: nobody would pop it."""
+        has some); the last one's answer says whether it was pushed (:meth:`pushed`). None (an empty list)
+        once the deadline has passed: nobody would pop it."""
         ttl = (deadline - time.time()) if deadline is not None else DEFAULT_REPLY_TTL
         if ttl <= 0:
             log.info("reply %s not pushed: its caller's deadline has passed", key)
