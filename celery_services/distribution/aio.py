@@ -44,7 +44,7 @@ import redis.asyncio
 
 from ..core.aio import run_blocking
 from ..core.errors import ServiceError, Unavailable
-from .caller import CONNECT_RETRY, Call, Transport
+from .caller import READ_MARGIN, Call, Transport, connect_pauses
 from .observability import client_acall, hooks
 from .protocol import reply_key
 from .redis_clients import RedisOptions, async_redis_client
@@ -56,8 +56,6 @@ __all__ = ["AsyncTransport"]
 
 log = logging.getLogger("celery_services.remote")
 
-#: Seconds a reply read may take past the deadline the server's BLPOP itself honours (as the caller's).
-READ_MARGIN = 2.0
 #: Seconds the clean-up of a cancelled call may take.
 ABANDON_TIMEOUT = 2.0
 
@@ -341,16 +339,15 @@ async def _drop(connection: Any) -> None:
 async def _connected(pool: Any, deadline: float) -> Any:
     """A connected connection of ``pool``; while Redis refuses, tried again until ``deadline`` (epoch), as
     the blocking transport does (:func:`.caller._connected`), then its last error is raised."""
-    pause = CONNECT_RETRY[0]
+    pauses = connect_pauses(deadline)
     while True:
         try:
             return await pool.get_connection()
         except (redis.ConnectionError, redis.TimeoutError, OSError):
-            remaining = deadline - time.time()
-            if remaining <= 0:
+            pause = next(pauses, None)
+            if pause is None:
                 raise
-            await asyncio.sleep(min(pause, remaining))
-            pause = min(pause * 2, CONNECT_RETRY[1])
+            await asyncio.sleep(pause)
 
 
 def _not_sent(call: Call) -> Unavailable:

@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -68,7 +68,7 @@ __all__ = ["Call", "RemoteService", "Transport", "current_deadline"]
 log = logging.getLogger("celery_services.remote")
 
 #: Seconds a reply read may take past the deadline the server's BLPOP itself honours (network, scheduling).
-_READ_MARGIN = 2.0
+READ_MARGIN = 2.0
 #: Pauses between attempts to reach a Redis that refuses connections (restarting, failing over): doubling
 #: from the first to the second, until the call's deadline. The RabbitMQ publish retries every 0.5 s too.
 CONNECT_RETRY = (0.05, 0.5)
@@ -478,9 +478,9 @@ class Transport:
                     push = ("LPUSH", self.queue_key(call.key), message)
                     pop = ("BLPOP", key, max(remaining, 0.001))
                     connection.send_packed_command(connection.pack_commands([push, pop]))
-                    connection.read_response(timeout=remaining + _READ_MARGIN)
+                    connection.read_response(timeout=remaining + READ_MARGIN)
                     queued = True
-                reply = connection.read_response(timeout=remaining + _READ_MARGIN)
+                reply = connection.read_response(timeout=remaining + READ_MARGIN)
             except (redis.ConnectionError, OSError, ValueError) as exc:
                 # ValueError ("I/O operation on closed file"): another thread dropped this connection while it
                 # was read, as a pool does when Sentinel names a new master (redis_clients.py).
@@ -511,21 +511,29 @@ class Transport:
         return connection
 
 
+def connect_pauses(deadline: float) -> Iterator[float]:
+    """The pauses between attempts to reach a Redis that refuses connections (:data:`CONNECT_RETRY`), the
+    last one cut to end at ``deadline`` (epoch); none once it has passed. Both transports wait by them."""
+    pause = CONNECT_RETRY[0]
+    while (remaining := deadline - time.time()) > 0:
+        yield min(pause, remaining)
+        pause = min(pause * 2, CONNECT_RETRY[1])
+
+
 def _connected(held: HeldConnection, deadline: float) -> Any:
-    """``held``'s connection, connected; while Redis refuses, tried again (:data:`CONNECT_RETRY`) until
+    """``held``'s connection, connected; while Redis refuses, tried again (:func:`connect_pauses`) until
     ``deadline`` (epoch), then its last error is raised."""
     import redis
 
-    pause = CONNECT_RETRY[0]
+    pauses = connect_pauses(deadline)
     while True:
         try:
             return held.get()
         except (redis.ConnectionError, redis.TimeoutError, OSError):
-            remaining = deadline - time.time()
-            if remaining <= 0:
+            pause = next(pauses, None)
+            if pause is None:
                 raise
-            time.sleep(min(pause, remaining))
-            pause = min(pause * 2, CONNECT_RETRY[1])
+            time.sleep(pause)
 
 
 def _not_sent(call: Call) -> Unavailable:
