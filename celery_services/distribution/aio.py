@@ -36,6 +36,7 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -339,11 +340,12 @@ async def _drop(connection: Any) -> None:
 async def _connected(pool: Any, deadline: float) -> Any:
     """A connected connection of ``pool``; while Redis refuses, tried again until ``deadline`` (epoch), as
     the blocking transport does (:func:`.caller._connected`), then its last error is raised."""
-    pauses = connect_pauses(deadline)
+    pauses: Iterator[float] | None = None  # made on the first refusal only: this is every call's path
     while True:
         try:
             return await pool.get_connection()
         except (redis.ConnectionError, redis.TimeoutError, OSError):
+            pauses = pauses or connect_pauses(deadline)
             pause = next(pauses, None)
             if pause is None:
                 raise

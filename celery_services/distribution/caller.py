@@ -525,11 +525,12 @@ def _connected(held: HeldConnection, deadline: float) -> Any:
     ``deadline`` (epoch), then its last error is raised."""
     import redis
 
-    pauses = connect_pauses(deadline)
+    pauses: Iterator[float] | None = None  # made on the first refusal only: this is every call's path
     while True:
         try:
             return held.get()
         except (redis.ConnectionError, redis.TimeoutError, OSError):
+            pauses = pauses or connect_pauses(deadline)
             pause = next(pauses, None)
             if pause is None:
                 raise
