@@ -7,8 +7,12 @@ import time
 import uuid
 
 from celery import Celery
+from celery.app.task import Context
+from celery.worker.request import Request
+from kombu.message import Message as KombuMessage
 
 from celery_services.distribution.messages import (
+    DEFAULT_HEADERS,
     NO_EMBED,
     call_message,
     decode_task,
@@ -21,7 +25,7 @@ from celery_services.distribution.protocol import dumps
 VOLATILE = {"expires", "origin"}  # a moment and a node name: compared apart
 
 
-def test_call_message_is_celerys_own_task_message() -> None:
+def test_call_message_is_celerys_own_task_message_less_its_defaults() -> None:
     celery = Celery(set_as_current=False)
     call_id, name, deadline = str(uuid.uuid4()), "key.articles.get", time.time() + 5
     kwargs = {"id": 1, "data": None, "params": {}}
@@ -38,11 +42,51 @@ def test_call_message_is_celerys_own_task_message() -> None:
     )
     headers, properties = call_message(name, call_id, deadline, "{...}", "gen1@host")
     assert {k: v for k, v in headers.items() if k not in VOLATILE} == {
-        k: v for k, v in theirs.headers.items() if k not in VOLATILE
+        k: v for k, v in theirs.headers.items() if k not in VOLATILE | set(DEFAULT_HEADERS)
     }
+    # What is left out is what Celery writes for a call anyway.
+    assert {k: theirs.headers[k] for k in DEFAULT_HEADERS} == DEFAULT_HEADERS
     assert abs(_epoch(headers["expires"]) - _epoch(theirs.headers["expires"])) < 1
     assert {k: properties[k] for k in theirs.properties} == theirs.properties
     assert json.loads(NO_EMBED) == theirs.body[2]
+
+
+def test_a_celery_worker_reads_a_call_as_it_reads_celerys_own_message() -> None:
+    """Each header a call leaves out is read by a worker, and by the task's context, as the value Celery
+    would have sent: no time limits, no retries, no ETA, no shadow name, no stamps, no nesting."""
+    celery = Celery(set_as_current=False)
+
+    @celery.task(name="key.articles.get", shared=False)
+    def get(**kwargs: object) -> object:
+        return kwargs
+
+    call_id, deadline = str(uuid.uuid4()), time.time() + 5
+    theirs = celery.amqp.create_task_message(
+        call_id, get.name, (), {"id": 1}, expires=5, ignore_result=True, argsrepr="()", kwargsrepr="{...}"
+    )
+    ours, _ = call_message(get.name, call_id, deadline, "{...}", "gen1@host")
+
+    def read(headers: dict[str, object]) -> tuple[Request, Context]:
+        message = KombuMessage(
+            body=json.dumps(theirs.body),
+            content_type="application/json",
+            content_encoding="utf-8",
+            headers=headers,
+            properties=dict(theirs.properties),
+            delivery_info={},
+        )
+        request = Request(message, app=celery, task=get)
+        return request, Context(request.request_dict)
+
+    (request, context), (celerys, celerys_context) = read(ours), read(theirs.headers)
+    for attribute in ("name", "eta", "group_index", "stamps", "stamped_headers", "replaced_task_nesting"):
+        assert getattr(request, attribute) == getattr(celerys, attribute), attribute
+    assert tuple(request.time_limits) == tuple(celerys.time_limits) == (None, None)
+    assert request.ignore_result and request.kwargsrepr == celerys.kwargsrepr
+    for header in DEFAULT_HEADERS:
+        # None where Celery's own message says "none" in another spelling ([None, None], {}).
+        value, celerys_value = getattr(context, header), getattr(celerys_context, header)
+        assert value == celerys_value or (value is None and not any(celerys_value or ())), header
 
 
 def test_a_task_message_reads_back_whatever_its_body_holds() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from .protocol import loads
 
 __all__ = [
+    "DEFAULT_HEADERS",
     "EMBED",
     "NO_EMBED",
     "MalformedMessage",
@@ -67,35 +68,45 @@ EMBED: dict[str, Any] = {"callbacks": None, "errbacks": None, "chain": None, "ch
 NO_EMBED = json.dumps(EMBED)
 
 
+#: The optional headers of Celery's protocol v2 that a call leaves out, with the value Celery writes for a
+#: call: a worker reads each absent one as that value (``Request`` and the task's context default to it).
+#: On RabbitMQ every header costs py-amqp's pure-Python table codec on both sides: leaving these eight
+#: out took 1-6% off a call's p50 there (interleaved A/B runs).
+DEFAULT_HEADERS: dict[str, Any] = {
+    "shadow": None,
+    "eta": None,
+    "group_index": None,
+    "retries": 0,
+    "timelimit": [None, None],
+    "replaced_task_nesting": 0,
+    "stamped_headers": None,
+    "stamps": {},
+}
+
+
 def call_message(
     name: str, call_id: str, deadline: float, kwargsrepr: str, origin: str
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The headers and properties of a call task, as ``celery.amqp.create_task_message`` makes them for
-    ``(call_id, name, (), kwargs, expires=..., ignore_result=True, argsrepr="()", kwargsrepr=...)``.
+    ``(call_id, name, (), kwargs, expires=..., ignore_result=True, argsrepr="()", kwargsrepr=...)``, less
+    the headers of :data:`DEFAULT_HEADERS`.
 
     Written here, not asked of Celery: its version costs a third of a call's time on the caller (dates
-    made aware and converted, routing options); ``tests/test_messages.py`` holds the two equal.
+    made aware and converted, routing options); ``tests/test_messages.py`` holds the two equal, and a
+    Celery worker's reading of both the same.
     """
     headers: dict[str, Any] = {
         "lang": "py",
         "task": name,
         "id": call_id,
-        "shadow": None,
-        "eta": None,
         "expires": dt.datetime.fromtimestamp(deadline, tz=dt.UTC).isoformat(),
         "group": None,
-        "group_index": None,
-        "retries": 0,
-        "timelimit": [None, None],
         "root_id": call_id,
         "parent_id": None,
         "argsrepr": "()",
         "kwargsrepr": kwargsrepr,
         "origin": origin,
         "ignore_result": True,
-        "replaced_task_nesting": 0,
-        "stamped_headers": None,
-        "stamps": {},
     }
     properties = {
         "correlation_id": call_id,
