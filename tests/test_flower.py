@@ -8,6 +8,7 @@ Flower does (a Celery event receiver), for tests that check the events themselve
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from typing import Any
 import httpx
 import pytest
 from celery import Celery
+from kombu import Connection, Exchange, Queue
 
 from celery_services import (
     App,
@@ -38,7 +40,7 @@ from celery_services import (
 from celery_services.testing import wait_for
 from celery_services.testing.brokers import free_port
 
-from .support import Provider, cleanup, provider_env, purge_prefix
+from .support import Provider, cleanup, make_caller, provider_env, purge_prefix
 from .test_cli import CLI, FLOWER_COMMAND
 
 #: The secrets a call carries in ``user``, ``authentication`` and its credential headers.
@@ -147,6 +149,52 @@ class TaskEvents:
         self._thread.join(timeout=10)
         self._connection.release()
         self.celery.close()
+
+
+class EventMessages:
+    """The messages of the ``celeryev`` exchange on RabbitMQ as they travel (a list body is a batch of
+    events, ``task.multi``), from a queue of the test's own bound to every routing key."""
+
+    def __init__(self, broker: str) -> None:
+        self._connection = Connection(broker)
+        self._queue = Queue(
+            f"test-celeryev-{uuid.uuid4().hex[:8]}",
+            Exchange("celeryev", type="topic"),
+            routing_key="#",
+            auto_delete=True,
+            durable=False,
+        )
+        self.messages: list[tuple[str, Any]] = []  # (routing key, body)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="event-messages", daemon=True)
+
+    def __enter__(self) -> EventMessages:
+        self._consumer = self._connection.Consumer([self._queue], callbacks=[self._on_message])
+        self._consumer.consume()
+        self._thread.start()
+        return self
+
+    def _on_message(self, body: Any, message: Any) -> None:
+        self.messages.append((message.delivery_info["routing_key"], body))
+        message.ack()
+
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                self._connection.drain_events(timeout=0.2)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """Every event of the task ``name`` received so far, batches opened."""
+        found = []
+        for _, body in list(self.messages):
+            found += [e for e in (body if isinstance(body, list) else [body]) if e.get("name") == name]
+        return found
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._consumer.cancel()
+        self._connection.release()
 
 
 @dataclass
@@ -286,6 +334,46 @@ def test_flower_shows_remote_calls_with_their_state(flower: Flower, redis_url: s
     finally:
         finalize(api)
         cleanup(flower.broker, redis_url, key, runs)
+        purge_prefix(redis_url, prefix)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(90)
+def test_on_rabbitmq_calls_served_back_to_back_send_their_task_events_together(
+    rabbitmq_url: str, redis_url: str
+) -> None:
+    # A serving thread holds the events of the calls it serves back to back and publishes them as one
+    # task.multi list, as Celery's dispatcher batches them: fewer publishes, and each call still heard once.
+    prefix = f"cs-batch-{uuid.uuid4().hex[:6]}"
+    key = f"batch-{uuid.uuid4().hex[:8]}"
+    runs = f"test-runs:{key}"
+    env = provider_env(key, rabbitmq_url, redis_url, runs, CELERY_SERVICES_REGISTRY_PREFIX=prefix)
+    provider = Provider(key, rabbitmq_url, redis_url, runs, env)
+    app, distribution = make_caller(provider, prefix)
+    name = f"{key}.articles.create"
+    try:
+        with EventMessages(rabbitmq_url) as sent, provider.worker() as worker:
+            assert "fast path serving queue" in worker.log()
+            articles = distribution.remote_service(key, "articles", ["create"])
+            titles = {f"burst-{n}" for n in range(24)}
+            # 24 calls at once to a worker that serves one at a time (-P solo): they wait in the queue, and
+            # its thread takes each as soon as it acknowledged the one before.
+            with ThreadPoolExecutor(24) as pool:
+                list(pool.map(lambda title: articles.create({"title": title}, {}), titles))
+
+            def heard() -> set[str]:
+                return {title for event in sent.events(name) for title in titles if title in event["kwargs"]}
+
+            wait_for(lambda: heard() == titles, timeout=15, interval=0.1, what="an event of every call")
+            events = sent.events(name)
+            assert len(events) == 24 and len({event["uuid"] for event in events}) == 24  # each once
+            assert {(e["type"], e["hostname"]) for e in events} == {("task-succeeded", worker.name)}
+            batches = [body for routing_key, body in sent.messages if routing_key == "task.multi"]
+            assert batches and all(isinstance(body, list) and len(body) > 1 for body in batches)
+            assert len([m for m in sent.messages if name in json.dumps(m[1])]) < 24
+    finally:
+        finalize(app)
+        cleanup(rabbitmq_url, redis_url, key, runs)
         purge_prefix(redis_url, prefix)
 
 
