@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import subprocess
@@ -237,6 +238,29 @@ def test_order_over_1000_events(broker: str, redis_url: str) -> None:
             articles.patch(item["id"], {"n": n})
         wait_for(lambda: len(inst.of("patched")) >= 1000, timeout=30, what="1000 events")
         assert [d["n"] for d in inst.of("patched")] == list(range(1, 1001))
+    finally:
+        inst.close()
+        finalize(provider)
+
+
+def test_an_event_carries_its_values_as_a_call_carries_them(broker: str, redis_url: str) -> None:
+    # One encoder for the wire (protocol.dumps): a date in an event's data and in its context's query
+    # travels as its JSON form, as it would in a call, instead of the context's query being left out.
+    from celery_services import MemoryService
+
+    prefix = f"cs-ev-{os.urandom(4).hex()}"
+    provider = App()
+    provider.use("articles", MemoryService())
+    base = {"broker_url": broker, "result_backend": redis_url, "registry_prefix": prefix}
+    distribute(provider, DistributionSettings(key=f"forms-{os.urandom(3).hex()}", remote_services=[], **base))
+    inst = Instance(broker, redis_url, prefix, "app-forms", events=["created"])
+    when = dt.datetime(2026, 11, 28, 12, 30, tzinfo=dt.UTC)
+    try:
+        provider.service("articles").create({"when": when}, {"query": {"since": when, "tag": "q"}})
+        wait_for(lambda: inst.of("created"), timeout=10, what="the created event")
+        _, data, context = inst.heard[0]
+        assert data["when"] == "2026-11-28T12:30:00Z"
+        assert context["params"] == {"query": {"since": "2026-11-28T12:30:00Z", "tag": "q"}}
     finally:
         inst.close()
         finalize(provider)

@@ -11,7 +11,6 @@ one thing it knows; each part lives in its own module.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -40,6 +39,7 @@ from .fastpath import FastPath
 from .lease import lease_keeper
 from .manifest import Manifest, ServiceManifest
 from .observability import event_headers, hooks, install
+from .protocol import dumps
 from .provider import (
     Handler,
     Replies,
@@ -325,9 +325,9 @@ class Distribution:
         for name in names:
             value = source.get(name) if isinstance(source, dict) else getattr(service, name, None)
             try:
-                json.dumps(value)
-            except (TypeError, ValueError):
-                log.warning("service option %r of %r is not JSON-safe: not published", name, service)
+                dumps(value)  # the manifest is written by pydantic: what a call could carry, it carries
+            except ValueError:
+                log.warning("service option %r of %r has no JSON form: not published", name, service)
                 continue
             options[name] = value
         return options

@@ -23,7 +23,6 @@ delegating interface, kept so callers hold one object.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import uuid
@@ -37,6 +36,7 @@ from pydantic import BaseModel, Field, ValidationError
 from .event_consumer import EventConsumer
 from .event_publisher import EventPublisher
 from .observability import deliver, hooks, publish
+from .protocol import dumps
 from .redis_transport import reuse_sync_clients
 
 __all__ = ["Broker", "EventBus", "EventEnvelope", "event_context", "routing_key"]
@@ -80,7 +80,8 @@ def event_context(context: Any, extra: Iterable[str] = ()) -> dict[str, Any]:
     """The context that travels with an event: ``method``, ``id``, ``params.query``, ``params.provider``.
 
     Nothing else leaves the provider (no ``user``, ``authentication``, headers or tokens) unless named in
-    ``extra`` (the ``event_context`` setting): those params are added under ``params`` when JSON-safe.
+    ``extra`` (the ``event_context`` setting): those params are added under ``params`` when they have a
+    JSON form, the one a call would give them (:func:`.protocol.dumps`: a date travels as ISO 8601).
     """
     if context is None:
         return {}
@@ -93,8 +94,8 @@ def event_context(context: Any, extra: Iterable[str] = ()) -> dict[str, Any]:
     safe: dict[str, Any] = {}
     for name, value in kept.items():
         try:
-            json.dumps(value)
-        except (TypeError, ValueError):
+            dumps(value)
+        except ValueError:
             continue
         safe[name] = value
     return {"method": get("method"), "id": get("id"), "params": safe}
