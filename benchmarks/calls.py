@@ -807,6 +807,10 @@ TARGETS = [
     ("RabbitMQ fast path p50 (ms)", "amqp_p50", 0.8, "max"),
 ]
 TARGETS_HEAD = ["target", "issue", "as a ratio to its floor", "this run", "ratio to this run's floor", "met"]
+#: The issue measured no RabbitMQ floor. Where a run's Redis floor ran as the issue's did (0.22-0.27 ms),
+#: RabbitMQ's ran 0.45-0.53 ms: the 0.8 ms target read against RabbitMQ's own floor is 1.51-1.78x it. A
+#: second reading of that target, since RabbitMQ's floor against Redis's moves with the machine (1.7-2.2x).
+AMQP_FLOOR_SEEN = (0.45, 0.53)
 
 
 def target_rows(rows: list[Row], large: list[list[str]]) -> list[list[str]]:
@@ -843,6 +847,21 @@ def target_rows(rows: list[Row], large: list[list[str]]) -> list[list[str]]:
                 value,
                 f"{got:.2f}",
                 "yes" if met else "no",
+            ]
+        )
+    amqp_floor = find("RabbitMQ", "(f)")
+    if amqp is not None and amqp_floor is not None:
+        low, high = (TARGETS[-1][2] / seen for seen in reversed(AMQP_FLOOR_SEEN))
+        got = amqp.p50_ms / amqp_floor.p50_ms
+        met = "yes" if got <= low else "no" if got > high else "within the estimate"
+        table.append(
+            [
+                "RabbitMQ fast path p50 / RabbitMQ floor",
+                "<= 0.8 ms",
+                f"<= {low:.2f}-{high:.2f} (estimated)",
+                fmt_ms(amqp.p50_ms),
+                f"{got:.2f}",
+                met,
             ]
         )
     for row in large:
@@ -954,7 +973,9 @@ def report(rows: list[Row], large: list[list[str]], about: dict[str, str]) -> st
             "The fast-call targets: the issue's figures were measured against a floor of 0.26 ms p50, "
             "3,600 / 3,700 calls/s (1 / 8 callers) and 0.11 ms of worker CPU per call; each is also read as "
             "its ratio to that floor (the p99 and RabbitMQ's p50 to the floor's p50), against this run's "
-            "floor (Redis, 1 worker):",
+            "floor (Redis, 1 worker). The issue measured no RabbitMQ floor; the RabbitMQ p50 is also read "
+            "against this run's RabbitMQ floor, where the 0.8 ms target stands for 1.51-1.78x it (the "
+            "RabbitMQ floor ran 0.45-0.53 ms on a machine whose Redis floor ran as the issue's):",
             "",
             markdown_table(TARGETS_HEAD, targets),
             "",
