@@ -1,18 +1,26 @@
-"""Faults around service events: short-lived consumers coming and going, a broker that is down."""
+"""Faults around service events: short-lived consumers coming and going, a broker that is down, a gateway's
+first event client while its broker stalls."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
+from celery_services import App, DistributionSettings, MemoryService, distribute, finalize
+from celery_services.http import make_server
 from celery_services.testing import RedisServer, wait_for
 
 from ..support import cleanup, purge_prefix, registered_provider
@@ -100,3 +108,57 @@ def test_follower_gets_every_event_while_cli_callers_come_and_go(registry: tuple
     finally:
         cleanup(url, url, key, provider.runs_key)
         store.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_gateways_first_event_client_never_holds_its_other_requests_while_the_broker_stalls() -> None:
+    # The first /events client makes the gateway listen to its proxies' events, which binds them at the
+    # broker then (a proxy binds an event once something listens to it). Against a broker that stopped
+    # answering, each bind waits out the bus's bounded retry: done on the event loop, it held every other
+    # request of the gateway that long.
+    with RedisServer() as server:
+        app = App()
+        settings = DistributionSettings(
+            key=f"gw-{os.urandom(3).hex()}",
+            broker_url=server.url,
+            result_backend=server.url,
+            services=[],
+            remote_services=[],
+            timeout=5,
+        )
+        distribution = distribute(app, settings)
+        events = ["created", "updated", "patched", "removed"]
+        app.use("articles", distribution.remote_service("elsewhere", "articles", ["find"], events))
+        app.use("notes", MemoryService())
+        gateway = make_server(app, port=0, log_level="warning", heartbeat=0.2)
+        thread = threading.Thread(target=gateway.run, name="uvicorn", daemon=True)
+        thread.start()
+        assert server.process is not None
+        stopped = False
+        try:
+            wait_for(lambda: gateway.started, timeout=10, what="the gateway started")
+            url = f"http://127.0.0.1:{gateway.servers[0].sockets[0].getsockname()[1]}"
+            os.kill(server.process.pid, signal.SIGSTOP)  # accepts connections, answers nothing
+            stopped = True
+            streams = threading.Thread(target=_open_events, args=(f"{url}/events",), daemon=True)
+            streams.start()
+            slowest, until = 0.0, time.monotonic() + 3
+            with httpx.Client(base_url=url, timeout=15) as client:
+                while time.monotonic() < until:
+                    start = time.monotonic()
+                    assert client.get("/notes").status_code == 200
+                    slowest = max(slowest, time.monotonic() - start)
+            assert slowest < 0.5, f"a request waited {slowest:.2f} s behind the first event client"
+        finally:
+            if stopped:
+                os.kill(server.process.pid, signal.SIGCONT)
+            gateway.should_exit = True
+            thread.join(timeout=15)
+            finalize(app)
+
+
+def _open_events(url: str) -> None:
+    """Open an /events stream and read it until the gateway ends it (or the broker's stall gives up)."""
+    with contextlib.suppress(httpx.HTTPError), httpx.stream("GET", url, timeout=20) as stream:
+        for _ in stream.iter_bytes():
+            pass
