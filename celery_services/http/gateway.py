@@ -87,10 +87,11 @@ from ..core.errors import (
 )
 from ..core.service import ServiceWrapper
 from .auth import TOKEN_IN_QUERY, Authenticate, authenticate_request, warn_if_anonymous
+from .hub import EventHub
 from .metrics import metrics_endpoint
 from .query import Coerce, parse_id, parse_query
 from .sockets import SocketTransport
-from .sse import EventHub, EventStream
+from .sse import EventStream
 
 __all__ = ["EventHub", "asgi_app", "make_server", "serve"]
 

@@ -39,8 +39,8 @@ import socketio  # type: ignore[import-untyped]
 from ..core.app import App
 from ..core.errors import BadRequest, GeneralError, MethodNotAllowed, NotAuthenticated, NotFound, ServiceError
 from .auth import Authenticate
+from .hub import EventHub, HubClient
 from .query import parse_id
-from .sse import EventHub, HubClient
 
 __all__ = ["AUTHENTICATION_PATH", "SocketTransport"]
 
@@ -142,13 +142,13 @@ class SocketTransport:
         client = _SocketClient(self.hub, asyncio.get_running_loop(), self.queue_size, sid, None)
         self._clients[sid] = client
         self._senders[sid] = asyncio.create_task(self._send(client), name=f"socket-{sid}")
-        self.hub.attach(client)
+        await self.hub.join(client)
 
     async def _disconnect(self, sid: str, *args: Any) -> None:
         client = self._clients.pop(sid, None)
         sender = self._senders.pop(sid, None)
         if client is not None:
-            self.hub.disconnect(client)
+            self.hub.leave(client)
         if sender is not None:
             sender.cancel()
 
