@@ -9,7 +9,8 @@ most of a call's cost):
   list with one ``BLMOVE`` (the reliable-queue pattern: a crash leaves the message where it can be given
   back); reply, acknowledgement (``DEL`` of that list) and one task event for Flower go in one round trip;
 - on RabbitMQ (:class:`AmqpFastPath`), a serving thread consumes the queue on its own connection
-  (prefetch 1, late acknowledgement): RabbitMQ gives back a dead connection's call by itself;
+  (prefetch 1, late acknowledgement): RabbitMQ gives back a dead connection's call by itself; the task
+  events of calls served back to back go to Flower as one ``task.multi`` message;
 - either way the call runs through the same handler as the Celery task (:mod:`.provider`: deadline,
   signature, caller, hooks, payload caps, typed errors), and its service events go out after its reply.
 
@@ -475,7 +476,9 @@ class AmqpFastPath(FastPath):
     """The fast path on RabbitMQ: each serving thread consumes the key's queue on its own connection
     (prefetch 1, late acknowledgement), outside Celery's consumer loop and its timers.
 
-    RabbitMQ gives back the unacknowledged call of a connection that died (a killed worker) by itself.
+    RabbitMQ gives back the unacknowledged call of a connection that died (a killed worker) by itself. A
+    call's reply is pushed, then its message acknowledged, then its task event held: the events of calls
+    served back to back go out together (:class:`_TaskEvents`).
 
     Args:
         distribution: the distribution whose calls are served (its ``handlers``).

@@ -140,16 +140,6 @@ class EventHub:
         """A client of ``user`` on ``loop`` (filters: empty means everything), not yet registered."""
         return HubClient(self, loop, frozenset(paths), frozenset(events), self.queue_size, user)
 
-    def connect(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        paths: Iterable[str] = (),
-        events: Iterable[str] = (),
-        user: Any = None,
-    ) -> HubClient:
-        """Register a client of ``user`` on ``loop`` (filters: empty means everything), blocking."""
-        return self.attach(self.client(loop, paths, events, user))
-
     async def join(self, client: HubClient) -> None:
         """Register ``client`` on the hub's thread; returns once it hears the events published from then."""
         await asyncio.wrap_future(self._members.submit(self.attach, client))
