@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import redis
 
-from celery_services import App, DistributionSettings, distribute, finalize
+from celery_services import App, DistributionSettings, MemoryService, distribute, finalize
 from celery_services.distribution import Distribution
 from celery_services.testing import wait_for
 
@@ -220,16 +220,22 @@ def test_group_mode_delivers_what_was_published_while_down(setup: dict[str, Any]
     back.distribution.events.delete_queue()
 
 
-def test_order_over_1000_events(broker: str, redis_url: str) -> None:
-    # The provider app is in this process so the 1,000 events are published back to back; they still
-    # travel through the broker to the consumer's queue and thread.
-    from celery_services import MemoryService
-
+def local_provider(broker: str, redis_url: str, label: str) -> tuple[App, str]:
+    """A provider app of ``articles`` in this process (its events published from the test's own thread),
+    distributed in a registry prefix of its own; returns it and the prefix. Finalize it when done."""
     prefix = f"cs-ev-{os.urandom(4).hex()}"
     provider = App()
     provider.use("articles", MemoryService())
+    key = f"{label}-{os.urandom(3).hex()}"
     base = {"broker_url": broker, "result_backend": redis_url, "registry_prefix": prefix}
-    distribute(provider, DistributionSettings(key=f"order-{os.urandom(3).hex()}", remote_services=[], **base))
+    distribute(provider, DistributionSettings(key=key, remote_services=[], **base))
+    return provider, prefix
+
+
+def test_order_over_1000_events(broker: str, redis_url: str) -> None:
+    # The provider app is in this process so the 1,000 events are published back to back; they still
+    # travel through the broker to the consumer's queue and thread.
+    provider, prefix = local_provider(broker, redis_url, "order")
     inst = Instance(broker, redis_url, prefix, "app-order", events=["patched"])
     try:
         articles = provider.service("articles")
@@ -246,13 +252,7 @@ def test_order_over_1000_events(broker: str, redis_url: str) -> None:
 def test_an_event_carries_its_values_as_a_call_carries_them(broker: str, redis_url: str) -> None:
     # One encoder for the wire (protocol.dumps): a date in an event's data and in its context's query
     # travels as its JSON form, as it would in a call, instead of the context's query being left out.
-    from celery_services import MemoryService
-
-    prefix = f"cs-ev-{os.urandom(4).hex()}"
-    provider = App()
-    provider.use("articles", MemoryService())
-    base = {"broker_url": broker, "result_backend": redis_url, "registry_prefix": prefix}
-    distribute(provider, DistributionSettings(key=f"forms-{os.urandom(3).hex()}", remote_services=[], **base))
+    provider, prefix = local_provider(broker, redis_url, "forms")
     inst = Instance(broker, redis_url, prefix, "app-forms", events=["created"])
     when = dt.datetime(2026, 11, 28, 12, 30, tzinfo=dt.UTC)
     try:
