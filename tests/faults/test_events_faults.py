@@ -148,7 +148,8 @@ def test_a_gateways_first_event_client_never_holds_its_other_requests_while_the_
                     start = time.monotonic()
                     assert client.get("/notes").status_code == 200
                     slowest = max(slowest, time.monotonic() - start)
-            assert slowest < 0.5, f"a request waited {slowest:.2f} s behind the first event client"
+            # Held, a request waited out every bind (over 15 s for these four events); 2 s is load's margin.
+            assert slowest < 2, f"a request waited {slowest:.2f} s behind the first event client"
         finally:
             if stopped:
                 os.kill(server.process.pid, signal.SIGCONT)
