@@ -250,6 +250,29 @@ def test_unknown_method_is_answered_at_once(redis_url: str, prefix: str) -> None
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, raises=BadGateway, reason="the unknown-task reply is not signed")
+@pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "celery-consumer"])
+def test_unknown_method_is_answered_with_a_signed_reply(redis_url: str, prefix: str, fast_path: bool) -> None:
+    # With signing on, the caller refuses an unsigned reply (BadGateway): the provider's answer to a method
+    # it does not serve must be signed as its other answers are, on either consumer.
+    secret = "unknown-method-secret-0000000001"
+    env = {
+        "CELERY_SERVICES_SIGNING_KEYS": json.dumps([secret]),
+        "CELERY_SERVICES_FAST_PATH": json.dumps(fast_path),
+    }
+    with serving(redis_url, prefix, "signed-old", **env) as (prov, _):
+        app, distribution = make_caller(prov, prefix, signing_keys=[secret])
+        try:
+            newer = distribution.remote_service(prov.key, "probe", ["archive"])
+            with pytest.raises(MethodNotAllowed) as refused:
+                newer.archive({"id": 1}, {"timeout": 30})
+            assert refused.value.data == {"key": prov.key, "path": "probe", "method": "archive"}
+            assert distribution.remote_service(prov.key, "probe", PROBE).get(1, {})["id"] == 1
+        finally:
+            finalize(app)
+
+
+@pytest.mark.timeout(60)
 def test_call_to_a_key_with_no_live_instance(redis_url: str, prefix: str) -> None:
     prov = registered_provider(redis_url, prefix, "absent")
     app, distribution = make_caller(prov, prefix)
