@@ -57,8 +57,8 @@ from .messages import (
     mark_redelivered,
     task_message,
 )
-from .protocol import HEADER_DEADLINE, HEADER_REPLY, reply_key
-from .provider import Answer, SizedRequest, serve, unknown_task_error
+from .protocol import HEADER_DEADLINE
+from .provider import Answer, SizedRequest, serve, unknown_task
 from .redis_clients import HeldConnection, RedisOptions, redis_client
 
 if TYPE_CHECKING:
@@ -169,7 +169,9 @@ class FastPath:
         )
         request.envelope_size = message.size
         if handle is None:
-            return finish(request, self._unknown(request), received, None)
+            log.warning("fast path got the unknown task %s", message.name)
+            answer = unknown_task(self.distribution, message.name, str(message.id), headers)
+            return finish(request, answer, received, None)
         if _expired(headers):
             log.info("call %s not started: it expired in the queue", message.id)
             return finish(request, Answer(), received, "task-revoked")
@@ -184,18 +186,6 @@ class FastPath:
 
         serve(handle, request, tuple(message.args), dict(message.kwargs), reply)
         return done
-
-    def _unknown(self, request: Any) -> Answer:
-        # A call this worker does not serve (a newer caller, an older provider): answered at once.
-        log.warning("fast path got the unknown task %s", request.task)
-        error = unknown_task_error(str(request.task))
-        answer = Answer(error=error)
-        if getattr(request, HEADER_REPLY, None):
-            answer.reply_to = reply_key(self.distribution.settings.registry_prefix, str(request.id))
-            answer.body = json.dumps({"error": error.to_dict()})
-            raw_deadline = getattr(request, HEADER_DEADLINE, None)
-            answer.deadline = float(raw_deadline) if raw_deadline is not None else None
-        return answer
 
     def _store_result(self, request: Any, answer: Answer) -> None:
         # A plain ``send_task().get()`` caller reads Celery's result backend.

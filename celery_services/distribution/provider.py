@@ -16,7 +16,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from functools import partial
@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
     from .distribution import Distribution
     from .settings import DistributionSettings
+    from .signing import Signer
 
 __all__ = [
     "HEALTH_METHOD",
@@ -73,7 +74,7 @@ __all__ = [
     "register_health",
     "register_method",
     "serve",
-    "unknown_task_error",
+    "unknown_task",
 ]
 
 log = logging.getLogger("celery_services.tasks")
@@ -169,13 +170,24 @@ class Replies:
         return bool(reply)
 
 
-def unknown_task_error(name: str) -> MethodNotAllowed:
-    """What the caller of a task this worker does not serve gets (a newer caller, an older provider)."""
+def unknown_task(distribution: Distribution, name: str, call_id: str, headers: Mapping[str, Any]) -> Answer:
+    """How a call of a task this worker does not serve ends (a newer caller, an older provider).
+
+    With ``MethodNotAllowed``, and, when its caller waits on a reply, that reply at once: signed as every
+    other reply is, or a caller with signing on would refuse it (``BadGateway``).
+    """
     key, path, method = split_task_name(name)
-    return MethodNotAllowed(
+    error = MethodNotAllowed(
         f"No instance of '{key}' serving this call offers '{path}.{method}' (task '{name}' unknown)",
         {"key": key, "path": path, "method": method},
     )
+    answer = Answer(error=error)
+    if headers.get(HEADER_REPLY):
+        raw_deadline = headers.get(HEADER_DEADLINE)
+        answer.reply_to = reply_key(distribution.settings.registry_prefix, call_id)
+        answer.deadline = float(raw_deadline) if raw_deadline is not None else None
+        answer.body = _error_reply(distribution.signer, call_id, error)
+    return answer
 
 
 def health_task_name(key: str) -> str:
@@ -369,9 +381,8 @@ def _answer(
     answer = Answer(reply_to=reply_to, deadline=deadline)
 
     def failed(error: ServiceError, cause: BaseException | None = None) -> Answer:
-        body = dumps({"error": _json_safe(error.to_dict())})
         answer.error, answer.cause = error, cause
-        answer.body = signer.sign_reply(call_id, body) if signer else body
+        answer.body = _error_reply(signer, call_id, error)
         return answer
 
     if deadline is not None and deadline <= time.time():
@@ -479,6 +490,12 @@ def _run(
     return settle(
         distribution.app.service(path).call(method, id=envelope.id, data=envelope.data, params=params)
     )
+
+
+def _error_reply(signer: Signer | None, call_id: str, error: ServiceError) -> str:
+    """The reply of a call that failed with ``error``, signed when signing is on."""
+    body = dumps({"error": _json_safe(error.to_dict())})
+    return signer.sign_reply(call_id, body) if signer else body
 
 
 def _json_safe(payload: dict[str, Any]) -> dict[str, Any]:

@@ -13,14 +13,12 @@ Each handler ignores workers of other Celery apps in the same process.
 
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
 from ..core.service import ServiceWrapper
-from .protocol import HEADER_DEADLINE, HEADER_REPLY, reply_key
-from .provider import unknown_task_error
+from .provider import unknown_task
 
 if TYPE_CHECKING:
     from .distribution import Distribution
@@ -131,12 +129,6 @@ class WorkerSignals:
         if not self._ours(sender) or message is None:
             return
         headers = getattr(message, "headers", None) or {}
-        if not headers.get(HEADER_REPLY):
-            return
-        deadline = headers.get(HEADER_DEADLINE)
-        error = unknown_task_error(name)
-        self.distribution.replies.push(
-            reply_key(self.distribution.settings.registry_prefix, str(id)),
-            json.dumps({"error": error.to_dict()}),
-            float(deadline) if deadline is not None else None,
-        )
+        answer = unknown_task(self.distribution, name, str(id), headers)
+        if answer.reply_to is not None and answer.body is not None:
+            self.distribution.replies.push(answer.reply_to, answer.body, answer.deadline)

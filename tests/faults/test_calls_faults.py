@@ -250,7 +250,6 @@ def test_unknown_method_is_answered_at_once(redis_url: str, prefix: str) -> None
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, raises=BadGateway, reason="the unknown-task reply is not signed")
 @pytest.mark.parametrize("fast_path", [True, False], ids=["fast-path", "celery-consumer"])
 def test_unknown_method_is_answered_with_a_signed_reply(redis_url: str, prefix: str, fast_path: bool) -> None:
     # With signing on, the caller refuses an unsigned reply (BadGateway): the provider's answer to a method
