@@ -11,7 +11,10 @@ import pytest
 import redis
 
 from celery_services.distribution.provider import Replies
+from celery_services.distribution.redis_clients import HeldConnection
 from celery_services.testing import wait_for
+
+from .support import free_port
 
 
 @pytest.fixture
@@ -59,3 +62,39 @@ def test_nothing_is_pushed_for_a_caller_that_gave_up_or_a_passed_deadline(raw: r
     assert not replies.push(key, '{"result": 1}', time.time() + 5)
     assert raw.exists(key) == 0
     assert list(raw.scan_iter(f"{key}:pending:*")) == []
+
+
+def test_a_held_push_runs_meanwhile_once_in_every_case_and_keeps_its_connection_in_step(
+    raw: redis.Redis, key: str
+) -> None:
+    # The RabbitMQ fast path acknowledges its call in ``meanwhile``: between writing the push and reading
+    # Redis's answers. It must run whatever the push did, and answers must never be left unread for the
+    # thread's next push to take as its own.
+    replies = Replies(raw)
+    held = HeldConnection(raw.connection_pool)
+    ran: list[str] = []
+    try:
+        assert replies.push_on(held, key, '{"result": 1}', time.time() + 5, meanwhile=lambda: ran.append("a"))
+        assert not replies.push_on(
+            held, key, '{"result": 2}', time.time() - 1, meanwhile=lambda: ran.append("b")
+        )
+
+        def broken() -> None:
+            ran.append("c")
+            raise ConnectionError("the broker went away while acknowledging")
+
+        with pytest.raises(ConnectionError):
+            replies.push_on(held, f"{key}-2", '{"result": 3}', time.time() + 5, meanwhile=broken)
+        # The failed acknowledgement's push was answered and read: this push reads its own answers.
+        assert not replies.push_on(held, f"{key}-2", '{"result": 4}', time.time() + 5, meanwhile=lambda: None)
+        assert raw.lrange(f"{key}-2", 0, -1) == [b'{"result": 3}']
+        # A reply store that cannot be reached: nothing is pushed, the call is still acknowledged.
+        unreachable = redis.ConnectionPool(host="127.0.0.1", port=free_port(), socket_connect_timeout=1)
+        lost = HeldConnection(unreachable)
+        assert not replies.push_on(
+            lost, key, '{"result": 5}', time.time() + 5, meanwhile=lambda: ran.append("d")
+        )
+        assert ran == ["a", "b", "c", "d"]
+    finally:
+        held.release()
+        raw.delete(f"{key}-2", f"{key}-2:sent")

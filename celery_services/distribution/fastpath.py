@@ -9,8 +9,9 @@ most of a call's cost):
   list with one ``BLMOVE`` (the reliable-queue pattern: a crash leaves the message where it can be given
   back); reply, acknowledgement (``DEL`` of that list) and one task event for Flower go in one round trip;
 - on RabbitMQ (:class:`AmqpFastPath`), a serving thread consumes the queue on its own connection
-  (prefetch 1, late acknowledgement): RabbitMQ gives back a dead connection's call by itself; the task
-  events of calls served back to back go to Flower as one ``task.multi`` message;
+  (prefetch 1, late acknowledgement, sent while Redis answers the reply's push): RabbitMQ gives back a
+  dead connection's call by itself; the task events of calls served back to back go to Flower as one
+  ``task.multi`` message;
 - either way the call runs through the same handler as the Celery task (:mod:`.provider`: deadline,
   signature, caller, hooks, payload caps, typed errors), and its service events go out after its reply.
 
@@ -467,8 +468,8 @@ class AmqpFastPath(FastPath):
     (prefetch 1, late acknowledgement), outside Celery's consumer loop and its timers.
 
     RabbitMQ gives back the unacknowledged call of a connection that died (a killed worker) by itself. A
-    call's reply is pushed, then its message acknowledged, then its task event held: the events of calls
-    served back to back go out together (:class:`_TaskEvents`).
+    call's reply is written to Redis, its message acknowledged while Redis answers (:meth:`.Replies.push_on`),
+    then its task event held: the events of calls served back to back go out together (:class:`_TaskEvents`).
 
     Args:
         distribution: the distribution whose calls are served (its ``handlers``).
@@ -549,8 +550,10 @@ class AmqpFastPath(FastPath):
             if answer.reply_to and answer.body is not None:
                 # The call is acknowledged even if its reply was not pushed: its caller times out, as with
                 # a lost reply.
-                self.distribution.replies.push_on(replies, answer.reply_to, answer.body, answer.deadline)
-            message.ack()
+                push = self.distribution.replies.push_on
+                push(replies, answer.reply_to, answer.body, answer.deadline, meanwhile=message.ack)
+            else:
+                message.ack()
             if events is not None and event is not None:
                 events.hold(event, json.dumps(self._event(request, answer, received, started, event)))
             return True

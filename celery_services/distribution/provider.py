@@ -144,22 +144,44 @@ class Replies:
             return False
         return self.pushed(key, replies[-1])
 
-    def push_on(self, held: HeldConnection, key: str, body: str, deadline: float | None) -> bool:
+    def push_on(
+        self,
+        held: HeldConnection,
+        key: str,
+        body: str,
+        deadline: float | None,
+        meanwhile: Callable[[], object],
+    ) -> bool:
         """:meth:`push`, written and read on ``held``, a serving thread's own connection (dropped if it
         fails): through redis-py's script object and command layers, the push cost a quarter of a RabbitMQ
-        fast-path worker's time per call."""
+        fast-path worker's time per call.
+
+        ``meanwhile`` runs once the push is written, before Redis's answer is read, and runs even when
+        nothing could be pushed. The RabbitMQ fast path acknowledges its call there: the broker hears of it
+        a Redis round trip sooner, and may deliver the next call sooner (a call's p50 fell 6-8%).
+        """
         commands = self.commands(key, body, deadline)
-        if not commands:
-            return False
+        connection = None
+        if commands:
+            try:
+                connection = held.get()
+                connection.send_packed_command(connection.pack_commands(commands))
+            except (redis.RedisError, OSError, ValueError) as exc:
+                connection = None
+                held.drop()
+                log.warning("could not push the reply %s: %r", key, exc)
         try:
-            connection = held.get()
-            connection.send_packed_command(connection.pack_commands(commands))
-            replies = [connection.read_response() for _ in commands]
-        except (redis.RedisError, OSError, ValueError) as exc:
-            held.drop()
-            log.warning("could not push the reply %s: %r", key, exc)
-            return False
-        return self.pushed(key, replies[-1])
+            meanwhile()
+        finally:
+            # Read even if ``meanwhile`` failed: answers left unread would answer the thread's next push.
+            replies = None
+            if connection is not None:
+                try:
+                    replies = [connection.read_response() for _ in commands]
+                except (redis.RedisError, OSError, ValueError) as exc:
+                    held.drop()
+                    log.warning("could not push the reply %s: %r", key, exc)
+        return replies is not None and self.pushed(key, replies[-1])
 
     @staticmethod
     def pushed(key: str, reply: Any) -> bool:
