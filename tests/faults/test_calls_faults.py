@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +36,7 @@ from celery_services import (
 )
 from celery_services.distribution import Distribution
 from celery_services.testing import WorkerProcess, wait_for
+from celery_services.testing.brokers import RedisServer
 
 from ..support import (
     ROOT,
@@ -48,6 +50,7 @@ from ..support import (
 )
 
 PROBE = ["get", "find", "slow", "boom", "nested", "grow"]
+SLACK = 2.0  # how far past its timeout a call may end (scheduling on a loaded machine): more is a hang
 
 
 @pytest.fixture
@@ -409,3 +412,66 @@ def test_held_proxy_works_again_when_its_provider_returns(redis_url: str, prefix
     finally:
         finalize(app)
         cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+@contextlib.contextmanager
+def stalled(process: subprocess.Popen[bytes]) -> Iterator[None]:
+    """The broker process (its whole group) stopped: it accepts connections and answers nothing."""
+    group = os.getpgid(process.pid)
+    os.killpg(group, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(group, signal.SIGCONT)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="a new connection waits its configured timeouts"
+)
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+def test_a_call_from_a_new_thread_ends_by_its_deadline_while_the_broker_stalls(
+    request: pytest.FixtureRequest, broker: str
+) -> None:
+    # A thread's first call connects. Against a stalled broker its connection (and Redis's handshake)
+    # waited out the configured timeouts, 4-5 s past a 1 s call's deadline: they must come from the call's.
+    if broker == "redis":
+        server: Any = RedisServer().start()
+        url, backend = server.url, server.url
+    else:
+        server = request.getfixturevalue("rabbitmq")
+        url, backend = server.url, request.getfixturevalue("redis_url")
+    app = App()
+    try:
+        settings = DistributionSettings(
+            key=f"caller-{os.urandom(3).hex()}",
+            broker_url=url,
+            result_backend=backend,
+            registry_prefix=f"cs-stall-{os.urandom(3).hex()}",
+            services=[],
+            remote_services=[],
+            timeout=8,
+        )
+        proxy = distribute(app, settings).remote_service("nobody", "articles", ["get"])
+        took: list[float] = []
+        errors: list[BaseException] = []
+
+        def first_call() -> None:
+            start = time.monotonic()
+            try:
+                proxy.get(1, {"timeout": 1, "wait": True})
+            except ServiceError as exc:
+                errors.append(exc)
+            took.append(time.monotonic() - start)
+
+        assert server.process is not None
+        with stalled(server.process):
+            caller = threading.Thread(target=first_call)
+            caller.start()
+            caller.join(timeout=30)
+        assert took and errors and isinstance(errors[0], Unavailable | Timeout), (took, errors)
+        assert took[0] < 1 + SLACK, f"a 1 s call took {took[0]:.2f} s against a stalled broker"
+    finally:
+        finalize(app)
+        if broker == "redis":
+            server.close()
