@@ -379,10 +379,21 @@ class Transport:
                     raise
                 log.debug("publishing %s again on a revived connection: %r", call.name, exc)
         del properties["expiration"]  # kombu writes it from ``expiration`` (seconds) below
-        # A bounded retry: an unreachable broker must fail the call within its deadline, not hang it.
-        policy = {"max_retries": max(1, int(expires / 0.5)), "interval_start": 0, "interval_step": 0.5}
-        policy["interval_max"] = 0.5
+        # A bounded retry: an unreachable broker must fail the call within its deadline, not hang it. Each
+        # attempt to connect may take what is left of the deadline at most: a thread's first call against
+        # a broker that accepts connections and answers nothing waited the whole connect timeout (4 s).
+        configured = self.celery.conf.broker_connection_timeout
+
+        def within_deadline(exc: BaseException, interval: float) -> None:
+            left = call.deadline - time.time() - interval
+            if left <= 0:
+                raise TimeoutError(f"broker unreachable until the call's deadline: {exc!r}") from exc
+            connection.connect_timeout = min(configured, left)
+
+        policy: dict[str, Any] = {"max_retries": max(1, int(expires / 0.5)), "errback": within_deadline}
+        policy |= {"interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
         declared = hash(queue) in connection.declared_entities
+        connection.connect_timeout = min(configured, expires)  # the thread's own connection
         try:
             with connection._reraise_as_library_errors():
                 producer.publish(
@@ -403,6 +414,8 @@ class Transport:
             # The broker's address and the library's message stay in the log: an error reaches HTTP clients.
             log.warning("broker %s unreachable while sending %s: %s", self._broker, call.name, exc)
             raise _not_sent(call) from None
+        finally:
+            connection.connect_timeout = configured
 
     def _producer(self) -> Any:
         producer = getattr(self._local, "producer", None)

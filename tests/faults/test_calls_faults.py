@@ -425,16 +425,21 @@ def stalled(process: subprocess.Popen[bytes]) -> Iterator[None]:
         os.killpg(group, signal.SIGCONT)
 
 
-@pytest.mark.timeout(90)
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="a new connection waits its configured timeouts"
+#: Not fixed on Redis: the reply connection is made and its handshake read by redis-py's pool, with the
+#: client's timeouts (2 s to connect, 5 s to read), not the call's.
+REDIS_HANDSHAKE = pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="Redis's handshake waits the client's read timeout"
 )
-@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("broker", [pytest.param("redis", marks=REDIS_HANDSHAKE), "rabbitmq"])
 def test_a_call_from_a_new_thread_ends_by_its_deadline_while_the_broker_stalls(
     request: pytest.FixtureRequest, broker: str
 ) -> None:
     # A thread's first call connects. Against a stalled broker its connection (and Redis's handshake)
-    # waited out the configured timeouts, 4-5 s past a 1 s call's deadline: they must come from the call's.
+    # waited out the configured timeouts, 4-5 s past a 1 s call's deadline: they must come from the call's
+    # (on RabbitMQ each attempt to connect gets what is left of the deadline).
     if broker == "redis":
         server: Any = RedisServer().start()
         url, backend = server.url, server.url
