@@ -418,6 +418,7 @@ def test_held_proxy_works_again_when_its_provider_returns(redis_url: str, prefix
 def stalled(process: subprocess.Popen[bytes]) -> Iterator[None]:
     """The broker process (its whole group) stopped: it accepts connections and answers nothing."""
     group = os.getpgid(process.pid)
+    assert group != os.getpgrp(), "the broker must run in a process group of its own"
     os.killpg(group, signal.SIGSTOP)
     try:
         yield
