@@ -216,7 +216,6 @@ def test_an_unreadable_message_is_dropped_and_the_next_call_served(redis_url: st
 
 @pytest.mark.rabbitmq
 @pytest.mark.timeout(90)
-@pytest.mark.xfail(strict=False, reason="the held Flower events are sent from within a call")
 def test_on_rabbitmq_a_backlog_of_calls_publishes_their_events_in_the_order_they_ran(
     redis_url: str, rabbitmq_url: str, prefix: str
 ) -> None:
