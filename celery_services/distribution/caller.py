@@ -382,18 +382,18 @@ class Transport:
         # A bounded retry: an unreachable broker must fail the call within its deadline, not hang it. Each
         # attempt to connect may take what is left of the deadline at most: a thread's first call against
         # a broker that accepts connections and answers nothing waited the whole connect timeout (4 s).
-        configured = self.celery.conf.broker_connection_timeout
+        configured = self.celery.conf.broker_connection_timeout  # None (no limit) in a user's own app
 
         def within_deadline(exc: BaseException, interval: float) -> None:
             left = call.deadline - time.time() - interval
             if left <= 0:
                 raise TimeoutError(f"broker unreachable until the call's deadline: {exc!r}") from exc
-            connection.connect_timeout = min(configured, left)
+            connection.connect_timeout = min(configured or left, left)
 
         policy: dict[str, Any] = {"max_retries": max(1, int(expires / 0.5)), "errback": within_deadline}
         policy |= {"interval_start": 0, "interval_step": 0.5, "interval_max": 0.5}
         declared = hash(queue) in connection.declared_entities
-        connection.connect_timeout = min(configured, expires)  # the thread's own connection
+        connection.connect_timeout = min(configured or expires, expires)  # the thread's own connection
         try:
             with connection._reraise_as_library_errors():
                 producer.publish(
