@@ -45,6 +45,7 @@ from ..support import (
     fresh_prefix,
     make_caller,
     provider_env,
+    purge_prefix,
     registered_provider,
     write_manifest,
 )
@@ -447,13 +448,13 @@ def test_a_call_from_a_new_thread_ends_by_its_deadline_while_the_broker_stalls(
     else:
         server = request.getfixturevalue("rabbitmq")
         url, backend = server.url, request.getfixturevalue("redis_url")
-    app = App()
+    app, registry = App(), f"cs-stall-{os.urandom(3).hex()}"
     try:
         settings = DistributionSettings(
             key=f"caller-{os.urandom(3).hex()}",
             broker_url=url,
             result_backend=backend,
-            registry_prefix=f"cs-stall-{os.urandom(3).hex()}",
+            registry_prefix=registry,
             services=[],
             remote_services=[],
             timeout=8,
@@ -481,3 +482,5 @@ def test_a_call_from_a_new_thread_ends_by_its_deadline_while_the_broker_stalls(
         finalize(app)
         if broker == "redis":
             server.close()
+        else:
+            purge_prefix(backend, registry)
