@@ -42,6 +42,14 @@ def in_flight(redis_url: str, prefix: str, key: str) -> dict[str, int]:
         store.close()
 
 
+def amqp_provider(label: str, rabbitmq_url: str, redis_url: str, prefix: str) -> Provider:
+    """A provider of a new key on RabbitMQ (replies and registry on Redis, in ``prefix``)."""
+    key = f"{label}-amqp-{os.urandom(3).hex()}"
+    runs = f"test-runs:{key}"
+    env = provider_env(key, rabbitmq_url, redis_url, runs, CELERY_SERVICES_REGISTRY_PREFIX=prefix)
+    return Provider(key, rabbitmq_url, redis_url, runs, env)
+
+
 def kill_the_holder(prov: Provider, probe: Any, workers: list[WorkerProcess], tag: str) -> Any:
     """Start a slow call, SIGKILL the worker running it; the call's result, and the killed worker's pid."""
     with ThreadPoolExecutor(1) as pool:
@@ -148,10 +156,7 @@ def test_on_rabbitmq_a_call_of_a_killed_fast_path_replica_is_served_by_another(
     redis_url: str, rabbitmq_url: str, prefix: str
 ) -> None:
     # RabbitMQ gives back the unacknowledged call of a connection that died: no lease involved.
-    key = f"fastkill-amqp-{os.urandom(3).hex()}"
-    runs = f"test-runs:{key}"
-    env = provider_env(key, rabbitmq_url, redis_url, runs, CELERY_SERVICES_REGISTRY_PREFIX=prefix)
-    prov = Provider(key, rabbitmq_url, redis_url, runs, env)
+    prov = amqp_provider("fastkill", rabbitmq_url, redis_url, prefix)
     first, second = prov.worker(), prov.worker()
     app, distribution = make_caller(prov, prefix)
     try:
@@ -222,16 +227,13 @@ def test_on_rabbitmq_a_backlog_of_calls_publishes_their_events_in_the_order_they
     # Sending the held Flower events from within a call's answer let py-amqp's publish (its check for a
     # blocked connection reads what arrived) serve the next call there, before the first call's service
     # events were published: listeners heard "created" out of order (found by test_events, now and then).
-    key = f"fastorder-amqp-{os.urandom(3).hex()}"
-    runs = f"test-runs:{key}"
-    env = provider_env(key, rabbitmq_url, redis_url, runs, CELERY_SERVICES_REGISTRY_PREFIX=prefix)
-    prov = Provider(key, rabbitmq_url, redis_url, runs, env)
+    prov = amqp_provider("fastorder", rabbitmq_url, redis_url, prefix)
     app, distribution = make_caller(prov, prefix)
     heard: list[int] = []
     try:
         with prov.worker() as worker:
             assert FAST in worker.log()
-            app.use("articles", distribution.remote_service(key, "articles", ["create"], ["created"]))
+            app.use("articles", distribution.remote_service(prov.key, "articles", ["create"], ["created"]))
             articles = app.service("articles")
             articles.on("created", lambda data, context: heard.append(data["id"]))
             # A backlog: each acknowledgement lets RabbitMQ deliver the next call at once.
