@@ -690,6 +690,18 @@ class Load:
         wait_for(lambda: self.count() >= target, timeout, interval=0.02, what=f"{more} more calls")
 
 
+@contextlib.contextmanager
+def stalled(process: subprocess.Popen[bytes]) -> Iterator[None]:
+    """The broker process (its whole group) stopped: it accepts connections and answers nothing."""
+    group = os.getpgid(process.pid)
+    assert group != os.getpgrp(), "the broker must run in a process group of its own"
+    os.killpg(group, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(group, signal.SIGCONT)
+
+
 def untyped(outcomes: Iterable[Outcome]) -> list[str]:
     """The outcomes that failed with anything but :class:`Unavailable` or :class:`Timeout`."""
     return [str(o) for o in outcomes if o.error is not None and not isinstance(o.error, TYPED)]

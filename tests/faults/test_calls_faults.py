@@ -49,6 +49,7 @@ from ..support import (
     registered_provider,
     write_manifest,
 )
+from .brokers import stalled
 
 PROBE = ["get", "find", "slow", "boom", "nested", "grow"]
 SLACK = 2.0  # how far past its timeout a call may end (scheduling on a loaded machine): more is a hang
@@ -413,18 +414,6 @@ def test_held_proxy_works_again_when_its_provider_returns(redis_url: str, prefix
     finally:
         finalize(app)
         cleanup(redis_url, redis_url, prov.key, prov.runs_key)
-
-
-@contextlib.contextmanager
-def stalled(process: subprocess.Popen[bytes]) -> Iterator[None]:
-    """The broker process (its whole group) stopped: it accepts connections and answers nothing."""
-    group = os.getpgid(process.pid)
-    assert group != os.getpgrp(), "the broker must run in a process group of its own"
-    os.killpg(group, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.killpg(group, signal.SIGCONT)
 
 
 #: Not fixed on Redis: the reply connection is made and its handshake read by redis-py's pool, with the

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from celery_services.http import make_server
 from celery_services.testing import RedisServer, wait_for
 
 from ..support import cleanup, purge_prefix, registered_provider
+from .brokers import stalled
 
 #: The console script installed by pyproject (``celery_services.cli:main``).
 CLI = str(Path(sys.executable).with_name("celery-services"))
@@ -134,25 +134,21 @@ def test_a_gateways_first_event_client_never_holds_its_other_requests_while_the_
         thread = threading.Thread(target=gateway.run, name="uvicorn", daemon=True)
         thread.start()
         assert server.process is not None
-        stopped = False
         try:
             wait_for(lambda: gateway.started, timeout=10, what="the gateway started")
             url = f"http://127.0.0.1:{gateway.servers[0].sockets[0].getsockname()[1]}"
-            os.kill(server.process.pid, signal.SIGSTOP)  # accepts connections, answers nothing
-            stopped = True
-            streams = threading.Thread(target=_open_events, args=(f"{url}/events",), daemon=True)
-            streams.start()
-            slowest, until = 0.0, time.monotonic() + 3
-            with httpx.Client(base_url=url, timeout=15) as client:
-                while time.monotonic() < until:
-                    start = time.monotonic()
-                    assert client.get("/notes").status_code == 200
-                    slowest = max(slowest, time.monotonic() - start)
+            with stalled(server.process):
+                streams = threading.Thread(target=_open_events, args=(f"{url}/events",), daemon=True)
+                streams.start()
+                slowest, until = 0.0, time.monotonic() + 3
+                with httpx.Client(base_url=url, timeout=15) as client:
+                    while time.monotonic() < until:
+                        start = time.monotonic()
+                        assert client.get("/notes").status_code == 200
+                        slowest = max(slowest, time.monotonic() - start)
             # Held, a request waited out every bind (over 15 s for these four events); 2 s is load's margin.
             assert slowest < 2, f"a request waited {slowest:.2f} s behind the first event client"
         finally:
-            if stopped:
-                os.kill(server.process.pid, signal.SIGCONT)
             gateway.should_exit = True
             thread.join(timeout=15)
             finalize(app)
