@@ -54,7 +54,7 @@ from .protocol import (
     safe_params,
     task_name,
 )
-from .redis_clients import HeldConnection
+from .redis_clients import HeldConnection, connecting_by
 from .signing import Signer, unsigned_body
 
 if TYPE_CHECKING:
@@ -448,7 +448,8 @@ class Transport:
 
         key = reply_key(self.settings.registry_prefix, call.call_id)
         try:
-            return self._pop(key, call, message)
+            with connecting_by(call.deadline):  # a new connection's handshake too, not the client's timeouts
+                return self._pop(key, call, message)
         except _NotQueued:
             log.warning("broker %s unreachable while sending %s", self._broker, call.name, exc_info=True)
             raise _not_sent(call) from None

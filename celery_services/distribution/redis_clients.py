@@ -10,8 +10,11 @@ Every redis-py client the library makes (reply store, registry and its subscribe
   ``sentinel_master``, through ``redis.sentinel.Sentinel(...).master_for``.
 
 Socket timeouts are always the caller's, never the client library's defaults, and the Sentinel nodes are
-asked with the same timeouts. :func:`async_redis_client` builds the ``redis.asyncio`` client of the same URL
-and options.
+asked with the same timeouts. A connection opened for a call (within :func:`connecting_by` its deadline)
+connects and shakes hands (TLS, ``HELLO``/``AUTH``/``SELECT``) within what is left of that deadline when it
+is less than those timeouts: a thread's first call to a Redis that accepts connections but answers nothing
+ends at its deadline, not the read timeout later. :func:`async_redis_client` builds the ``redis.asyncio``
+client of the same URL and options.
 
 One piece, past 300 lines: every Redis client the library makes, blocking or asyncio, is built here, so a
 URL's scheme, TLS files, Sentinel master and timeouts are read in one place.
@@ -29,18 +32,20 @@ does, so callers handle both the same way.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio
 import redis.asyncio.sentinel
+from redis.connection import AbstractConnection
 from redis.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 
 if TYPE_CHECKING:
@@ -51,6 +56,7 @@ __all__ = [
     "HeldConnection",
     "RedisOptions",
     "async_redis_client",
+    "connecting_by",
     "is_redis",
     "is_sentinel",
     "is_tls",
@@ -65,6 +71,74 @@ _AsyncSentinel: Any = redis.asyncio.sentinel.Sentinel
 
 #: Seconds between two checks, by one process, of which server a Sentinel names master.
 MASTER_CHECK_INTERVAL = 0.5
+
+_connect_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "celery_services_connect_deadline", default=None
+)
+
+
+class connecting_by:
+    """Within the block, connections of this module's clients opened in this thread or task connect and shake
+    hands by ``deadline`` (epoch), sooner than their configured timeouts when less is left.
+
+    A class rather than ``contextlib.contextmanager``: it is entered around every call's reply wait.
+    """
+
+    __slots__ = ("_deadline", "_token")
+
+    def __init__(self, deadline: float) -> None:
+        self._deadline = deadline
+
+    def __enter__(self) -> None:
+        self._token = _connect_deadline.set(self._deadline)
+
+    def __exit__(self, *exc: object) -> None:
+        _connect_deadline.reset(self._token)
+
+
+class _ByDeadline(AbstractConnection):
+    """A connection whose connect and handshake end by the deadline of :func:`connecting_by`, if sooner.
+
+    redis-py reads its connect timeout when it connects and its read timeout for the handshake (and TLS's),
+    both from the connection: they are cut to what is left for that time only. The pool's connection then
+    keeps its configured timeouts for every later command.
+    """
+
+    def _connect(self) -> Any:
+        connect = cast(Any, super())._connect  # redis-py leaves it unannotated
+        deadline = _connect_deadline.get()
+        if deadline is None:
+            return connect()
+        left = deadline - time.time()
+        if left <= 0:
+            raise TimeoutError("no time left to connect before the call's deadline")
+        configured = self.socket_timeout, self.socket_connect_timeout
+        self.socket_timeout = min(configured[0] or left, left)
+        self.socket_connect_timeout = min(configured[1] or left, left)
+        try:
+            return connect()
+        finally:
+            self.socket_timeout, self.socket_connect_timeout = configured
+
+    def connect_check_health(self, check_health: bool = True, retry_socket_connect: bool = True) -> None:
+        connected = self._sock is not None
+        try:
+            cast(Any, super()).connect_check_health(check_health, retry_socket_connect)
+        finally:
+            if not connected and self._sock is not None and _connect_deadline.get() is not None:
+                self._sock.settimeout(self.socket_timeout)  # the handshake's is over
+
+
+class _Connection(_ByDeadline, redis.Connection):
+    pass
+
+
+class _TLSConnection(_ByDeadline, redis.SSLConnection):
+    pass
+
+
+class _UnixConnection(_ByDeadline, redis.UnixDomainSocketConnection):
+    pass
 
 
 class HeldConnection:
@@ -203,7 +277,11 @@ def redis_client(
     if is_sentinel(url):
         return _master_client(url, options, timeouts, kwargs)
     if is_tls(url):
-        kwargs = {**options.ssl_options(), **kwargs}
+        kwargs = {**options.ssl_options(), "connection_class": _TLSConnection, **kwargs}
+    elif url.lower().startswith("unix://"):
+        kwargs = {"connection_class": _UnixConnection, **kwargs}
+    else:
+        kwargs = {"connection_class": _Connection, **kwargs}
     return redis.Redis.from_url(url, **timeouts, **kwargs)
 
 
@@ -267,7 +345,7 @@ def _master_client(
     return client
 
 
-class _MasterConnection(SentinelManagedConnection):
+class _MasterConnection(_ByDeadline, SentinelManagedConnection):
     """A connection to the master: told that its server became a replica, it fails as a lost connection."""
 
     def read_response(self, *args: Any, **kwargs: Any) -> Any:

@@ -416,15 +416,8 @@ def test_held_proxy_works_again_when_its_provider_returns(redis_url: str, prefix
         cleanup(redis_url, redis_url, prov.key, prov.runs_key)
 
 
-#: Not fixed on Redis: the reply connection is made and its handshake read by redis-py's pool, with the
-#: client's timeouts (2 s to connect, 5 s to read), not the call's.
-REDIS_HANDSHAKE = pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="Redis's handshake waits the client's read timeout"
-)
-
-
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("broker", [pytest.param("redis", marks=REDIS_HANDSHAKE), "rabbitmq"])
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
 def test_a_call_from_a_new_thread_ends_by_its_deadline_while_the_broker_stalls(
     request: pytest.FixtureRequest, broker: str
 ) -> None:

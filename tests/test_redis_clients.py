@@ -1,0 +1,41 @@
+"""The library's Redis clients: a connection opened for a call is bounded by the call's deadline only while
+it connects (the stalled-Redis case is in ``faults/test_calls_faults.py``)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+
+from celery_services.distribution.redis_clients import connecting_by, redis_client
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def test_a_connection_opened_for_a_call_keeps_its_configured_timeouts_afterwards(redis_url: str) -> None:
+    client = redis_client(redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+    try:
+        connection = client.connection_pool.get_connection()
+        connection.disconnect()
+        with connecting_by(time.time() + 0.5):
+            connection.connect()
+        # The handshake had half a second; every later command has the client's read timeout.
+        assert connection._sock.gettimeout() == 5.0
+        assert (connection.socket_timeout, connection.socket_connect_timeout) == (5.0, 2.0)
+        connection.send_command("PING")
+        assert connection.read_response(timeout=0.1) in (b"PONG", "PONG")
+        assert connection._sock.gettimeout() == 5.0
+        client.connection_pool.release(connection)
+    finally:
+        client.close()
+
+
+def test_no_connection_is_opened_for_a_call_whose_deadline_has_passed(redis_url: str) -> None:
+    client = redis_client(redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+    try:
+        with connecting_by(time.time() - 0.001), pytest.raises(redis.TimeoutError):
+            client.ping()
+        assert client.ping()  # outside a call, the same pool connects as configured
+    finally:
+        client.close()
