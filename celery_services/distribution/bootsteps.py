@@ -3,6 +3,10 @@
 :class:`FastCalls` hands the key's queue from Celery's consumer to the fast path (:mod:`.fastpath`) in a
 worker that consumes it.
 
+Celery's remote control of the key's queue reaches the fast path (:func:`_follow_remote_control`):
+``celery control cancel_consumer {key}`` pauses it (the worker takes no more calls; a deploy drains it so),
+``add_consumer {key}`` resumes it, ``celery inspect active_queues`` lists the key's queue while it serves.
+
 :class:`LoopTick` works around a stall measured on RabbitMQ (Celery 5.7, kombu 5.7, py-amqp): with prefetch 1
 and late acks, a worker's event loop now and then sleeps until its next timer (about 2 s) although a call
 is waiting, so some calls take 2 s instead of 2 ms (8 of 300 sequential calls here). A no-op timer every
@@ -18,6 +22,7 @@ import threading
 from typing import Any
 
 from celery import Celery, bootsteps
+from celery.worker.control import Panel, ok
 
 from .fastpath import EVENT_TYPES, AmqpFastPath, FastPath, RedisFastPath
 from .worker import IN_PROCESS_POOLS
@@ -132,6 +137,65 @@ def _topics(c: Any) -> dict[str, list[str]] | None:
     return {kind: list(topics("celeryev", kind.replace("-", "."))) for kind in EVENT_TYPES}
 
 
+_following = False  # whether Celery's commands are wrapped in this process
+
+
+def _fast_path(state: Any, queue: str | None = None) -> FastPath | None:
+    """The fast path of the worker a control command reached, if it serves ``queue`` (any, when None)."""
+    distribution = getattr(state.consumer.app, "celery_services_distribution", None)
+    if distribution is None or (queue is not None and queue != distribution.key):
+        return None
+    fast: FastPath | None = distribution.fastpath
+    return fast
+
+
+def _follow_remote_control() -> None:
+    """Make Celery's ``cancel_consumer``, ``add_consumer`` and ``active_queues`` commands see the fast path.
+
+    The fast path took the key's queue from Celery's consumer, so Celery's own commands no longer reached
+    it: ``cancel_consumer`` answered "no longer consuming" and the worker went on serving. Celery keeps one
+    registry of commands per process: each is wrapped (once), and a worker without a fast path, or a queue
+    other than its key, gets Celery's own command unchanged.
+    """
+    global _following
+    if _following:
+        return
+    _following = True
+    cancel, add, active = (Panel.data[name] for name in ("cancel_consumer", "add_consumer", "active_queues"))
+
+    def cancel_consumer(state: Any, queue: str, **kwargs: Any) -> Any:
+        fast = _fast_path(state, queue)
+        if fast is not None:
+            fast.pause()
+            log.info("fast path paused: no longer taking calls from %s", queue)
+        return cancel(state, queue, **kwargs)
+
+    def add_consumer(state: Any, queue: str, *args: Any, **kwargs: Any) -> Any:
+        fast = _fast_path(state, queue)
+        if fast is None:
+            return add(state, queue, *args, **kwargs)
+        fast.resume()  # not Celery's consumer as well: the fast path serves this queue
+        log.info("fast path resumed: taking calls from %s", queue)
+        return ok(f"add consumer {queue}")
+
+    def active_queues(state: Any) -> Any:
+        queues = active(state)
+        fast = _fast_path(state)
+        if fast is not None and fast.taking:
+            key = state.consumer.app.celery_services_distribution.key
+            queue = state.consumer.app.amqp.queues.get(key)
+            if queue is not None and key not in {each["name"] for each in queues}:
+                queues.append(dict(queue.as_dict(recurse=True)))
+        return queues
+
+    wrappers: dict[str, Any] = {
+        "cancel_consumer": cancel_consumer,
+        "add_consumer": add_consumer,
+        "active_queues": active_queues,
+    }
+    Panel.data.update(wrappers)  # Celery's help and arguments of each (Panel.meta) stay as they were
+
+
 def add_bootsteps(celery: Celery) -> None:
     """Add the bootsteps its broker needs to ``celery``'s workers (idempotent)."""
     broker = str(celery.conf.broker_url or "")
@@ -139,3 +203,4 @@ def add_bootsteps(celery: Celery) -> None:
         celery.steps["worker"].add(LoopTick)
     if FastCalls not in celery.steps["consumer"]:
         celery.steps["consumer"].add(FastCalls)
+    _follow_remote_control()

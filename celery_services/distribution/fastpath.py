@@ -128,9 +128,45 @@ class FastPath:
         self.pid = os.getpid()
         self.queue = distribution.key
         self._stop = threading.Event()
+        self._taking = threading.Event()
+        self._taking.set()
+        #: Per serving thread, whether it waits for a call to take: :meth:`pause` returns once none does.
+        self._waiting = [False] * self.threads
         self._workers: list[threading.Thread] = []
         #: Calls served by this instance.
         self.served = 0
+
+    @property
+    def taking(self) -> bool:
+        """Whether the serving threads take calls (not paused by :meth:`pause`)."""
+        return self._taking.is_set()
+
+    def pause(self, timeout: float = POLL + 0.3) -> None:
+        """Take no new call (``celery control cancel_consumer {key}``); the running ones finish.
+
+        Returns once no serving thread waits for a call any more (``timeout`` at most: a thread blocked on
+        the queue wakes within :data:`POLL`), so no call is taken after it. On RabbitMQ each thread closes
+        its connection: a call the broker had sent it ahead goes back to the queue. On Redis the instance
+        stays alive (its lease), with nothing in flight.
+        """
+        self._taking.clear()
+        limit = time.monotonic() + timeout
+        while any(self._waiting) and time.monotonic() < limit:
+            self._stop.wait(0.005)
+
+    def resume(self) -> None:
+        """Take calls again (``celery control add_consumer {key}``)."""
+        self._taking.set()
+
+    def _may_take(self, index: int) -> bool:
+        """Before serving thread ``index`` waits for a call: whether it may (paused: ``False``, once it
+        waited a poll at most for :meth:`resume`). Marked waiting first, so :meth:`pause` cannot miss it."""
+        self._waiting[index] = True
+        if self._taking.is_set():
+            return True
+        self._waiting[index] = False
+        self._taking.wait(POLL)
+        return False
 
     def start(self) -> None:
         """Start the serving threads."""
@@ -369,15 +405,19 @@ class RedisFastPath(FastPath):
         held = HeldConnection(self.store.connection_pool)
         failing = False
         while not self._stop.is_set():
+            if not self._may_take(index):
+                continue
             try:
                 connection = held.get()
                 connection.send_command("BLMOVE", self.queue, inflight, "RIGHT", "LEFT", POLL)
                 raw = connection.read_response(timeout=POLL + READ_MARGIN)
+                self._waiting[index] = False
                 if failing:
                     log.warning("fast path reaches its queue %s again", self.queue)
                     failing = False
             except (redis.RedisError, OSError, ValueError) as exc:
                 # ValueError: a Sentinel pool closed this connection while it was read (redis_clients.py).
+                self._waiting[index] = False
                 held.drop()
                 if not failing:
                     log.warning("fast path cannot reach its queue %s: %r; retrying", self.queue, exc)
@@ -492,6 +532,8 @@ class AmqpFastPath(FastPath):
         replies = HeldConnection(self.distribution.reply_store.connection_pool)
         failing = False
         while not self._stop.is_set():
+            if not self._may_take(index):
+                continue
             try:
                 with celery.connection_for_read() as connection:
                     # One attempt: this loop's own pause between attempts is the retry.
@@ -501,7 +543,7 @@ class AmqpFastPath(FastPath):
                     consumer = _Consumer(
                         channel,
                         queues=[queue],
-                        on_message=partial(self._on_message, events, replies),
+                        on_message=partial(self._on_message, index, events, replies),
                         prefetch_count=1,
                         no_ack=False,
                     )
@@ -510,6 +552,9 @@ class AmqpFastPath(FastPath):
                             log.warning("fast path reaches its queue %s again", self.queue)
                             failing = False
                         while not self._stop.is_set():
+                            self._waiting[index] = True
+                            if not self._taking.is_set():
+                                break  # paused: leave, closing the connection (still waiting: see pause)
                             idle = EVENT_IDLE if events is not None and events.held else POLL
                             try:
                                 connection.drain_events(timeout=idle)
@@ -523,13 +568,21 @@ class AmqpFastPath(FastPath):
                         if events is not None:
                             events.send()
             except Exception as exc:  # a lost or refused connection, whatever its library calls it
+                self._waiting[index] = False
                 if not failing:
                     log.warning("fast path cannot reach its queue %s: %r; retrying", self.queue, exc)
                     failing = True
                 self._stop.wait(RETRY_INTERVAL)
         replies.release()
 
-    def _on_message(self, events: _TaskEvents | None, replies: HeldConnection, message: Any) -> None:
+    def _on_message(
+        self, index: int, events: _TaskEvents | None, replies: HeldConnection, message: Any
+    ) -> None:
+        if not self._taking.is_set():
+            # Sent ahead before the consumer was cancelled (its cancel reads what arrived first).
+            message.requeue()
+            return
+        self._waiting[index] = False  # serving a call taken before any pause
         try:
             self._on_task(events, replies, message)
         except Exception:  # one bad call must not stop the thread serving the others

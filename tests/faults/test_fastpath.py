@@ -17,7 +17,7 @@ import pytest
 import redis
 from celery import Celery
 
-from celery_services import NotFound, finalize
+from celery_services import NotFound, Timeout, finalize
 from celery_services.testing import WorkerProcess, wait_for
 
 from ..support import Provider, cleanup, fresh_prefix, make_caller, provider_env, registered_provider
@@ -245,3 +245,41 @@ def test_on_rabbitmq_a_backlog_of_calls_publishes_their_events_in_the_order_they
     finally:
         finalize(app)
         cleanup(rabbitmq_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("broker", ["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+def test_celery_remote_control_of_the_key_queue_reaches_the_fast_path(
+    request: pytest.FixtureRequest, redis_url: str, prefix: str, broker: str
+) -> None:
+    # An operator drains a worker before a deploy with `celery control cancel_consumer {key}` and checks it
+    # with `celery inspect active_queues`. The fast path had taken the queue from Celery's consumer: the
+    # worker answered "no longer consuming" yet went on serving, and never listed the queue it served.
+    if broker == "redis":
+        prov = registered_provider(redis_url, prefix, "control")
+    else:
+        prov = amqp_provider("control", request.getfixturevalue("rabbitmq_url"), redis_url, prefix)
+    app, distribution = make_caller(prov, prefix)
+    control = distribution.celery.control
+    try:
+        with prov.worker() as worker:
+            assert FAST in worker.log()
+            probe = distribution.remote_service(prov.key, "probe", PROBE)
+            assert probe.get(1, {})["id"] == 1
+
+            def listed() -> bool:
+                answers = control.inspect(destination=[worker.name], timeout=2).active_queues() or {}
+                return prov.key in {queue["name"] for queue in answers.get(worker.name, [])}
+
+            assert listed()
+            answers = control.cancel_consumer(prov.key, destination=[worker.name], reply=True, timeout=2)
+            assert answers and "no longer consuming" in str(answers)
+            assert not listed()
+            with pytest.raises(Timeout):
+                probe.get(2, {"timeout": 1.5})  # left in the queue: this worker takes no call
+            control.add_consumer(prov.key, destination=[worker.name], reply=True, timeout=2)
+            assert listed()
+            assert probe.get(3, {"timeout": 5})["id"] == 3
+    finally:
+        finalize(app)
+        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
