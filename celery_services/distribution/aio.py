@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import threading
 import time
 import weakref
@@ -48,7 +49,7 @@ from ..core.errors import ServiceError, Unavailable
 from .caller import READ_MARGIN, Call, Transport, connect_pauses
 from .observability import client_acall, hooks
 from .protocol import reply_key
-from .redis_clients import RedisOptions, async_redis_client
+from .redis_clients import RedisOptions, async_redis_client, connecting_by
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -179,6 +180,12 @@ class AsyncTransport:
     ) -> bytes | None:
         """``BLPOP`` the call's reply list until its deadline (after ``LPUSH``ing ``message`` on the same
         connection, when given), reading with a timeout set from that deadline."""
+        with connecting_by(call.deadline):  # a new connection's handshake too, not the client's timeouts
+            return await self._pop(clients, call, message, pushed)
+
+    async def _pop(
+        self, clients: _LoopClients, call: Call, message: bytes | None, pushed: bytes | None
+    ) -> bytes | None:
         key = reply_key(self.transport.settings.registry_prefix, call.call_id)
         pool = clients.replies.connection_pool
         queued = message is None
@@ -198,12 +205,13 @@ class AsyncTransport:
                     push = ("LPUSH", self.transport.queue_key(call.key), message)
                     pop = ("BLPOP", key, max(remaining, 0.001))
                     await connection.send_packed_command(connection.pack_commands([push, pop]))
-                    await connection.read_response(timeout=remaining + READ_MARGIN)
+                    await _read(connection, remaining + READ_MARGIN)
                     queued = True
-                reply = await connection.read_response(timeout=remaining + READ_MARGIN)
-            except redis.TimeoutError as exc:  # the server stopped answering within the deadline
+                reply = await _read(connection, remaining + READ_MARGIN)
+            except (redis.TimeoutError, TimeoutError) as exc:  # the server stopped answering by the deadline
                 await _drop(connection)
-                raise self._lost(call, True, exc) from None
+                # No connection by the deadline: sent only if it was before (RabbitMQ's publish).
+                raise self._lost(call, queued or connection is not None, exc) from None
             except (redis.ConnectionError, OSError, redis.ResponseError) as exc:
                 # A connection that died while idle (a Redis restart) is replaced once. UNBLOCKED / READONLY:
                 # its server became a replica under the BLPOP (a Sentinel failover), a lost connection too.
@@ -335,6 +343,18 @@ async def _drop(connection: Any) -> None:
     # A read cut short leaves a reply in flight on the connection: it must never serve another command.
     if connection is not None:
         await connection.disconnect(nowait=True)
+
+
+async def _read(connection: Any, timeout: float) -> Any:
+    """The next answer on ``connection`` within ``timeout`` seconds, else ``TimeoutError`` (the connection
+    then closed).
+
+    Not ``read_response(timeout=...)``: redis.asyncio returns ``None`` when that runs out, as for a nil (a
+    BLPOP's own timeout), and keeps the connection as it is. The answers still to come then answered the
+    next call on it, which got the result of the call before (``tests/faults/test_calls_faults.py``).
+    """
+    async with asyncio.timeout(timeout):
+        return await connection.read_response(timeout=math.inf)
 
 
 async def _connected(pool: Any, deadline: float) -> Any:

@@ -67,8 +67,10 @@ __all__ = ["Call", "RemoteService", "Transport", "current_deadline"]
 
 log = logging.getLogger("celery_services.remote")
 
-#: Seconds a reply read may take past the deadline the server's BLPOP itself honours (network, scheduling).
-READ_MARGIN = 2.0
+#: Seconds a reply read may take past the deadline the server's BLPOP itself honours (Redis answers a
+#: timed-out BLPOP within its 0.1 s cron; network, scheduling). A Redis that stalls ends a call this late,
+#: as Unavailable.
+READ_MARGIN = 0.5
 #: Pauses between attempts to reach a Redis that refuses connections (restarting, failing over): doubling
 #: from the first to the second, until the call's deadline. The RabbitMQ publish retries every 0.5 s too.
 CONNECT_RETRY = (0.05, 0.5)

@@ -129,6 +129,45 @@ class _ByDeadline(AbstractConnection):
                 self._sock.settimeout(self.socket_timeout)  # the handshake's is over
 
 
+class _AsyncByDeadline(redis.asyncio.connection.AbstractConnection):
+    """:class:`_ByDeadline` for ``redis.asyncio``, whose connections read their timeouts when they use them:
+    cut for the connect and handshake, then restored."""
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        connect = cast(Any, super()).connect_check_health  # redis-py leaves it unannotated
+        deadline = _connect_deadline.get()
+        if deadline is None or self.is_connected:
+            return await connect(check_health, retry_socket_connect)  # type: ignore[no-any-return]
+        left = deadline - time.time()
+        if left <= 0:
+            raise redis.TimeoutError("no time left to connect before the call's deadline")
+        configured = self.socket_timeout, self.socket_connect_timeout
+        self.socket_timeout = min(configured[0] or left, left)
+        self.socket_connect_timeout = min(configured[1] or left, left)
+        try:
+            await connect(check_health, retry_socket_connect)
+        finally:
+            self.socket_timeout, self.socket_connect_timeout = configured
+
+
+class _AsyncConnection(_AsyncByDeadline, redis.asyncio.Connection):
+    pass
+
+
+class _AsyncTLSConnection(_AsyncByDeadline, redis.asyncio.SSLConnection):
+    pass
+
+
+class _AsyncUnixConnection(_AsyncByDeadline, redis.asyncio.UnixDomainSocketConnection):
+    pass
+
+
+class _AsyncMasterConnection(_AsyncByDeadline, redis.asyncio.sentinel.SentinelManagedConnection):
+    pass
+
+
 class _Connection(_ByDeadline, redis.Connection):
     pass
 
@@ -312,11 +351,15 @@ def async_redis_client(
         credentials = {"username": username, "password": password} if password is not None else {}
         sentinel = _AsyncSentinel(nodes, sentinel_kwargs=dict(timeouts), **timeouts)
         client: redis.asyncio.Redis = sentinel.master_for(
-            options.sentinel_master, db=db, **credentials, **kwargs
+            options.sentinel_master, db=db, connection_class=_AsyncMasterConnection, **credentials, **kwargs
         )
         return client
     if is_tls(url):
-        kwargs = {**options.ssl_options(), **kwargs}
+        kwargs = {**options.ssl_options(), "connection_class": _AsyncTLSConnection, **kwargs}
+    elif url.lower().startswith("unix://"):
+        kwargs = {"connection_class": _AsyncUnixConnection, **kwargs}
+    else:
+        kwargs = {"connection_class": _AsyncConnection, **kwargs}
     return redis.asyncio.Redis.from_url(
         url, socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout, **kwargs
     )

@@ -6,6 +6,7 @@ Each scenario was reproduced against the library before its fix (see the issue "
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -417,13 +418,103 @@ def test_held_proxy_works_again_when_its_provider_returns(redis_url: str, prefix
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("broker", ["redis", "rabbitmq"])
-def test_a_call_from_a_new_thread_ends_by_its_deadline_while_the_broker_stalls(
-    request: pytest.FixtureRequest, broker: str
+@pytest.mark.parametrize("transport", ["blocking", "asyncio"])
+def test_after_redis_stalls_past_a_deadline_each_call_gets_its_own_reply(
+    private_redis: RedisServer, transport: str
 ) -> None:
-    # A thread's first call connects. Against a stalled broker its connection (and Redis's handshake)
-    # waited out the configured timeouts, 4-5 s past a 1 s call's deadline: they must come from the call's
-    # (on RabbitMQ each attempt to connect gets what is left of the deadline).
+    # redis.asyncio returns None when a read given a timeout runs out, as it does for a nil, and keeps the
+    # connection. The asyncio transport took that for "no reply" and released the connection with the
+    # call's two answers still to come: each later call on it read the answers of the call before, and
+    # got that call's result as its own.
+    prefix = f"cs-stalled-{os.urandom(3).hex()}"
+    prov = registered_provider(private_redis.url, prefix, "stalled")
+    app, distribution = make_caller(prov, prefix)
+    proxy = distribution.remote_service(prov.key, "probe", PROBE)
+
+    async def get_async(item: int, timeout: float) -> Any:
+        return await proxy.call_async("get", id=item, params={"timeout": timeout})
+
+    def get(item: int, timeout: float) -> Any:
+        if transport == "asyncio":
+            return loop.run_until_complete(get_async(item, timeout))
+        return proxy.get(item, {"timeout": timeout})
+
+    loop = asyncio.new_event_loop()  # one loop for every call: its connection is held between them
+    try:
+        with prov.worker():
+            assert get(1, 5)["id"] == 1
+            assert private_redis.process is not None
+            with stalled(private_redis.process), pytest.raises((Timeout, Unavailable)):
+                get(2, 0.5)
+            assert [get(n, 5)["id"] for n in range(3, 8)] == list(range(3, 8))
+    finally:
+        loop.close()
+        finalize(app)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["blocking", "asyncio"])
+def test_a_call_on_a_held_connection_ends_by_its_deadline_while_redis_stalls(transport: str) -> None:
+    # The reply wait reads with a timeout of what is left and a margin for Redis's own BLPOP timeout to be
+    # answered. A stalled Redis answers nothing: a 1 s call ended 2 s late, the margin (Unavailable: the
+    # reply store stopped answering). Redis answers a BLPOP's timeout within its 0.1 s cron: half a second
+    # is margin enough.
+    server = RedisServer().start()
+    app, registry = App(), f"cs-stall-{os.urandom(3).hex()}"
+    try:
+        settings = DistributionSettings(
+            key=f"caller-{os.urandom(3).hex()}",
+            broker_url=server.url,
+            result_backend=server.url,
+            registry_prefix=registry,
+            services=[],
+            remote_services=[],
+            timeout=8,
+        )
+        proxy = distribute(app, settings).remote_service("nobody", "articles", ["get"])
+
+        async def call_async(timeout: float) -> float:
+            start = time.monotonic()
+            with pytest.raises((Timeout, Unavailable)):
+                await proxy.call_async("get", id=1, params={"timeout": timeout, "wait": True})
+            return time.monotonic() - start
+
+        def call(timeout: float) -> float:
+            start = time.monotonic()
+            with pytest.raises((Timeout, Unavailable)):
+                proxy.get(1, {"timeout": timeout, "wait": True})
+            return time.monotonic() - start
+
+        async def both_async() -> float:
+            await call_async(0.2)  # the loop's connection is made and held while Redis answers
+            with stalled(process):
+                return await call_async(1.0)
+
+        process = server.process
+        assert process is not None
+        if transport == "blocking":
+            call(0.2)  # the connection is made and held while Redis answers
+            with stalled(process):
+                took = call(1.0)
+        else:
+            took = asyncio.run(both_async())
+        assert took < 1 + 1.25, f"a 1 s call took {took:.2f} s against a stalled Redis"
+    finally:
+        finalize(app)
+        server.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("broker", "transport"), [("redis", "blocking"), ("redis", "asyncio"), ("rabbitmq", "blocking")]
+)
+def test_a_call_from_a_new_thread_ends_by_its_deadline_while_the_broker_stalls(
+    request: pytest.FixtureRequest, broker: str, transport: str
+) -> None:
+    # A thread's first call connects (an event loop's, for the asyncio transport). Against a stalled broker
+    # its connection (and Redis's handshake) waited out the configured timeouts, 4-5 s past a 1 s call's
+    # deadline: they must come from the call's (on RabbitMQ each attempt to connect gets what is left of
+    # the deadline).
     if broker == "redis":
         server: Any = RedisServer().start()
         url, backend = server.url, server.url
@@ -448,7 +539,10 @@ def test_a_call_from_a_new_thread_ends_by_its_deadline_while_the_broker_stalls(
         def first_call() -> None:
             start = time.monotonic()
             try:
-                proxy.get(1, {"timeout": 1, "wait": True})
+                if transport == "blocking":
+                    proxy.get(1, {"timeout": 1, "wait": True})
+                else:
+                    asyncio.run(proxy.call_async("get", id=1, params={"timeout": 1, "wait": True}))
             except ServiceError as exc:
                 errors.append(exc)
             took.append(time.monotonic() - start)
