@@ -7,7 +7,8 @@ topology under test, so that the record survives the failover.
 
 - ``test_sentinel_failover_under_load``: broker, result backend and registry on ``sentinel://`` URLs; two
   threads call ``probe.get`` while ``SENTINEL FAILOVER`` promotes the replica. Calls fail only typed
-  (``Unavailable`` / ``Timeout``), succeed again within 5 s of the new master being named, and again within
+  (``Unavailable`` / ``Timeout``), succeed again within 5 s of the new master being named (and so do an
+  event loop's, through the asyncio transport's own pool), and again within
   5 s of the old master being turned into a replica (about 10 s later: until then it is a second, writable
   master, and the library's Redis clients must already have left it); no call that returned a result is
   missing from the provider's run log; a provider started after the failover is discovered and called; an
@@ -19,6 +20,7 @@ topology under test, so that the record survives the failover.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from pathlib import Path
@@ -102,6 +104,7 @@ def test_sentinel_failover_under_load() -> None:
         url, master = group.url, group.name
         first = provider(url, runlog.url, prefix, f"{label}-a", CELERY_SERVICES_SENTINEL_MASTER=master)
         later = provider(url, runlog.url, prefix, f"{label}-b", CELERY_SERVICES_SENTINEL_MASTER=master)
+        loop = asyncio.new_event_loop()
         with first.worker():
             consumer = Consumer(
                 url,
@@ -116,6 +119,8 @@ def test_sentinel_failover_under_load() -> None:
                 probe = consumer.distribution.wait_for(f"{first.key}/probe", timeout=10)
                 articles = consumer.distribution.wait_for(f"{first.key}/articles", timeout=10)
                 assert probe.get("warm-up")["id"] == "warm-up"
+                # An event loop whose asyncio transport holds a connection to the master from before.
+                assert loop.run_until_complete(probe.aio.get("warm-up-async"))["id"] == "warm-up-async"
                 before = articles.create({"title": "before"})
                 assert heard(consumer, f"{first.key}/articles", before, 10)
                 load = Load(
@@ -131,6 +136,13 @@ def test_sentinel_failover_under_load() -> None:
                         lambda: probe.get("after-named", {"timeout": 1.0}), named + RECOVERY
                     )
                     back_named = time.monotonic()
+                    # The asyncio transport (another pool, held by its event loop) follows within the
+                    # bound too, though the old master stays writable until Sentinel demotes it.
+                    _, errors_async = first_success_after(
+                        lambda: loop.run_until_complete(probe.aio.get("after-named-async", {"timeout": 1.0})),
+                        named + RECOVERY,
+                    )
+                    back_async = time.monotonic()
                     # The registry watchers (the consumer's and the provider's) resubscribed on the new
                     # master, within the bound, long before the old one drops its clients.
                     new = group.master()
@@ -176,13 +188,15 @@ def test_sentinel_failover_under_load() -> None:
                     failed=summary(failed),
                     failover_named_after_s=named - switched,
                     first_success_after_named_s=back_named - named,
+                    first_async_success_after_named_s=back_async - named,
                     watchers_resubscribed_after_named_s=resubscribed - named,
                     old_master_demoted_after_named_s=demoted - named,
                     first_success_after_demoted_s=recovered - demoted,
-                    errors_while_recovering=len(errors_named) + len(errors_demoted),
+                    errors_while_recovering=len(errors_named) + len(errors_async) + len(errors_demoted),
                 )
             finally:
                 consumer.close()
+                loop.close()
 
 
 def test_clients_of_each_url_kind_have_explicit_timeouts() -> None:
