@@ -5,7 +5,8 @@ worker that consumes it.
 
 Celery's remote control of the key's queue reaches the fast path (:func:`_follow_remote_control`):
 ``celery control cancel_consumer {key}`` pauses it (the worker takes no more calls; a deploy drains it so),
-``add_consumer {key}`` resumes it, ``celery inspect active_queues`` lists the key's queue while it serves.
+``add_consumer {key}`` resumes it, ``celery inspect active_queues`` lists the key's queue while it serves,
+and ``celery inspect active`` the calls it runs.
 
 :class:`LoopTick` works around a stall measured on RabbitMQ (Celery 5.7, kombu 5.7, py-amqp): with prefetch 1
 and late acks, a worker's event loop now and then sleeps until its next timer (about 2 s) although a call
@@ -150,7 +151,8 @@ def _fast_path(state: Any, queue: str | None = None) -> FastPath | None:
 
 
 def _follow_remote_control() -> None:
-    """Make Celery's ``cancel_consumer``, ``add_consumer`` and ``active_queues`` commands see the fast path.
+    """Make Celery's ``cancel_consumer``, ``add_consumer``, ``active_queues`` and ``active`` commands see
+    the fast path.
 
     The fast path took the key's queue from Celery's consumer, so Celery's own commands no longer reached
     it: ``cancel_consumer`` answered "no longer consuming" and the worker went on serving. Celery keeps one
@@ -161,7 +163,8 @@ def _follow_remote_control() -> None:
     if _following:
         return
     _following = True
-    cancel, add, active = (Panel.data[name] for name in ("cancel_consumer", "add_consumer", "active_queues"))
+    names = ("cancel_consumer", "add_consumer", "active_queues", "active")
+    cancel, add, active_queues_of, active_of = (Panel.data[name] for name in names)
 
     def cancel_consumer(state: Any, queue: str, **kwargs: Any) -> Any:
         fast = _fast_path(state, queue)
@@ -179,7 +182,7 @@ def _follow_remote_control() -> None:
         return ok(f"add consumer {queue}")
 
     def active_queues(state: Any) -> Any:
-        queues = active(state)
+        queues = active_queues_of(state)
         fast = _fast_path(state)
         if fast is not None and fast.taking:
             key = state.consumer.app.celery_services_distribution.key
@@ -188,10 +191,16 @@ def _follow_remote_control() -> None:
                 queues.append(dict(queue.as_dict(recurse=True)))
         return queues
 
+    def active(state: Any, **kwargs: Any) -> Any:
+        fast = _fast_path(state)
+        return active_of(state, **kwargs) + (fast.running() if fast is not None else [])
+
     wrappers: dict[str, Any] = {
         "cancel_consumer": cancel_consumer,
         "add_consumer": add_consumer,
         "active_queues": active_queues,
+        "active": active,
+        "dump_active": active,  # Celery's alias of it
     }
     Panel.data.update(wrappers)  # Celery's help and arguments of each (Panel.meta) stay as they were
 

@@ -133,8 +133,28 @@ class FastPath:
         #: Per serving thread, whether it waits for a call to take: :meth:`pause` returns once none does.
         self._waiting = [False] * self.threads
         self._workers: list[threading.Thread] = []
+        #: The call each serving thread runs now, and when it started (by thread id).
+        self._running: dict[int, tuple[Any, float]] = {}
         #: Calls served by this instance.
         self.served = 0
+
+    def running(self) -> list[dict[str, Any]]:
+        """The calls running now, as ``celery inspect active`` lists a worker's tasks (arguments masked, as
+        Flower shows them)."""
+        return [
+            {
+                "id": str(request.id),
+                "name": str(request.task),
+                **_shown(request),
+                "type": str(request.task),
+                "hostname": self.hostname,
+                "time_start": started,
+                "acknowledged": False,
+                "delivery_info": request.delivery_info,
+                "worker_pid": self.pid,
+            }
+            for request, started in list(self._running.values())
+        ]
 
     @property
     def taking(self) -> bool:
@@ -223,7 +243,12 @@ class FastPath:
                 self._store_result(request, answer)
             done = finish(request, answer, started, _outcome_event(answer))
 
-        serve(handle, request, tuple(message.args), dict(message.kwargs), reply)
+        thread = threading.get_ident()
+        self._running[thread] = (request, started)
+        try:
+            serve(handle, request, tuple(message.args), dict(message.kwargs), reply)
+        finally:
+            del self._running[thread]
         return done
 
     def _store_result(self, request: Any, answer: Answer) -> None:
@@ -246,8 +271,7 @@ class FastPath:
         fields: dict[str, Any] = {
             "uuid": str(request.id),
             "name": str(request.task),
-            "args": str(getattr(request, "argsrepr", None) or request.args),
-            "kwargs": str(getattr(request, "kwargsrepr", None) or request.kwargs),
+            **_shown(request),
             "root_id": getattr(request, "root_id", None),
             "parent_id": getattr(request, "parent_id", None),
             "retries": getattr(request, "retries", 0),
@@ -665,6 +689,14 @@ class _TaskEvents:
             body.encode(), 0, "application/json", "utf-8", self.headers, {"delivery_mode": 1}
         )
         self.channel.basic_publish(message, exchange="celeryev", routing_key=routing_key)
+
+
+def _shown(request: Any) -> dict[str, str]:
+    """A call's ``args`` and ``kwargs`` as Flower shows them: the caller's masked reprs."""
+    return {
+        "args": str(getattr(request, "argsrepr", None) or request.args),
+        "kwargs": str(getattr(request, "kwargsrepr", None) or request.kwargs),
+    }
 
 
 def _outcome_event(answer: Answer) -> str:

@@ -283,3 +283,34 @@ def test_celery_remote_control_of_the_key_queue_reaches_the_fast_path(
     finally:
         finalize(app)
         cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("broker", ["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+def test_celery_inspect_active_lists_the_calls_the_fast_path_runs(
+    request: pytest.FixtureRequest, redis_url: str, prefix: str, broker: str
+) -> None:
+    # `celery inspect active` (Flower's worker page) lists what a worker is running, before an operator
+    # stops it: the fast path's calls never showed there, however long they ran.
+    if broker == "redis":
+        prov = registered_provider(redis_url, prefix, "active")
+    else:
+        prov = amqp_provider("active", request.getfixturevalue("rabbitmq_url"), redis_url, prefix)
+    app, distribution = make_caller(prov, prefix)
+    inspect = distribution.celery.control.inspect
+    try:
+        with prov.worker() as worker, ThreadPoolExecutor(1) as pool:
+            assert FAST in worker.log()
+            probe = distribution.remote_service(prov.key, "probe", PROBE)
+            slow = pool.submit(probe.slow, {"tag": "seen", "seconds": 3}, {"authentication": "secret"})
+            wait_for(lambda: any(r.startswith("slow-start-seen:") for r in prov.runs()), 10, what="running")
+            running = (inspect(destination=[worker.name], timeout=2).active() or {}).get(worker.name, [])
+            assert [call["name"] for call in running] == [f"{prov.key}.probe.slow"]
+            call = running[0]
+            assert call["hostname"] == worker.name and call["worker_pid"] == worker.pid
+            assert "seen" in str(call["kwargs"]) and "secret" not in str(call)  # masked, as in Flower
+            assert slow.result(timeout=10)["tag"] == "seen"
+            assert (inspect(destination=[worker.name], timeout=2).active() or {}).get(worker.name) == []
+    finally:
+        finalize(app)
+        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
