@@ -26,8 +26,9 @@ resumes finds its calls gone: its late acknowledgement removes nothing, and its 
 One piece, past 300 lines: taking a message, serving it and answering it are one protocol on the same keys
 (in-flight lists, alive keys, the give-back script), and both brokers share how a message becomes a call.
 
-What the fast path leaves out: Celery's task signals, time limits (the call's deadline stands for them)
-and retries; task messages with a priority (other lists of the queue) are left to Celery's consumers.
+What the fast path leaves out: Celery's task signals, time limits (the call's deadline stands for them),
+retries and ``revoke --terminate`` (a revoked call that has not started is not run); task messages with a
+priority (other lists of the queue) are left to Celery's consumers.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import kombu.entity
 import kombu.messaging
 import redis
 from celery.utils.time import utcoffset
+from celery.worker import state as worker_state
 
 from .messages import (
     HEADER_REDELIVERED,
@@ -58,7 +60,7 @@ from .messages import (
     mark_redelivered,
     task_message,
 )
-from .protocol import HEADER_DEADLINE
+from .protocol import HEADER_DEADLINE, HEADER_REPLY
 from .provider import Answer, SizedRequest, serve, unknown_task
 from .redis_clients import HeldConnection, RedisOptions, redis_client
 
@@ -231,8 +233,12 @@ class FastPath:
             log.warning("fast path got the unknown task %s", message.name)
             answer = unknown_task(self.distribution, message.name, str(message.id), headers)
             return finish(request, answer, received, None)
-        if _expired(headers):
-            log.info("call %s not started: it expired in the queue", message.id)
+        revoked = str(message.id) in worker_state.revoked  # `celery control revoke`, Flower's "Revoke"
+        if revoked or _expired(headers):
+            reason = "revoked" if revoked else "expired"
+            log.info("call %s not started: %s", message.id, reason)
+            if not headers.get(HEADER_REPLY) and not getattr(request, "ignore_result", False):
+                self._store_revoked(request, reason)  # a plain caller's .get() raises TaskRevokedError
             return finish(request, Answer(), received, "task-revoked")
         started = time.time()
         done = False
@@ -261,6 +267,12 @@ class FastPath:
                 backend.mark_as_failure(request.id, answer.error, request=request)
         except Exception:
             log.exception("result of call %s not stored in the result backend", request.id)
+
+    def _store_revoked(self, request: Any, reason: str) -> None:
+        try:
+            self.distribution.celery.backend.mark_as_revoked(request.id, reason, request=request)
+        except Exception:
+            log.exception("revocation of call %s not stored in the result backend", request.id)
 
     def _event(
         self, request: Any, answer: Answer, received: float, started: float, kind: str
@@ -293,7 +305,7 @@ class FastPath:
             fields["exception"], fields["traceback"] = _failure(answer)
             fields["runtime"] = now - started
         else:
-            fields["expired"] = True
+            fields["expired"] = str(request.id) not in worker_state.revoked
         fields["type"] = kind
         return fields
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from celery.exceptions import TaskRevokedError
 
 from celery_services import NotFound, Timeout, finalize
 from celery_services.testing import WorkerProcess, wait_for
@@ -314,6 +315,37 @@ def test_celery_inspect_active_lists_the_calls_the_fast_path_runs(
             assert "seen" in str(call["kwargs"]) and "secret" not in str(call)  # masked, as in Flower
             assert slow.result(timeout=10)["tag"] == "seen"
             assert (inspect(destination=[worker.name], timeout=2).active() or {}).get(worker.name) == []
+    finally:
+        finalize(app)
+        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("broker", ["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+def test_a_call_revoked_while_queued_is_not_run_by_the_fast_path(
+    request: pytest.FixtureRequest, redis_url: str, prefix: str, broker: str
+) -> None:
+    # `celery control revoke <id>` (Flower's "Revoke") stops a task that has not started: Celery's consumer
+    # discards it and marks it REVOKED. The fast path ran it anyway.
+    prov = provider_on(broker, "revoke", request, redis_url, prefix)
+    app, distribution = make_caller(prov, prefix)
+    celery = distribution.celery
+    try:
+        with prov.worker() as worker, ThreadPoolExecutor(1) as pool:  # -P solo: one call at a time
+            probe = distribution.remote_service(prov.key, "probe", PROBE)
+            holding = pool.submit(probe.slow, {"tag": "hold", "seconds": 2}, {})
+            wait_for(lambda: any(r.startswith("slow-start-hold:") for r in prov.runs()), 10, what="held")
+            name = f"{prov.key}.probe.get"
+            revoked = celery.send_task(name, kwargs={"id": "revoked"}, queue=prov.key)
+            celery.control.revoke(revoked.id, destination=[worker.name], reply=True, timeout=2)
+            kept = celery.send_task(name, kwargs={"id": "kept"}, queue=prov.key)
+            assert holding.result(timeout=10)["tag"] == "hold"
+            assert kept.get(timeout=10)["id"] == "kept"  # served after the revoked one
+            with pytest.raises(TaskRevokedError):
+                revoked.get(timeout=10)
+            assert "get-revoked" not in {entry.rsplit(":", 1)[0] for entry in prov.runs()}
+            revoked.forget()
+            kept.forget()
     finally:
         finalize(app)
         cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
