@@ -180,12 +180,6 @@ class AsyncTransport:
     ) -> bytes | None:
         """``BLPOP`` the call's reply list until its deadline (after ``LPUSH``ing ``message`` on the same
         connection, when given), reading with a timeout set from that deadline."""
-        with connecting_by(call.deadline):  # a new connection's handshake too, not the client's timeouts
-            return await self._pop(clients, call, message, pushed)
-
-    async def _pop(
-        self, clients: _LoopClients, call: Call, message: bytes | None, pushed: bytes | None
-    ) -> bytes | None:
         key = reply_key(self.transport.settings.registry_prefix, call.call_id)
         pool = clients.replies.connection_pool
         queued = message is None
@@ -195,19 +189,21 @@ class AsyncTransport:
                 return None
             connection: Any = None
             try:
-                connection = await _connected(pool, call.deadline)
-                remaining = call.deadline - time.time()  # less after an outage waited out
-                if remaining <= 0:
-                    return None
-                if queued:
-                    await connection.send_command("BLPOP", key, max(remaining, 0.001))
-                else:
-                    push = ("LPUSH", self.transport.queue_key(call.key), message)
-                    pop = ("BLPOP", key, max(remaining, 0.001))
-                    await connection.send_packed_command(connection.pack_commands([push, pop]))
-                    await _read(connection, remaining + READ_MARGIN)
-                    queued = True
-                reply = await _read(connection, remaining + READ_MARGIN)
+                # A new connection's handshake by the deadline too (not a cancelled call's clean-up's).
+                with connecting_by(call.deadline):
+                    connection = await _connected(pool, call.deadline)
+                    remaining = call.deadline - time.time()  # less after an outage waited out
+                    if remaining <= 0:
+                        return None
+                    if queued:
+                        await connection.send_command("BLPOP", key, max(remaining, 0.001))
+                    else:
+                        push = ("LPUSH", self.transport.queue_key(call.key), message)
+                        pop = ("BLPOP", key, max(remaining, 0.001))
+                        await connection.send_packed_command(connection.pack_commands([push, pop]))
+                        await _read(connection, remaining + READ_MARGIN)
+                        queued = True
+                    reply = await _read(connection, remaining + READ_MARGIN)
             except (redis.TimeoutError, TimeoutError) as exc:  # the server stopped answering by the deadline
                 await _drop(connection)
                 # No connection by the deadline: sent only if it was before (RabbitMQ's publish).
