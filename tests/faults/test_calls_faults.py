@@ -503,7 +503,7 @@ def test_a_call_on_a_held_connection_ends_by_its_deadline_while_redis_stalls(tra
                 took = call(1.0)
         else:
             took = asyncio.run(both_async())
-        assert took < 1 + 1.25, f"a 1 s call took {took:.2f} s against a stalled Redis"
+        assert took < 1 + 1.5, f"a 1 s call took {took:.2f} s against a stalled Redis"  # was 3 s
     finally:
         finalize(app)
         server.close()
