@@ -3,12 +3,13 @@ it connects (the stalled-Redis case is in ``faults/test_calls_faults.py``)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 import redis
 
-from celery_services.distribution.redis_clients import connecting_by, redis_client
+from celery_services.distribution.redis_clients import async_redis_client, connecting_by, redis_client
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -39,3 +40,21 @@ def test_no_connection_is_opened_for_a_call_whose_deadline_has_passed(redis_url:
         assert client.ping()  # outside a call, the same pool connects as configured
     finally:
         client.close()
+
+
+def test_an_asyncio_connection_opened_for_a_call_keeps_its_configured_timeouts(redis_url: str) -> None:
+    async def scenario() -> None:
+        client = async_redis_client(redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+        try:
+            connection = client.connection_pool.make_connection()
+            with connecting_by(time.time() + 0.5):
+                await connection.connect()
+            assert (connection.socket_timeout, connection.socket_connect_timeout) == (5.0, 2.0)
+            await connection.disconnect()
+            with connecting_by(time.time() - 0.001), pytest.raises(redis.TimeoutError):
+                await connection.connect()
+            assert await client.ping()
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
