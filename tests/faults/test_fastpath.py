@@ -19,6 +19,7 @@ from celery import Celery
 from celery.exceptions import TaskRevokedError
 
 from celery_services import NotFound, Timeout, finalize
+from celery_services.distribution import Distribution
 from celery_services.testing import WorkerProcess, wait_for
 
 from ..support import Provider, cleanup, fresh_prefix, make_caller, provider_env, registered_provider
@@ -51,13 +52,22 @@ def amqp_provider(label: str, rabbitmq_url: str, redis_url: str, prefix: str) ->
     return Provider(key, rabbitmq_url, redis_url, runs, env)
 
 
-def provider_on(
-    broker: str, label: str, request: pytest.FixtureRequest, redis_url: str, prefix: str
-) -> Provider:
-    """A provider of a new key on ``broker`` ("redis" or "rabbitmq"), its registry in ``prefix``."""
-    if broker == "redis":
-        return registered_provider(redis_url, prefix, label)
-    return amqp_provider(label, request.getfixturevalue("rabbitmq_url"), redis_url, prefix)
+@pytest.fixture(params=["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+def served(
+    request: pytest.FixtureRequest, redis_url: str, prefix: str
+) -> Iterator[tuple[Provider, Distribution]]:
+    """On each broker: a provider of a new key (start its workers) and a caller's distribution, its registry
+    in ``prefix``; the caller finalized and the key's queue and runs cleaned up afterwards."""
+    if request.param == "redis":
+        prov = registered_provider(redis_url, prefix, "served")
+    else:
+        prov = amqp_provider("served", request.getfixturevalue("rabbitmq_url"), redis_url, prefix)
+    app, distribution = make_caller(prov, prefix)
+    try:
+        yield prov, distribution
+    finally:
+        finalize(app)
+        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
 
 
 def kill_the_holder(prov: Provider, probe: Any, workers: list[WorkerProcess], tag: str) -> Any:
@@ -258,94 +268,76 @@ def test_on_rabbitmq_a_backlog_of_calls_publishes_their_events_in_the_order_they
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("broker", ["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
 def test_celery_remote_control_of_the_key_queue_reaches_the_fast_path(
-    request: pytest.FixtureRequest, redis_url: str, prefix: str, broker: str
+    served: tuple[Provider, Distribution],
 ) -> None:
     # An operator drains a worker before a deploy with `celery control cancel_consumer {key}` and checks it
     # with `celery inspect active_queues`. The fast path had taken the queue from Celery's consumer: the
     # worker answered "no longer consuming" yet went on serving, and never listed the queue it served.
-    prov = provider_on(broker, "control", request, redis_url, prefix)
-    app, distribution = make_caller(prov, prefix)
+    prov, distribution = served
     control = distribution.celery.control
-    try:
-        with prov.worker() as worker:
-            assert FAST in worker.log()
-            probe = distribution.remote_service(prov.key, "probe", PROBE)
-            assert probe.get(1, {})["id"] == 1
+    with prov.worker() as worker:
+        assert FAST in worker.log()
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        assert probe.get(1, {})["id"] == 1
 
-            def listed() -> bool:
-                answers = control.inspect(destination=[worker.name], timeout=2).active_queues() or {}
-                return prov.key in {queue["name"] for queue in answers.get(worker.name, [])}
+        def listed() -> bool:
+            answers = control.inspect(destination=[worker.name], timeout=2).active_queues() or {}
+            return prov.key in {queue["name"] for queue in answers.get(worker.name, [])}
 
-            assert listed()
-            answers = control.cancel_consumer(prov.key, destination=[worker.name], reply=True, timeout=2)
-            assert answers and "no longer consuming" in str(answers)
-            assert not listed()
-            with pytest.raises(Timeout):
-                probe.get(2, {"timeout": 1.5})  # left in the queue: this worker takes no call
-            control.add_consumer(prov.key, destination=[worker.name], reply=True, timeout=2)
-            assert listed()
-            assert probe.get(3, {"timeout": 5})["id"] == 3
-    finally:
-        finalize(app)
-        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
+        assert listed()
+        answers = control.cancel_consumer(prov.key, destination=[worker.name], reply=True, timeout=2)
+        assert answers and "no longer consuming" in str(answers)
+        assert not listed()
+        with pytest.raises(Timeout):
+            probe.get(2, {"timeout": 1.5})  # left in the queue: this worker takes no call
+        control.add_consumer(prov.key, destination=[worker.name], reply=True, timeout=2)
+        assert listed()
+        assert probe.get(3, {"timeout": 5})["id"] == 3
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("broker", ["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
 def test_celery_inspect_active_lists_the_calls_the_fast_path_runs(
-    request: pytest.FixtureRequest, redis_url: str, prefix: str, broker: str
+    served: tuple[Provider, Distribution],
 ) -> None:
     # `celery inspect active` (Flower's worker page) lists what a worker is running, before an operator
     # stops it: the fast path's calls never showed there, however long they ran.
-    prov = provider_on(broker, "active", request, redis_url, prefix)
-    app, distribution = make_caller(prov, prefix)
+    prov, distribution = served
     inspect = distribution.celery.control.inspect
-    try:
-        with prov.worker() as worker, ThreadPoolExecutor(1) as pool:
-            assert FAST in worker.log()
-            probe = distribution.remote_service(prov.key, "probe", PROBE)
-            slow = pool.submit(probe.slow, {"tag": "seen", "seconds": 3}, {"authentication": "secret"})
-            wait_for(lambda: any(r.startswith("slow-start-seen:") for r in prov.runs()), 10, what="running")
-            running = (inspect(destination=[worker.name], timeout=2).active() or {}).get(worker.name, [])
-            assert [call["name"] for call in running] == [f"{prov.key}.probe.slow"]
-            call = running[0]
-            assert call["hostname"] == worker.name and call["worker_pid"] == worker.pid
-            assert "seen" in str(call["kwargs"]) and "secret" not in str(call)  # masked, as in Flower
-            assert slow.result(timeout=10)["tag"] == "seen"
-            assert (inspect(destination=[worker.name], timeout=2).active() or {}).get(worker.name) == []
-    finally:
-        finalize(app)
-        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
+    with prov.worker() as worker, ThreadPoolExecutor(1) as pool:
+        assert FAST in worker.log()
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        slow = pool.submit(probe.slow, {"tag": "seen", "seconds": 3}, {"authentication": "secret"})
+        wait_for(lambda: any(r.startswith("slow-start-seen:") for r in prov.runs()), 10, what="running")
+        running = (inspect(destination=[worker.name], timeout=2).active() or {}).get(worker.name, [])
+        assert [call["name"] for call in running] == [f"{prov.key}.probe.slow"]
+        call = running[0]
+        assert call["hostname"] == worker.name and call["worker_pid"] == worker.pid
+        assert "seen" in str(call["kwargs"]) and "secret" not in str(call)  # masked, as in Flower
+        assert slow.result(timeout=10)["tag"] == "seen"
+        assert (inspect(destination=[worker.name], timeout=2).active() or {}).get(worker.name) == []
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("broker", ["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
 def test_a_call_revoked_while_queued_is_not_run_by_the_fast_path(
-    request: pytest.FixtureRequest, redis_url: str, prefix: str, broker: str
+    served: tuple[Provider, Distribution],
 ) -> None:
     # `celery control revoke <id>` (Flower's "Revoke") stops a task that has not started: Celery's consumer
     # discards it and marks it REVOKED. The fast path ran it anyway.
-    prov = provider_on(broker, "revoke", request, redis_url, prefix)
-    app, distribution = make_caller(prov, prefix)
+    prov, distribution = served
     celery = distribution.celery
-    try:
-        with prov.worker() as worker, ThreadPoolExecutor(1) as pool:  # -P solo: one call at a time
-            probe = distribution.remote_service(prov.key, "probe", PROBE)
-            holding = pool.submit(probe.slow, {"tag": "hold", "seconds": 2}, {})
-            wait_for(lambda: any(r.startswith("slow-start-hold:") for r in prov.runs()), 10, what="held")
-            name = f"{prov.key}.probe.get"
-            revoked = celery.send_task(name, kwargs={"id": "revoked"}, queue=prov.key)
-            celery.control.revoke(revoked.id, destination=[worker.name], reply=True, timeout=2)
-            kept = celery.send_task(name, kwargs={"id": "kept"}, queue=prov.key)
-            assert holding.result(timeout=10)["tag"] == "hold"
-            assert kept.get(timeout=10)["id"] == "kept"  # served after the revoked one
-            with pytest.raises(TaskRevokedError):
-                revoked.get(timeout=10)
-            assert "get-revoked" not in {entry.rsplit(":", 1)[0] for entry in prov.runs()}
-            revoked.forget()
-            kept.forget()
-    finally:
-        finalize(app)
-        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
+    with prov.worker() as worker, ThreadPoolExecutor(1) as pool:  # -P solo: one call at a time
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        holding = pool.submit(probe.slow, {"tag": "hold", "seconds": 2}, {})
+        wait_for(lambda: any(r.startswith("slow-start-hold:") for r in prov.runs()), 10, what="held")
+        name = f"{prov.key}.probe.get"
+        revoked = celery.send_task(name, kwargs={"id": "revoked"}, queue=prov.key)
+        celery.control.revoke(revoked.id, destination=[worker.name], reply=True, timeout=2)
+        kept = celery.send_task(name, kwargs={"id": "kept"}, queue=prov.key)
+        assert holding.result(timeout=10)["tag"] == "hold"
+        assert kept.get(timeout=10)["id"] == "kept"  # served after the revoked one
+        with pytest.raises(TaskRevokedError):
+            revoked.get(timeout=10)
+        assert "get-revoked" not in {entry.rsplit(":", 1)[0] for entry in prov.runs()}
+        revoked.forget()
+        kept.forget()
