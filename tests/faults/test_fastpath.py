@@ -315,7 +315,12 @@ def test_celery_inspect_active_lists_the_calls_the_fast_path_runs(
         assert call["hostname"] == worker.name and call["worker_pid"] == worker.pid
         assert "seen" in str(call["kwargs"]) and "secret" not in str(call)  # masked, as in Flower
         assert slow.result(timeout=10)["tag"] == "seen"
-        assert (inspect(destination=[worker.name], timeout=2).active() or {}).get(worker.name) == []
+        # Its reply comes before the call ends (its service events go out after it): listed until then.
+        wait_for(
+            lambda: (inspect(destination=[worker.name], timeout=2).active() or {}).get(worker.name) == [],
+            timeout=10,
+            what="no call listed once it ended",
+        )
 
 
 @pytest.mark.timeout(90)
