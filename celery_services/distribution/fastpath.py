@@ -61,7 +61,7 @@ from .messages import (
     task_message,
 )
 from .protocol import HEADER_DEADLINE, HEADER_REPLY
-from .provider import Answer, SizedRequest, serve, unknown_task
+from .provider import Answer, SizedRequest, revoked_call, serve, unknown_task
 from .redis_clients import HeldConnection, RedisOptions, redis_client
 
 if TYPE_CHECKING:
@@ -239,7 +239,9 @@ class FastPath:
             log.info("call %s not started: %s", message.id, reason)
             if not headers.get(HEADER_REPLY) and not getattr(request, "ignore_result", False):
                 self._store_revoked(request, reason)  # a plain caller's .get() raises TaskRevokedError
-            return finish(request, Answer(), received, "task-revoked")
+            # A proxy caller is told (an expired call is a plain one: a call's own deadline is its handler's).
+            answer = revoked_call(self.distribution, message.name, str(message.id), headers)
+            return finish(request, answer, received, "task-revoked")
         started = time.time()
         done = False
 

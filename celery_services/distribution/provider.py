@@ -33,6 +33,7 @@ from ..core.errors import (
     PayloadTooLarge,
     ServiceError,
     Timeout,
+    Unavailable,
     error_from_exception,
 )
 from . import logs
@@ -73,6 +74,7 @@ __all__ = [
     "health_task_name",
     "register_health",
     "register_method",
+    "revoked_call",
     "serve",
     "unknown_task",
 ]
@@ -193,16 +195,36 @@ class Replies:
 
 
 def unknown_task(distribution: Distribution, name: str, call_id: str, headers: Mapping[str, Any]) -> Answer:
-    """How a call of a task this worker does not serve ends (a newer caller, an older provider).
-
-    With ``MethodNotAllowed``, and, when its caller waits on a reply, that reply at once: signed as every
-    other reply is, or a caller with signing on would refuse it (``BadGateway``).
-    """
+    """How a call of a task this worker does not serve ends (a newer caller, an older provider):
+    ``MethodNotAllowed``, told at once to a caller that waits on a reply (see :func:`_refused`)."""
     key, path, method = split_task_name(name)
     error = MethodNotAllowed(
         f"No instance of '{key}' serving this call offers '{path}.{method}' (task '{name}' unknown)",
         {"key": key, "path": path, "method": method},
     )
+    return _refused(distribution, call_id, headers, error)
+
+
+def revoked_call(
+    distribution: Distribution,
+    name: str,
+    call_id: str,
+    headers: Mapping[str, Any],
+    terminated: bool = False,
+) -> Answer:
+    """How a revoked call ends (``celery control revoke``, Flower's "Revoke"): not run (or, ``terminated``,
+    stopped), and ``Unavailable`` told at once to a caller that waits on a reply, not left to time out."""
+    when = "stopped while it ran" if terminated else "before it ran"
+    error = Unavailable(
+        f"Call '{name}' was revoked {when}", {"task": name, "call_id": call_id, "reason": "revoked"}
+    )
+    return _refused(distribution, call_id, headers, error)
+
+
+def _refused(
+    distribution: Distribution, call_id: str, headers: Mapping[str, Any], error: ServiceError
+) -> Answer:
+    # The reply is signed as every other reply is, or a caller with signing on would refuse it (BadGateway).
     answer = Answer(error=error)
     if headers.get(HEADER_REPLY):
         raw_deadline = headers.get(HEADER_DEADLINE)

@@ -6,6 +6,7 @@
 - ``worker_ready``: starts the lease keeper in the consumer's process (the parent of a prefork pool);
 - ``task_received``: leases each call of the key's queue (:mod:`.lease`);
 - ``task_unknown``: answers at once a call the worker does not serve, instead of letting Celery drop it;
+- ``task_revoked``: tells a call's caller at once that the call was revoked before it ran;
 - ``worker_shutdown``: finalizes the app, so a warm stop withdraws the manifest at once.
 
 Each handler ignores workers of other Celery apps in the same process.
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from celery import signals
 
 from ..core.service import ServiceWrapper
-from .provider import unknown_task
+from .protocol import HEADER_DEADLINE, HEADER_REPLY
+from .provider import revoked_call, unknown_task
 
 if TYPE_CHECKING:
     from .distribution import Distribution
@@ -59,6 +61,7 @@ class WorkerSignals:
             (signals.worker_ready, self._on_worker_ready),
             (signals.task_received, self._on_task_received),
             (signals.task_unknown, self._on_task_unknown),
+            (signals.task_revoked, self._on_task_revoked),
             (signals.worker_shutdown, self._on_worker_shutdown),
         ]
 
@@ -130,5 +133,23 @@ class WorkerSignals:
             return
         headers = getattr(message, "headers", None) or {}
         answer = unknown_task(self.distribution, name, str(id), headers)
+        if answer.reply_to is not None and answer.body is not None:
+            self.distribution.replies.push(answer.reply_to, answer.body, answer.deadline)
+
+    def _on_task_revoked(
+        self,
+        sender: Any = None,
+        request: Any = None,
+        terminated: bool = False,
+        expired: bool = False,
+        **_: Any,
+    ) -> None:
+        # A revoked call (`celery control revoke`, Flower's "Revoke"): Celery skips it, or stops it with
+        # --terminate, and marks it REVOKED in the result backend, which a proxy caller does not read. An
+        # expired call's caller has given up (its deadline is the call's expiry): nobody to tell.
+        if expired or request is None or not self._ours(sender):
+            return
+        headers = {name: getattr(request, name, None) for name in (HEADER_REPLY, HEADER_DEADLINE)}
+        answer = revoked_call(self.distribution, str(sender.name), str(request.id), headers, terminated)
         if answer.reply_to is not None and answer.body is not None:
             self.distribution.replies.push(answer.reply_to, answer.body, answer.deadline)

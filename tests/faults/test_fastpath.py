@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -18,7 +19,7 @@ import redis
 from celery import Celery
 from celery.exceptions import TaskRevokedError
 
-from celery_services import NotFound, Timeout, finalize
+from celery_services import NotFound, Timeout, Unavailable, finalize
 from celery_services.distribution import Distribution
 from celery_services.testing import WorkerProcess, wait_for
 
@@ -346,3 +347,28 @@ def test_a_call_revoked_while_queued_is_not_run_by_the_fast_path(
         assert "get-revoked" not in {entry.rsplit(":", 1)[0] for entry in prov.runs()}
         revoked.forget()
         kept.forget()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-path", "celery-consumer"])
+def test_a_proxy_call_revoked_before_it_ran_fails_at_once(
+    served: tuple[Provider, Distribution], fast: bool
+) -> None:
+    # A proxy call revoked with `celery control revoke <id>` (Flower's "Revoke") was rightly not run, on
+    # either path, but nothing told its caller: it waited out its whole timeout, then got a Timeout.
+    prov, distribution = served
+    env = prov.env if fast else {**prov.env, "CELERY_SERVICES_FAST_PATH": "false"}
+    with WorkerProcess("tests.apps.provider", prov.key, env=env) as worker:
+        assert (FAST in worker.log()) is fast
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        assert probe.get(1, {})["id"] == 1
+        transport = distribution.transport
+        call = transport.prepare(prov.key, "probe", "get", id="revoked", timeout=20)
+        distribution.celery.control.revoke(call.call_id, destination=[worker.name], reply=True, timeout=2)
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="revoked") as refused:
+            transport.send(call)
+        assert time.monotonic() - started < 10  # told, not timed out
+        assert refused.value.data["call_id"] == call.call_id
+        assert "get-revoked" not in {entry.rsplit(":", 1)[0] for entry in prov.runs()}
+        assert probe.get(2, {})["id"] == 2  # the worker serves on
