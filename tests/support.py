@@ -144,8 +144,11 @@ def cleanup(broker: str, backend: str, *names: str) -> None:
         broker_store.close()
 
 
-def registered_provider(redis_url: str, prefix: str, label: str = "prov", **extra: str) -> Provider:
-    """A provider of a new key in the registry ``prefix``, heartbeat 0.5 s, on Redis (start its workers)."""
+def registered_provider(
+    redis_url: str, prefix: str, label: str = "prov", heartbeat: str = "0.5", **extra: str
+) -> Provider:
+    """A provider of a new key in the registry ``prefix``, on Redis (start its workers); its registry entry
+    outlives a missed ``heartbeat`` (seconds; short, so that a test sees a dead provider go soon)."""
     key = f"{label}-{os.urandom(3).hex()}"
     runs = f"test-runs:{key}"
     env = provider_env(
@@ -154,7 +157,7 @@ def registered_provider(redis_url: str, prefix: str, label: str = "prov", **extr
         redis_url,
         runs,
         CELERY_SERVICES_REGISTRY_PREFIX=prefix,
-        CELERY_SERVICES_HEARTBEAT_INTERVAL="0.5",
+        CELERY_SERVICES_HEARTBEAT_INTERVAL=heartbeat,
         **extra,
     )
     return Provider(key, redis_url, redis_url, runs, env)

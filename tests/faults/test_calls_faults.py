@@ -442,7 +442,10 @@ def test_after_redis_stalls_past_a_deadline_each_call_gets_its_own_reply(
     # call's two answers still to come: each later call on it read the answers of the call before, and
     # got that call's result as its own.
     prefix = f"cs-stalled-{os.urandom(3).hex()}"
-    prov = registered_provider(private_redis.url, prefix, "stalled")
+    # Its registry entry must outlive the stall (1-1.5 s): with the tests' usual 0.5 s heartbeat (TTL
+    # 1.25 s) it could expire as Redis resumed, before the heartbeat stuck behind the stall renewed it, and
+    # a later call failed "no live instance" (seen once in CI).
+    prov = registered_provider(private_redis.url, prefix, "stalled", heartbeat="2")
     app, distribution = make_caller(prov, prefix)
     proxy = distribution.remote_service(prov.key, "probe", PROBE)
 
