@@ -243,8 +243,11 @@ class FastPath:
             log.info("call %s not started: %s", message.id, reason)
             if not headers.get(HEADER_REPLY) and not getattr(request, "ignore_result", False):
                 self._store_revoked(request, reason)  # a plain caller's .get() raises TaskRevokedError
-            # A proxy caller is told (an expired call is a plain one: a call's own deadline is its handler's).
-            answer = revoked_call(self.distribution, message.name, str(message.id), headers)
+            # A revoked call's proxy caller is told (an expired call is a plain one: a call's deadline is
+            # checked by its handler).
+            answer = (
+                revoked_call(self.distribution, message.name, message.id, headers) if revoked else Answer()
+            )
             return finish(request, answer, received, "task-revoked")
         started = time.time()
         done = False

@@ -6,7 +6,7 @@
 - ``worker_ready``: starts the lease keeper in the consumer's process (the parent of a prefork pool);
 - ``task_received``: leases each call of the key's queue (:mod:`.lease`);
 - ``task_unknown``: answers at once a call the worker does not serve, instead of letting Celery drop it;
-- ``task_revoked``: tells a call's caller at once that the call was revoked before it ran;
+- ``task_revoked``: tells a revoked call's caller at once, instead of leaving it to time out;
 - ``worker_shutdown``: finalizes the app, so a warm stop withdraws the manifest at once.
 
 Each handler ignores workers of other Celery apps in the same process.

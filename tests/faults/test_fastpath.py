@@ -372,3 +372,32 @@ def test_a_proxy_call_revoked_before_it_ran_fails_at_once(
         assert refused.value.data["call_id"] == call.call_id
         assert "get-revoked" not in {entry.rsplit(":", 1)[0] for entry in prov.runs()}
         assert probe.get(2, {})["id"] == 2  # the worker serves on
+
+
+@pytest.mark.timeout(90)
+def test_a_proxy_call_stopped_by_revoke_terminate_fails_at_once(
+    served: tuple[Provider, Distribution],
+) -> None:
+    # `celery control revoke --terminate <id>` stops a running call in a prefork worker (no fast path
+    # there): its caller is told it was stopped, rather than waiting out its timeout.
+    prov, distribution = served
+    with WorkerProcess("tests.apps.provider", prov.key, env=prov.env, pool="prefork") as worker:
+        assert FAST not in worker.log()
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        transport = distribution.transport
+        call = transport.prepare(
+            prov.key, "probe", "slow", data={"tag": "stopped", "seconds": 30}, timeout=40
+        )
+        with ThreadPoolExecutor(1) as pool:
+            sent = pool.submit(transport.send, call)
+            wait_for(
+                lambda: any(r.startswith("slow-start-stopped:") for r in prov.runs()), 20, what="running"
+            )
+            started = time.monotonic()
+            control = distribution.celery.control
+            control.revoke(call.call_id, destination=[worker.name], terminate=True, reply=True, timeout=2)
+            with pytest.raises(Unavailable, match="stopped while it ran"):
+                sent.result(timeout=20)
+            assert time.monotonic() - started < 10  # told, not timed out
+        assert not any(r.startswith("slow-end-stopped") for r in prov.runs())
+        assert probe.get(2, {})["id"] == 2  # the worker serves on (a new child)
