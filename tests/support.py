@@ -163,6 +163,14 @@ def registered_provider(
     return Provider(key, redis_url, redis_url, runs, env)
 
 
+def amqp_provider(label: str, rabbitmq_url: str, redis_url: str, prefix: str, **extra: str) -> Provider:
+    """A provider of a new key on RabbitMQ (replies and registry on Redis, in ``prefix``)."""
+    key = f"{label}-amqp-{os.urandom(3).hex()}"
+    runs = f"test-runs:{key}"
+    env = provider_env(key, rabbitmq_url, redis_url, runs, CELERY_SERVICES_REGISTRY_PREFIX=prefix, **extra)
+    return Provider(key, rabbitmq_url, redis_url, runs, env)
+
+
 def fresh_prefix(redis_url: str, label: str) -> Iterator[str]:
     """A registry prefix of one test (module); its keys are deleted afterwards. Use in a fixture."""
     name = f"cs-{label}-{os.urandom(4).hex()}"

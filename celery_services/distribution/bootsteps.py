@@ -30,7 +30,7 @@ from celery.worker.control import Panel, ok
 from .fastpath import EVENT_TYPES, AmqpFastPath, FastPath, RedisFastPath
 from .worker import IN_PROCESS_POOLS
 
-__all__ = ["FastCalls", "ReadyCallbacks", "add_bootsteps", "run_ready_before_poll"]
+__all__ = ["FastCalls", "ReadyCallbacks", "add_bootsteps", "wake_while_ready"]
 
 log = logging.getLogger("celery_services.fastpath")
 
@@ -43,10 +43,10 @@ class ReadyCallbacks(bootsteps.StartStopStep):  # type: ignore[misc]
     def start(self, worker: Any) -> None:
         """Hook the worker's hub (workers without one, e.g. gevent, need nothing)."""
         if getattr(worker, "hub", None) is not None:
-            run_ready_before_poll(worker.hub)
+            wake_while_ready(worker.hub)
 
 
-def run_ready_before_poll(hub: Any) -> None:
+def wake_while_ready(hub: Any) -> None:
     """Make kombu's ``hub`` poll without sleeping while callbacks are ready, so its next turn runs them.
 
     Its ``on_tick`` callbacks run right before the poll: one of them, finding callbacks ready, wakes the

@@ -23,7 +23,14 @@ from celery_services import NotFound, Timeout, Unavailable, finalize
 from celery_services.distribution import Distribution
 from celery_services.testing import WorkerProcess, wait_for
 
-from ..support import Provider, cleanup, fresh_prefix, make_caller, provider_env, registered_provider
+from ..support import (
+    Provider,
+    amqp_provider,
+    cleanup,
+    fresh_prefix,
+    make_caller,
+    registered_provider,
+)
 
 PROBE = ["get", "slow", "boom"]
 FAST = "fast path serving queue"
@@ -43,14 +50,6 @@ def in_flight(redis_url: str, prefix: str, key: str) -> dict[str, int]:
         return {name.decode(): int(store.llen(name)) for name in lists}
     finally:
         store.close()
-
-
-def amqp_provider(label: str, rabbitmq_url: str, redis_url: str, prefix: str) -> Provider:
-    """A provider of a new key on RabbitMQ (replies and registry on Redis, in ``prefix``)."""
-    key = f"{label}-amqp-{os.urandom(3).hex()}"
-    runs = f"test-runs:{key}"
-    env = provider_env(key, rabbitmq_url, redis_url, runs, CELERY_SERVICES_REGISTRY_PREFIX=prefix)
-    return Provider(key, rabbitmq_url, redis_url, runs, env)
 
 
 @pytest.fixture(params=["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])

@@ -9,7 +9,6 @@ bounded it to 50 ms, still 15% of sequential calls on RabbitMQ with the fast pat
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -18,9 +17,9 @@ import pytest
 from kombu.asynchronous import Hub
 
 from celery_services import finalize
-from celery_services.distribution.bootsteps import run_ready_before_poll
+from celery_services.distribution.bootsteps import wake_while_ready
 
-from ..support import Provider, cleanup, fresh_prefix, make_caller, provider_env
+from ..support import amqp_provider, cleanup, fresh_prefix, make_caller
 
 
 @pytest.fixture
@@ -31,7 +30,7 @@ def prefix(redis_url: str) -> Iterator[str]:
 @pytest.mark.timeout(30)
 def test_a_callback_scheduled_during_a_loop_turn_runs_before_the_loop_sleeps() -> None:
     hub = Hub()
-    run_ready_before_poll(hub)
+    wake_while_ready(hub)
     broker, worker_side = socket.socketpair()
     received: list[bytes] = []
 
@@ -73,22 +72,12 @@ def test_a_solo_worker_on_celerys_consumer_takes_each_next_call_at_once(
     # The same through a real worker: `-P solo` with the fast path off, on RabbitMQ (prefetch 1, late
     # acknowledgement). Without the mend (and without the 50 ms timer it replaces), 2% to 18% of sequential
     # calls waited about 2 s.
-    key = f"loop-amqp-{os.urandom(3).hex()}"
-    runs = f"test-runs:{key}"
-    env = provider_env(
-        key,
-        rabbitmq_url,
-        redis_url,
-        runs,
-        CELERY_SERVICES_REGISTRY_PREFIX=prefix,
-        CELERY_SERVICES_FAST_PATH="false",
-    )
-    prov = Provider(key, rabbitmq_url, redis_url, runs, env)
+    prov = amqp_provider("loop", rabbitmq_url, redis_url, prefix, CELERY_SERVICES_FAST_PATH="false")
     app, distribution = make_caller(prov, prefix)
     try:
         with prov.worker() as worker:
             assert "fast path serving queue" not in worker.log()
-            probe = distribution.remote_service(key, "probe", ["get"])
+            probe = distribution.remote_service(prov.key, "probe", ["get"])
             took = []
             for n in range(300):
                 started = time.monotonic()
@@ -98,4 +87,4 @@ def test_a_solo_worker_on_celerys_consumer_takes_each_next_call_at_once(
             assert not slow, f"calls that waited for the worker's loop: {slow} s"
     finally:
         finalize(app)
-        cleanup(rabbitmq_url, redis_url, key, runs)
+        cleanup(rabbitmq_url, redis_url, prov.key, prov.runs_key)
