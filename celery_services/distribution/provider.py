@@ -146,6 +146,11 @@ class Replies:
             return False
         return self.pushed(key, replies[-1])
 
+    def push_answer(self, answer: Answer) -> None:
+        """:meth:`push` ``answer``'s reply, if its caller waits on one."""
+        if answer.reply_to and answer.body is not None:
+            self.push(answer.reply_to, answer.body, answer.deadline)
+
     def push_on(
         self,
         held: HeldConnection,
@@ -382,12 +387,8 @@ def _expected_error(shown: Any, request: Any) -> str | None:
 def _register(distribution: Distribution, handle: Handler, name: str) -> None:
     distribution.handlers[name] = handle  # the fast path serves the same calls (fastpath.py)
 
-    def push(answer: Answer) -> None:
-        if answer.reply_to and answer.body is not None:
-            distribution.replies.push(answer.reply_to, answer.body, answer.deadline)
-
     def task(task: Task, *args: Any, **kwargs: Any) -> Any:
-        return serve(handle, task.request, args, kwargs, push).outcome()
+        return serve(handle, task.request, args, kwargs, distribution.replies.push_answer).outcome()
 
     distribution.celery.task(
         task,

@@ -132,9 +132,7 @@ class WorkerSignals:
         if not self._ours(sender) or message is None:
             return
         headers = getattr(message, "headers", None) or {}
-        answer = unknown_task(self.distribution, name, str(id), headers)
-        if answer.reply_to is not None and answer.body is not None:
-            self.distribution.replies.push(answer.reply_to, answer.body, answer.deadline)
+        self.distribution.replies.push_answer(unknown_task(self.distribution, name, str(id), headers))
 
     def _on_task_revoked(
         self,
@@ -151,5 +149,4 @@ class WorkerSignals:
             return
         headers = {name: getattr(request, name, None) for name in (HEADER_REPLY, HEADER_DEADLINE)}
         answer = revoked_call(self.distribution, str(sender.name), str(request.id), headers, terminated)
-        if answer.reply_to is not None and answer.body is not None:
-            self.distribution.replies.push(answer.reply_to, answer.body, answer.deadline)
+        self.distribution.replies.push_answer(answer)
