@@ -109,10 +109,12 @@ def assert_masked(kwargsrepr: str, marker: str) -> None:
 
 
 class TaskEvents:
-    """The task events of a broker, as Flower receives them: a Celery event receiver in a thread."""
+    """The task events of a broker, as Flower receives them: a Celery event receiver in a thread, on the
+    event exchange ``exchange`` (Celery's ``event_exchange``)."""
 
-    def __init__(self, broker: str) -> None:
+    def __init__(self, broker: str, exchange: str = "celeryev") -> None:
         self.celery = Celery(broker=broker, set_as_current=False)
+        self.celery.conf.event_exchange = exchange
         self._events: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._error: BaseException | None = None

@@ -108,7 +108,7 @@ def test_a_task_message_reads_back_whatever_its_body_holds() -> None:
 
 def test_a_task_event_reads_back_as_the_worker_dispatcher_writes_it() -> None:
     event = {"type": "task-succeeded", "uuid": "c1", "result": '{"a": "q\\"\\\\"}', "kwargs": "{'t': 'é'}"}
-    message = json.loads(encode_event(event, "w@host"))
+    message = json.loads(encode_event(event, "w@host", "celeryev"))
     assert json.loads(message["body"]) == event
     assert message["headers"] == {"hostname": "w@host"}
     assert message["properties"]["delivery_info"] == {"exchange": "celeryev", "routing_key": "task.succeeded"}

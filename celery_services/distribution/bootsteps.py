@@ -26,8 +26,9 @@ from typing import Any
 
 from celery import Celery, bootsteps
 from celery.worker.control import Panel, ok
+from kombu.entity import Exchange
 
-from .fastpath import EVENT_TYPES, AmqpFastPath, FastPath, RedisFastPath
+from .fastpath import EVENT_TYPES, AmqpFastPath, EventTopics, FastPath, RedisFastPath
 from .worker import IN_PROCESS_POOLS
 
 __all__ = ["FastCalls", "ReadyCallbacks", "add_bootsteps", "wake_while_ready"]
@@ -93,10 +94,11 @@ class FastCalls(bootsteps.StartStopStep):  # type: ignore[misc]
                 # Its calls run in child processes (isolation, several cores): Celery's consumer feeds them.
                 log.info("fast path off: the %s pool runs calls in child processes", pool)
                 return
+            exchange = _event_exchange(c)
             if distribution.broker_store is not None:
-                self.fast = RedisFastPath(distribution, _slots(c), c.hostname, _topics(c))
+                self.fast = RedisFastPath(distribution, _slots(c), c.hostname, _topics(c, exchange))
             else:
-                self.fast = AmqpFastPath(distribution, _slots(c), c.hostname, _events_on(c))
+                self.fast = AmqpFastPath(distribution, _slots(c), c.hostname, exchange)
             _freeze_start_up()
             self.fast.start()
             distribution.fastpath = self.fast
@@ -132,23 +134,26 @@ def _slots(c: Any) -> int:
     return int(limit or 1)
 
 
-def _events_on(c: Any) -> bool:
-    """Whether the worker sends task events."""
+def _event_exchange(c: Any) -> Exchange | None:
+    """The exchange the worker sends its task events to (Celery's ``event_exchange``), ``None`` when it
+    sends none."""
     dispatcher = getattr(c, "event_dispatcher", None)
     if dispatcher is None or not dispatcher.enabled:
-        return False
-    return not dispatcher.groups or "task" in dispatcher.groups
-
-
-def _topics(c: Any) -> dict[str, list[str]] | None:
-    """The pub/sub channels of each task event the fast path sends (``None``: task events are off)."""
-    if not _events_on(c):
         return None
-    dispatcher = c.event_dispatcher
+    if dispatcher.groups and "task" not in dispatcher.groups:
+        return None
+    exchange: Exchange = dispatcher.exchange
+    return exchange
+
+
+def _topics(c: Any, exchange: Exchange | None) -> EventTopics | None:
+    """The pub/sub channels of each task event the fast path sends on Redis (``None``: it sends none)."""
+    if exchange is None:
+        return None
     # The channel of the worker's own dispatcher knows the transport's fanout prefix and patterns.
-    channel = dispatcher.producer.channel
-    topics = channel._get_publish_topics
-    return {kind: list(topics("celeryev", kind.replace("-", "."))) for kind in EVENT_TYPES}
+    topics = c.event_dispatcher.producer.channel._get_publish_topics
+    channels = {kind: list(topics(exchange.name, kind.replace("-", "."))) for kind in EVENT_TYPES}
+    return EventTopics(exchange.name, channels)
 
 
 _following = False  # whether Celery's commands are wrapped in this process

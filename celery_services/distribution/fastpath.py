@@ -67,7 +67,7 @@ from .redis_clients import HeldConnection, RedisOptions, redis_client
 if TYPE_CHECKING:
     from .distribution import Distribution
 
-__all__ = ["EVENT_TYPES", "AmqpFastPath", "FastPath", "RedisFastPath"]
+__all__ = ["EVENT_TYPES", "AmqpFastPath", "EventTopics", "FastPath", "RedisFastPath"]
 
 #: How a transport ends a call: ``(request, answer, started, event)`` → whether it went through.
 Finish = Callable[[Any, Answer, float, "str | None"], bool]
@@ -114,6 +114,15 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 return 1
 """
+
+
+@dataclasses.dataclass(frozen=True)
+class EventTopics:
+    """Where the fast path on Redis publishes each task event: the worker's event exchange (Celery's
+    ``event_exchange``, where Flower listens) and the pub/sub channels of each of :data:`EVENT_TYPES`."""
+
+    exchange: str
+    channels: dict[str, list[str]]
 
 
 class FastPath:
@@ -327,7 +336,7 @@ class RedisFastPath(FastPath):
         distribution: the distribution whose calls are served (its ``handlers``).
         threads: how many calls run at once.
         hostname: the worker's node name, as Flower shows it.
-        topics: the pub/sub channels of each of :data:`EVENT_TYPES`, or ``None`` when task events are off.
+        topics: where each task event goes, or ``None`` when task events are off.
     """
 
     def __init__(
@@ -335,7 +344,7 @@ class RedisFastPath(FastPath):
         distribution: Distribution,
         threads: int,
         hostname: str,
-        topics: dict[str, list[str]] | None = None,
+        topics: EventTopics | None = None,
     ) -> None:
         super().__init__(distribution, threads, hostname)
         settings = distribution.settings
@@ -536,8 +545,9 @@ class RedisFastPath(FastPath):
         try:
             connection.send_packed_command(connection.pack_commands(commands))
             if self.topics is not None and event is not None:
-                payload = encode_event(self._event(request, answer, received, started, event), self.hostname)
-                published = [("PUBLISH", topic, payload) for topic in self.topics[event]]
+                fields = self._event(request, answer, received, started, event)
+                payload = encode_event(fields, self.hostname, self.topics.exchange)
+                published = [("PUBLISH", topic, payload) for topic in self.topics.channels[event]]
                 connection.send_packed_command(connection.pack_commands(published))
                 commands += published
             results = [connection.read_response() for _ in commands]
@@ -562,10 +572,13 @@ class AmqpFastPath(FastPath):
         distribution: the distribution whose calls are served (its ``handlers``).
         threads: how many calls run at once.
         hostname: the worker's node name, as Flower shows it.
-        events: whether to send Flower its task event per call (the worker's task events are on).
+        events: the exchange of the worker's task events (Celery's ``event_exchange``, where Flower
+            listens), or ``None`` when task events are off.
     """
 
-    def __init__(self, distribution: Distribution, threads: int, hostname: str, events: bool = True) -> None:
+    def __init__(
+        self, distribution: Distribution, threads: int, hostname: str, events: kombu.entity.Exchange | None
+    ) -> None:
         super().__init__(distribution, threads, hostname)
         self.events = events
 
@@ -584,7 +597,13 @@ class AmqpFastPath(FastPath):
                     # One attempt: this loop's own pause between attempts is the retry.
                     connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
                     channel = connection.channel()
-                    events = _TaskEvents(channel, self.hostname) if self.events else None
+                    events = None
+                    if self.events is not None:
+                        # Declared on each connection, as Celery's dispatcher does before it publishes: on a
+                        # broker where nobody declared it yet, a publish to it closed this connection.
+                        bound: Any = self.events(channel)  # kombu leaves declare() unannotated
+                        bound.declare()
+                        events = _TaskEvents(channel, self.hostname, self.events.name)
                     consumer = _Consumer(
                         channel,
                         queues=[queue],
@@ -668,14 +687,15 @@ class AmqpFastPath(FastPath):
 class _TaskEvents:
     """The task events a RabbitMQ serving thread holds until it sends them together (see EVENT_IDLE).
 
-    Published on the thread's channel as Celery's dispatcher publishes them (exchange ``celeryev``, the
-    worker's hostname in the headers): one event under its own routing key (``task.succeeded``), several
+    Published on the thread's channel as Celery's dispatcher publishes them (to the worker's event exchange,
+    its hostname in the headers): one event under its own routing key (``task.succeeded``), several
     as one ``task.multi`` list. Through a kombu Producer, preparing a message cost as much as publishing it.
     """
 
-    def __init__(self, channel: Any, hostname: str) -> None:
+    def __init__(self, channel: Any, hostname: str, exchange: str) -> None:
         self.channel = channel
         self.headers = {"hostname": hostname}
+        self.exchange = exchange
         self.held: list[tuple[str, str]] = []  # (event type, its JSON)
         self.since = 0.0
 
@@ -709,7 +729,7 @@ class _TaskEvents:
         message = self.channel.prepare_message(
             body.encode(), 0, "application/json", "utf-8", self.headers, {"delivery_mode": 1}
         )
-        self.channel.basic_publish(message, exchange="celeryev", routing_key=routing_key)
+        self.channel.basic_publish(message, exchange=self.exchange, routing_key=routing_key)
 
 
 def _shown(request: Any) -> dict[str, str]:

@@ -211,12 +211,13 @@ def mark_redelivered(message: dict[str, Any]) -> dict[str, Any]:
     return message
 
 
-def encode_event(event: dict[str, Any], hostname: str) -> bytes:
-    """The bytes a worker's event dispatcher publishes for ``event`` (a dict with its ``type``; a task's
-    event carries its ``uuid``, which serves as the delivery tag: one event per call on the fast path)."""
+def encode_event(event: dict[str, Any], hostname: str, exchange: str) -> bytes:
+    """The bytes a worker's event dispatcher publishes on Redis for ``event`` (a dict with its ``type``) to
+    the event exchange ``exchange``; a task's event carries its ``uuid``, which serves as the delivery tag:
+    one event per call on the fast path."""
     properties = {
         "delivery_mode": 1,
-        "delivery_info": {"exchange": "celeryev", "routing_key": event["type"].replace("-", ".")},
+        "delivery_info": {"exchange": exchange, "routing_key": event["type"].replace("-", ".")},
         "priority": 0,
         "body_encoding": "utf-8",
         "delivery_tag": str(event.get("uuid") or uuid.uuid4()),

@@ -86,3 +86,5 @@ api.service("articles").hooks(
 api.service("probe").hooks({"before": {"get": lambda ctx: ctx.params.setdefault("hooked", True) and None}})
 distribution = distribute(api, settings)
 app = distribution.celery
+if exchange := os.environ.get("TEST_EVENT_EXCHANGE"):
+    app.conf.event_exchange = exchange  # the worker's events go there (tests/faults/test_event_exchange.py)

@@ -1,0 +1,89 @@
+"""A fast-path worker sends its task events to its own event exchange (Celery's ``event_exchange``), and
+declares it first, as Celery's event dispatcher does.
+
+Found on a fresh RabbitMQ: the fast path published its events to ``celeryev`` by name, and nobody had
+declared that exchange yet (no Flower, and a worker run ``--without-heartbeat`` sends no ``worker-online``
+that would have). Each publish to the missing exchange closed the serving connection: the next call waited
+half a second for a new one, and the events held were lost. A worker whose ``event_exchange`` was not
+``celeryev`` sent its fast-path events where its Flower does not listen, on either broker.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from kombu import Connection
+
+from celery_services import finalize
+from celery_services.testing import wait_for
+
+from ..support import Provider, amqp_provider, cleanup, fresh_prefix, make_caller, registered_provider
+from ..test_flower import TaskEvents
+
+NOT_REACHED = "fast path cannot reach its queue"
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    yield from fresh_prefix(redis_url, "evx")
+
+
+def exchange_exists(broker: str, name: str) -> bool:
+    """Whether RabbitMQ knows the exchange ``name`` (a passive declaration, on a connection of our own)."""
+    with Connection(broker) as connection:
+        channel = connection.channel()
+        try:
+            channel.exchange_declare(name, "topic", passive=True)
+        except connection.channel_errors:
+            return False
+        return True
+
+
+def delete_exchange(broker: str, name: str) -> None:
+    """Delete what the test's own exchange left: on RabbitMQ the exchange, on Redis its binding tables."""
+    with Connection(broker) as connection:
+        if broker.startswith("amqp"):
+            connection.channel().exchange_delete(name)
+        else:
+            client = connection.default_channel.client
+            client.delete(f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("broker", ["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+def test_task_events_go_to_the_workers_own_event_exchange_declared_first(
+    broker: str, request: pytest.FixtureRequest, redis_url: str, prefix: str
+) -> None:
+    exchange = f"cs-events-{uuid.uuid4().hex[:8]}"  # declared by nobody else: a fresh broker's celeryev
+    extra = {"TEST_EVENT_EXCHANGE": exchange}
+    prov: Provider
+    if broker == "redis":
+        prov = registered_provider(redis_url, prefix, "evx", **extra)
+    else:
+        prov = amqp_provider("evx", request.getfixturevalue("rabbitmq_url"), redis_url, prefix, **extra)
+    app, distribution = make_caller(prov, prefix)
+    worker = prov.worker()
+    worker.command.append("--without-heartbeat")  # no worker-online event declares the exchange first
+    try:
+        with worker:
+            assert "fast path serving queue" in worker.log()
+            probe = distribution.remote_service(prov.key, "probe", ["get"])
+            for _ in range(5):  # each call's event is sent once the next call is late (EVENT_IDLE)
+                probe.get(1, {})
+            if broker == "rabbitmq":
+                wait_for(lambda: exchange_exists(prov.broker, exchange), 5, what=f"exchange {exchange}")
+            name = f"{prov.key}.probe.get"
+            with TaskEvents(prov.broker, exchange) as events:
+
+                def heard() -> bool:  # calls until the receiver, bound meanwhile, hears one of them
+                    probe.get(1, {})
+                    return any(e["type"] == "task-succeeded" for e in events.received(name))
+
+                wait_for(heard, 15, interval=0.1, what=f"a task event of {name} on {exchange}")
+            assert NOT_REACHED not in worker.log()
+    finally:
+        finalize(app)
+        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
+        delete_exchange(prov.broker, exchange)
