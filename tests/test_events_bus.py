@@ -169,6 +169,24 @@ def test_envelope_keeps_data_beside_routing_fields(broker: Broker) -> None:
     assert (publisher.published, publisher.publish_failures, consumer.received) == (1, 0, 1)
 
 
+def test_on_redis_an_event_nobody_is_bound_for_is_neither_encoded_nor_sent(redis_broker: Broker) -> None:
+    # kombu routes a Redis event from the exchange's binding set: asked first, an event nobody hears costs
+    # no encoding (data that cannot be serialized would fail it) and no message.
+    publisher = redis_broker.bus()
+    assert publisher.publish("app", "articles", "created", 0) is True  # the first one connects
+    assert publisher.publish("app", "articles", "created", object()) is True  # never encoded
+    assert (publisher.published, publisher.unheard, publisher.publish_failures) == (1, 1, 0)
+    got = Collector()
+    consumer = redis_broker.bus(consumer_key="gw", on_event=got)
+    consumer.bind("app", "articles", "created")
+    consumer.start()
+    assert publisher.publish("app", "articles", "created", object()) is False  # heard: encoded, refused
+    assert publisher.publish("app", "articles", "updated", 2) is True  # bound for another event only
+    assert publisher.publish("app", "articles", "created", 3) is True
+    assert [envelope.data for envelope in got.wait_for(1)] == [3]
+    assert (publisher.published, publisher.unheard, publisher.publish_failures) == (2, 2, 1)
+
+
 def test_filtering_happens_at_the_broker(broker: Broker) -> None:
     got = Collector()
     consumer = broker.bus(consumer_key="gw", on_event=got)

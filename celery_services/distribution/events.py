@@ -185,6 +185,9 @@ class EventBus:
             publish stuck on it), since the bus was made.
         publish_failures: every event not published: ``dropped`` plus invalid ones (bad names, data that
             cannot be serialized).
+        unheard: events not sent since no queue was bound for them: on Redis only, where the bus asks the
+            binding set kombu routes by before it encodes an event (so data that cannot be serialized
+            counts in ``publish_failures`` only once someone listens).
         received: events handed to ``on_event``.
     """
 
@@ -281,6 +284,10 @@ class EventBus:
     def publish_failures(self) -> int:
         return self._publisher.publish_failures
 
+    @property
+    def unheard(self) -> int:
+        return self._publisher.unheard
+
     # Publishing.
 
     def publish(
@@ -293,7 +300,8 @@ class EventBus:
         *,
         headers: dict[str, Any] | None = None,
     ) -> bool:
-        """Publish one event; thread-safe, never raises, returns whether the broker took it.
+        """Publish one event; thread-safe, never raises, returns whether the broker took it (``True`` too
+        when nobody was bound for it on Redis: nothing sent, nothing lost; counted in ``unheard``).
 
         On a broker error: counts the event in ``dropped`` (and ``publish_failures``), returns False, and
         fails fast for a moment; the drops are reported at WARNING, rate-limited (see the class).
@@ -302,6 +310,8 @@ class EventBus:
         """
         try:
             key_ = routing_key(key, path, event)
+            if not self._publisher.heard(key_):
+                return True  # nobody bound for it (Redis): not encoded, nor sent
             body = EventEnvelope(key=key, path=path, event=event, data=data, context=context or {})
             payload = body.model_dump_json()
         except Exception as exc:  # bad names, data pydantic cannot serialize
