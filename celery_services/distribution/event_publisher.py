@@ -8,7 +8,8 @@ reporting the drops at WARNING at most every few seconds.
 
 On Redis there is no broker-side routing: kombu's producer routes each message itself, from the binding set
 ``_kombu.binding.<exchange>`` that the consuming half keeps right (see :mod:`.event_consumer`). So the bus
-can ask first whether anyone is bound (:meth:`EventPublisher.heard`), and not encode an event nobody hears.
+publisher reads that set first, and neither encodes nor sends an event nobody is bound for (kombu's publish
+then routes by the same read: :func:`.redis_transport.routing_by`).
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 import kombu.messaging
 
+from .redis_transport import bound_queues, routing_by
+
 if TYPE_CHECKING:
     from .events import Broker
 
-__all__ = ["EventPublisher"]
+__all__ = ["EventPublisher", "Payload"]
 
 log = logging.getLogger("celery_services.events")  # the bus's one logger (see events.py)
 
@@ -37,6 +40,9 @@ _COOLDOWN = (0.5, 5.0)  # after broker errors, publishes fail at once for 0.5 s,
 # bury everything else, and a single one would hide how much was lost. Counts are reported this often.
 _REPORT_INTERVAL = 5.0
 _LOCK_TIMEOUT = 1.0
+
+#: An event's JSON, or a function that makes it (called only when someone is bound for the event).
+Payload = str | Callable[[], str]
 
 
 @dataclass
@@ -61,7 +67,7 @@ class EventPublisher:
         published: events the broker took.
         dropped: events the broker could not take (down, erroring, or a publish stuck on it).
         publish_failures: ``dropped`` plus the events :meth:`reject` counted.
-        unheard: events not sent since no queue was bound for them (Redis only, see :meth:`heard`).
+        unheard: events not sent since no queue was bound for them (Redis only, see :meth:`publish`).
     """
 
     def __init__(self, broker: Broker, exchange: Any) -> None:
@@ -74,10 +80,20 @@ class EventPublisher:
         self._last_error = ""
         self._closed = False
 
-    def publish(self, routing_key: str, payload: str, headers: dict[str, Any] | None = None) -> bool:
+    def publish(self, routing_key: str, payload: Payload, headers: dict[str, Any] | None = None) -> bool:
         """Publish one JSON ``payload`` under ``routing_key``; returns whether the broker took it.
 
-        ``headers``: message headers (an event's trace context, see :mod:`.observability`).
+        ``payload``: the JSON, or a function that makes it, called only when a queue is bound for the
+        event; if it raises, the event is counted by :meth:`reject`. ``headers``: message headers (an
+        event's trace context, see :mod:`.observability`).
+
+        On Redis kombu's producer routes each message itself, from the exchange's binding set: that set is
+        read here first, and an event nobody is bound for is neither made nor sent (counted in ``unheard``;
+        ``True``: nothing was to be delivered). Sent through kombu's layers to be routed nowhere, a 100 KB
+        ``created`` cost about a third of a provider's time per call (``benchmarks/calls.py``). kombu's
+        publish then routes by the same read: one read of the set per event, as before. A listener that
+        binds meanwhile misses the event, as it would had the event been sent a moment earlier (its binding
+        is at the broker once ``bind`` returns). RabbitMQ routes at the broker, and cannot be asked.
 
         On a broker error: counts the event in ``dropped`` (and ``publish_failures``), returns False, and
         fails fast for a moment (0.5 s, doubling on each failure up to 5 s); the drops are reported at
@@ -94,21 +110,36 @@ class EventPublisher:
                 channel = conn.channel()
                 self.exchange(channel).declare()  # once, not re-checked on every publish
                 self._producer = Producer(channel, exchange=self.exchange, auto_declare=False)
-            self._producer.publish(
-                payload,
-                routing_key=routing_key,
-                content_type="application/json",
-                content_encoding="utf-8",
-                headers=headers,
-                delivery_mode=2,
-                retry=True,
-                retry_policy=self.broker.retry_policy,
-            )
+            producer, name = self._producer, self.exchange.name
+            table = None
+            if self.broker.redis:
+                try:
+                    table = producer.channel.get_table(name)
+                except producer.connection.connection_errors as exc:
+                    # kombu's publish below retries on a revived connection and reads the set itself
+                    log.debug("binding set of %s not read: %r", name, exc)
+                if table is not None and not bound_queues(producer.channel, name, table, routing_key):
+                    with self._count_lock:
+                        self.unheard += 1
+                    return self._took()
+            if callable(payload):
+                try:
+                    payload = payload()
+                except Exception as exc:  # data pydantic cannot serialize
+                    return self.reject("event %s not published: %s", routing_key, exc)
+            with routing_by(producer.channel, name, table):
+                producer.publish(
+                    payload,
+                    routing_key=routing_key,
+                    content_type="application/json",
+                    content_encoding="utf-8",
+                    headers=headers,
+                    delivery_mode=2,
+                    retry=True,
+                    retry_policy=self.broker.retry_policy,
+                )
             self.published += 1
-            self._cooldown = _COOLDOWN[0]
-            if self._outage is not None:
-                self._recovered()
-            return True
+            return self._took()
         except Exception as exc:
             self._release_producer()
             self._down_until = time.monotonic() + self._cooldown
@@ -118,36 +149,12 @@ class EventPublisher:
         finally:
             self._publish_lock.release()
 
-    def heard(self, routing_key: str) -> bool:
-        """Whether an event of ``routing_key`` would reach a queue, where that can be known before it is
-        encoded: on Redis, from the binding set kombu's producer routes it by (the same lookup, made first).
-        An event nobody is bound to was encoded and sent through kombu's layers there, to be routed
-        nowhere: for a 100 KB ``created`` about a third of a provider's time per call
-        (``benchmarks/calls.py``). Not heard: counted in ``unheard`` and ``False``.
-
-        ``True`` on RabbitMQ, which routes at the broker and cannot be asked, and whenever in doubt (no
-        connection yet, in a cooldown, a lookup that failed): the publish that follows deals with those.
-        A listener that binds meanwhile misses the event, as it would if the event had been sent a moment
-        earlier: its binding is at the broker only once ``bind`` returns.
-        """
-        if not self.broker.redis or time.monotonic() < self._down_until:
-            return True
-        if not self._publish_lock.acquire(timeout=_LOCK_TIMEOUT):
-            return True
-        try:
-            if self._producer is None:
-                return True
-            queues = self._producer.channel._lookup(self.exchange.name, routing_key)
-        except Exception as exc:
-            log.debug("bindings of %s not read: %r", routing_key, exc)
-            return True
-        finally:
-            self._publish_lock.release()
-        if queues:
-            return True
-        with self._count_lock:
-            self.unheard += 1
-        return False
+    def _took(self) -> bool:
+        """The broker answered (under the publish lock): an outage, if any, is over."""
+        self._cooldown = _COOLDOWN[0]
+        if self._outage is not None:
+            self._recovered()
+        return True
 
     def reject(self, msg: str, *args: Any) -> bool:
         """Count one event that could not be encoded in ``publish_failures``, log ``msg % args`` (WARNING).

@@ -310,12 +310,13 @@ class EventBus:
         """
         try:
             key_ = routing_key(key, path, event)
-            if not self._publisher.heard(key_):
-                return True  # nobody bound for it (Redis): not encoded, nor sent
-            body = EventEnvelope(key=key, path=path, event=event, data=data, context=context or {})
-            payload = body.model_dump_json()
-        except Exception as exc:  # bad names, data pydantic cannot serialize
+        except ValueError as exc:
             return self._publisher.reject("event %s %s %s not published: %s", key, path, event, exc)
+
+        def payload() -> str:  # made only if someone is bound for the event (on Redis: see the publisher)
+            body = EventEnvelope(key=key, path=path, event=event, data=data, context=context or {})
+            return body.model_dump_json()
+
         if hooks.on:  # tracing or metrics: the trace context in its headers, counted (observability.py)
             return publish(self._publisher.publish, key_, payload, (key, path, event), headers)
         return self._publisher.publish(key_, payload, headers)

@@ -42,6 +42,7 @@ from .protocol import split_task_name
 
 if TYPE_CHECKING:
     from .distribution import Distribution
+    from .event_publisher import Payload
     from .events import EventEnvelope
     from .provider import Answer
 
@@ -285,7 +286,7 @@ def event_headers() -> dict[str, str] | None:
 def publish(
     send: Callable[..., bool],
     routing_key: str,
-    payload: str,
+    payload: Payload,
     address: tuple[str, str, str],
     headers: dict[str, Any] | None,
 ) -> bool:
