@@ -7,7 +7,7 @@ taken with a timeout, then a cooldown during which publishes fail at once; and i
 reporting the drops at WARNING at most every few seconds.
 
 On Redis there is no broker-side routing: kombu's producer routes each message itself, from the binding set
-``_kombu.binding.<exchange>`` that the consuming half keeps right (see :mod:`.event_consumer`). So the bus
+``_kombu.binding.<exchange>`` that the consuming half keeps right (see :mod:`.event_consumer`). So the
 publisher reads that set first, and neither encodes nor sends an event nobody is bound for (kombu's publish
 then routes by the same read: :func:`.redis_transport.routing_by`).
 """
