@@ -597,13 +597,7 @@ class AmqpFastPath(FastPath):
                     # One attempt: this loop's own pause between attempts is the retry.
                     connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
                     channel = connection.channel()
-                    events = None
-                    if self.events is not None:
-                        # Declared on each connection, as Celery's dispatcher does before it publishes: on a
-                        # broker where nobody declared it yet, a publish to it closed this connection.
-                        bound: Any = self.events(channel)  # kombu leaves declare() unannotated
-                        bound.declare()
-                        events = _TaskEvents(channel, self.hostname, self.events.name)
+                    events = self._task_events(connection, channel)
                     consumer = _Consumer(
                         channel,
                         queues=[queue],
@@ -638,6 +632,31 @@ class AmqpFastPath(FastPath):
                     failing = True
                 self._stop.wait(RETRY_INTERVAL)
         replies.release()
+
+    def _task_events(self, connection: Any, channel: Any) -> _TaskEvents | None:
+        """What holds and sends the task events of the calls served on ``channel`` (``None``: none sent).
+
+        The worker's event exchange is declared first, on each connection, as Celery's dispatcher declares
+        it before it publishes: on a broker where nobody had declared it yet, each publish to it closed the
+        serving connection. Declared on a channel of its own: if an exchange of that name exists with other
+        properties, the refusal closes that channel only, and the calls are served without their events
+        (Celery's own dispatcher fails the same way, and its worker still runs tasks).
+        """
+        if self.events is None:
+            return None
+        try:
+            declaring = connection.channel()
+            try:
+                bound: Any = self.events(declaring)  # kombu leaves declare() unannotated
+                bound.declare()
+            finally:
+                declaring.close()
+        except connection.channel_errors as exc:
+            log.warning(
+                "task events off on this connection: exchange %s not declared: %r", self.events.name, exc
+            )
+            return None
+        return _TaskEvents(channel, self.hostname, self.events.name)
 
     def _on_message(
         self, index: int, events: _TaskEvents | None, replies: HeldConnection, message: Any

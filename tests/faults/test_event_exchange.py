@@ -87,3 +87,30 @@ def test_task_events_go_to_the_workers_own_event_exchange_declared_first(
         finalize(app)
         cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
         delete_exchange(prov.broker, exchange)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.rabbitmq
+def test_calls_are_served_when_the_event_exchange_cannot_be_declared(
+    rabbitmq_url: str, redis_url: str, prefix: str
+) -> None:
+    # An exchange of that name exists with other properties (a fanout, not Celery's topic): declaring it
+    # fails (PRECONDITION_FAILED), as every publish of Celery's own dispatcher would. Flower then misses
+    # the fast path's events, but its calls are served: they do not wait on a connection retried forever.
+    exchange = f"cs-events-{uuid.uuid4().hex[:8]}"
+    with Connection(rabbitmq_url) as connection:
+        connection.channel().exchange_declare(exchange, "fanout", durable=False, auto_delete=False)
+    prov = amqp_provider("evx", rabbitmq_url, redis_url, prefix, TEST_EVENT_EXCHANGE=exchange)
+    app, distribution = make_caller(prov, prefix)
+    try:
+        with prov.worker() as worker:
+            assert "fast path serving queue" in worker.log()
+            probe = distribution.remote_service(prov.key, "probe", ["get"])
+            for n in range(3):
+                assert probe.get(n, {"timeout": 5})["id"] == n
+            assert "task events off on this connection" in worker.log()
+            assert NOT_REACHED not in worker.log()
+    finally:
+        finalize(app)
+        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
+        delete_exchange(prov.broker, exchange)
