@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import loads
+from .protocol import dumps, loads
 
 __all__ = [
     "DEFAULT_HEADERS",
@@ -157,7 +157,7 @@ def _kombu_message(body: str, headers: dict[str, Any], properties: dict[str, Any
         "headers": headers,
         "properties": properties,
     }
-    return f'{{"body": "{text}", {json.dumps(rest)[1:]}'.encode()
+    return f'{{"body": "{text}", {dumps(rest)[1:]}'.encode()
 
 
 def decode_task(raw: bytes) -> TaskMessage:
@@ -222,4 +222,6 @@ def encode_event(event: dict[str, Any], hostname: str, exchange: str) -> bytes:
         "body_encoding": "utf-8",
         "delivery_tag": str(event.get("uuid") or uuid.uuid4()),
     }
+    # json.dumps, not pydantic's encoder: an error's message or traceback may hold a lone surrogate, which
+    # only json.dumps writes (escaped); the event goes out after the reply, off the caller's path.
     return _kombu_message(json.dumps(event), {"hostname": hostname}, properties)
