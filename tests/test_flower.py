@@ -40,7 +40,7 @@ from celery_services import (
 from celery_services.testing import wait_for
 from celery_services.testing.brokers import free_port
 
-from .support import Provider, cleanup, make_caller, provider_env, purge_prefix
+from .support import Provider, amqp_provider, cleanup, make_caller, provider_env, purge_prefix
 from .test_cli import CLI, FLOWER_COMMAND
 
 #: The secrets a call carries in ``user``, ``authentication`` and its credential headers.
@@ -347,10 +347,8 @@ def test_on_rabbitmq_calls_served_back_to_back_send_their_task_events_together(
     # A serving thread holds the events of the calls it serves back to back and publishes them as one
     # task.multi list, as Celery's dispatcher batches them: fewer publishes, and each call still heard once.
     prefix = f"cs-batch-{uuid.uuid4().hex[:6]}"
-    key = f"batch-{uuid.uuid4().hex[:8]}"
-    runs = f"test-runs:{key}"
-    env = provider_env(key, rabbitmq_url, redis_url, runs, CELERY_SERVICES_REGISTRY_PREFIX=prefix)
-    provider = Provider(key, rabbitmq_url, redis_url, runs, env)
+    provider = amqp_provider("batch", rabbitmq_url, redis_url, prefix)
+    key, runs = provider.key, provider.runs_key
     app, distribution = make_caller(provider, prefix)
     name = f"{key}.articles.create"
     try:

@@ -41,16 +41,6 @@ def exchange_exists(broker: str, name: str) -> bool:
         return True
 
 
-def delete_exchange(broker: str, name: str) -> None:
-    """Delete what the test's own exchange left: on RabbitMQ the exchange, on Redis its binding tables."""
-    with Connection(broker) as connection:
-        if broker.startswith("amqp"):
-            connection.channel().exchange_delete(name)
-        else:
-            client = connection.default_channel.client
-            client.delete(f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")
-
-
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("broker", ["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
 def test_task_events_go_to_the_workers_own_event_exchange_declared_first(
@@ -85,8 +75,7 @@ def test_task_events_go_to_the_workers_own_event_exchange_declared_first(
             assert NOT_REACHED not in worker.log()
     finally:
         finalize(app)
-        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
-        delete_exchange(prov.broker, exchange)
+        cleanup(prov.broker, redis_url, prov.key, prov.runs_key, exchange)  # the exchange too, by name
 
 
 @pytest.mark.timeout(60)
@@ -112,5 +101,4 @@ def test_calls_are_served_when_the_event_exchange_cannot_be_declared(
             assert NOT_REACHED not in worker.log()
     finally:
         finalize(app)
-        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
-        delete_exchange(prov.broker, exchange)
+        cleanup(prov.broker, redis_url, prov.key, prov.runs_key, exchange)  # the exchange too, by name
