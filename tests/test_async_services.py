@@ -122,6 +122,15 @@ def test_a_blocking_service_stays_blocking_and_is_awaitable_off_the_loop() -> No
 
         memory.hooks({"before": {"find": [async_hook]}})
         assert memory.is_async("find") and not memory.is_async("get")  # only the calls that run it
+
+        async def replaced(id: object, params: object = None) -> dict[str, int]:
+            return {"replaced": 1}
+
+        memory.service.get = replaced  # type: ignore[method-assign]  # an answer kept per method follows it
+        assert memory.is_async("get")
+        assert await memory.get(0) == {"replaced": 1}
+        del memory.service.get
+        assert not memory.is_async("get")
         assert await memory.find() == [{"n": 1, "id": 0}]
         assert threads[-1] == f"hook:{loop_thread}"
 

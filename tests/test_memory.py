@@ -7,6 +7,7 @@ Alice 19), as the Feathers suite does.
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -764,6 +765,19 @@ def test_returned_items_are_copies(service: MemoryService) -> None:
         item["tags"].append("b")
         item["address"]["city"] = "Rome"
     assert service.get(0) == {"name": "Doug", "tags": ["a"], "address": {"city": "Paris"}, "age": 2, "id": 0}
+
+
+def test_values_of_any_type_are_copied(service: MemoryService) -> None:
+    # Dicts and lists are copied by the service itself, anything else by copy.deepcopy.
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    created = service.create({"when": when, "pair": ([1], 2), "set": {3}, "nested": [{"deep": [[4]]}]})
+    created["pair"][0].append(9)
+    created["set"].add(9)
+    created["nested"][0]["deep"][0].append(9)
+    got = service.get(0)
+    assert got == {"when": when, "pair": ([1], 2), "set": {3}, "nested": [{"deep": [[4]]}], "id": 0}
+    got["pair"][0].append(8)
+    assert service.get(0)["pair"] == ([1], 2)
 
 
 def test_input_data_is_copied(service: MemoryService) -> None:

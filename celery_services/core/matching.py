@@ -47,13 +47,26 @@ class Query:
     """A validated ``params["query"]``: the item predicate and the filters."""
 
     match: Predicate
-    sort: list[tuple[str, int]]
+    sort: tuple[tuple[str, int], ...]
     skip: int
     limit: int | None
-    select: list[str] | None
+    select: tuple[str, ...] | None
+
+
+def _anything(item: Item) -> bool:
+    return True
+
+
+#: The query of no condition and no filter: made once (a frozen dataclass costs a call 2 us to build).
+_EVERYTHING = Query(match=_anything, sort=(), skip=0, limit=None, select=None)
 
 
 def _all(checks: list[Predicate]) -> Predicate:
+    # A query of one condition, or none (every get), is checked without a generator per item.
+    if not checks:
+        return _anything
+    if len(checks) == 1:
+        return checks[0]
     return lambda item: all(check(item) for check in checks)
 
 
@@ -113,9 +126,9 @@ def _count(name: str, value: Any) -> int | None:
     return value
 
 
-def _parse_sort(value: Any) -> list[tuple[str, int]]:
+def _parse_sort(value: Any) -> tuple[tuple[str, int], ...]:
     if value is None:
-        return []
+        return ()
     if not isinstance(value, Mapping):
         raise BadRequest("$sort must be an object of field: 1 | -1")
     orders = []
@@ -124,15 +137,15 @@ def _parse_sort(value: Any) -> list[tuple[str, int]]:
         if isinstance(direction, bool) or direction not in (1, -1, "1", "-1"):
             raise BadRequest(f"$sort direction of '{field}' must be 1 or -1")
         orders.append((str(field), int(direction)))
-    return orders
+    return tuple(orders)
 
 
-def _parse_select(value: Any) -> list[str] | None:
+def _parse_select(value: Any) -> tuple[str, ...] | None:
     if value is None:
         return None
     if not isinstance(value, (list, tuple)) or not all(isinstance(field, str) for field in value):
         raise BadRequest("$select must be a list of field names")
-    return list(value)
+    return tuple(value)
 
 
 def parse_query(params: Params | None) -> Query:
@@ -146,6 +159,8 @@ def parse_query(params: Params | None) -> Query:
     query = (params or {}).get("query") or {}
     if not isinstance(query, Mapping):
         raise BadRequest("params['query'] must be an object")
+    if not query:  # most calls: a get or a find of everything
+        return _EVERYTHING
     conditions = {key: value for key, value in query.items() if key not in _FILTERS}
     return Query(
         match=_compile(conditions),

@@ -25,6 +25,25 @@ __all__ = ["MemoryService"]
 
 Id: TypeAlias = int | str
 
+_ATOMS = frozenset({str, int, float, bool, type(None)})
+
+
+def _clone(value: Any) -> Any:
+    """A deep copy of ``value``: its dicts and lists (the shape of JSON, most items) copied here, anything
+    else by :func:`copy.deepcopy`, whose memo and dispatch cost a small item's ``get`` a third of its time.
+
+    Unlike ``deepcopy``, a dict or list met twice in ``value`` is copied twice (an item is data, not a
+    graph of shared objects).
+    """
+    kind = type(value)
+    if kind in _ATOMS:
+        return value
+    if kind is dict:
+        return {key: _clone(item) for key, item in value.items()}
+    if kind is list:
+        return [_clone(item) for item in value]
+    return copy.deepcopy(value)
+
 
 class MemoryService(Service):
     """An in-memory CRUD service with Feathers' adapter query syntax.
@@ -57,7 +76,7 @@ class MemoryService(Service):
         self._lock = threading.RLock()
         self._next_id = start_id
         self._store: dict[Id, Item] = {
-            key: {**copy.deepcopy(dict(item)), id_field: key} for key, item in (store or {}).items()
+            key: {**_clone(dict(item)), id_field: key} for key, item in (store or {}).items()
         }
 
     def find(self, params: Params | None = None) -> list[Item] | dict[str, Any]:
@@ -123,7 +142,7 @@ class MemoryService(Service):
         if not all(isinstance(entry, Mapping) for entry in batch):
             raise BadRequest("Data must be an object or a list of objects")
         query = parse_query(params)
-        items = [copy.deepcopy(dict(entry)) for entry in batch]
+        items = [_clone(dict(entry)) for entry in batch]
         for item in items:
             self._check_id(item.get(self.id_field))
         with self._lock:
@@ -146,7 +165,7 @@ class MemoryService(Service):
         if not isinstance(data, Mapping):
             raise BadRequest("Data must be an object")
         query = parse_query(params)
-        item = {**copy.deepcopy(dict(data)), self.id_field: id}
+        item = {**_clone(dict(data)), self.id_field: id}
         with self._lock:
             self._get_item(id, query)
             self._store[id] = item
@@ -173,7 +192,7 @@ class MemoryService(Service):
             raise BadRequest("Data must be an object")
         query = parse_query(params)
         # Copied once: stored items are never mutated in place, so they may share these values.
-        changes = {key: copy.deepcopy(value) for key, value in data.items() if key != self.id_field}
+        changes = {key: _clone(value) for key, value in data.items() if key != self.id_field}
         with self._lock:
             patched = []
             for key, item in self._targets(id, query):
@@ -240,8 +259,9 @@ class MemoryService(Service):
             return [(key, item) for key, item in self._store.items() if query.match(item)]
         return [(id, self._get_item(id, query))]
 
-    def _select(self, item: Item, fields: list[str] | None) -> Item:
+    def _select(self, item: Item, fields: tuple[str, ...] | None) -> Item:
         """A deep copy of ``item``, cut to ``fields`` (plus the id field) when ``$select`` names some."""
         if fields is not None:
             item = {key: value for key, value in item.items() if key in fields or key == self.id_field}
-        return copy.deepcopy(item)
+        copied: Item = _clone(item)
+        return copied

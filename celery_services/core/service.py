@@ -129,6 +129,7 @@ class ServiceWrapper(EventEmitter):
         self.custom_methods: tuple[str, ...] = tuple(m for m in dict.fromkeys(methods) if m not in SIGNATURES)
         self.custom_events: tuple[str, ...] = tuple(e for e in dict.fromkeys(events) if e not in _STD_EVENTS)
         self._hooks = Hooks()
+        self._async_methods: dict[str, tuple[object, bool]] = {}  # see is_async
         #: This service's publish filter (see :meth:`publish`).
         self.publisher: Publisher | None = None
 
@@ -283,7 +284,13 @@ class ServiceWrapper(EventEmitter):
     def is_async(self, method: str) -> bool:
         """Whether :meth:`call` of ``method`` gives a coroutine: the service's method, or one of the hooks
         such a call runs, is ``async def``."""
-        if is_async_callable(getattr(self.service, method_attribute(method), None)):
+        function = getattr(self.service, method_attribute(method), None)
+        # The answer for the method's function, kept: inspect's test cost a blocking call a tenth of its time.
+        plain = getattr(function, "__func__", function)
+        known = self._async_methods.get(method)
+        if known is None or known[0] is not plain:
+            known = self._async_methods[method] = (plain, is_async_callable(function))
+        if known[1]:
             return True
         levels = [hooks for hooks in (self.app.hook_table, self._hooks) if hooks.has_async]
         return any(
