@@ -113,6 +113,10 @@ def test_a_task_event_reads_back_as_the_worker_dispatcher_writes_it() -> None:
     assert message["headers"] == {"hostname": "w@host"}
     assert message["properties"]["delivery_info"] == {"exchange": "celeryev", "routing_key": "task.succeeded"}
     assert message["properties"]["delivery_tag"] == "c1"
+    # An error's text may hold a lone surrogate (from a plain caller's JSON): pydantic's encoder refuses
+    # it, the event is still written.
+    failed = {"type": "task-failed", "uuid": "c2", "exception": "NotFound(404): no '\ud800'"}
+    assert json.loads(json.loads(encode_event(failed, "w@host", "celeryev"))["body"]) == failed
 
 
 def test_a_redelivered_message_is_counted_and_gets_a_new_tag() -> None:

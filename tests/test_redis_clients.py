@@ -9,7 +9,12 @@ import time
 import pytest
 import redis
 
-from celery_services.distribution.redis_clients import async_redis_client, connecting_by, redis_client
+from celery_services.distribution.redis_clients import (
+    async_redis_client,
+    connecting_by,
+    pack_commands,
+    redis_client,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -58,3 +63,19 @@ def test_an_asyncio_connection_opened_for_a_call_keeps_its_configured_timeouts(r
             await client.aclose()
 
     asyncio.run(scenario())
+
+
+def test_commands_are_packed_as_redis_py_packs_them_and_sent_in_one_write(redis_url: str) -> None:
+    client = redis_client(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+    connection = client.connection_pool.get_connection()
+    try:
+        key = f"cs-pack-{time.time_ns()}"
+        commands = [("LPUSH", key, b"\x00\xff bytes", "text é"), ("PEXPIRE", key, 5000), ("BLPOP", key, 0.25)]
+        packed = pack_commands(commands)
+        assert packed == [b"".join(connection.pack_commands(commands))]
+        connection.send_packed_command(packed)
+        assert [connection.read_response() for _ in commands] == [2, 1, [key.encode(), "text é".encode()]]
+    finally:
+        client.connection_pool.release(connection)
+        client.delete(key)
+        client.close()

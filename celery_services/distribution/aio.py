@@ -49,7 +49,7 @@ from ..core.errors import ServiceError, Unavailable
 from .caller import READ_MARGIN, Call, Transport, connect_pauses
 from .observability import client_acall, hooks
 from .protocol import reply_key
-from .redis_clients import RedisOptions, async_redis_client, connecting_by
+from .redis_clients import RedisOptions, async_redis_client, connecting_by, pack_commands
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -200,7 +200,7 @@ class AsyncTransport:
                     else:
                         push = ("LPUSH", self.transport.queue_key(call.key), message)
                         pop = ("BLPOP", key, max(remaining, 0.001))
-                        await connection.send_packed_command(connection.pack_commands([push, pop]))
+                        await connection.send_packed_command(pack_commands([push, pop]))
                         await _read(connection, remaining + READ_MARGIN)
                         queued = True
                     reply = await _read(connection, remaining + READ_MARGIN)

@@ -54,7 +54,7 @@ from .protocol import (
     safe_params,
     task_name,
 )
-from .redis_clients import HeldConnection, connecting_by
+from .redis_clients import HeldConnection, connecting_by, pack_commands
 from .signing import Signer, unsigned_body
 
 if TYPE_CHECKING:
@@ -489,11 +489,11 @@ class Transport:
                 return None
             try:
                 if queued:
-                    connection.send_command("BLPOP", key, max(remaining, 0.001))
+                    connection.send_packed_command(pack_commands([("BLPOP", key, max(remaining, 0.001))]))
                 else:
                     push = ("LPUSH", self.queue_key(call.key), message)
                     pop = ("BLPOP", key, max(remaining, 0.001))
-                    connection.send_packed_command(connection.pack_commands([push, pop]))
+                    connection.send_packed_command(pack_commands([push, pop]))
                     connection.read_response(timeout=remaining + READ_MARGIN)
                     queued = True
                 reply = connection.read_response(timeout=remaining + READ_MARGIN)

@@ -57,12 +57,13 @@ from .messages import (
     TaskMessage,
     decode_task,
     encode_event,
+    event_json,
     mark_redelivered,
     task_message,
 )
 from .protocol import HEADER_DEADLINE, HEADER_REPLY
 from .provider import Answer, SizedRequest, revoked_call, serve, unknown_task
-from .redis_clients import HeldConnection, RedisOptions, redis_client
+from .redis_clients import HeldConnection, RedisOptions, pack_commands, redis_client
 
 if TYPE_CHECKING:
     from .distribution import Distribution
@@ -457,13 +458,14 @@ class RedisFastPath(FastPath):
         # One connection held by the thread, commands written and read on it directly: redis-py's command
         # and pipeline layers cost more per call than the rest of the call's own work (DESIGN §6).
         held = HeldConnection(self.store.connection_pool)
+        take = pack_commands([("BLMOVE", self.queue, inflight, "RIGHT", "LEFT", POLL)])  # the same every time
         failing = False
         while not self._stop.is_set():
             if not self._may_take(index):
                 continue
             try:
                 connection = held.get()
-                connection.send_command("BLMOVE", self.queue, inflight, "RIGHT", "LEFT", POLL)
+                connection.send_packed_command(take)
                 raw = connection.read_response(timeout=POLL + READ_MARGIN)
                 self._waiting[index] = False
                 if failing:
@@ -543,12 +545,12 @@ class RedisFastPath(FastPath):
                 distribution.replies.push(answer.reply_to, answer.body, answer.deadline)
         commands = [*push, ("DEL", inflight)]
         try:
-            connection.send_packed_command(connection.pack_commands(commands))
+            connection.send_packed_command(pack_commands(commands))
             if self.topics is not None and event is not None:
                 fields = self._event(request, answer, received, started, event)
                 payload = encode_event(fields, self.hostname, self.topics.exchange)
                 published = [("PUBLISH", topic, payload) for topic in self.topics.channels[event]]
-                connection.send_packed_command(connection.pack_commands(published))
+                connection.send_packed_command(pack_commands(published))
                 commands += published
             results = [connection.read_response() for _ in commands]
         except (redis.RedisError, OSError, ValueError) as exc:
@@ -697,7 +699,7 @@ class AmqpFastPath(FastPath):
             else:
                 message.ack()
             if events is not None and event is not None:
-                events.hold(event, json.dumps(self._event(request, answer, received, started, event)))
+                events.hold(event, event_json(self._event(request, answer, received, started, event)))
             return True
 
         self._serve_message(task, received, finish)

@@ -29,6 +29,7 @@ __all__ = [
     "decode_task",
     "encode_event",
     "encode_task",
+    "event_json",
     "mark_redelivered",
     "task_message",
 ]
@@ -222,6 +223,16 @@ def encode_event(event: dict[str, Any], hostname: str, exchange: str) -> bytes:
         "body_encoding": "utf-8",
         "delivery_tag": str(event.get("uuid") or uuid.uuid4()),
     }
-    # json.dumps, not pydantic's encoder: an error's message or traceback may hold a lone surrogate, which
-    # only json.dumps writes (escaped); the event goes out after the reply, off the caller's path.
-    return _kombu_message(json.dumps(event), {"hostname": hostname}, properties)
+    return _kombu_message(event_json(event), {"hostname": hostname}, properties)
+
+
+def event_json(event: dict[str, Any]) -> str:
+    """A task event in JSON, as Flower reads it.
+
+    pydantic's encoder, a quarter of ``json.dumps``'s time for a call's event (2 us against 7), save for
+    an error's message or traceback holding a lone surrogate, which only ``json.dumps`` writes (escaped).
+    """
+    try:
+        return dumps(event)
+    except ValueError:
+        return json.dumps(event)

@@ -53,7 +53,7 @@ from .protocol import (
     split_task_name,
     task_name,
 )
-from .redis_clients import HeldConnection
+from .redis_clients import HeldConnection, pack_commands
 
 if TYPE_CHECKING:
     from celery import Task
@@ -172,7 +172,7 @@ class Replies:
         if commands:
             try:
                 connection = held.get()
-                connection.send_packed_command(connection.pack_commands(commands))
+                connection.send_packed_command(pack_commands(commands))
             except (redis.RedisError, OSError, ValueError) as exc:
                 connection = None
                 held.drop()

@@ -38,10 +38,12 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote, urlsplit
 
+import hiredis
 import redis
 import redis.asyncio
 import redis.asyncio.sentinel
@@ -58,6 +60,7 @@ __all__ = [
     "async_redis_client",
     "connecting_by",
     "is_redis",
+    "pack_commands",
     "is_sentinel",
     "is_tls",
     "redis_client",
@@ -75,6 +78,18 @@ MASTER_CHECK_INTERVAL = 0.5
 _connect_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
     "celery_services_connect_deadline", default=None
 )
+
+
+def pack_commands(commands: Iterable[tuple[Any, ...]]) -> list[bytes]:
+    """``commands`` in the Redis protocol, for ``send_packed_command`` (one write: a list of one chunk), each
+    packed by hiredis's C packer.
+
+    The packer redis-py itself uses, without the layers it adds around it for each command (splitting a
+    command name that holds a space, converting buffers, chunking large values): through them, packing a
+    reply's four commands cost the fast path 18 us, about a quarter of a small call's work in the worker,
+    against 2.5 us here. The library's commands are plain names and str, bytes, int or float arguments.
+    """
+    return [b"".join([hiredis.pack_command(command) for command in commands])]
 
 
 class connecting_by:
