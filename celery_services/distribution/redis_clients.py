@@ -60,9 +60,9 @@ __all__ = [
     "async_redis_client",
     "connecting_by",
     "is_redis",
-    "pack_commands",
     "is_sentinel",
     "is_tls",
+    "pack_commands",
     "redis_client",
     "sentinel_nodes",
 ]
