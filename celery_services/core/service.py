@@ -285,7 +285,7 @@ class ServiceWrapper(EventEmitter):
         """Whether :meth:`call` of ``method`` gives a coroutine: the service's method, or one of the hooks
         such a call runs, is ``async def``."""
         function = getattr(self.service, method_attribute(method), None)
-        # The answer for the method's function, kept: inspect's test cost a blocking call a tenth of its time.
+        # The answer for the method's function, kept: inspect's test took 2.5 us of a local get's 15.
         plain = getattr(function, "__func__", function)
         known = self._async_methods.get(method)
         if known is None or known[0] is not plain:
