@@ -24,7 +24,6 @@ Writes the table to ``benchmarks/results/instructions.md``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import os
 import platform
@@ -33,7 +32,6 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +39,6 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_REDIS = "redis://127.0.0.1:6379/9"
 SIDES = {
     "local": "local call: app.service('articles').get(id)",
     "caller": "caller: prepare, encode, LPUSH + BLPOP packed",
@@ -104,33 +101,10 @@ def count(side: str, calls: int, url: str) -> int:
     return int(found.group(1))
 
 
-@contextlib.contextmanager
-def redis_server(url: str | None) -> Iterator[str]:
-    """``url``, else Redis db 9 on 127.0.0.1:6379, else an embedded Redis for the run."""
-    import redis
-
-    if url:
-        yield url
-        return
-    client = redis.Redis.from_url(DEFAULT_REDIS, socket_timeout=1.0, socket_connect_timeout=1.0)
-    try:
-        client.ping()
-        yield DEFAULT_REDIS
-        return
-    except redis.RedisError:
-        pass
-    finally:
-        client.close()
-    from celery_services.testing import EmbeddedRedis
-
-    with EmbeddedRedis() as server:
-        yield server.url
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calls", type=int, default=2000, help="calls counted per side (default 2000)")
-    parser.add_argument("--backend", default=None, help=f"Redis for distribute() (default {DEFAULT_REDIS})")
+    parser.add_argument("--backend", default=None, help="Redis for distribute() (default as calls.py's)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "instructions.md")
     parser.add_argument("--child", choices=[*SIDES, "none"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -139,6 +113,8 @@ def main() -> None:
         return
     if shutil.which("valgrind") is None:
         sys.exit("valgrind is not installed (Debian package valgrind)")
+    from calls import redis_server  # this directory's: the same Redis as calls.py, or an embedded one
+
     console = Console()
     with redis_server(args.backend) as url:
         console.print("counting start-up alone ...")
