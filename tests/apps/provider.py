@@ -86,5 +86,31 @@ api.service("articles").hooks(
 api.service("probe").hooks({"before": {"get": lambda ctx: ctx.params.setdefault("hooked", True) and None}})
 distribution = distribute(api, settings)
 app = distribution.celery
+if os.environ.get("TEST_SIGNALS"):
+    from celery import signals
+
+    def signalled(name: str, sender: Any, task_id: Any, extra: str) -> None:
+        # What a receiver of Celery's task signals sees, and whether the task's request is the call's (as
+        # Django's fixup reads it): tests/faults/test_fastpath.py compares the fast path with the consumer.
+        pushed = "request" if getattr(sender.request, "id", None) == task_id else "no-request"
+        record(f"signal-{name}|{sender.name}|{task_id}|{extra}|{pushed}")
+
+    def on_prerun(sender: Any, task_id: Any, **_: Any) -> None:
+        signalled("prerun", sender, task_id, "")
+
+    def on_success(sender: Any, result: Any, **_: Any) -> None:
+        signalled("success", sender, sender.request.id, type(result).__name__)
+
+    def on_failure(sender: Any, task_id: Any, exception: Any, einfo: Any, **_: Any) -> None:
+        traced = "traceback" if type(exception).__name__ in einfo.traceback else "no-traceback"
+        signalled("failure", sender, task_id, f"{type(exception).__name__} {traced}")
+
+    def on_postrun(sender: Any, task_id: Any, state: Any, **_: Any) -> None:
+        signalled("postrun", sender, task_id, str(state))
+
+    signals.task_prerun.connect(on_prerun, weak=False)
+    signals.task_success.connect(on_success, weak=False)
+    signals.task_failure.connect(on_failure, weak=False)
+    signals.task_postrun.connect(on_postrun, weak=False)
 if exchange := os.environ.get("TEST_EVENT_EXCHANGE"):
     app.conf.event_exchange = exchange  # the worker's events go there (tests/faults/test_event_exchange.py)
