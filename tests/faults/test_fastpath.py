@@ -1,5 +1,5 @@
 """The fast path (``fastpath.py``) under real conditions: beside Celery's consumer on one queue, a replica
-SIGKILLed in the middle of a call, a message it cannot read.
+SIGKILLed in the middle of a call, a message it cannot read, Celery's task signals around its calls.
 
 Real ``celery worker`` processes of ``tests.apps.provider`` on the real Redis; the fast path is the default
 there, and ``CELERY_SERVICES_FAST_PATH=false`` gives a worker served by Celery's own consumer.
@@ -166,7 +166,7 @@ def test_celery_task_signals_run_on_the_fast_path_as_on_celerys_consumer(redis_u
                 assert probe.get(1, {})["pid"] == worker.pid
                 with pytest.raises(NotFound):
                     probe.boom("notfound", {})
-                wait_for(lambda: len(signalled(prov, worker.pid)) == 6, timeout=10, what="the signals sent")
+                wait_for(lambda: len(signalled(prov, worker.pid)) >= 6, timeout=10, what="the signals sent")
                 seen[path] = [
                     (name, task, detail, pushed)
                     for name, task, _, detail, pushed in signalled(prov, worker.pid)
