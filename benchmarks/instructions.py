@@ -3,8 +3,9 @@
 Usage: ``python benchmarks/instructions.py [--calls N] [--backend URL] [--output FILE]``.
 
 Timed benchmarks on a shared 2-core machine move 10-20% from run to run; instructions counted by valgrind's
-callgrind do not (the same count twice, whatever else the machine runs), so a change of a few microseconds
-in a call's Python shows here when ``calls.py`` cannot tell it from noise. Each side of a small
+callgrind move under 1% (the worker's 354.0k and 355.0k a call in two runs of the same code, whatever else
+the machine ran), so a change of a few microseconds in a call's Python shows here when ``calls.py`` cannot
+tell it from noise. Each side of a small
 ``articles.get(id)`` runs ``--calls`` times in-process under callgrind, with no network:
 
 - the local call: ``app.service("articles").get(id)``, the baseline (a service's own work);
