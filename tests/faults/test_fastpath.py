@@ -151,39 +151,36 @@ def signalled(prov: Provider, pid: int | None) -> list[tuple[str, ...]]:
 
 
 @pytest.mark.timeout(90)
-def test_celery_task_signals_run_on_the_fast_path_as_on_celerys_consumer(redis_url: str, prefix: str) -> None:
+def test_celery_task_signals_run_on_the_fast_path_as_on_celerys_consumer(
+    served: tuple[Provider, Distribution],
+) -> None:
     # Receivers of task_prerun / task_postrun (Django's fixup closes stale database connections there,
     # instrumentation opens and ends its spans) see every call, whichever path serves it, with the call's
     # request as the task's.
-    prov = registered_provider(redis_url, prefix, "signals", TEST_SIGNALS="1")
-    app, distribution = make_caller(prov, prefix)
+    prov, distribution = served
     probe = distribution.remote_service(prov.key, "probe", PROBE)
     seen: dict[str, list[tuple[str, ...]]] = {}
-    try:
-        for path, env in (("fast", {}), ("consumer", {"CELERY_SERVICES_FAST_PATH": "false"})):
-            with WorkerProcess("tests.apps.provider", prov.key, env={**prov.env, **env}) as worker:
-                assert (FAST in worker.log()) is (path == "fast")
-                assert probe.get(1, {})["pid"] == worker.pid
-                with pytest.raises(NotFound):
-                    probe.boom("notfound", {})
-                wait_for(lambda: len(signalled(prov, worker.pid)) >= 6, timeout=10, what="the signals sent")
-                seen[path] = [
-                    (name, task, detail, pushed)
-                    for name, task, _, detail, pushed in signalled(prov, worker.pid)
-                ]
-        get, boom = f"{prov.key}.probe.get", f"{prov.key}.probe.boom"
-        expected = [
-            ("prerun", get, "", "request"),
-            ("success", get, "dict", "request"),
-            ("postrun", get, "SUCCESS", "request"),
-            ("prerun", boom, "", "request"),
-            ("failure", boom, "NotFound traceback", "request"),
-            ("postrun", boom, "FAILURE", "request"),
-        ]
-        assert seen == {"fast": expected, "consumer": expected}
-    finally:
-        finalize(app)
-        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+    for path, env in (("fast", {}), ("consumer", {"CELERY_SERVICES_FAST_PATH": "false"})):
+        signalling = {**prov.env, "TEST_SIGNALS": "1", **env}
+        with WorkerProcess("tests.apps.provider", prov.key, env=signalling) as worker:
+            assert (FAST in worker.log()) is (path == "fast")
+            assert probe.get(1, {})["pid"] == worker.pid
+            with pytest.raises(NotFound):
+                probe.boom("notfound", {})
+            wait_for(lambda: len(signalled(prov, worker.pid)) >= 6, timeout=10, what="the signals sent")
+            seen[path] = [
+                (name, task, detail, pushed) for name, task, _, detail, pushed in signalled(prov, worker.pid)
+            ]
+    get, boom = f"{prov.key}.probe.get", f"{prov.key}.probe.boom"
+    expected = [
+        ("prerun", get, "", "request"),
+        ("success", get, "dict", "request"),
+        ("postrun", get, "SUCCESS", "request"),
+        ("prerun", boom, "", "request"),
+        ("failure", boom, "NotFound traceback", "request"),
+        ("postrun", boom, "FAILURE", "request"),
+    ]
+    assert seen == {"fast": expected, "consumer": expected}
 
 
 @pytest.mark.timeout(90)
