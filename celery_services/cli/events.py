@@ -15,6 +15,7 @@ import redis
 import typer
 from rich.console import Console
 
+from ..distribution.event_epoch import BindingEpoch
 from ..distribution.events import EventBus, EventEnvelope
 from ..distribution.manifest import Manifest
 from ..distribution.registry import Registry
@@ -68,6 +69,7 @@ def _follower(
             delivery="broadcast",
             on_event=on_event,
             queue_prefix=settings.events_queue_prefix(),
+            epoch=BindingEpoch.of(settings),
         )
         manifest = Manifest.local(key, [], instance=bus.instance)
         registry.publish(manifest)

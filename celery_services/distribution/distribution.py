@@ -34,6 +34,7 @@ from .bootsteps import add_bootsteps
 from .caller import RemoteService, Transport
 from .celery_app import make_celery
 from .discovery import Discovery
+from .event_epoch import BindingEpoch
 from .events import EventBus, EventEnvelope, event_context
 from .fastpath import FastPath
 from .lease import lease_keeper
@@ -98,7 +99,11 @@ class Distribution:
             socket_timeout=5.0,
             socket_connect_timeout=2.0,
         )
-        self.replies = Replies(self.reply_store)
+        # On RabbitMQ, a call's reply also reads the binding epoch of its events, where they share a Redis.
+        epoch = BindingEpoch.of(settings)
+        broker = str(self.celery.conf.broker_url or settings.resolved_broker_url())
+        shared = settings.resolved_registry_url() == settings.resolved_result_backend()
+        self.replies = Replies(self.reply_store, epoch.key if shared and not is_redis(broker) else None)
         self.signer = (
             Signer(self.key, settings.signing_secrets, self.reply_store, settings.registry_prefix)
             if settings.signing_keys
@@ -122,7 +127,6 @@ class Distribution:
             queues=self.broker_store,
         )
         # The same calls, awaited (``proxy.aio.get(1)``, the gateway): asyncio clients, one set per loop.
-        broker = str(self.celery.conf.broker_url or settings.resolved_broker_url())
         self.aio = AsyncTransport(
             self.transport,
             settings.resolved_result_backend(),
@@ -130,7 +134,7 @@ class Distribution:
             options=RedisOptions.of(settings),
         )
         self.events = EventBus(
-            self.celery.conf.broker_url or settings.resolved_broker_url(),
+            broker,
             # The Celery app's Sentinel master and TLS options reach the bus's kombu connections too.
             transport_options=_sentinel_options(self.celery.conf.broker_transport_options),
             ssl=self.celery.conf.broker_use_ssl,
@@ -141,6 +145,7 @@ class Distribution:
             on_event=self._on_remote_event,
             # Queues are named in the registry's namespace: a sweep only judges instances it can see.
             queue_prefix=settings.events_queue_prefix(),
+            epoch=epoch,
         )
         self._publishers: dict[str, list[tuple[ServiceWrapper, str, Listener]]] = {}
         self._proxies: dict[tuple[str, str], list[ServiceWrapper]] = {}

@@ -18,6 +18,9 @@ Traps of kombu's Redis transport handled here:
   group consumers keep unacked events under their own keys (Celery's visibility timeout stays untouched):
   :meth:`~EventConsumer._connection`.
 
+On RabbitMQ, once bindings are added at the broker, :meth:`~EventConsumer._apply` starts a new binding epoch
+(:mod:`.event_epoch`): publishers that skip a key RabbitMQ returned to them send its events again.
+
 One piece, past 300 lines: the queue, its bindings (at the broker and in kombu's Redis tables) and the thread
 draining it must agree on one state under one lock.
 """
@@ -36,6 +39,7 @@ import kombu.messaging
 import kombu.utils.encoding
 
 if TYPE_CHECKING:
+    from .event_epoch import BindingEpoch
     from .events import Broker
 
 __all__ = ["EventConsumer"]
@@ -65,6 +69,8 @@ class EventConsumer:
         handle: called from the consumer thread with the decoded JSON body and the headers of each message
             whose routing key is bound, in queue order; must not raise (the message is acked after it
             returns).
+        epoch: on RabbitMQ, the exchange's binding epoch, advanced once bindings are added at the broker
+            (:mod:`.event_epoch`).
     """
 
     def __init__(
@@ -77,8 +83,9 @@ class EventConsumer:
         delivery: Literal["broadcast", "group"],
         queue_prefix: str,
         handle: Callable[[Any, Any], None],
+        epoch: BindingEpoch | None = None,
     ) -> None:
-        self.broker, self.exchange = broker, exchange
+        self.broker, self.exchange, self.epoch = broker, exchange, epoch
         self.consumer_key, self.instance, self.delivery = consumer_key, instance, delivery
         self.queue_prefix, self.handle = queue_prefix, handle
         suffix = f".{instance}" if delivery == "broadcast" else ""
@@ -128,7 +135,8 @@ class EventConsumer:
         )
 
     def _apply(self, channel: Any, add: Iterable[str], remove: Iterable[str] = ()) -> None:
-        """Declare exchange and queue, add and remove bindings; on Redis also in the binding sets."""
+        """Declare exchange and queue, add and remove bindings; on Redis also in the binding sets, on
+        RabbitMQ then a new binding epoch (publishers skipping a key nobody took send it again)."""
         self.exchange(channel).declare()
         queue = self._queue(channel)
         queue.queue_declare()
@@ -145,6 +153,8 @@ class EventConsumer:
                     client.sadd(table, *[self._member(channel, key) for key in add])
                 if remove:
                     client.srem(table, *[self._member(channel, key) for key in remove])
+        elif add and self.epoch is not None:
+            self.epoch.advance()
 
     def _tables(self, channel: Any) -> list[str]:
         names = [channel.keyprefix_queue, getattr(channel, "keyprefix_binding_permanent", None)]

@@ -9,11 +9,15 @@ reporting the drops at WARNING at most every few seconds.
 On Redis there is no broker-side routing: kombu's producer routes each message itself, from the binding set
 ``_kombu.binding.<exchange>`` that the consuming half keeps right (see :mod:`.event_consumer`). So the
 publisher reads that set first, and neither encodes nor sends an event nobody is bound for (kombu's publish
-then routes by the same read: :func:`.redis_transport.routing_by`).
+then routes by the same read: :func:`.redis_transport.routing_by`). RabbitMQ routes at the broker and
+cannot be asked beforehand: there each event is published *mandatory*, and once RabbitMQ returned one
+nobody took, the later events of its routing key are skipped while no listener bound anything since
+(:mod:`.event_epoch`).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -23,9 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import kombu.messaging
 
+from .event_epoch import RETURNED_FOR
 from .redis_transport import bound_queues, routing_by
 
 if TYPE_CHECKING:
+    from .event_epoch import BindingEpoch
     from .events import Broker
 
 __all__ = ["EventPublisher", "Payload"]
@@ -62,17 +68,24 @@ class EventPublisher:
     Args:
         broker: where the broker is and how to connect to it (shared with the consuming half).
         exchange: the kombu topic exchange, declared once per producer connection.
+        epoch: on RabbitMQ, the exchange's binding epoch; without it every event is sent.
 
     Attributes:
         published: events the broker took.
         dropped: events the broker could not take (down, erroring, or a publish stuck on it).
         publish_failures: ``dropped`` plus the events :meth:`reject` counted.
-        unheard: events not sent since no queue was bound for them (Redis only, see :meth:`publish`).
+        unheard: events not sent since no queue was bound for them (see :meth:`publish`).
     """
 
-    def __init__(self, broker: Broker, exchange: Any) -> None:
-        self.broker, self.exchange = broker, exchange
+    def __init__(self, broker: Broker, exchange: Any, epoch: BindingEpoch | None = None) -> None:
+        self.broker, self.exchange, self.epoch = broker, exchange, epoch
         self.published = self.publish_failures = self.dropped = self.unheard = 0
+        # RabbitMQ's returns (guarded by _publish_lock): the epoch read last, when to read it again if
+        # unknown, and each routing key returned under it, with when that return is forgotten.
+        self._epoch: str | None = None
+        self._epoch_retry = 0.0
+        self._returned: dict[str, float] = {}
+        self._sent = itertools.count()
         self._publish_lock, self._count_lock = threading.Lock(), threading.Lock()
         self._producer: Any = None  # guarded by _publish_lock
         self._down_until, self._cooldown = 0.0, _COOLDOWN[0]
@@ -93,7 +106,13 @@ class EventPublisher:
         ``created`` cost about a third of a provider's time per call (``benchmarks/calls.py``). kombu's
         publish then routes by the same read: one read of the set per event, as before. A listener that
         binds meanwhile misses the event, as it would had the event been sent a moment earlier (its binding
-        is at the broker once ``bind`` returns). RabbitMQ routes at the broker, and cannot be asked.
+        is at the broker once ``bind`` returns).
+
+        RabbitMQ routes at the broker, and cannot be asked: given a binding epoch, each event is sent
+        *mandatory*, and an event whose routing key RabbitMQ returned (nobody took the last one) is skipped,
+        counted in ``unheard``, as long as the epoch read before that returned event was sent is the
+        current one (read again here, one round trip to Redis) and for at most ``RETURNED_FOR`` seconds
+        (:mod:`.event_epoch`). Events of a key someone listens to are never returned, and cost no read.
 
         On a broker error: counts the event in ``dropped`` (and ``publish_failures``), returns False, and
         fails fast for a moment (0.5 s, doubling on each failure up to 5 s); the drops are reported at
@@ -109,9 +128,13 @@ class EventPublisher:
                 conn.ensure_connection(**self.broker.retry_policy)
                 channel = conn.channel()
                 self.exchange(channel).declare()  # once, not re-checked on every publish
-                self._producer = Producer(channel, exchange=self.exchange, auto_declare=False)
+                # kombu's Redis channels have no returns (nor the events table to hear them on)
+                returns = None if self.broker.redis else self._on_return
+                self._producer = Producer(
+                    channel, exchange=self.exchange, auto_declare=False, on_return=returns
+                )
             producer, name = self._producer, self.exchange.name
-            table = None
+            table, returnable = None, dict[str, Any]()
             if self.broker.redis:
                 try:
                     table = producer.channel.get_table(name)
@@ -122,6 +145,13 @@ class EventPublisher:
                     with self._count_lock:
                         self.unheard += 1
                     return self._took()
+            elif self.epoch is not None:
+                if self._skips(routing_key):
+                    with self._count_lock:
+                        self.unheard += 1
+                    return self._took()
+                if self._epoch is not None:  # a return names the epoch read before its event was sent
+                    returnable = {"mandatory": True, "message_id": f"{self._epoch}.{next(self._sent)}"}
             if callable(payload):
                 try:
                     payload = payload()
@@ -137,6 +167,7 @@ class EventPublisher:
                     delivery_mode=2,
                     retry=True,
                     retry_policy=self.broker.retry_policy,
+                    **returnable,
                 )
             self.published += 1
             return self._took()
@@ -148,6 +179,34 @@ class EventPublisher:
             return self._dropped(routing_key, self._last_error)
         finally:
             self._publish_lock.release()
+
+    def _skips(self, routing_key: str) -> bool:
+        """RabbitMQ: whether RabbitMQ returned ``routing_key``'s last event, no listener bound anything
+        since, and that was less than ``RETURNED_FOR`` seconds ago (under the publish lock)."""
+        now = time.monotonic()
+        forgotten = self._returned.get(routing_key)
+        if forgotten is None:
+            if self._epoch is None and now >= self._epoch_retry:
+                self._read_epoch(now)  # unknown so far (a new connection, or Redis did not answer)
+            return False
+        if now >= forgotten:
+            del self._returned[routing_key]
+            return False
+        self._read_epoch(now)
+        return routing_key in self._returned
+
+    def _read_epoch(self, now: float) -> None:
+        assert self.epoch is not None
+        epoch = self.epoch.current()
+        if epoch is None or epoch != self._epoch:
+            self._returned.clear()  # learned under an epoch that is over, or that Redis cannot confirm
+        self._epoch, self._epoch_retry = epoch, now + RETURNED_FOR
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        """py-amqp's callback for a message RabbitMQ returned (read in a later publish, under its lock)."""
+        epoch = str((message.properties or {}).get("message_id") or "").partition(".")[0]
+        if epoch and epoch == self._epoch:  # else sent under an epoch since replaced: a listener may be new
+            self._returned[routing_key] = time.monotonic() + RETURNED_FOR
 
     def _took(self) -> bool:
         """The broker answered (under the publish lock): an outage, if any, is over."""

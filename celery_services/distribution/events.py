@@ -10,7 +10,9 @@ The bus is split in three modules, and only this one knows the wire format:
 - :mod:`.event_publisher`: :class:`~.event_publisher.EventPublisher`, the producer connection, its retry
   policy and cooldown, and the count and rate-limited report of dropped events;
 - :mod:`.event_consumer`: :class:`~.event_consumer.EventConsumer`, the queue, its bindings, the sweep of dead
-  consumers' queues and the consumer thread, with the traps of kombu's Redis transport it works around.
+  consumers' queues and the consumer thread, with the traps of kombu's Redis transport it works around;
+- :mod:`.event_epoch`: :class:`~.event_epoch.BindingEpoch`, which lets a RabbitMQ publisher skip the events
+  nobody is bound for, as the publisher does on Redis.
 
 ``EventBus`` owns one of each half and delegates: it turns ``(key, path, event, data)`` into a routing key
 and a JSON body for the publisher, and the bodies the consumer receives back into envelopes for
@@ -34,6 +36,7 @@ import kombu.entity
 from pydantic import BaseModel, Field, ValidationError
 
 from .event_consumer import EventConsumer
+from .event_epoch import BindingEpoch
 from .event_publisher import EventPublisher
 from .observability import deliver, hooks, publish
 from .protocol import dumps
@@ -178,6 +181,9 @@ class EventBus:
         queue_prefix: prefix of the queue names.
         transport_options: more kombu transport options (a Sentinel's ``master_name``).
         ssl: kombu's ``ssl`` option (for ``rediss://``: redis-py's ``ssl_*`` keywords).
+        epoch: on RabbitMQ, the exchange's binding epoch, shared by every bus of the exchange (the
+            registry's Redis): with it, events nobody is bound for are not sent (:mod:`.event_epoch`);
+            without it, every event is. Closed with the bus; ignored on Redis.
 
     Attributes:
         published: events the broker took.
@@ -185,9 +191,10 @@ class EventBus:
             publish stuck on it), since the bus was made.
         publish_failures: every event not published: ``dropped`` plus invalid ones (bad names, data that
             cannot be serialized).
-        unheard: events not sent since no queue was bound for them: on Redis only, where the bus asks the
-            binding set kombu routes by before it encodes an event (so data that cannot be serialized
-            counts in ``publish_failures`` only once someone listens).
+        unheard: events not sent since no queue was bound for them: on Redis the bus asks the binding set
+            kombu routes by before it encodes an event, on RabbitMQ (given an ``epoch``) it skips a key
+            RabbitMQ returned; so data that cannot be serialized counts in ``publish_failures`` only once
+            someone listens.
         received: events handed to ``on_event``.
     """
 
@@ -203,6 +210,7 @@ class EventBus:
         queue_prefix: str = "celery_services.events",
         transport_options: Mapping[str, Any] | None = None,
         ssl: Any = None,
+        epoch: BindingEpoch | None = None,
     ) -> None:
         instance = instance or uuid.uuid4().hex
         if delivery not in ("broadcast", "group"):
@@ -216,7 +224,8 @@ class EventBus:
         self.received = 0
         self._broker = Broker(broker_url, transport_options=transport_options, ssl=ssl)
         self._exchange = Exchange(exchange, type="topic", durable=True)
-        self._publisher = EventPublisher(self._broker, self._exchange)
+        self._epoch = epoch
+        self._publisher = EventPublisher(self._broker, self._exchange, epoch)
         self._consumer = EventConsumer(
             self._broker,
             self._exchange,
@@ -225,6 +234,7 @@ class EventBus:
             delivery=delivery,
             queue_prefix=queue_prefix,
             handle=self._deliver,
+            epoch=epoch,
         )
 
     def __enter__(self) -> EventBus:
@@ -301,7 +311,7 @@ class EventBus:
         headers: dict[str, Any] | None = None,
     ) -> bool:
         """Publish one event; thread-safe, never raises, returns whether the broker took it (``True`` too
-        when nobody was bound for it on Redis: nothing sent, nothing lost; counted in ``unheard``).
+        when nobody was bound for it: nothing sent, nothing lost; counted in ``unheard``).
 
         On a broker error: counts the event in ``dropped`` (and ``publish_failures``), returns False, and
         fails fast for a moment; the drops are reported at WARNING, rate-limited (see the class).
@@ -408,3 +418,5 @@ class EventBus:
         """
         self._consumer.close()
         self._publisher.close()
+        if self._epoch is not None:
+            self._epoch.close()

@@ -13,7 +13,7 @@ provider), ``key``, ``path`` and ``method``:
 - ``celery_services_calls_in_flight``: calls begun and not ended.
 
 Events (``key``, ``path``, ``event``): ``celery_services_events_published_total`` (the broker took them,
-or on Redis nobody was bound for them: not sent, counted in ``EventBus.unheard`` too),
+or nobody was bound for them: not sent, counted in ``EventBus.unheard`` too),
 ``celery_services_events_dropped_total`` (it could not), ``celery_services_events_delivered_total``
 (handed to this process's proxies). The registry: ``celery_services_registry_instances`` (``key``), the
 live instances of each key this process sees, read when scraped.

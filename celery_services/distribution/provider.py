@@ -38,6 +38,7 @@ from ..core.errors import (
 )
 from . import logs
 from .caller import reset_deadline, set_deadline
+from .event_epoch import read_with_reply, reply_scope
 from .lease import HEADER_REDELIVERED
 from .loops import settle
 from .observability import hooks
@@ -101,10 +102,17 @@ return 0
 
 
 class Replies:
-    """The provider's side of the reply lists (see :mod:`.caller` for the caller's)."""
+    """The provider's side of the reply lists (see :mod:`.caller` for the caller's).
 
-    def __init__(self, store: redis.Redis) -> None:
+    Args:
+        store: the result backend's Redis.
+        epoch: on RabbitMQ, the key of the event exchange's binding epoch, when it is in ``store``: read in
+            each push's round trip, for the events the call publishes after its reply (:mod:`.event_epoch`).
+    """
+
+    def __init__(self, store: redis.Redis, epoch: str | None = None) -> None:
         self._store = store
+        self._epoch = epoch
         self._token = uuid.uuid4().hex[:12]  # this process's pushes: their lists are never another's
 
     def commands(self, key: str, body: str, deadline: float | None) -> list[tuple[Any, ...]]:
@@ -132,7 +140,7 @@ class Replies:
         redelivered call that ran twice): the first reply wins. The list and its marker expire a second
         after the deadline. Returns whether the reply was pushed.
         """
-        commands = self.commands(key, body, deadline)
+        commands = self._with_epoch(self.commands(key, body, deadline))
         if not commands:
             return False
         try:
@@ -144,7 +152,7 @@ class Replies:
         except redis.RedisError:
             log.exception("could not push the reply %s", key)
             return False
-        return self.pushed(key, replies[-1])
+        return self._pushed(key, replies)
 
     def push_answer(self, answer: Answer) -> None:
         """:meth:`push` ``answer``'s reply, if its caller waits on one."""
@@ -167,7 +175,7 @@ class Replies:
         nothing could be pushed. The RabbitMQ fast path acknowledges its call there: the broker hears of it
         a Redis round trip sooner, and may deliver the next call sooner (a call's p50 fell 6-8%).
         """
-        commands = self.commands(key, body, deadline)
+        commands = self._with_epoch(self.commands(key, body, deadline))
         connection = None
         if commands:
             try:
@@ -188,7 +196,17 @@ class Replies:
                 except (redis.RedisError, OSError, ValueError) as exc:
                     held.drop()
                     log.warning("could not push the reply %s: %r", key, exc)
-        return replies is not None and self.pushed(key, replies[-1])
+        return replies is not None and self._pushed(key, replies)
+
+    def _with_epoch(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        return [*commands, ("GET", self._epoch)] if commands and self._epoch is not None else commands
+
+    def _pushed(self, key: str, replies: list[Any]) -> bool:
+        """:meth:`pushed`, from Redis's answers to :meth:`_with_epoch`'s commands (recording the epoch)."""
+        if self._epoch is not None:
+            read_with_reply(replies[-1])
+            replies = replies[:-1]
+        return self.pushed(key, replies[-1])
 
     @staticmethod
     def pushed(key: str, reply: Any) -> bool:
@@ -311,14 +329,15 @@ def serve(
         answer = handle(request, args, kwargs) if not hooks.on else observed(handle, request, args, kwargs)
     finally:
         _after_reply.reset(token)
-    try:
-        reply(answer)
-    finally:
-        for work in pending:
-            try:
-                work()
-            except Exception:  # one failed publication must not lose the others, nor the answer
-                log.exception("work deferred after the reply of call %s failed", request.id)
+    with reply_scope():  # the binding epoch read with the reply judges the events published after it
+        try:
+            reply(answer)
+        finally:
+            for work in pending:
+                try:
+                    work()
+                except Exception:  # one failed publication must not lose the others, nor the answer
+                    log.exception("work deferred after the reply of call %s failed", request.id)
     return answer
 
 

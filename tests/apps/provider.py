@@ -3,8 +3,8 @@
 Services:
 - ``articles``: the example MemoryService (``publish_article``, ``article_published``);
 - ``probe``: reports what the provider saw (params, deadline, pid) and records every run in the Redis list
-  ``TEST_RUNS_KEY`` so a test can assert that a call never ran; ``slow`` sleeps; ``boom`` fails; ``grow``
-  returns a string of the size asked;
+  ``TEST_RUNS_KEY`` so a test can assert that a call never ran (``get("events")``: its event bus's counts);
+  ``slow`` sleeps; ``boom`` fails; ``grow`` returns a string of the size asked;
   ``nested`` calls the ``probe`` of ``TEST_NESTED_KEY`` (another app) and of its own key.
 """
 
@@ -32,6 +32,10 @@ def record(what: str) -> None:
 
 class Probe(Service):
     def get(self, id: Any, params: dict[str, Any]) -> Any:
+        if id == "events":  # what this process's event bus did with the events it was given
+            assert api.distribution is not None
+            bus = api.distribution.events
+            return {"published": bus.published, "unheard": bus.unheard}
         record(f"get-{id}")
         return {"id": id, "params": params, "deadline": current_deadline(), "pid": os.getpid()}
 
