@@ -213,14 +213,18 @@ class Callers:
         self.size = size
         self.pool = ThreadPoolExecutor(size, thread_name_prefix="bench-caller")
         self.stopped = threading.Event()
+        self.barrier = threading.Barrier(1)
 
     def run(self, call: Call, ids: Sequence[int], total: int) -> float:
         """Seconds taken by ``total`` calls shared by every thread (each waits for its reply)."""
         counter = itertools.count()
-        barrier = threading.Barrier(self.size + 1)
+        barrier = self.barrier = threading.Barrier(self.size + 1)
 
         def work() -> None:
-            barrier.wait()
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:
+                return  # interrupted before the start (see close)
             while (n := next(counter)) < total and not self.stopped.is_set():
                 call(ids[n % len(ids)])
 
@@ -234,6 +238,8 @@ class Callers:
     def close(self) -> None:
         """Stop the threads after their call in flight (an interrupted run does not finish its share)."""
         self.stopped.set()
+        # Interrupted before the start, the threads would wait at the barrier for ever, and so would this.
+        self.barrier.abort()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 

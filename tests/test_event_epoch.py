@@ -17,7 +17,7 @@ import redis
 from kombu import Connection as _Connection
 
 from celery_services import finalize
-from celery_services.distribution.event_epoch import BindingEpoch, reply_scope
+from celery_services.distribution.event_epoch import BindingEpoch, read_with_reply, reply_scope
 from celery_services.distribution.events import EventBus
 from celery_services.distribution.provider import Replies
 from celery_services.testing import wait_for
@@ -64,35 +64,45 @@ def exchange(rabbitmq_url: str, redis_url: str, unique: str) -> Iterator[Exchang
     ex.cleanup()
 
 
-def learn_unheard(publisher: EventBus, event: str = "created") -> None:
+def served(exchange: Exchange, publisher: EventBus, event: str, data: Any) -> bool:
+    """Publish as a provider does after a served call's reply: judged by the epoch read with the reply."""
+    with reply_scope():
+        read_with_reply(exchange.epoch_key, exchange.store.get(exchange.epoch_key))
+        return publisher.publish("app", "articles", event, data)
+
+
+def learn_unheard(exchange: Exchange, publisher: EventBus, event: str = "created") -> None:
     """Publish ``event`` until the publisher skips one: RabbitMQ returned an earlier one to it."""
     before = publisher.unheard
     wait_until(
-        lambda: publisher.publish("app", "articles", event, {"n": 1}) and publisher.unheard > before,
+        lambda: served(exchange, publisher, event, {"n": 1}) and publisher.unheard > before,
         what=f"a {event} event skipped",
     )
 
 
 def test_an_event_rabbitmq_returned_is_skipped_until_a_listener_binds(exchange: Exchange) -> None:
     publisher = exchange.bus()
-    learn_unheard(publisher)
+    learn_unheard(exchange, publisher)
     sent = publisher.published
     assert sent >= 1  # RabbitMQ had to return one first
     # Skipped before it is encoded: data no JSON holds fails nothing while nobody listens.
-    assert publisher.publish("app", "articles", "created", object()) is True
+    assert served(exchange, publisher, "created", object()) is True
     assert (publisher.published, publisher.publish_failures) == (sent, 0)
+    # Outside a served call nothing read the epoch: sent, as without one.
+    assert publisher.publish("app", "articles", "created", {"n": 1})
+    assert publisher.published == sent + 1
 
     got = Collector()
     listener = exchange.bus(consumer_key="gw", on_event=got)
     listener.bind("app", "articles", "created")
     listener.start()
     # The first event published once bind returned is sent, with no wait for the publisher to forget.
-    assert publisher.publish("app", "articles", "created", {"n": 2})
+    assert served(exchange, publisher, "created", {"n": 2})
     assert [envelope.data for envelope in got.wait_for(1)] == [{"n": 2}]
-    assert publisher.published == sent + 1
+    assert publisher.published == sent + 2
     # An event of a key still routed nowhere is learned on its own.
-    learn_unheard(publisher, "removed")
-    assert publisher.publish("app", "articles", "created", {"n": 3})
+    learn_unheard(exchange, publisher, "removed")
+    assert served(exchange, publisher, "created", {"n": 3})
     assert [envelope.data for envelope in got.wait_for(2)] == [{"n": 2}, {"n": 3}]
 
 
@@ -100,37 +110,40 @@ def test_an_epoch_lost_with_redis_comes_back_new(exchange: Exchange) -> None:
     # A Redis restart loses the epoch: what the publisher learned under it must not outlive it, even if no
     # listener of the library advances the next one (here a consumer outside it binds meanwhile).
     publisher = exchange.bus()
-    learn_unheard(publisher)
+    learn_unheard(exchange, publisher)
     exchange.store.delete(exchange.epoch_key)
     got = Collector()
     outsider = exchange.bus(epoch=False, consumer_key="outside", on_event=got)
     outsider.bind("app", "articles", "created")
     outsider.start()
-    assert publisher.publish("app", "articles", "created", {"n": 2})
+    assert served(exchange, publisher, "created", {"n": 2})
     assert [envelope.data for envelope in got.wait_for(1)] == [{"n": 2}]
+    assert exchange.store.get(exchange.epoch_key)  # the publisher started the next epoch
 
 
 def test_a_consumer_outside_the_library_hears_once_the_return_is_forgotten(exchange: Exchange) -> None:
     publisher = exchange.bus()
-    learn_unheard(publisher)
+    learn_unheard(exchange, publisher)
     got = Collector()
     outsider = exchange.bus(epoch=False, consumer_key="outside", on_event=got)
     outsider.bind("app", "articles", "created")  # writes no epoch: the publisher may skip for a second
     outsider.start()
     wait_until(
-        lambda: publisher.publish("app", "articles", "created", {"n": 2}) and bool(got.items),
+        lambda: served(exchange, publisher, "created", {"n": 2}) and bool(got.items),
         what="the outsider hearing created",
     )
 
 
 def test_without_an_answer_from_redis_nothing_is_skipped(exchange: Exchange, unique: str) -> None:
     epoch = BindingEpoch("redis://127.0.0.1:1/0", f"test.epoch.{unique}")
-    assert epoch.current() is None
     epoch.advance()  # logs, never raises: a listener binds all the same
     publisher = EventBus(exchange.url, exchange=exchange.name, queue_prefix=exchange.name, epoch=epoch)
     exchange.buses.append(publisher)
     for n in range(20):
-        assert publisher.publish("app", "articles", "created", {"n": n})
+        with reply_scope():
+            read_with_reply(epoch.key, None)  # the reply's read found no epoch, and none can be started
+            assert epoch.current() is None
+            assert publisher.publish("app", "articles", "created", {"n": n})
     assert (publisher.published, publisher.unheard) == (20, 0)
 
 
@@ -140,11 +153,13 @@ def test_within_a_call_the_epoch_read_with_its_reply_judges_its_events(redis_url
     store.set(key, "read-with-the-reply", ex=60)
     replies = Replies(store, key)
     unreachable = BindingEpoch("redis://127.0.0.1:1/0", key)  # would say None, had it been asked
+    another = BindingEpoch("redis://127.0.0.1:1/0", f"{key}.another")  # another exchange's epoch
     try:
         with reply_scope():
             assert replies.push(reply, "{}", time.time() + 5)
             assert unreachable.current() == "read-with-the-reply"
-        assert unreachable.current() is None  # the call is over: asked again
+            assert another.current() is None
+        assert unreachable.current() is None  # the call is over
     finally:
         store.delete(key, reply, f"{reply}:sent")
         store.close()

@@ -247,6 +247,7 @@ def test_order_over_1000_events(broker: str, redis_url: str) -> None:
     finally:
         inst.close()
         finalize(provider)
+        purge_prefix(redis_url, prefix)  # on RabbitMQ the listener's binding epoch too
 
 
 def test_an_event_carries_its_values_as_a_call_carries_them(broker: str, redis_url: str) -> None:
@@ -264,6 +265,7 @@ def test_an_event_carries_its_values_as_a_call_carries_them(broker: str, redis_u
     finally:
         inst.close()
         finalize(provider)
+        purge_prefix(redis_url, prefix)
 
 
 def test_publish_events_false_publishes_nothing(broker: str, redis_url: str) -> None:
@@ -303,6 +305,7 @@ def test_publish_events_false_publishes_nothing(broker: str, redis_url: str) -> 
     finally:
         for app in (listener.app, quiet, loud):
             finalize(app)
+        purge_prefix(redis_url, prefix)
 
 
 KILLED_CONSUMER = """

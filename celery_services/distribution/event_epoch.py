@@ -1,28 +1,29 @@
-"""The binding epoch: what lets a RabbitMQ publisher skip the events nobody is bound for, and still send the
-first one published after a listener's ``bind`` returns.
+"""The binding epoch: what lets a RabbitMQ publisher skip the events nobody is bound for, and still send
+those published after a listener's ``bind`` returns.
 
 On Redis the publisher reads who is bound before each event (kombu's binding set) and sends nothing to
 nobody. RabbitMQ routes at the broker and cannot be asked beforehand; it can only return, after the fact,
-a message published *mandatory* that no queue took. So a RabbitMQ publisher sends each event mandatory,
-and once RabbitMQ returned one, skips the later events of its routing key, as long as no listener bound
-anything since (:class:`~.event_publisher.EventPublisher`).
+a message published *mandatory* that no queue took. So a RabbitMQ publisher sends a served call's events
+mandatory, and once RabbitMQ returned one, skips the later events of its routing key as long as no
+listener bound anything since (:class:`~.event_publisher.EventPublisher`).
 
-"No listener bound anything since" is this epoch: a Redis key of the registry's namespace, read before a
-skip, that every listener of the library sets anew once a binding is at the broker, before ``bind``
-returns (:class:`~.event_consumer.EventConsumer`). A skip needs the epoch read before the skipped key's
-returned event was sent to still be the current one:
+"No listener bound anything since" is this epoch: a Redis key of the registry's namespace that every
+listener of the library sets to a new random token once a binding is at the broker, before ``bind``
+returns (:class:`~.event_consumer.EventConsumer`). A provider reads it in the round trip that pushes a
+call's reply (:class:`~.provider.Replies`: one ``GET`` more, where the registry's Redis is the result
+backend's, the default), and judges the events the call publishes right after its reply by that read
+(:func:`read_with_reply`). A return counts under the epoch its event was sent with, a skip needs the same
+epoch read again:
 
-- a listener that binds after that event was sent writes a new epoch, so the next read sees it and the
-  event is sent;
-- an epoch lost with Redis (a restart, its expiry) comes back as a new one, never an old value, so what
-  was learned under the lost one is forgotten;
-- a Redis that cannot answer skips nothing.
+- a listener that binds after the returned event was sent writes a new epoch: the next call reads it, and
+  its event is sent;
+- an epoch lost with Redis (a restart, its expiry) comes back as a new token, never an old one: what was
+  learned under the lost one is forgotten;
+- a Redis that cannot answer skips nothing, nor does an event published outside a served call (no read).
 
-A provider reads the epoch in the round trip that pushes a call's reply (:class:`~.provider.Replies`, where
-the registry's Redis is the result backend's): the call's events, published right after the reply, are
-judged by that read (:func:`read_with_reply`), as on Redis kombu's binding set is read just before sending.
-A listener whose ``bind`` returns between the two misses the event, as if it had been published a moment
-earlier; a call made after ``bind`` returned is served, and its events judged, after it.
+As on Redis, where kombu's binding set is read just before sending, a listener whose ``bind`` returns
+between the read and the publish misses the event, as if it had been published a moment earlier; a call
+made after ``bind`` returned is served, and its events judged, after it.
 
 A consumer that binds the exchange outside the library writes no epoch: the publisher forgets each return
 after :data:`RETURNED_FOR` seconds, so such a consumer hears a key's events at most that long after it
@@ -55,8 +56,8 @@ log = logging.getLogger("celery_services.events")  # the bus's one logger (see e
 RETURNED_FOR = 1.0
 _TTL = 86_400  # an epoch nobody advanced for a day expires: the next read starts another
 
-# The epoch the call being served read with its reply, for its events (None: not read, or no epoch yet).
-_with_reply: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+# The epoch the call being served read with its reply: (key, value; None if the key was missing).
+_with_reply: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
     "celery_services_epoch_with_reply", default=None
 )
 
@@ -71,9 +72,10 @@ def reply_scope() -> Iterator[None]:
         _with_reply.reset(token)
 
 
-def read_with_reply(value: Any) -> None:
-    """Record the epoch read in the round trip of the served call's reply (Redis's answer to ``GET``)."""
-    _with_reply.set(value.decode() if isinstance(value, bytes) else value)
+def read_with_reply(key: str, value: Any) -> None:
+    """Record the epoch ``key`` as read in the round trip of the served call's reply (Redis's answer to
+    ``GET``: ``None`` if the key is missing)."""
+    _with_reply.set((key, value.decode() if isinstance(value, bytes) else value))
 
 
 class BindingEpoch:
@@ -86,8 +88,8 @@ class BindingEpoch:
     """
 
     def __init__(self, url: str, key: str, options: RedisOptions | None = None) -> None:
-        # A publisher reads the epoch holding its publish lock: a Redis that does not answer at once is
-        # given up on (no skip) rather than waited for or retried.
+        # A publisher starts a lost epoch holding its publish lock: a Redis that does not answer at once
+        # is given up on (no skip) rather than waited for or retried.
         self.client = redis_client(
             url, options, socket_timeout=0.25, socket_connect_timeout=0.25, retry=Retry(NoBackoff(), 0)
         )
@@ -103,22 +105,26 @@ class BindingEpoch:
         )
 
     def current(self) -> str | None:
-        """The epoch now, started if missing; ``None`` when Redis cannot say (then nothing is skipped).
+        """The epoch read with the reply of the call being served; ``None`` outside a served call, or when
+        Redis cannot say (then nothing is skipped).
 
-        Within a call being served, the one read with its reply, if any (:func:`read_with_reply`).
+        If that read found no epoch (never started, or lost with Redis), one is started here: one round
+        trip, once per loss.
         """
         seen = _with_reply.get()
-        if seen is not None:
-            return seen
-        try:
-            value: Any = self.client.get(self.key)
-            if value is None:
-                self.client.set(self.key, uuid.uuid4().hex, nx=True, ex=_TTL)
-                value = self.client.get(self.key)
-        except (redis.RedisError, OSError) as exc:
-            log.debug("binding epoch %s not read: %r", self.key, exc)
+        if seen is None or seen[0] != self.key:
             return None
-        return value.decode() if isinstance(value, bytes) else value
+        if seen[1] is not None:
+            return seen[1]
+        try:
+            self.client.set(self.key, uuid.uuid4().hex, nx=True, ex=_TTL)
+            value: Any = self.client.get(self.key)
+        except (redis.RedisError, OSError) as exc:
+            log.debug("binding epoch %s not started: %r", self.key, exc)
+            return None
+        epoch = value.decode() if isinstance(value, bytes) else value
+        _with_reply.set((self.key, epoch))
+        return epoch
 
     def advance(self) -> None:
         """Start a new epoch: called once a binding is at the broker.

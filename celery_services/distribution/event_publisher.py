@@ -10,9 +10,9 @@ On Redis there is no broker-side routing: kombu's producer routes each message i
 ``_kombu.binding.<exchange>`` that the consuming half keeps right (see :mod:`.event_consumer`). So the
 publisher reads that set first, and neither encodes nor sends an event nobody is bound for (kombu's publish
 then routes by the same read: :func:`.redis_transport.routing_by`). RabbitMQ routes at the broker and
-cannot be asked beforehand: there each event is published *mandatory*, and once RabbitMQ returned one
-nobody took, the later events of its routing key are skipped while no listener bound anything since
-(:mod:`.event_epoch`).
+cannot be asked beforehand: there the events of a served call are published *mandatory*, and once
+RabbitMQ returned one nobody took, the later ones of its routing key are skipped while no listener bound
+anything since (:mod:`.event_epoch`).
 """
 
 from __future__ import annotations
@@ -80,10 +80,9 @@ class EventPublisher:
     def __init__(self, broker: Broker, exchange: Any, epoch: BindingEpoch | None = None) -> None:
         self.broker, self.exchange, self.epoch = broker, exchange, epoch
         self.published = self.publish_failures = self.dropped = self.unheard = 0
-        # RabbitMQ's returns (guarded by _publish_lock): the epoch read last, when to read it again if
-        # unknown, and each routing key returned under it, with when that return is forgotten.
+        # RabbitMQ's returns (guarded by _publish_lock): the epoch read last, and each routing key
+        # returned under it, with when that return is forgotten.
         self._epoch: str | None = None
-        self._epoch_retry = 0.0
         self._returned: dict[str, float] = {}
         self._sent = itertools.count()
         self._publish_lock, self._count_lock = threading.Lock(), threading.Lock()
@@ -108,11 +107,11 @@ class EventPublisher:
         binds meanwhile misses the event, as it would had the event been sent a moment earlier (its binding
         is at the broker once ``bind`` returns).
 
-        RabbitMQ routes at the broker, and cannot be asked: given a binding epoch, each event is sent
-        *mandatory*, and an event whose routing key RabbitMQ returned (nobody took the last one) is skipped,
-        counted in ``unheard``, as long as the epoch read before that returned event was sent is the
-        current one (read again here, one round trip to Redis) and for at most ``RETURNED_FOR`` seconds
-        (:mod:`.event_epoch`). Events of a key someone listens to are never returned, and cost no read.
+        RabbitMQ routes at the broker, and cannot be asked. Given a binding epoch, the events a served call
+        publishes after its reply are judged by the epoch read with that reply: each is sent *mandatory*,
+        and one whose routing key RabbitMQ returned (nobody took the last one) under that same epoch, less
+        than ``RETURNED_FOR`` seconds ago, is skipped, counted in ``unheard`` (:mod:`.event_epoch`). Events
+        published outside a served call are sent as they are on a bus without an epoch.
 
         On a broker error: counts the event in ``dropped`` (and ``publish_failures``), returns False, and
         fails fast for a moment (0.5 s, doubling on each failure up to 5 s); the drops are reported at
@@ -145,13 +144,13 @@ class EventPublisher:
                     with self._count_lock:
                         self.unheard += 1
                     return self._took()
-            elif self.epoch is not None:
-                if self._skips(routing_key):
+            elif self.epoch is not None and (epoch := self.epoch.current()) is not None:
+                if self._skips(routing_key, epoch):
                     with self._count_lock:
                         self.unheard += 1
                     return self._took()
-                if self._epoch is not None:  # a return names the epoch read before its event was sent
-                    returnable = {"mandatory": True, "message_id": f"{self._epoch}.{next(self._sent)}"}
+                # A return names the epoch read before its event was sent.
+                returnable = {"mandatory": True, "message_id": f"{epoch}.{next(self._sent)}"}
             if callable(payload):
                 try:
                     payload = payload()
@@ -180,27 +179,20 @@ class EventPublisher:
         finally:
             self._publish_lock.release()
 
-    def _skips(self, routing_key: str) -> bool:
-        """RabbitMQ: whether RabbitMQ returned ``routing_key``'s last event, no listener bound anything
-        since, and that was less than ``RETURNED_FOR`` seconds ago (under the publish lock)."""
-        now = time.monotonic()
+    def _skips(self, routing_key: str, epoch: str) -> bool:
+        """RabbitMQ, within a served call that read ``epoch``: whether RabbitMQ returned ``routing_key``'s
+        last event under that epoch less than ``RETURNED_FOR`` seconds ago (under the publish lock)."""
+        if epoch != self._epoch:  # a listener bound something, or the epoch was lost: start again
+            self._returned.clear()
+            self._epoch = epoch
+            return False
         forgotten = self._returned.get(routing_key)
         if forgotten is None:
-            if self._epoch is None and now >= self._epoch_retry:
-                self._read_epoch(now)  # unknown so far (a new connection, or Redis did not answer)
             return False
-        if now >= forgotten:
+        if time.monotonic() >= forgotten:
             del self._returned[routing_key]
             return False
-        self._read_epoch(now)
-        return routing_key in self._returned
-
-    def _read_epoch(self, now: float) -> None:
-        assert self.epoch is not None
-        epoch = self.epoch.current()
-        if epoch is None or epoch != self._epoch:
-            self._returned.clear()  # learned under an epoch that is over, or that Redis cannot confirm
-        self._epoch, self._epoch_retry = epoch, now + RETURNED_FOR
+        return True
 
     def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
         """py-amqp's callback for a message RabbitMQ returned (read in a later publish, under its lock)."""

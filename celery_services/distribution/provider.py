@@ -204,7 +204,7 @@ class Replies:
     def _pushed(self, key: str, replies: list[Any]) -> bool:
         """:meth:`pushed`, from Redis's answers to :meth:`_with_epoch`'s commands (recording the epoch)."""
         if self._epoch is not None:
-            read_with_reply(replies[-1])
+            read_with_reply(self._epoch, replies[-1])
             replies = replies[:-1]
         return self.pushed(key, replies[-1])
 
