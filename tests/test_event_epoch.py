@@ -160,6 +160,10 @@ def test_within_a_call_the_epoch_read_with_its_reply_judges_its_events(redis_url
             assert unreachable.current() == "read-with-the-reply"
             assert another.current() is None
         assert unreachable.current() is None  # the call is over
+        store.delete(reply, f"{reply}:sent")
+        with reply_scope(events=False):  # a call with no event to publish: its reply reads no epoch
+            assert replies.push(reply, "{}", time.time() + 5)
+            assert unreachable.current() is None
     finally:
         store.delete(key, reply, f"{reply}:sent")
         store.close()

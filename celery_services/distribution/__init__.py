@@ -7,7 +7,7 @@
 - :mod:`.provider`: the provider's half (one Celery task per exposed method);
 - :mod:`.lease`: leases on calls in flight and redelivery of the lapsed ones;
 - :mod:`.manifest`, :mod:`.registry`, :mod:`.discovery`: who offers what, and the proxies that follow;
-- :mod:`.events`, :mod:`.event_publisher`, :mod:`.event_consumer`: the event bus;
+- :mod:`.events`, :mod:`.event_publisher`, :mod:`.event_consumer`, :mod:`.event_epoch`: the event bus;
 - :mod:`.celery_app`: the Celery app calls travel with; :mod:`.worker`: what happens inside a worker;
 - :mod:`.bootsteps`, :mod:`.redis_transport`: what the workers and kombu get from us;
 - :mod:`.logs`: call fields on log lines.

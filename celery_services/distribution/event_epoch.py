@@ -9,11 +9,11 @@ listener bound anything since (:class:`~.event_publisher.EventPublisher`).
 
 "No listener bound anything since" is this epoch: a Redis key of the registry's namespace that every
 listener of the library sets to a new random token once a binding is at the broker, before ``bind``
-returns (:class:`~.event_consumer.EventConsumer`). A provider reads it in the round trip that pushes a
-call's reply (:class:`~.provider.Replies`: one ``GET`` more, where the registry's Redis is the result
-backend's, the default), and judges the events the call publishes right after its reply by that read
-(:func:`read_with_reply`). A return counts under the epoch its event was sent with, a skip needs the same
-epoch read again:
+returns (:class:`~.event_consumer.EventConsumer`). A provider reads it in the round trip that pushes the
+reply of a call that has events to publish (:class:`~.provider.Replies`: one ``GET`` more, where the
+registry's Redis is the result backend's, the default), and judges the events the call publishes right
+after its reply by that read (:func:`read_with_reply`). A return counts under the epoch its event was
+sent with, a skip needs the same epoch read again:
 
 - a listener that binds after the returned event was sent writes a new epoch: the next call reads it, and
   its event is sent;
@@ -35,8 +35,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -48,7 +46,7 @@ from .redis_clients import RedisOptions, redis_client
 if TYPE_CHECKING:
     from .settings import DistributionSettings
 
-__all__ = ["RETURNED_FOR", "BindingEpoch", "read_with_reply", "reply_scope"]
+__all__ = ["RETURNED_FOR", "BindingEpoch", "epoch_wanted", "read_with_reply", "reply_scope"]
 
 log = logging.getLogger("celery_services.events")  # the bus's one logger (see events.py)
 
@@ -56,20 +54,39 @@ log = logging.getLogger("celery_services.events")  # the bus's one logger (see e
 RETURNED_FOR = 1.0
 _TTL = 86_400  # an epoch nobody advanced for a day expires: the next read starts another
 
-# The epoch the call being served read with its reply: (key, value; None if the key was missing).
+# The epoch the call being served read with its reply: (key, value; None if the key was missing); _WANTED
+# while its reply is still to push and it has events to publish after it; None outside (or no events).
 _with_reply: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
     "celery_services_epoch_with_reply", default=None
 )
+_WANTED: tuple[str, str | None] = ("", None)  # no epoch's key is empty
 
 
-@contextmanager
-def reply_scope() -> Iterator[None]:
-    """Within the block, a call is served: what :func:`read_with_reply` records stands for its events."""
-    token = _with_reply.set(None)
-    try:
-        yield
-    finally:
-        _with_reply.reset(token)
+class reply_scope:
+    """Within the block, a call is served: what :func:`read_with_reply` records stands for its events.
+
+    Args:
+        events: whether the call has events to publish after its reply (else its reply reads no epoch).
+
+    A class rather than ``contextlib.contextmanager``: it is entered around every call served.
+    """
+
+    __slots__ = ("_events", "_token")
+
+    def __init__(self, events: bool = True) -> None:
+        self._events = events
+
+    def __enter__(self) -> None:
+        self._token = _with_reply.set(_WANTED if self._events else None)
+
+    def __exit__(self, *exc: object) -> None:
+        _with_reply.reset(self._token)
+
+
+def epoch_wanted() -> bool:
+    """Whether the call being served has events to publish after its reply: its reply should read the
+    epoch (:func:`read_with_reply`)."""
+    return _with_reply.get() is _WANTED
 
 
 def read_with_reply(key: str, value: Any) -> None:

@@ -38,7 +38,7 @@ from ..core.errors import (
 )
 from . import logs
 from .caller import reset_deadline, set_deadline
-from .event_epoch import read_with_reply, reply_scope
+from .event_epoch import epoch_wanted, read_with_reply, reply_scope
 from .lease import HEADER_REDELIVERED
 from .loops import settle
 from .observability import hooks
@@ -140,7 +140,7 @@ class Replies:
         redelivered call that ran twice): the first reply wins. The list and its marker expire a second
         after the deadline. Returns whether the reply was pushed.
         """
-        commands = self._with_epoch(self.commands(key, body, deadline))
+        commands, epoch = self._with_epoch(self.commands(key, body, deadline))
         if not commands:
             return False
         try:
@@ -152,7 +152,7 @@ class Replies:
         except redis.RedisError:
             log.exception("could not push the reply %s", key)
             return False
-        return self._pushed(key, replies)
+        return self._pushed(key, replies, epoch)
 
     def push_answer(self, answer: Answer) -> None:
         """:meth:`push` ``answer``'s reply, if its caller waits on one."""
@@ -175,7 +175,7 @@ class Replies:
         nothing could be pushed. The RabbitMQ fast path acknowledges its call there: the broker hears of it
         a Redis round trip sooner, and may deliver the next call sooner (a call's p50 fell 6-8%).
         """
-        commands = self._with_epoch(self.commands(key, body, deadline))
+        commands, epoch = self._with_epoch(self.commands(key, body, deadline))
         connection = None
         if commands:
             try:
@@ -196,15 +196,19 @@ class Replies:
                 except (redis.RedisError, OSError, ValueError) as exc:
                     held.drop()
                     log.warning("could not push the reply %s: %r", key, exc)
-        return replies is not None and self._pushed(key, replies)
+        return replies is not None and self._pushed(key, replies, epoch)
 
-    def _with_epoch(self, commands: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        return [*commands, ("GET", self._epoch)] if commands and self._epoch is not None else commands
+    def _with_epoch(self, commands: list[tuple[Any, ...]]) -> tuple[list[tuple[Any, ...]], str | None]:
+        """``commands``, and the binding epoch's ``GET`` after them when the call being served has events to
+        publish after its reply; the epoch's key if so."""
+        if commands and self._epoch is not None and epoch_wanted():
+            return [*commands, ("GET", self._epoch)], self._epoch
+        return commands, None
 
-    def _pushed(self, key: str, replies: list[Any]) -> bool:
+    def _pushed(self, key: str, replies: list[Any], epoch: str | None) -> bool:
         """:meth:`pushed`, from Redis's answers to :meth:`_with_epoch`'s commands (recording the epoch)."""
-        if self._epoch is not None:
-            read_with_reply(self._epoch, replies[-1])
+        if epoch is not None:
+            read_with_reply(epoch, replies[-1])
             replies = replies[:-1]
         return self.pushed(key, replies[-1])
 
@@ -329,7 +333,7 @@ def serve(
         answer = handle(request, args, kwargs) if not hooks.on else observed(handle, request, args, kwargs)
     finally:
         _after_reply.reset(token)
-    with reply_scope():  # the binding epoch read with the reply judges the events published after it
+    with reply_scope(bool(pending)):  # the binding epoch read with the reply judges the events after it
         try:
             reply(answer)
         finally:
