@@ -3,10 +3,11 @@
 Usage: ``python benchmarks/instructions.py [--calls N] [--backend URL] [--output FILE]``.
 
 Timed benchmarks on a shared 2-core machine move 10-20% from run to run; instructions counted by valgrind's
-callgrind move under 1% (the worker's 354.0k and 355.0k a call in two runs of the same code, whatever else
-the machine ran), so a change of a few microseconds in a call's Python shows here when ``calls.py`` cannot
-tell it from noise. Each side of a small
-``articles.get(id)`` runs ``--calls`` times in-process under callgrind, with no network:
+callgrind move 1-2% at most (the worker's 354.0k and 355.0k a call in two runs of the same code, whatever
+else the machine ran; between two trees whose caller code was the same, the caller's count moved 1.1%), and
+with the CPU, so compare counts taken on one machine. A change of a few microseconds in a call's Python
+shows here when ``calls.py`` cannot tell it from noise. Each side of a small ``articles.get(id)`` runs
+``--calls`` times in-process under callgrind, with no network:
 
 - the local call: ``app.service("articles").get(id)``, the baseline (a service's own work);
 - the caller: the call decided and written as the caller ``LPUSH``es it (``Transport.prepare``,
