@@ -107,7 +107,8 @@ class Replies:
     Args:
         store: the result backend's Redis.
         epoch: on RabbitMQ, the key of the event exchange's binding epoch, when it is in ``store``: read in
-            each push's round trip, for the events the call publishes after its reply (:mod:`.event_epoch`).
+            the push's round trip of a call that has events to publish after its reply, for those events
+            (:mod:`.event_epoch`).
     """
 
     def __init__(self, store: redis.Redis, epoch: str | None = None) -> None:
