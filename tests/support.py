@@ -19,6 +19,7 @@ import redis
 
 from celery_services import App, DistributionSettings, distribute
 from celery_services.distribution import Distribution
+from celery_services.distribution.manifest import RegistryLayout
 from celery_services.testing import WorkerProcess, purge_queues
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +139,7 @@ def cleanup(broker: str, backend: str, *names: str) -> None:
     if broker.startswith("amqp"):
         # The default namespace's binding epoch, which a test's provider or listener may have started
         # (deleting it is safe: the next read starts another).
-        store.delete("celery_services:event-bindings:celery_services.events")
+        store.delete(RegistryLayout().binding_epoch("celery_services.events"))
     store.close()
     # The queues and what kombu keeps for them (the library's test kit does it: purge_queues).
     purge_queues(broker, names)

@@ -19,6 +19,7 @@ from kombu import Connection as _Connection
 from celery_services import finalize
 from celery_services.distribution.event_epoch import BindingEpoch, read_with_reply, reply_scope
 from celery_services.distribution.events import EventBus
+from celery_services.distribution.manifest import RegistryLayout
 from celery_services.distribution.provider import Replies
 from celery_services.testing import wait_for
 
@@ -34,7 +35,7 @@ class Exchange:
     def __init__(self, rabbitmq_url: str, redis_url: str, unique: str) -> None:
         self.url, self.name, self.redis_url = rabbitmq_url, f"test.epoch.{unique}", redis_url
         self.store = redis.Redis.from_url(redis_url)
-        self.epoch_key = f"test.epoch.{unique}:event-bindings:{self.name}"
+        self.epoch_key = RegistryLayout(f"test.epoch.{unique}").binding_epoch(self.name)
         self.buses: list[EventBus] = []
 
     def bus(self, epoch: bool = True, **kwargs: Any) -> EventBus:

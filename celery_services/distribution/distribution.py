@@ -99,11 +99,12 @@ class Distribution:
             socket_timeout=5.0,
             socket_connect_timeout=2.0,
         )
-        # On RabbitMQ, a call's reply also reads the binding epoch of its events, where they share a Redis.
-        epoch = BindingEpoch.of(settings)
+        # On RabbitMQ, the binding epoch of the app's events (on Redis the bus reads kombu's binding set); a
+        # call's reply reads it too, where the registry's Redis is the result backend's.
         broker = str(self.celery.conf.broker_url or settings.resolved_broker_url())
+        epoch = None if is_redis(broker) else BindingEpoch.of(settings)
         shared = settings.resolved_registry_url() == settings.resolved_result_backend()
-        self.replies = Replies(self.reply_store, epoch.key if shared and not is_redis(broker) else None)
+        self.replies = Replies(self.reply_store, epoch.key if epoch is not None and shared else None)
         self.signer = (
             Signer(self.key, settings.signing_secrets, self.reply_store, settings.registry_prefix)
             if settings.signing_keys

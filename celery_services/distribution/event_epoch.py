@@ -41,6 +41,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from .manifest import RegistryLayout
 from .redis_clients import RedisOptions, redis_client
 
 if TYPE_CHECKING:
@@ -100,7 +101,7 @@ class BindingEpoch:
 
     Args:
         url: the registry's Redis (shared by every app of the namespace).
-        key: the epoch's key (``{registry prefix}:event-bindings:{exchange}``).
+        key: the epoch's key (:meth:`.RegistryLayout.binding_epoch`).
         options: the Sentinel master's name and TLS files of ``url``.
     """
 
@@ -117,7 +118,7 @@ class BindingEpoch:
         """The epoch of ``settings``' event exchange, in their registry's Redis and namespace."""
         return cls(
             settings.resolved_registry_url(),
-            f"{settings.registry_prefix}:event-bindings:{settings.events_exchange}",
+            RegistryLayout(settings.registry_prefix).binding_epoch(settings.events_exchange),
             RedisOptions.of(settings),
         )
 

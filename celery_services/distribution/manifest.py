@@ -339,6 +339,11 @@ class RegistryLayout:
         """The Redis key of one instance's manifest, ``{prefix}:manifest:{key}:{instance}``."""
         return f"{self.prefix}:manifest:{key}:{instance}"
 
+    def binding_epoch(self, exchange: str) -> str:
+        """The Redis key of the event ``exchange``'s binding epoch, ``{prefix}:event-bindings:{exchange}``
+        (:mod:`.event_epoch`)."""
+        return f"{self.prefix}:event-bindings:{exchange}"
+
     def split(self, name: str) -> tuple[str, str] | None:
         """``(key, instance)`` named by a manifest key, or ``None`` for any other key."""
         head = f"{self.prefix}:manifest:"
