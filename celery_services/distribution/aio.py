@@ -46,7 +46,7 @@ import redis.asyncio
 
 from ..core.aio import run_blocking
 from ..core.errors import ServiceError, Unavailable
-from .caller import READ_MARGIN, Call, Transport, connect_pauses
+from .caller import READ_MARGIN, Call, Transport, _not_sent, connect_pauses, timed_out
 from .observability import client_acall, hooks
 from .protocol import reply_key
 from .redis_clients import RedisOptions, async_redis_client, connecting_by, pack_commands
@@ -204,10 +204,13 @@ class AsyncTransport:
                         await _read(connection, remaining + READ_MARGIN)
                         queued = True
                     reply = await _read(connection, remaining + READ_MARGIN)
-            except (redis.TimeoutError, TimeoutError) as exc:  # the server stopped answering by the deadline
+            except (redis.TimeoutError, TimeoutError) as exc:
                 await _drop(connection)
-                # No connection by the deadline: sent only if it was before (RabbitMQ's publish).
-                raise self._lost(call, queued or connection is not None, exc) from None
+                if connection is None:  # the deadline came while connecting, and nothing refused
+                    if queued:
+                        return None  # sent before (RabbitMQ's publish): no reply by the deadline
+                    raise _not_sent(call, exc) from None
+                raise self._lost(call, True, exc) from None  # the server stopped answering
             except (redis.ConnectionError, OSError, redis.ResponseError) as exc:
                 # A connection that died while idle (a Redis restart) is replaced once. UNBLOCKED / READONLY:
                 # its server became a replica under the BLPOP (a Sentinel failover), a lost connection too.
@@ -228,7 +231,7 @@ class AsyncTransport:
             return None if reply is None else bytes(reply[1])
         return None
 
-    def _lost(self, call: Call, queued: bool, exc: BaseException) -> Unavailable:
+    def _lost(self, call: Call, queued: bool, exc: BaseException) -> ServiceError:
         if not queued:
             log.warning("broker unreachable while sending %s: %s", call.name, exc)
             return _not_sent(call)
@@ -357,16 +360,14 @@ async def _connected(pool: Any, deadline: float) -> Any:
     """A connected connection of ``pool``; while Redis refuses, tried again until ``deadline`` (epoch), as
     the blocking transport does (:func:`.caller._connected`), then its last error is raised."""
     pauses: Iterator[float] | None = None  # made on the first refusal only: this is every call's path
+    refused: BaseException | None = None
     while True:
         try:
             return await pool.get_connection()
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            refused = refused if timed_out(exc) else exc
             pauses = pauses or connect_pauses(deadline)
             pause = next(pauses, None)
             if pause is None:
-                raise
+                raise refused or exc from None
             await asyncio.sleep(pause)
-
-
-def _not_sent(call: Call) -> Unavailable:
-    return Unavailable(f"Broker unreachable: '{call.name}' was not sent", {"task": call.name})

@@ -385,8 +385,10 @@ class Transport:
         # attempt to connect may take what is left of the deadline at most: a thread's first call against
         # a broker that accepts connections and answers nothing waited the whole connect timeout (4 s).
         configured = self.celery.conf.broker_connection_timeout  # None (no limit) in a user's own app
+        failures: list[BaseException] = []  # each attempt's: a refusal, if any, says unreachable
 
         def within_deadline(exc: BaseException, interval: float) -> None:
+            failures.append(exc)
             left = call.deadline - time.time() - interval
             if left <= 0:
                 raise TimeoutError(f"broker unreachable until the call's deadline: {exc!r}") from exc
@@ -415,7 +417,9 @@ class Transport:
         except (OperationalError, OSError, ConnectionError) as exc:
             # The broker's address and the library's message stay in the log: an error reaches HTTP clients.
             log.warning("broker %s unreachable while sending %s: %s", self._broker, call.name, exc)
-            raise _not_sent(call) from None
+            refusal = next((failure for failure in failures if not timed_out(failure)), None)
+            last = failures[-1] if failures else exc.__cause__ or exc  # kombu's OperationalError wraps it
+            raise _not_sent(call, refusal or last) from None
         finally:
             connection.connect_timeout = configured
 
@@ -452,9 +456,9 @@ class Transport:
         try:
             with connecting_by(call.deadline):  # a new connection's handshake too, not the client's timeouts
                 return self._pop(key, call, message)
-        except _NotQueued:
+        except _NotQueued as exc:
             log.warning("broker %s unreachable while sending %s", self._broker, call.name, exc_info=True)
-            raise _not_sent(call) from None
+            raise _not_sent(call, exc.__cause__) from None
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise Unavailable(
                 f"Reply store unreachable while waiting for '{call.name}': {type(exc).__name__}",
@@ -482,6 +486,8 @@ class Transport:
             try:
                 connection = _connected(held, call.deadline)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                if queued and timed_out(exc):
+                    return None  # the deadline came while connecting: a Timeout, not a lost store
                 lost = redis.ConnectionError if queued else _NotQueued
                 raise lost(f"reply store unreachable until the deadline: {exc}") from exc
             remaining = call.deadline - time.time()  # less after an outage waited out
@@ -538,22 +544,42 @@ def connect_pauses(deadline: float) -> Iterator[float]:
 
 def _connected(held: HeldConnection, deadline: float) -> Any:
     """``held``'s connection, connected; while Redis refuses, tried again (:func:`connect_pauses`) until
-    ``deadline`` (epoch), then its last error is raised."""
+    ``deadline`` (epoch), then an error is raised: a refusal if there was one (the last attempt, cut to what
+    was left, may have timed out instead), else the last timeout."""
     import redis
 
     pauses: Iterator[float] | None = None  # made on the first refusal only: this is every call's path
+    refused: BaseException | None = None
     while True:
         try:
             return held.get()
-        except (redis.ConnectionError, redis.TimeoutError, OSError):
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            refused = refused if timed_out(exc) else exc
             pauses = pauses or connect_pauses(deadline)
             pause = next(pauses, None)
             if pause is None:
-                raise
+                raise refused or exc from None
             time.sleep(pause)
 
 
-def _not_sent(call: Call) -> Unavailable:
+def timed_out(exc: BaseException | None) -> bool:
+    """Whether reaching a server ended by a timeout rather than a refusal or a failure: every attempt to
+    connect is cut to what is left of the call's deadline, so a timeout there is that deadline's."""
+    import redis
+
+    return isinstance(exc, TimeoutError | redis.TimeoutError)
+
+
+def _not_sent(call: Call, cause: BaseException | None = None) -> ServiceError:
+    """The error of a call the broker never took. A :class:`Timeout` when the call's deadline came while
+    the broker was being reached and nothing refused (``cause``: a stalled broker, or a connection slower
+    than a short deadline on a loaded machine): the broker was not shown unreachable. Else
+    :class:`Unavailable`."""
+    if timed_out(cause):
+        return Timeout(
+            f"Timeout of the call to '{call.name}' (not sent: no broker reached by its deadline)",
+            {"task": call.name, "call_id": call.call_id},
+        )
     return Unavailable(f"Broker unreachable: '{call.name}' was not sent", {"task": call.name})
 
 
