@@ -416,7 +416,7 @@ class Transport:
                 )
         except (OperationalError, OSError, ConnectionError) as exc:
             # The broker's address and the library's message stay in the log: an error reaches HTTP clients.
-            log.warning("broker %s unreachable while sending %s: %s", self._broker, call.name, exc)
+            log.warning("broker %s not reached while sending %s: %s", self._broker, call.name, exc)
             refusal = next((failure for failure in failures if not timed_out(failure)), None)
             last = failures[-1] if failures else exc.__cause__ or exc  # kombu's OperationalError wraps it
             raise _not_sent(call, refusal or last) from None
@@ -457,7 +457,7 @@ class Transport:
             with connecting_by(call.deadline):  # a new connection's handshake too, not the client's timeouts
                 return self._pop(key, call, message)
         except _NotQueued as exc:
-            log.warning("broker %s unreachable while sending %s", self._broker, call.name, exc_info=True)
+            log.warning("broker %s not reached while sending %s", self._broker, call.name, exc_info=True)
             raise _not_sent(call, exc.__cause__) from None
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise Unavailable(
@@ -575,7 +575,8 @@ def _not_sent(call: Call, cause: BaseException | None = None) -> ServiceError:
     the broker was being reached and nothing refused (``cause``: a stalled broker, or a connection slower
     than a short deadline on a loaded machine): the broker was not shown unreachable. Else
     :class:`Unavailable`."""
-    if timed_out(cause):
+    # 10 ms: a socket's timeout, cut to what was left, ends by the monotonic clock, not by time.time().
+    if timed_out(cause) and call.deadline - time.time() < 0.01:
         return Timeout(
             f"Timeout of the call to '{call.name}' (not sent: no broker reached by its deadline)",
             {"task": call.name, "call_id": call.call_id},
