@@ -168,12 +168,45 @@ class AsyncTransport:
         message = self.transport.encode(call)
         if clients.broker is None:  # the broker is the reply store: queued and awaited in one round trip
             return await self._wait(clients, call, message)
-        try:
-            await clients.broker.lpush(self.transport.queue_key(call.key), message)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            log.warning("broker unreachable while sending %s: %s", call.name, exc)
-            raise _not_sent(call) from None
+        await self._push(clients, call, message)
         return await self._wait(clients, call, None, pushed=message)
+
+    async def _push(self, clients: _LoopClients, call: Call, message: bytes) -> None:
+        """``LPUSH`` ``message`` on the call's queue, in a broker Redis apart from the reply store, connected
+        and read by the call's deadline (the blocking transport's :meth:`.Transport._push`)."""
+        assert clients.broker is not None
+        pool = clients.broker.connection_pool
+        push = pack_commands([("LPUSH", self.transport.queue_key(call.key), message)])
+        for attempt in (1, 2):
+            try:
+                with connecting_by(call.deadline):
+                    connection = await _connected(pool, call.deadline)
+            except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+                log.warning("broker not reached while sending %s: %s", call.name, exc)
+                raise _not_sent(call, exc) from None
+            try:
+                remaining = call.deadline - time.time()
+                if remaining <= 0:
+                    raise TimeoutError("no time left to queue the call")
+                await connection.send_packed_command(push)
+                await _read(connection, remaining)
+                return
+            except (redis.TimeoutError, TimeoutError) as exc:
+                await _drop(connection)
+                log.warning("broker did not take %s by its deadline", call.name)
+                raise _not_sent(call, exc) from None
+            except (redis.ConnectionError, OSError) as exc:
+                await _drop(connection)  # died while idle: replaced once
+                if attempt == 2:
+                    log.warning("broker not reached while sending %s: %s", call.name, exc)
+                    raise _not_sent(call, exc) from None
+            except BaseException:  # cancelled: withdrawn if it was queued
+                await _drop(connection)
+                key = reply_key(self.transport.settings.registry_prefix, call.call_id)
+                await self._abandon(clients, call, key, message)
+                raise
+            finally:
+                await pool.release(connection)
 
     async def _wait(
         self, clients: _LoopClients, call: Call, message: bytes | None, pushed: bytes | None = None

@@ -433,6 +433,39 @@ def caller_of_nobody(broker: str, backend: str, registry: str) -> tuple[App, Any
 
 
 @pytest.mark.timeout(90)
+def test_calls_through_a_redis_broker_apart_from_the_reply_store(
+    private_redis: RedisServer, redis_url: str, prefix: str
+) -> None:
+    # The broker a Redis of its own beside the reply store (broker db 0, results db 1, as Celery's docs set
+    # them): a call is LPUSHed on the calling thread's (or loop's) connection to the broker, its reply
+    # awaited on the reply store. A broker restart leaves that connection dead while idle: it is replaced
+    # once, and the call goes through.
+    key = f"apart-{os.urandom(3).hex()}"
+    runs = f"test-runs:{key}"
+    env = provider_env(key, private_redis.url, redis_url, runs, CELERY_SERVICES_REGISTRY_PREFIX=prefix)
+    prov = Provider(key, private_redis.url, redis_url, runs, env)
+    app, distribution = make_caller(prov, prefix)
+    probe = distribution.remote_service(prov.key, "probe", PROBE)
+    loop = asyncio.new_event_loop()  # one loop for every call: its connections are held between them
+
+    def both(item: int) -> list[Any]:
+        got = [probe.get(item, {"timeout": 10})["id"]]
+        got.append(loop.run_until_complete(probe.call_async("get", id=item, params={"timeout": 10}))["id"])
+        return got
+
+    try:
+        with prov.worker():
+            assert both(1) == [1, 1]
+            assert private_redis.client().llen(key) == 0  # queued on the broker, and taken
+            private_redis.restart()
+            assert both(2) == [2, 2]
+    finally:
+        loop.close()
+        finalize(app)
+        cleanup(private_redis.url, redis_url, key, runs)
+
+
+@pytest.mark.timeout(90)
 @pytest.mark.parametrize("transport", ["blocking", "asyncio"])
 def test_after_redis_stalls_past_a_deadline_each_call_gets_its_own_reply(
     private_redis: RedisServer, transport: str
