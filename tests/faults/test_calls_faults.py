@@ -432,6 +432,37 @@ def caller_of_nobody(broker: str, backend: str, registry: str) -> tuple[App, Any
     return app, distribute(app, settings).remote_service("nobody", "articles", ["get"])
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["blocking", "asyncio"])
+@pytest.mark.parametrize("apart", [False, True], ids=["broker is the reply store", "broker apart"])
+def test_a_broker_out_of_memory_refuses_the_call_typed(
+    private_redis: RedisServer, redis_url: str, transport: str, apart: bool
+) -> None:
+    # A Redis broker at its maxmemory with noeviction (the policy Redis advises for queues) answers LPUSH
+    # with an OOM error: the call was refused, not sent. It reached the blocking transport's callers as
+    # redis-py's own OutOfMemoryError (untyped), and the asyncio one's when the broker was apart.
+    backend, registry = redis_url if apart else private_redis.url, f"cs-oom-{os.urandom(3).hex()}"
+    app, proxy = caller_of_nobody(private_redis.url, backend, registry)
+    admin = private_redis.client()
+    try:
+        admin.config_set("maxmemory-policy", "noeviction")  # this test's own server
+        admin.config_set("maxmemory", "1")
+        start = time.monotonic()
+        with pytest.raises(Unavailable, match="not sent"):
+            if transport == "blocking":
+                proxy.get(1, {"timeout": 5, "wait": True})
+            else:
+                asyncio.run(proxy.call_async("get", id=1, params={"timeout": 5, "wait": True}))
+        assert time.monotonic() - start < 2.5  # refused: not waited out to the deadline
+        admin.config_set("maxmemory", "0")
+        assert admin.llen("nobody") == 0
+    finally:
+        admin.close()
+        finalize(app)
+        if apart:
+            purge_prefix(backend, registry)
+
+
 @pytest.mark.timeout(90)
 def test_calls_through_a_redis_broker_apart_from_the_reply_store(
     private_redis: RedisServer, redis_url: str, prefix: str
