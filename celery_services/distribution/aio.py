@@ -195,6 +195,9 @@ class AsyncTransport:
                 await _drop(connection)
                 log.warning("broker did not take %s by its deadline", call.name)
                 raise _not_sent(call, exc) from None
+            except redis.ResponseError as exc:  # refused: out of memory (noeviction)
+                log.warning("broker refused %s: %s", call.name, exc)
+                raise _not_sent(call, exc) from None
             except (redis.ConnectionError, OSError) as exc:
                 await _drop(connection)  # died while idle: replaced once
                 if attempt == 2:
@@ -266,8 +269,8 @@ class AsyncTransport:
 
     def _lost(self, call: Call, queued: bool, exc: BaseException) -> ServiceError:
         if not queued:
-            log.warning("broker unreachable while sending %s: %s", call.name, exc)
-            return _not_sent(call)
+            log.warning("broker not reached while sending %s: %s", call.name, exc)
+            return _not_sent(call, exc)
         return Unavailable(
             f"Reply store unreachable while waiting for '{call.name}': {type(exc).__name__}",
             {"task": call.name, "call_id": call.call_id},

@@ -354,6 +354,9 @@ class Transport:
                 held.drop()  # an answer may still come on it
                 log.warning("broker %s did not take %s by its deadline", self._broker, call.name)
                 raise _not_sent(call, exc) from None
+            except redis.ResponseError as exc:  # refused: out of memory (noeviction)
+                log.warning("broker %s refused %s: %s", self._broker, call.name, exc)
+                raise _not_sent(call, exc) from None
             except (redis.ConnectionError, OSError, ValueError) as exc:
                 held.drop()
                 if attempt == 2:
@@ -539,6 +542,10 @@ class Transport:
                     lost = redis.ConnectionError if queued else _NotQueued
                     raise lost(f"reply connection lost: {exc}") from exc
                 continue
+            except redis.ResponseError as exc:  # refused: out of memory (noeviction), a foreign key's type
+                held.drop()  # the BLPOP's answer may still be to come
+                lost = redis.ConnectionError if queued else _NotQueued
+                raise lost(f"refused: {exc}") from exc
             except BaseException:
                 held.drop()  # a read cut short leaves a reply in flight on this connection
                 raise
@@ -603,18 +610,24 @@ def _not_sent(call: Call, cause: BaseException | None = None) -> ServiceError:
     """The error of a call the broker never took. A :class:`Timeout` when the call's deadline came while
     the broker was being reached and nothing refused (``cause``: a stalled broker, or a connection slower
     than a short deadline on a loaded machine): the broker was not shown unreachable. Else
-    :class:`Unavailable`."""
+    :class:`Unavailable`: unreachable, or refused by an error reply (a Redis out of memory)."""
     # 10 ms: a socket's timeout, cut to what was left, ends by the monotonic clock, not by time.time().
+    import redis
+
     if timed_out(cause) and call.deadline - time.time() < 0.01:
         return Timeout(
             f"Timeout of the call to '{call.name}' (not sent: no broker reached by its deadline)",
             {"task": call.name, "call_id": call.call_id},
         )
+    if isinstance(cause, redis.ResponseError):  # named by its class: the log has Redis's words
+        return Unavailable(
+            f"Broker refused '{call.name}' ({type(cause).__name__}): it was not sent", {"task": call.name}
+        )
     return Unavailable(f"Broker unreachable: '{call.name}' was not sent", {"task": call.name})
 
 
 class _NotQueued(Exception):
-    """The connection was lost before the broker took the call: the call was not sent."""
+    """The broker did not take the call (the connection was lost, or the broker refused): not sent."""
 
 
 def _decode_reply(name: str, call_id: str, raw: bytes) -> Any:
