@@ -394,7 +394,8 @@ async def _read(connection: Any, timeout: float) -> Any:
 
 async def _connected(pool: Any, deadline: float) -> Any:
     """A connected connection of ``pool``; while Redis refuses, tried again until ``deadline`` (epoch), as
-    the blocking transport does (:func:`.caller._connected`), then its last error is raised."""
+    the blocking transport does (:func:`.caller._connected`), then a refusal if there was one, else the
+    last timeout, is raised."""
     pauses: Iterator[float] | None = None  # made on the first refusal only: this is every call's path
     refused: BaseException | None = None
     while True:
