@@ -487,7 +487,8 @@ def test_calls_through_a_redis_broker_apart_from_the_reply_store(
     try:
         with prov.worker():
             assert both(1) == [1, 1]
-            assert private_redis.client().llen(key) == 0  # queued on the broker, and taken
+            with private_redis.client() as broker:
+                assert broker.llen(key) == 0  # queued on the broker, and taken
             private_redis.restart()
             assert both(2) == [2, 2]
     finally:
