@@ -138,8 +138,10 @@ def cleanup(broker: str, backend: str, *names: str) -> None:
         store.delete(name)
     if broker.startswith("amqp"):
         # The default namespace's binding epoch, which a test's provider or listener may have started
-        # (deleting it is safe: the next read starts another).
-        store.delete(RegistryLayout().binding_epoch("celery_services.events"))
+        # (deleting it is safe: the next read starts another): named from the settings' defaults.
+        defaults = DistributionSettings.model_fields
+        layout = RegistryLayout(defaults["registry_prefix"].default)
+        store.delete(layout.binding_epoch(defaults["events_exchange"].default))
     store.close()
     # The queues and what kombu keeps for them (the library's test kit does it: purge_queues).
     purge_queues(broker, names)
