@@ -7,7 +7,8 @@ what any call over this broker pays at least.
 - Redis broker: the request is ``LPUSH``ed on the queue's list and taken with ``BRPOP``.
 - RabbitMQ broker: the request is published on the queue (default exchange) and consumed with py-amqp
   (prefetch 1, acknowledged after the reply); the reply list is on the Redis of ``BENCH_REPLY_URL``, as the
-  fast path's replies are.
+  fast path's replies are. With ``BENCH_DURABLE=1`` the queue is declared durable, as Celery declares a
+  task queue (``benchmarks/rabbitmq_floor.py``).
 
 Configured by the environment::
 
@@ -42,7 +43,7 @@ def main() -> None:
     # kombu only parses the URL and connects: what is used is its py-amqp connection.
     connection = Connection(broker, connect_timeout=5).connection  # type: ignore[no-untyped-call]
     channel = connection.channel()
-    channel.queue_declare(queue, durable=False, auto_delete=False)
+    channel.queue_declare(queue, durable=os.environ.get("BENCH_DURABLE") == "1", auto_delete=False)
     channel.basic_qos(0, 1, False)
 
     def on_message(message: Any) -> None:
