@@ -241,6 +241,80 @@ def test_on_rabbitmq_a_call_of_a_killed_fast_path_replica_is_served_by_another(
         cleanup(rabbitmq_url, redis_url, prov.key, prov.runs_key)
 
 
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(90)
+def test_on_rabbitmq_a_call_of_a_paused_fast_path_replica_is_served_by_another(
+    redis_url: str, rabbitmq_url: str, prefix: str
+) -> None:
+    # A frozen replica (SIGSTOP; a host cut off looks the same) keeps its connection open: RabbitMQ gives
+    # its unacknowledged call back only once the connection's heartbeats stop, within the lease. Resumed,
+    # it finishes its run (at least once) and pushes no second reply.
+    prov = amqp_provider("fastpause", rabbitmq_url, redis_url, prefix, CELERY_SERVICES_LEASE_TIMEOUT="1")
+    first, second = prov.worker(), prov.worker()
+    app, distribution = make_caller(prov, prefix)
+    paused: WorkerProcess | None = None
+    try:
+        first.start()
+        second.start()
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(probe.slow, {"tag": "z", "seconds": 1.5}, {"timeout": 20})
+            start = wait_for(
+                lambda: next((r for r in prov.runs() if r.startswith("slow-start-z:")), None),
+                timeout=10,
+                what="slow call started",
+            )
+            victim_pid = int(start.rsplit(":", 1)[1])
+            paused = first if first.pid == victim_pid else second
+            survivor = second if paused is first else first
+            os.killpg(paused.pid, signal.SIGSTOP)
+            result = future.result(timeout=25)  # served by the survivor while the other one sleeps
+            os.killpg(paused.pid, signal.SIGCONT)
+        assert result["pid"] == survivor.pid
+        assert result["redelivered"] is True
+        wait_for(lambda: "already answered" in paused.log(), timeout=15, what="resumed run, no second reply")
+        assert prov.runs().count(f"slow-end-z:{paused.pid}") == 1
+        assert prov.runs().count(f"slow-start-z:{survivor.pid}") == 1
+        # The resumed replica takes calls again, on a new connection.
+        wait_for(
+            lambda: {probe.get(1, {})["pid"] for _ in range(6)} == {first.pid, second.pid},
+            timeout=20,
+            what="both replicas serve again",
+        )
+    finally:
+        if paused is not None:
+            os.killpg(paused.pid, signal.SIGCONT)
+        first.stop()
+        second.stop()
+        finalize(app)
+        cleanup(rabbitmq_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(90)
+def test_on_rabbitmq_a_call_longer_than_the_lease_stays_with_its_live_replica(
+    redis_url: str, rabbitmq_url: str, prefix: str
+) -> None:
+    # The serving thread sends no heartbeat while it runs a call: the connection's heartbeats must go on
+    # without it, or RabbitMQ would give a long call to the other replica while it still runs.
+    prov = amqp_provider("fastlong", rabbitmq_url, redis_url, prefix, CELERY_SERVICES_LEASE_TIMEOUT="1")
+    first, second = prov.worker(), prov.worker()
+    app, distribution = make_caller(prov, prefix)
+    try:
+        first.start()
+        second.start()
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        result = probe.slow({"tag": "l", "seconds": 5}, {"timeout": 20})
+        assert result["redelivered"] is False
+        assert [r for r in prov.runs() if r.startswith("slow-start-l:")] == [f"slow-start-l:{result['pid']}"]
+        assert probe.get(1, {})["id"] == 1
+    finally:
+        first.stop()
+        second.stop()
+        finalize(app)
+        cleanup(rabbitmq_url, redis_url, prov.key, prov.runs_key)
+
+
 @pytest.mark.timeout(60)
 def test_a_slow_call_holds_one_slot_and_the_others_go_on(redis_url: str, prefix: str) -> None:
     # -c 3: three serving threads; two slow calls hold two, quick calls go through the third meanwhile.
