@@ -37,6 +37,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -595,9 +596,12 @@ class AmqpFastPath(FastPath):
     """The fast path on RabbitMQ: each serving thread consumes the key's queue on its own connection
     (prefetch 1, late acknowledgement), outside Celery's consumer loop and its timers.
 
-    RabbitMQ gives back the unacknowledged call of a connection that died (a killed worker) by itself. A
-    call's reply is written to Redis, its message acknowledged while Redis answers (:meth:`.Replies.push_on`),
-    then its task event held: the events of calls served back to back go out together (:class:`_TaskEvents`).
+    RabbitMQ gives back the unacknowledged call of a connection that died (a killed worker) by itself, and of
+    one whose heartbeats stopped (a frozen worker, a host cut off), about a lease later (:attr:`heartbeat`):
+    its serving thread beats between calls, and a keeper thread while the serving thread runs a call (a long
+    call is not given to another replica). A call's
+    reply is written to Redis, its message acknowledged while Redis answers (:meth:`.Replies.push_on`), then
+    its task event held: the events of calls served back to back go out together (:class:`_TaskEvents`).
 
     Args:
         distribution: the distribution whose calls are served (its ``handlers``).
@@ -612,6 +616,32 @@ class AmqpFastPath(FastPath):
     ) -> None:
         super().__init__(distribution, threads, hostname)
         self.events = events
+        #: The AMQP heartbeat of the serving connections, in whole seconds (the protocol's unit): a third of
+        #: the lease, since RabbitMQ closes a connection it heard nothing from for two to three heartbeats
+        #: and gives its unacknowledged call to another replica (measured: after 1.6-2.0 s at 1 s, 7.5-8.2 s
+        #: at 3 s), so a frozen replica's call comes back about a lease later, as on Redis.
+        self.heartbeat = max(1, math.ceil(distribution.settings.resolved_lease_timeout() / 3))
+        #: Each serving thread's connection, while it has one (by thread index).
+        self._lines: dict[int, _Line] = {}
+        self._keeper: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the serving threads and the keeper of their heartbeats."""
+        self._keeper = threading.Thread(
+            target=self._keep, name="celery-services-fastpath-keeper", daemon=True
+        )
+        self._keeper.start()
+        super().start()
+
+    def _stopped(self, running: bool) -> None:
+        if self._keeper is not None:
+            self._keeper.join(self.heartbeat)
+
+    def _keep(self) -> None:
+        """Beat for each serving thread that runs a call (its own loop beats between calls)."""
+        while not self._stop.wait(self.heartbeat / 4):
+            for line in list(self._lines.values()):
+                line.beat()
 
     def _serve(self, index: int) -> None:
         celery = self.distribution.celery
@@ -624,15 +654,17 @@ class AmqpFastPath(FastPath):
             if not self._may_take(index):
                 continue
             try:
-                with celery.connection_for_read() as connection:
+                with celery.connection_for_read(heartbeat=self.heartbeat) as connection:
                     # One attempt: this loop's own pause between attempts is the retry.
                     connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
+                    errors = connection.connection_errors + connection.channel_errors
+                    line = self._lines[index] = _Line(connection.connection, errors)
                     channel = connection.channel()
                     events = self._task_events(connection, channel)
                     consumer = _Consumer(
                         channel,
                         queues=[queue],
-                        on_message=partial(self._on_message, index, events, replies),
+                        on_message=partial(self._on_message, index, events, replies, line),
                         prefetch_count=1,
                         no_ack=False,
                     )
@@ -650,13 +682,18 @@ class AmqpFastPath(FastPath):
                             except TimeoutError:
                                 if events is not None:
                                     events.send()  # no call came: Flower hears of those served
+                                # Beats when due; raises once the broker's own beats stopped (a broker
+                                # cut off answers nothing, and this thread would wait on it for ever).
+                                connection.heartbeat_check()
                             else:
                                 # Between calls: the call just served has published its service events.
                                 if events is not None and events.due():
                                     events.send()
                         if events is not None:
                             events.send()
+                self._lines.pop(index, None)
             except Exception as exc:  # a lost or refused connection, whatever its library calls it
+                self._lines.pop(index, None)
                 self._waiting[index] = False
                 if not failing:
                     log.warning("fast path cannot reach its queue %s: %r; retrying", self.queue, exc)
@@ -690,21 +727,27 @@ class AmqpFastPath(FastPath):
         return _TaskEvents(channel, self.hostname, self.events.name)
 
     def _on_message(
-        self, index: int, events: _TaskEvents | None, replies: HeldConnection, message: Any
+        self, index: int, events: _TaskEvents | None, replies: HeldConnection, line: _Line, message: Any
     ) -> None:
         if not self._taking.is_set():
             # Sent ahead before the consumer was cancelled (its cancel reads what arrived first).
             message.requeue()
             return
         self._waiting[index] = False  # serving a call taken before any pause
+        line.busy = True
         try:
-            self._on_task(events, replies, message)
+            self._on_task(events, replies, line, message)
         except Exception:  # one bad call must not stop the thread serving the others
             log.exception("fast path failed to serve a message of queue %s", self.queue)
             if not message.acknowledged:
-                message.ack()  # as the Redis path does: a call that broke the server is not taken again
+                line.ack(message)  # as the Redis path does: a call that broke the server is not taken again
+        finally:
+            with line.lock:
+                line.busy = False
 
-    def _on_task(self, events: _TaskEvents | None, replies: HeldConnection, message: Any) -> None:
+    def _on_task(
+        self, events: _TaskEvents | None, replies: HeldConnection, line: _Line, message: Any
+    ) -> None:
         received = time.time()
         delivery = dict(message.delivery_info or {})
         try:
@@ -714,9 +757,12 @@ class AmqpFastPath(FastPath):
         except MalformedMessage as exc:
             # Nobody to answer (no call id can be trusted): Celery's consumer drops such a message too.
             log.error("dropped an unreadable message of queue %s: %s", self.queue, exc)
-            message.ack()
+            line.ack(message)
             return
         task = dataclasses.replace(task, redelivered=bool(delivery.get("redelivered")))
+
+        def ack() -> None:
+            line.ack(message)
 
         def finish(request: Any, answer: Answer, started: float, event: str | None) -> bool:
             self.served += 1
@@ -724,14 +770,52 @@ class AmqpFastPath(FastPath):
                 # The call is acknowledged even if its reply was not pushed: its caller times out, as with
                 # a lost reply.
                 push = self.distribution.replies.push_on
-                push(replies, answer.reply_to, answer.body, answer.deadline, meanwhile=message.ack)
+                push(replies, answer.reply_to, answer.body, answer.deadline, meanwhile=ack)
             else:
-                message.ack()
+                ack()
             if events is not None and event is not None:
                 events.hold(event, event_json(self._event(request, answer, received, started, event)))
             return True
 
         self._serve_message(task, received, finish)
+
+
+class _Line:
+    """A RabbitMQ serving thread's connection (py-amqp's), and whether the thread runs a call on it.
+
+    py-amqp's connection is not thread-safe: the keeper writes a heartbeat only while the serving thread
+    runs a call, and under ``lock``, which the serving thread holds for its writes meanwhile (the call's
+    acknowledgement) and to say the call is over.
+    """
+
+    def __init__(self, connection: Any, errors: tuple[type[BaseException], ...]) -> None:
+        self.connection = connection
+        self.errors = errors  # what a lost connection raises
+        self.lock = threading.Lock()
+        self.busy = False
+
+    def ack(self, message: Any) -> None:
+        """Acknowledge ``message``; on a lost connection, say so (RabbitMQ delivers the call again: the
+        connection of a replica frozen past its heartbeats was closed, and its call given to another)."""
+        try:
+            with self.lock:
+                message.ack()
+        except self.errors as exc:
+            log.warning(
+                "call %s not acknowledged, its connection lost (%r): RabbitMQ delivers it again",
+                message.properties.get("correlation_id"),
+                exc,
+            )
+
+    def beat(self) -> None:
+        """Send a heartbeat if the serving thread runs a call."""
+        with self.lock:
+            if not self.busy:
+                return
+            try:
+                self.connection.send_heartbeat()
+            except Exception as exc:  # the connection is gone: its serving thread will find out
+                log.debug("fast path heartbeat not sent: %r", exc)
 
 
 class _TaskEvents:

@@ -185,9 +185,11 @@ class DistributionSettings(BaseSettings):
 
     lease_timeout: PositiveFloat | None = None
     """Seconds a call in flight on a replica that stopped renewing its lease (killed, paused, cut off)
-    waits before another replica of the key is given it (Redis broker; ``None``: a quarter of
-    :attr:`timeout`, at least 1 s). A replica paused for longer than this may run the call a second time
-    (``params["redelivered"]`` says so); its caller still gets one reply."""
+    waits before another replica of the key is given it (``None``: a quarter of :attr:`timeout`, at least
+    1 s). On RabbitMQ, the fast path's connections beat every third of it (AMQP heartbeats, whole seconds),
+    and RabbitMQ gives back the call of a connection that stopped beating; Celery's own consumer there
+    keeps Celery's ``broker_heartbeat``. A replica paused for longer than this may run the call a second
+    time (``params["redelivered"]`` says so); its caller still gets one reply."""
 
     fast_path: bool = True
     """A worker whose pool runs calls in its own process (``-P threads``, ``solo``, ``gevent``, ``eventlet``)

@@ -296,7 +296,8 @@ def test_on_rabbitmq_a_call_longer_than_the_lease_stays_with_its_live_replica(
     redis_url: str, rabbitmq_url: str, prefix: str
 ) -> None:
     # The serving thread sends no heartbeat while it runs a call: the connection's heartbeats must go on
-    # without it, or RabbitMQ would give a long call to the other replica while it still runs.
+    # without it, or RabbitMQ would give a long call to the other replica while it still runs; and an idle
+    # serving thread beats between its waits, or RabbitMQ would close its connection.
     prov = amqp_provider("fastlong", rabbitmq_url, redis_url, prefix, CELERY_SERVICES_LEASE_TIMEOUT="1")
     first, second = prov.worker(), prov.worker()
     app, distribution = make_caller(prov, prefix)
@@ -308,6 +309,8 @@ def test_on_rabbitmq_a_call_longer_than_the_lease_stays_with_its_live_replica(
         assert result["redelivered"] is False
         assert [r for r in prov.runs() if r.startswith("slow-start-l:")] == [f"slow-start-l:{result['pid']}"]
         assert probe.get(1, {})["id"] == 1
+        # Nor did the other replica, idle meanwhile, lose its connection: its serving loop beats too.
+        assert "cannot reach its queue" not in first.log() + second.log()
     finally:
         first.stop()
         second.stop()
