@@ -1,8 +1,8 @@
 """The fast path (``fastpath.py``) under real conditions: beside Celery's consumer on one queue, a replica
-SIGKILLed in the middle of a call, a message it cannot read, Celery's task signals around its calls.
+SIGKILLed or frozen in the middle of a call, a message it cannot read, Celery's task signals around its calls.
 
-Real ``celery worker`` processes of ``tests.apps.provider`` on the real Redis; the fast path is the default
-there, and ``CELERY_SERVICES_FAST_PATH=false`` gives a worker served by Celery's own consumer.
+Real ``celery worker`` processes of ``tests.apps.provider`` on the real Redis and RabbitMQ; the fast path is
+the default, and ``CELERY_SERVICES_FAST_PATH=false`` gives a worker served by Celery's own consumer.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pytest
 import redis
 from celery import Celery
 from celery.exceptions import TaskRevokedError
+from kombu import Connection
 
 from celery_services import NotFound, Timeout, Unavailable, finalize
 from celery_services.distribution import Distribution
@@ -52,16 +53,26 @@ def in_flight(redis_url: str, prefix: str, key: str) -> dict[str, int]:
         store.close()
 
 
-@pytest.fixture(params=["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+#: Both brokers, for ``parametrize("broker", BROKERS)``.
+BROKERS = ["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
+
+
+def provider_on(
+    request: pytest.FixtureRequest, broker: str, redis_url: str, prefix: str, label: str
+) -> Provider:
+    """A provider of a new key on ``broker`` (replies and registry on Redis, in ``prefix``)."""
+    if broker == "redis":
+        return registered_provider(redis_url, prefix, label)
+    return amqp_provider(label, request.getfixturevalue("rabbitmq_url"), redis_url, prefix)
+
+
+@pytest.fixture(params=BROKERS)
 def served(
     request: pytest.FixtureRequest, redis_url: str, prefix: str
 ) -> Iterator[tuple[Provider, Distribution]]:
     """On each broker: a provider of a new key (start its workers) and a caller's distribution, its registry
     in ``prefix``; the caller finalized and the key's queue and runs cleaned up afterwards."""
-    if request.param == "redis":
-        prov = registered_provider(redis_url, prefix, "served")
-    else:
-        prov = amqp_provider("served", request.getfixturevalue("rabbitmq_url"), redis_url, prefix)
+    prov = provider_on(request, request.param, redis_url, prefix, "served")
     app, distribution = make_caller(prov, prefix)
     try:
         yield prov, distribution
@@ -86,8 +97,11 @@ def kill_the_holder(prov: Provider, probe: Any, workers: list[WorkerProcess], ta
 
 
 @pytest.mark.timeout(90)
-def test_a_plain_worker_and_a_fast_path_worker_serve_one_queue(redis_url: str, prefix: str) -> None:
-    prov = registered_provider(redis_url, prefix, "mixed")
+@pytest.mark.parametrize("broker", BROKERS)
+def test_a_plain_worker_and_a_fast_path_worker_serve_one_queue(
+    request: pytest.FixtureRequest, redis_url: str, prefix: str, broker: str
+) -> None:
+    prov = provider_on(request, broker, redis_url, prefix, "mixed")
     fast = prov.worker()
     plain = WorkerProcess(
         "tests.apps.provider", prov.key, env={**prov.env, "CELERY_SERVICES_FAST_PATH": "false"}
@@ -127,9 +141,12 @@ def test_a_plain_worker_and_a_fast_path_worker_serve_one_queue(redis_url: str, p
             return {fast.pid, plain.pid} <= by
 
         wait_for(plain_client_served_by_both, timeout=30, interval=0, what="send_task served by both")
-        # Every call acknowledged. A plain client's result is stored before the call is acknowledged (a
-        # call is acknowledged once answered): the last acknowledgement may land just after its .get().
-        wait_for(lambda: in_flight(redis_url, prefix, prov.key) == {}, timeout=5, what="calls acknowledged")
+        if broker == "redis":
+            # Every call acknowledged. A plain client's result is stored before the call is acknowledged
+            # (a call is acknowledged once answered): the last acknowledgement may land after its .get().
+            wait_for(
+                lambda: in_flight(redis_url, prefix, prov.key) == {}, timeout=5, what="calls acknowledged"
+            )
         # `celery inspect registered` lists the calls of a fast-path worker: its remote control is Celery's.
         registered = client.control.inspect(destination=[fast.name], timeout=5).registered() or {}
         assert f"{prov.key}.probe.get" in registered.get(fast.name, []), registered
@@ -138,7 +155,7 @@ def test_a_plain_worker_and_a_fast_path_worker_serve_one_queue(redis_url: str, p
         plain.stop()
         finalize(app)
         client.close()
-        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
 
 
 def signalled(prov: Provider, pid: int | None) -> list[tuple[str, ...]]:
@@ -319,9 +336,12 @@ def test_on_rabbitmq_a_call_longer_than_the_lease_stays_with_its_live_replica(
 
 
 @pytest.mark.timeout(60)
-def test_a_slow_call_holds_one_slot_and_the_others_go_on(redis_url: str, prefix: str) -> None:
+@pytest.mark.parametrize("broker", BROKERS)
+def test_a_slow_call_holds_one_slot_and_the_others_go_on(
+    request: pytest.FixtureRequest, redis_url: str, prefix: str, broker: str
+) -> None:
     # -c 3: three serving threads; two slow calls hold two, quick calls go through the third meanwhile.
-    prov = registered_provider(redis_url, prefix, "slots")
+    prov = provider_on(request, broker, redis_url, prefix, "slots")
     app, distribution = make_caller(prov, prefix)
     try:
         with prov.worker(pool="threads", concurrency=3) as worker:
@@ -340,24 +360,37 @@ def test_a_slow_call_holds_one_slot_and_the_others_go_on(redis_url: str, prefix:
                 assert [future.result(timeout=10)["tag"] for future in slow] == ["s0", "s1"]
     finally:
         finalize(app)
-        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
 
 
 @pytest.mark.timeout(60)
-def test_an_unreadable_message_is_dropped_and_the_next_call_served(redis_url: str, prefix: str) -> None:
-    prov = registered_provider(redis_url, prefix, "garbage")
+@pytest.mark.parametrize("broker", BROKERS)
+def test_an_unreadable_message_is_dropped_and_the_next_call_served(
+    request: pytest.FixtureRequest, redis_url: str, prefix: str, broker: str
+) -> None:
+    prov = provider_on(request, broker, redis_url, prefix, "garbage")
     app, distribution = make_caller(prov, prefix)
-    store = redis.Redis.from_url(redis_url)
     try:
         with prov.worker() as worker:
-            store.lpush(prov.key, b"not a task message")
+            if broker == "redis":
+                with redis.Redis.from_url(redis_url) as store:
+                    store.lpush(prov.key, b"not a task message")
+            else:
+                # A JSON body that is no task's [args, kwargs, embed], under a task's headers.
+                with Connection(prov.broker) as connection:  # type: ignore[no-untyped-call]
+                    connection.Producer().publish(
+                        b'{"not": "a task"}',
+                        routing_key=prov.key,
+                        content_type="application/json",
+                        content_encoding="utf-8",
+                        headers={"task": f"{prov.key}.probe.get", "id": "garbage-1"},
+                    )
             wait_for(lambda: "dropped an unreadable message" in worker.log(), timeout=10, what="drop logged")
             assert distribution.remote_service(prov.key, "probe", PROBE).get(7, {})["id"] == 7
             assert os.kill(worker.pid, 0) is None  # still serving
     finally:
-        store.close()
         finalize(app)
-        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
 
 
 @pytest.mark.rabbitmq
