@@ -10,6 +10,7 @@
 - :class:`Consumer` is a real consumer app (``distribute(App(), ...)``) that records its ``service`` /
   ``service-removed`` events and the events its proxies hear.
 - :class:`Load` makes a bounded number of calls from a few threads and records how each one ended.
+- :class:`Cuttable` relays TCP to a broker and cuts its connections silently.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ __all__ = [
     "TYPED",
     "BrokerUnavailable",
     "Consumer",
+    "Cuttable",
     "Load",
     "Outcome",
     "PrivateRabbitMQ",
@@ -688,6 +690,68 @@ class Load:
         """Wait until ``more`` calls beyond those recorded now have ended."""
         target = self.count() + more
         wait_for(lambda: self.count() >= target, timeout, interval=0.02, what=f"{more} more calls")
+
+
+class Cuttable:
+    """A TCP relay to ``host:port`` on a free loopback port (:attr:`port`), whose connections of the moment
+    :meth:`cut` silently cuts: their bytes are dropped both ways and neither end is told, not even when the
+    other closes (a host cut off, a middlebox that lost its state). Connections made after relay again.
+
+    A thread per direction of each connection; :meth:`close` stops them all.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self.listener = socket.create_server(("127.0.0.1", free_port()))
+        self.port = self.listener.getsockname()[1]
+        self._cut: set[int] = set()  # ids of the connections cut
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._closed = False
+        threading.Thread(target=self._accept, name="cuttable-accept", daemon=True).start()
+
+    def cut(self) -> None:
+        """Cut every connection open now."""
+        self._cut.update(id(pair) for pair in self._pairs)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            pair = (client, server)
+            self._pairs.append(pair)
+            for source, target in ((client, server), (server, client)):
+                threading.Thread(target=self._relay, args=(pair, source, target), daemon=True).start()
+
+    def _relay(
+        self, pair: tuple[socket.socket, socket.socket], source: socket.socket, target: socket.socket
+    ) -> None:
+        try:
+            while data := source.recv(65536):
+                if id(pair) not in self._cut:
+                    target.sendall(data)
+        except OSError:
+            pass
+        if id(pair) not in self._cut:  # a cut connection's other end is never told
+            for end in pair:
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        """Stop relaying; every connection is closed."""
+        self._closed = True
+        self.listener.close()
+        for pair in self._pairs:
+            for end in pair:
+                with contextlib.suppress(OSError):
+                    end.close()
 
 
 @contextlib.contextmanager

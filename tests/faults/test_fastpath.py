@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -32,6 +33,7 @@ from ..support import (
     make_caller,
     registered_provider,
 )
+from .brokers import Cuttable
 
 PROBE = ["get", "slow", "boom"]
 FAST = "fast path serving queue"
@@ -304,6 +306,38 @@ def test_on_rabbitmq_a_call_of_a_paused_fast_path_replica_is_served_by_another(
         first.stop()
         second.stop()
         finalize(app)
+        cleanup(rabbitmq_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(90)
+def test_on_rabbitmq_a_fast_path_cut_off_from_its_broker_connects_again(
+    redis_url: str, rabbitmq_url: str, prefix: str
+) -> None:
+    # A broker cut off silently (no FIN, no RST: a host gone, a middlebox that lost its state) answers
+    # nothing, and the serving thread waiting on it must not wait for ever: it sees the broker's heartbeats
+    # stop, drops the connection without a word to it, and connects again (the caller is not cut off).
+    parts = urlsplit(rabbitmq_url)
+    relay = Cuttable(parts.hostname or "127.0.0.1", parts.port or 5672)
+    through = urlunsplit(parts._replace(netloc=f"{parts.netloc.rpartition('@')[0]}@127.0.0.1:{relay.port}"))
+    prov = amqp_provider("fastcut", through, redis_url, prefix, CELERY_SERVICES_LEASE_TIMEOUT="1")
+    app, distribution = make_caller(prov, prefix, broker_url=rabbitmq_url)
+    worker = prov.worker()
+    try:
+        worker.start()
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        assert probe.get(1, {})["id"] == 1
+        relay.cut()
+        cut = time.monotonic()
+        assert probe.get(2, {"timeout": 20})["id"] == 2
+        # Its heartbeat is 1 s: seen within 2.2 s, and dropped at once (a close would wait REPLY_WAIT).
+        assert time.monotonic() - cut < 6
+        assert "cannot reach its queue" in worker.log()
+    finally:
+        finalize(app)
+        # Closed first: Celery's own consumer, cut off too, would wait on its connection's close.
+        relay.close()
+        worker.stop()
         cleanup(rabbitmq_url, redis_url, prov.key, prov.runs_key)
 
 
