@@ -90,6 +90,9 @@ POLL = 0.2
 READ_MARGIN = 5.0
 #: Seconds between two attempts to reach a Redis that stopped answering.
 RETRY_INTERVAL = 0.5
+#: Seconds RabbitMQ may take to answer what a serving thread waits on (a channel opened, a queue declared,
+#: a consumer started or cancelled, the connection closed): py-amqp waits on them for ever by default.
+REPLY_WAIT = 5.0
 #: Seconds the in-flight lists and the instances set outlive their last renewal.
 KEEP = 3600
 #: The task events the fast path sends: one per call.
@@ -653,10 +656,12 @@ class AmqpFastPath(FastPath):
         while not self._stop.is_set():
             if not self._may_take(index):
                 continue
+            connection = celery.connection_for_read(heartbeat=self.heartbeat)
             try:
-                with celery.connection_for_read(heartbeat=self.heartbeat) as connection:
+                try:
                     # One attempt: this loop's own pause between attempts is the retry.
                     connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
+                    connection.connection.sock.settimeout(REPLY_WAIT)  # drain_events sets its own
                     errors = connection.connection_errors + connection.channel_errors
                     line = self._lines[index] = _Line(connection.connection, errors)
                     channel = connection.channel()
@@ -691,6 +696,12 @@ class AmqpFastPath(FastPath):
                                     events.send()
                         if events is not None:
                             events.send()
+                except BaseException:
+                    # Dropped, not closed: a broker cut off answers no close, and its side goes once
+                    # this connection's heartbeats stop.
+                    connection.collect()
+                    raise
+                connection.release()
                 self._lines.pop(index, None)
             except Exception as exc:  # a lost or refused connection, whatever its library calls it
                 self._lines.pop(index, None)
