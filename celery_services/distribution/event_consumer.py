@@ -54,6 +54,7 @@ bytes_to_str: Callable[[Any], str] = kombu.utils.encoding.bytes_to_str
 _POLL = 0.3  # consumer drain timeout and Redis BRPOP timeout: bounds how long close() waits
 _HEAL_INTERVAL = 5.0
 _VISIBILITY_TIMEOUT = 300  # group mode on Redis: an event held by a killed consumer comes back after this
+_HEARTBEAT = 30  # RabbitMQ: the consumer connection's AMQP heartbeat (a broker gone is seen in two of them)
 
 
 class EventConsumer:
@@ -295,7 +296,7 @@ class EventConsumer:
         """The consumer thread's connection: AMQP heartbeats; on Redis, the options of the traps above."""
         unacked = f"{self.queue_prefix}.unacked"
         return self.broker.connection(
-            heartbeat=30,
+            heartbeat=_HEARTBEAT,
             socket_timeout=5.0,
             redis_options={
                 "client_name": self.queue_name,

@@ -13,17 +13,19 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
 import redis
 
 from celery_services import App, DistributionSettings, MemoryService, distribute, finalize
+from celery_services.distribution import event_consumer
 from celery_services.http import make_server
 from celery_services.testing import RedisServer, wait_for
 
-from ..support import cleanup, purge_prefix, registered_provider
-from .brokers import stalled
+from ..support import amqp_provider, cleanup, make_caller, purge_prefix, registered_provider
+from .brokers import Consumer, Cuttable, stalled
 
 #: The console script installed by pyproject (``celery_services.cli:main``).
 CLI = str(Path(sys.executable).with_name("celery-services"))
@@ -161,3 +163,49 @@ def _open_events(url: str) -> None:
     with contextlib.suppress(httpx.HTTPError), httpx.stream("GET", url, timeout=20) as stream:
         for _ in stream.iter_bytes():
             pass
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(90)
+def test_on_rabbitmq_an_event_consumer_cut_off_from_its_broker_hears_again(
+    redis_url: str, rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A broker cut off silently (no FIN, no RST) answers nothing: once the consumer thread's heartbeats
+    # show it, its connection must be dropped without waiting on the broker to close it, and the thread
+    # must connect again. The listening app goes through a relay that cuts; the provider and the caller
+    # that makes the events do not.
+    monkeypatch.setattr(event_consumer, "_HEARTBEAT", 1)  # else the test waits a minute to see the cut
+    prefix = f"cs-evfault-{os.urandom(4).hex()}"
+    parts = urlsplit(rabbitmq_url)
+    relay = Cuttable(parts.hostname or "127.0.0.1", parts.port or 5672)
+    through = urlunsplit(parts._replace(netloc=f"{parts.netloc.rpartition('@')[0]}@127.0.0.1:{relay.port}"))
+    prov = amqp_provider("evcut", rabbitmq_url, redis_url, prefix)
+    app, distribution = make_caller(prov, prefix)
+    listener = Consumer(through, redis_url, prefix, prov.key)
+    worker = prov.worker()
+    try:
+        worker.start()
+        listener.distribution.wait_for("articles", timeout=10)
+        articles = distribution.remote_service(prov.key, "articles", ["create"])
+
+        def heard(title: str) -> bool:
+            article = articles.create({"title": title}, {})
+            try:
+                wait_for(lambda: article in listener.heard_of("articles", "created"), timeout=1.0)
+            except TimeoutError:
+                return False
+            return True
+
+        wait_for(lambda: heard("before"), timeout=15, interval=0, what="an event heard before the cut")
+        relay.cut()
+        cut = time.monotonic()
+        wait_for(lambda: heard("after"), timeout=30, interval=0, what="an event heard after the cut")
+        assert time.monotonic() - cut < 15
+        assert all(listener.thread_health().values()), listener.thread_health()
+    finally:
+        relay.close()  # first: the listener's other connections, cut off too, would wait on their close
+        listener.close()
+        finalize(app)
+        worker.stop()
+        cleanup(rabbitmq_url, redis_url, prov.key, prov.runs_key)
+        purge_prefix(redis_url, prefix)
