@@ -55,6 +55,7 @@ _POLL = 0.3  # consumer drain timeout and Redis BRPOP timeout: bounds how long c
 _HEAL_INTERVAL = 5.0
 _VISIBILITY_TIMEOUT = 300  # group mode on Redis: an event held by a killed consumer comes back after this
 _HEARTBEAT = 30  # RabbitMQ: the consumer connection's AMQP heartbeat (a broker gone is seen in two of them)
+_REPLY_WAIT = 5.0  # RabbitMQ: seconds the broker may take to answer a method the consumer thread waits on
 
 
 class EventConsumer:
@@ -259,6 +260,10 @@ class EventConsumer:
                 if redis:  # no transport option; set before connecting, as channels are pooled
                     conn.transport.brpop_timeout = _POLL
                 conn.ensure_connection(**self.broker.retry_policy)
+                if (
+                    not redis
+                ):  # py-amqp waits on the broker's answers for ever: bounded (drains set their own)
+                    conn.connection.sock.settimeout(_REPLY_WAIT)
                 channel = conn.channel()
                 with self._bind_lock:
                     self._apply(channel, sorted(self._bindings))
@@ -284,12 +289,14 @@ class EventConsumer:
                     consumer.cancel()  # (Redis: close() reads the BRPOP in flight itself; cancelling first
                     # would make kombu requeue that event through the exchange, to every bound queue)
             except Exception as exc:
+                # Dropped, not closed: a broker cut off answers no close, which py-amqp would wait for.
+                conn.collect()
                 if self._stopping.is_set():
                     break
                 log.warning("event consumer %s: %r; reconnecting in %.1f s", self.queue_name, exc, delay)
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
-            finally:
+            else:
                 self.broker.release(conn)
 
     def _connection(self) -> Any:
