@@ -260,9 +260,8 @@ class EventConsumer:
                 if redis:  # no transport option; set before connecting, as channels are pooled
                     conn.transport.brpop_timeout = _POLL
                 conn.ensure_connection(**self.broker.retry_policy)
-                if (
-                    not redis
-                ):  # py-amqp waits on the broker's answers for ever: bounded (drains set their own)
+                if not redis:
+                    # py-amqp waits on the broker's answers for ever: bounded (drains set their own)
                     conn.connection.sock.settimeout(_REPLY_WAIT)
                 channel = conn.channel()
                 with self._bind_lock:

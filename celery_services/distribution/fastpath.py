@@ -602,9 +602,9 @@ class AmqpFastPath(FastPath):
     RabbitMQ gives back the unacknowledged call of a connection that died (a killed worker) by itself, and of
     one whose heartbeats stopped (a frozen worker, a host cut off), about a lease later (:attr:`heartbeat`):
     its serving thread beats between calls, and a keeper thread while the serving thread runs a call (a long
-    call is not given to another replica). A call's
-    reply is written to Redis, its message acknowledged while Redis answers (:meth:`.Replies.push_on`), then
-    its task event held: the events of calls served back to back go out together (:class:`_TaskEvents`).
+    call is not given to another replica). A call's reply is written to Redis, its message acknowledged
+    while Redis answers (:meth:`.Replies.push_on`), then its task event held: the events of calls served
+    back to back go out together (:class:`_TaskEvents`).
 
     Args:
         distribution: the distribution whose calls are served (its ``handlers``).
