@@ -289,7 +289,7 @@ class EventConsumer:
                     # would make kombu requeue that event through the exchange, to every bound queue)
             except Exception as exc:
                 # Dropped, not closed: a broker cut off answers no close, which py-amqp would wait for.
-                conn.collect()
+                self.broker.drop(conn)
                 if self._stopping.is_set():
                     break
                 log.warning("event consumer %s: %r; reconnecting in %.1f s", self.queue_name, exc, delay)

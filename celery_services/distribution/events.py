@@ -162,6 +162,15 @@ class Broker:
         except Exception as exc:
             log.debug("ignored while releasing: %r", exc)
 
+    @staticmethod
+    def drop(connection: Any) -> None:
+        """Let go of a failed ``connection`` without a word to its broker (which may answer nothing, and
+        py-amqp waits for a close's answer for ever), logging (DEBUG) rather than raising."""
+        try:
+            connection.collect()
+        except Exception as exc:
+            log.debug("ignored while dropping: %r", exc)
+
 
 class EventBus:
     """Publishes service events and, given ``on_event``, consumes the routing keys bound with :meth:`bind`.
