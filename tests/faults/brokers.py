@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
+from urllib.parse import urlsplit, urlunsplit
 
 from celery_services import (
     App,
@@ -708,6 +709,14 @@ class Cuttable:
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self._closed = False
         threading.Thread(target=self._accept, name="cuttable-accept", daemon=True).start()
+
+    @classmethod
+    def to(cls, url: str) -> tuple[Cuttable, str]:
+        """A relay to the broker of ``url``, and ``url`` through it (same credentials and path)."""
+        parts = urlsplit(url)
+        relay = cls(parts.hostname or "127.0.0.1", parts.port or 5672)
+        userinfo = parts.netloc.rpartition("@")[0]
+        return relay, urlunsplit(parts._replace(netloc=f"{userinfo}@127.0.0.1:{relay.port}"))
 
     def cut(self) -> None:
         """Cut every connection open now."""

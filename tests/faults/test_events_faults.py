@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import pytest
@@ -176,9 +175,7 @@ def test_on_rabbitmq_an_event_consumer_cut_off_from_its_broker_hears_again(
     # that makes the events do not.
     monkeypatch.setattr(event_consumer, "_HEARTBEAT", 1)  # else the test waits a minute to see the cut
     prefix = f"cs-evfault-{os.urandom(4).hex()}"
-    parts = urlsplit(rabbitmq_url)
-    relay = Cuttable(parts.hostname or "127.0.0.1", parts.port or 5672)
-    through = urlunsplit(parts._replace(netloc=f"{parts.netloc.rpartition('@')[0]}@127.0.0.1:{relay.port}"))
+    relay, through = Cuttable.to(rabbitmq_url)
     prov = amqp_provider("evcut", rabbitmq_url, redis_url, prefix)
     app, distribution = make_caller(prov, prefix)
     listener = Consumer(through, redis_url, prefix, prov.key)

@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
@@ -317,9 +316,7 @@ def test_on_rabbitmq_a_fast_path_cut_off_from_its_broker_connects_again(
     # A broker cut off silently (no FIN, no RST: a host gone, a middlebox that lost its state) answers
     # nothing, and the serving thread waiting on it must not wait for ever: it sees the broker's heartbeats
     # stop, drops the connection without a word to it, and connects again (the caller is not cut off).
-    parts = urlsplit(rabbitmq_url)
-    relay = Cuttable(parts.hostname or "127.0.0.1", parts.port or 5672)
-    through = urlunsplit(parts._replace(netloc=f"{parts.netloc.rpartition('@')[0]}@127.0.0.1:{relay.port}"))
+    relay, through = Cuttable.to(rabbitmq_url)
     prov = amqp_provider("fastcut", through, redis_url, prefix, CELERY_SERVICES_LEASE_TIMEOUT="1")
     app, distribution = make_caller(prov, prefix, broker_url=rabbitmq_url)
     worker = prov.worker()
