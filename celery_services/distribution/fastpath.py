@@ -621,7 +621,7 @@ class AmqpFastPath(FastPath):
         self.events = events
         #: The AMQP heartbeat of the serving connections, in whole seconds (the protocol's unit): a third of
         #: the lease, since RabbitMQ closes a connection it heard nothing from for two to three heartbeats
-        #: and gives its unacknowledged call to another replica (measured: after 1.6-2.0 s at 1 s, 7.5-8.2 s
+        #: and gives its unacknowledged call to another replica (measured: after 1.6-2.1 s at 1 s, 7.5-8.2 s
         #: at 3 s), so a frozen replica's call comes back about a lease later, as on Redis.
         self.heartbeat = max(1, math.ceil(distribution.settings.resolved_lease_timeout() / 3))
         #: Each serving thread's connection, while it has one (by thread index).
