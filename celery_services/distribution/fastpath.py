@@ -160,6 +160,9 @@ class FastPath:
         self._running: dict[int, tuple[Any, float]] = {}
         #: Calls served by this instance.
         self.served = 0
+        #: Seconds a lapsed instance's calls wait before another instance takes them (its liveness).
+        self.lease_timeout = distribution.settings.resolved_lease_timeout()
+        self._keeper: threading.Thread | None = None
 
     def running(self) -> list[dict[str, Any]]:
         """The calls running now, as ``celery inspect active`` lists a worker's tasks (arguments masked, as
@@ -212,8 +215,10 @@ class FastPath:
         return False
 
     def start(self) -> None:
-        """Start the serving threads."""
+        """Start the keeper of this instance's liveness, then the serving threads."""
         name = "celery-services-fastpath"
+        self._keeper = threading.Thread(target=self._keep, name=f"{name}-keeper", daemon=True)
+        self._keeper.start()
         for index in range(self.threads):
             thread = threading.Thread(target=self._serve, args=(index,), name=f"{name}-{index}", daemon=True)
             thread.start()
@@ -226,10 +231,16 @@ class FastPath:
         limit = time.monotonic() + (self.distribution.settings.timeout if timeout is None else timeout)
         for thread in self._workers:
             thread.join(max(limit - time.monotonic(), 0.0))
+        if self._keeper is not None:
+            self._keeper.join(self.lease_timeout)
         self._stopped(any(thread.is_alive() for thread in self._workers))
 
     def _stopped(self, running: bool) -> None:
         """What a transport does once its threads stopped (``running``: some are still in a call)."""
+
+    def _keep(self) -> None:
+        """The keeper thread, until :meth:`stop`: keeps this instance's liveness as its broker sees it."""
+        raise NotImplementedError
 
     def _serve(self, index: int) -> None:
         raise NotImplementedError
@@ -383,7 +394,6 @@ class RedisFastPath(FastPath):
         super().__init__(distribution, threads, hostname)
         settings = distribution.settings
         self.topics = topics
-        self.lease_timeout = settings.resolved_lease_timeout()
         celery = distribution.celery
         broker = str(celery.conf.broker_url or settings.resolved_broker_url())
         options = dict(celery.conf.broker_transport_options or {})
@@ -404,7 +414,6 @@ class RedisFastPath(FastPath):
         )
         self.same_store = distribution.broker_store is distribution.reply_store
         self._give_back = self.store.register_script(_GIVE_BACK)
-        self._keeper: threading.Thread | None = None
         #: Calls given back to the queue from lapsed instances, by this instance.
         self.given_back = 0
 
@@ -419,16 +428,11 @@ class RedisFastPath(FastPath):
     def start(self) -> None:
         """Mark this instance alive, start its keeper and its serving threads."""
         self._renew()
-        self._keeper = threading.Thread(
-            target=self._keep, name="celery-services-fastpath-keeper", daemon=True
-        )
-        self._keeper.start()
         super().start()
 
     def _stopped(self, running: bool) -> None:
-        # This instance leaves: the others may give back at once whatever is still in flight here.
-        if self._keeper is not None:
-            self._keeper.join(self.lease_timeout)
+        # This instance leaves (its keeper stopped: it renews no more): the others may give back at once
+        # whatever is still in flight here.
         try:
             self.store.delete(self.alive)
             if running:
@@ -623,22 +627,9 @@ class AmqpFastPath(FastPath):
         #: the lease, since RabbitMQ closes a connection it heard nothing from for two to three heartbeats
         #: and gives its unacknowledged call to another replica (measured: after 1.6-2.1 s at 1 s, 7.5-8.2 s
         #: at 3 s), so a frozen replica's call comes back about a lease later, as on Redis.
-        self.heartbeat = max(1, math.ceil(distribution.settings.resolved_lease_timeout() / 3))
+        self.heartbeat = max(1, math.ceil(self.lease_timeout / 3))
         #: Each serving thread's connection, while it has one (by thread index).
         self._lines: dict[int, _Line] = {}
-        self._keeper: threading.Thread | None = None
-
-    def start(self) -> None:
-        """Start the serving threads and the keeper of their heartbeats."""
-        self._keeper = threading.Thread(
-            target=self._keep, name="celery-services-fastpath-keeper", daemon=True
-        )
-        self._keeper.start()
-        super().start()
-
-    def _stopped(self, running: bool) -> None:
-        if self._keeper is not None:
-            self._keeper.join(self.heartbeat)
 
     def _keep(self) -> None:
         """Beat for each serving thread that runs a call (its own loop beats between calls)."""
