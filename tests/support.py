@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import pytest
 import redis
 
-from celery_services import App, DistributionSettings, distribute
+from celery_services import App, DistributionSettings, distribute, finalize
 from celery_services.distribution import Distribution
 from celery_services.distribution.manifest import RegistryLayout
 from celery_services.testing import WorkerProcess, purge_queues
@@ -213,6 +214,46 @@ def write_manifest(redis_url: str, prefix: str, key: str, paths: list[str], inst
     store.set(f"{prefix}:manifest:{key}:{instance}", json.dumps(manifest), ex=60)
     store.publish(f"{prefix}:registry", json.dumps({"op": "up", "key": key, "instance": instance}))
     store.close()
+
+
+def reply_lists(redis_url: str, prefix: str) -> list[bytes]:
+    """Reply lists left in the reply store (the once-only markers beside them expire by themselves)."""
+    store = redis.Redis.from_url(redis_url)
+    try:
+        return [name for name in store.scan_iter(f"{prefix}:reply:*") if not name.endswith(b":sent")]
+    finally:
+        store.close()
+
+
+#: Both brokers, for ``parametrize("broker", BROKERS)`` (RabbitMQ's case marked ``rabbitmq``).
+BROKERS = ["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
+
+
+def broker_provider(
+    request: pytest.FixtureRequest, broker: str, redis_url: str, prefix: str, label: str, **extra: str
+) -> Provider:
+    """A provider of a new key on ``broker`` (one of :data:`BROKERS`; replies and registry on Redis, in
+    ``prefix``)."""
+    if broker == "redis":
+        return registered_provider(redis_url, prefix, label, **extra)
+    return amqp_provider(label, request.getfixturevalue("rabbitmq_url"), redis_url, prefix, **extra)
+
+
+@contextlib.contextmanager
+def two_replicas(prov: Provider, prefix: str) -> Iterator[tuple[WorkerProcess, WorkerProcess, Distribution]]:
+    """Two workers of ``prov``, started, and a caller's distribution; afterwards the workers stopped, the
+    caller finalized and the key's queue and runs cleaned up."""
+    first, second = prov.worker(), prov.worker()
+    app, distribution = make_caller(prov, prefix)
+    try:
+        first.start()
+        second.start()
+        yield first, second, distribution
+    finally:
+        first.stop()
+        second.stop()
+        finalize(app)
+        cleanup(prov.broker, prov.backend, prov.key, prov.runs_key)
 
 
 def make_caller(prov: Provider, prefix: str, **options: Any) -> tuple[App, Distribution]:

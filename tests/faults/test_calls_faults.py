@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -48,6 +47,7 @@ from ..support import (
     provider_env,
     purge_prefix,
     registered_provider,
+    reply_lists,
     write_manifest,
 )
 from .brokers import stalled
@@ -72,15 +72,6 @@ def serving(redis_url: str, prefix: str, label: str, **env: str) -> Iterator[tup
     finally:
         finalize(app)
         cleanup(redis_url, redis_url, prov.key, prov.runs_key)
-
-
-def reply_lists(redis_url: str, prefix: str) -> list[bytes]:
-    """Reply lists left in the reply store (the once-only markers beside them expire by themselves)."""
-    store = redis.Redis.from_url(redis_url)
-    try:
-        return [name for name in store.scan_iter(f"{prefix}:reply:*") if not name.endswith(b":sent")]
-    finally:
-        store.close()
 
 
 @pytest.mark.timeout(90)
@@ -189,49 +180,6 @@ def test_result_over_the_limit_is_payload_too_large(redis_url: str, prefix: str)
             probe.grow({"size": 200_000}, {})
         assert too_large.value.data["limit"] == 100_000
         assert probe.get(1, {})["id"] == 1  # the worker goes on
-
-
-@pytest.mark.timeout(90)
-def test_paused_replica_call_is_served_again_and_answered_once(redis_url: str, prefix: str) -> None:
-    # SIGSTOP for longer than the lease: the other replica takes the call over; the paused one, resumed,
-    # finishes it too (at-least-once) but pushes no second reply.
-    prov = registered_provider(redis_url, prefix, "pause", CELERY_SERVICES_LEASE_TIMEOUT="1")
-    app, distribution = make_caller(prov, prefix)
-    first, second = prov.worker(), prov.worker()
-    paused: WorkerProcess | None = None
-    try:
-        first.start()
-        second.start()
-        probe = distribution.remote_service(prov.key, "probe", PROBE)
-        with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(probe.slow, {"tag": "p", "seconds": 1.5}, {"timeout": 20})
-            start = wait_for(
-                lambda: next((r for r in prov.runs() if r.startswith("slow-start-p:")), None),
-                timeout=10,
-                what="slow call started",
-            )
-            victim_pid = int(start.rsplit(":", 1)[1])
-            paused = first if first.pid == victim_pid else second
-            survivor = second if paused is first else first
-            os.killpg(paused.pid, signal.SIGSTOP)
-            result = future.result(timeout=20)  # served by the survivor while the other one sleeps
-            os.killpg(paused.pid, signal.SIGCONT)
-        assert result["pid"] == survivor.pid
-        assert result["redelivered"] is True
-        assert result["call_id"]
-        # The resumed replica finishes its run too (at-least-once), and pushes no second reply.
-        wait_for(lambda: "already answered" in paused.log(), timeout=15, what="resumed run, no second reply")
-        assert prov.runs().count(f"slow-end-p:{paused.pid}") == 1
-        assert prov.runs().count(f"slow-start-p:{survivor.pid}") == 1
-        assert reply_lists(redis_url, prefix) == []
-        assert probe.get(1, {})["id"] == 1  # both serve again
-    finally:
-        if paused is not None:
-            os.killpg(paused.pid, signal.SIGCONT)
-        first.stop()
-        second.stop()
-        finalize(app)
-        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
 
 
 @pytest.mark.timeout(60)

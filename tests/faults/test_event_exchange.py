@@ -19,7 +19,7 @@ from kombu import Connection
 from celery_services import finalize
 from celery_services.testing import wait_for
 
-from ..support import Provider, amqp_provider, cleanup, fresh_prefix, make_caller, registered_provider
+from ..support import BROKERS, amqp_provider, broker_provider, cleanup, fresh_prefix, make_caller
 from ..test_flower import TaskEvents
 
 NOT_REACHED = "fast path cannot reach its queue"
@@ -42,17 +42,13 @@ def exchange_exists(broker: str, name: str) -> bool:
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("broker", ["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)])
+@pytest.mark.parametrize("broker", BROKERS)
 def test_task_events_go_to_the_workers_own_event_exchange_declared_first(
     broker: str, request: pytest.FixtureRequest, redis_url: str, prefix: str
 ) -> None:
     exchange = f"cs-events-{uuid.uuid4().hex[:8]}"  # declared by nobody else: a fresh broker's celeryev
     extra = {"TEST_EVENT_EXCHANGE": exchange}
-    prov: Provider
-    if broker == "redis":
-        prov = registered_provider(redis_url, prefix, "evx", **extra)
-    else:
-        prov = amqp_provider("evx", request.getfixturevalue("rabbitmq_url"), redis_url, prefix, **extra)
+    prov = broker_provider(request, broker, redis_url, prefix, "evx", **extra)
     app, distribution = make_caller(prov, prefix)
     worker = prov.worker()
     worker.command.append("--without-heartbeat")  # no worker-online event declares the exchange first

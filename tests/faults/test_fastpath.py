@@ -25,12 +25,16 @@ from celery_services.distribution import Distribution
 from celery_services.testing import WorkerProcess, wait_for
 
 from ..support import (
+    BROKERS,
     Provider,
     amqp_provider,
+    broker_provider,
     cleanup,
     fresh_prefix,
     make_caller,
     registered_provider,
+    reply_lists,
+    two_replicas,
 )
 from .brokers import Cuttable
 
@@ -54,26 +58,13 @@ def in_flight(redis_url: str, prefix: str, key: str) -> dict[str, int]:
         store.close()
 
 
-#: Both brokers, for ``parametrize("broker", BROKERS)``.
-BROKERS = ["redis", pytest.param("rabbitmq", marks=pytest.mark.rabbitmq)]
-
-
-def provider_on(
-    request: pytest.FixtureRequest, broker: str, redis_url: str, prefix: str, label: str
-) -> Provider:
-    """A provider of a new key on ``broker`` (replies and registry on Redis, in ``prefix``)."""
-    if broker == "redis":
-        return registered_provider(redis_url, prefix, label)
-    return amqp_provider(label, request.getfixturevalue("rabbitmq_url"), redis_url, prefix)
-
-
 @pytest.fixture(params=BROKERS)
 def served(
     request: pytest.FixtureRequest, redis_url: str, prefix: str
 ) -> Iterator[tuple[Provider, Distribution]]:
     """On each broker: a provider of a new key (start its workers) and a caller's distribution, its registry
     in ``prefix``; the caller finalized and the key's queue and runs cleaned up afterwards."""
-    prov = provider_on(request, request.param, redis_url, prefix, "served")
+    prov = broker_provider(request, request.param, redis_url, prefix, "served")
     app, distribution = make_caller(prov, prefix)
     try:
         yield prov, distribution
@@ -82,8 +73,12 @@ def served(
         cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
 
 
-def kill_the_holder(prov: Provider, probe: Any, workers: list[WorkerProcess], tag: str) -> Any:
-    """Start a slow call, SIGKILL the worker running it; the call's result, and the killed worker's pid."""
+def strike_the_holder(
+    prov: Provider, probe: Any, workers: list[WorkerProcess], tag: str, signum: int
+) -> tuple[Any, WorkerProcess, dict[str, int]]:
+    """Start a slow call and send ``signum`` to the process group of the worker running it; the call's
+    result, that worker, and the fast path's in-flight lists on Redis then. A worker stopped (SIGSTOP) is
+    continued once the result came."""
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(probe.slow, {"tag": tag, "seconds": 1.5}, {"timeout": 20})
         start = wait_for(
@@ -91,10 +86,14 @@ def kill_the_holder(prov: Provider, probe: Any, workers: list[WorkerProcess], ta
             timeout=10,
             what="slow call started",
         )
-        victim_pid = int(start.rsplit(":", 1)[1])
+        victim = next(w for w in workers if w.pid == int(start.rsplit(":", 1)[1]))
         holds = in_flight(prov.backend, prov.env["CELERY_SERVICES_REGISTRY_PREFIX"], prov.key)
-        next(w for w in workers if w.pid == victim_pid).kill(signal.SIGKILL)
-        return future.result(timeout=20), victim_pid, holds
+        os.killpg(victim.pid, signum)
+        try:
+            return future.result(timeout=20), victim, holds  # served by the other worker meanwhile
+        finally:
+            if signum == signal.SIGSTOP:
+                os.killpg(victim.pid, signal.SIGCONT)
 
 
 @pytest.mark.timeout(90)
@@ -102,7 +101,7 @@ def kill_the_holder(prov: Provider, probe: Any, workers: list[WorkerProcess], ta
 def test_a_plain_worker_and_a_fast_path_worker_serve_one_queue(
     request: pytest.FixtureRequest, redis_url: str, prefix: str, broker: str
 ) -> None:
-    prov = provider_on(request, broker, redis_url, prefix, "mixed")
+    prov = broker_provider(request, broker, redis_url, prefix, "mixed")
     fast = prov.worker()
     plain = WorkerProcess(
         "tests.apps.provider", prov.key, env={**prov.env, "CELERY_SERVICES_FAST_PATH": "false"}
@@ -204,20 +203,16 @@ def test_celery_task_signals_run_on_the_fast_path_as_on_celerys_consumer(
 @pytest.mark.timeout(90)
 def test_a_call_of_a_killed_fast_path_replica_is_served_by_another(redis_url: str, prefix: str) -> None:
     prov = registered_provider(redis_url, prefix, "fastkill", CELERY_SERVICES_LEASE_TIMEOUT="1")
-    first, second = prov.worker(), prov.worker()
-    app, distribution = make_caller(prov, prefix)
-    try:
-        first.start()
-        second.start()
+    with two_replicas(prov, prefix) as (first, second, distribution):
         assert FAST in first.log() and FAST in second.log()
         probe = distribution.remote_service(prov.key, "probe", PROBE)
-        result, victim_pid, held = kill_the_holder(prov, probe, [first, second], "k")
+        result, victim, held = strike_the_holder(prov, probe, [first, second], "k", signal.SIGKILL)
         assert sorted(held.values()) == [1]  # in the victim's in-flight list, not in kombu's unacked hash
-        survivor = second if first.pid == victim_pid else first
+        survivor = second if victim is first else first
         assert result["pid"] == survivor.pid
         assert result["redelivered"] is True
         assert prov.runs().count(f"slow-end-k:{survivor.pid}") == 1
-        assert f"slow-end-k:{victim_pid}" not in prov.runs()
+        assert f"slow-end-k:{victim.pid}" not in prov.runs()
         assert "given back to queue" in survivor.log()
         wait_for(
             lambda: sum(in_flight(redis_url, prefix, prov.key).values()) == 0,
@@ -225,11 +220,6 @@ def test_a_call_of_a_killed_fast_path_replica_is_served_by_another(redis_url: st
             what="nothing left in flight",
         )
         assert probe.get(1, {})["pid"] == survivor.pid
-    finally:
-        first.stop()
-        second.stop()
-        finalize(app)
-        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
 
 
 @pytest.mark.rabbitmq
@@ -239,73 +229,44 @@ def test_on_rabbitmq_a_call_of_a_killed_fast_path_replica_is_served_by_another(
 ) -> None:
     # RabbitMQ gives back the unacknowledged call of a connection that died: no lease involved.
     prov = amqp_provider("fastkill", rabbitmq_url, redis_url, prefix)
-    first, second = prov.worker(), prov.worker()
-    app, distribution = make_caller(prov, prefix)
-    try:
-        first.start()
-        second.start()
+    with two_replicas(prov, prefix) as (first, second, distribution):
         assert FAST in first.log() and FAST in second.log()
         probe = distribution.remote_service(prov.key, "probe", PROBE)
-        result, victim_pid, _ = kill_the_holder(prov, probe, [first, second], "a")
-        survivor = second if first.pid == victim_pid else first
+        result, victim, _ = strike_the_holder(prov, probe, [first, second], "a", signal.SIGKILL)
+        survivor = second if victim is first else first
         assert result["pid"] == survivor.pid
         assert result["redelivered"] is True
-        assert f"slow-end-a:{victim_pid}" not in prov.runs()
+        assert f"slow-end-a:{victim.pid}" not in prov.runs()
         assert probe.get(1, {})["pid"] == survivor.pid
-    finally:
-        first.stop()
-        second.stop()
-        finalize(app)
-        cleanup(rabbitmq_url, redis_url, prov.key, prov.runs_key)
 
 
-@pytest.mark.rabbitmq
 @pytest.mark.timeout(90)
-def test_on_rabbitmq_a_call_of_a_paused_fast_path_replica_is_served_by_another(
-    redis_url: str, rabbitmq_url: str, prefix: str
+@pytest.mark.parametrize("broker", BROKERS)
+def test_a_call_of_a_paused_replica_is_served_by_another_and_answered_once(
+    request: pytest.FixtureRequest, redis_url: str, prefix: str, broker: str
 ) -> None:
-    # A frozen replica (SIGSTOP; a host cut off looks the same) keeps its connection open: RabbitMQ gives
-    # its unacknowledged call back only once the connection's heartbeats stop, within the lease. Resumed,
-    # it finishes its run (at least once) and pushes no second reply.
-    prov = amqp_provider("fastpause", rabbitmq_url, redis_url, prefix, CELERY_SERVICES_LEASE_TIMEOUT="1")
-    first, second = prov.worker(), prov.worker()
-    app, distribution = make_caller(prov, prefix)
-    paused: WorkerProcess | None = None
-    try:
-        first.start()
-        second.start()
+    # SIGSTOP for longer than the lease (a host cut off looks the same): the other replica takes the call
+    # over. On Redis the paused instance's alive key lapses; on RabbitMQ its connection keeps open, and the
+    # broker gives its unacknowledged call back once the connection's heartbeats stop. Resumed, it finishes
+    # its run too (at least once) but pushes no second reply.
+    prov = broker_provider(request, broker, redis_url, prefix, "pause", CELERY_SERVICES_LEASE_TIMEOUT="1")
+    with two_replicas(prov, prefix) as (first, second, distribution):
         probe = distribution.remote_service(prov.key, "probe", PROBE)
-        with ThreadPoolExecutor(1) as pool:
-            future = pool.submit(probe.slow, {"tag": "z", "seconds": 1.5}, {"timeout": 20})
-            start = wait_for(
-                lambda: next((r for r in prov.runs() if r.startswith("slow-start-z:")), None),
-                timeout=10,
-                what="slow call started",
-            )
-            victim_pid = int(start.rsplit(":", 1)[1])
-            paused = first if first.pid == victim_pid else second
-            survivor = second if paused is first else first
-            os.killpg(paused.pid, signal.SIGSTOP)
-            result = future.result(timeout=25)  # served by the survivor while the other one sleeps
-            os.killpg(paused.pid, signal.SIGCONT)
+        result, paused, _ = strike_the_holder(prov, probe, [first, second], "p", signal.SIGSTOP)
+        survivor = second if paused is first else first
         assert result["pid"] == survivor.pid
         assert result["redelivered"] is True
+        assert result["call_id"]
         wait_for(lambda: "already answered" in paused.log(), timeout=15, what="resumed run, no second reply")
-        assert prov.runs().count(f"slow-end-z:{paused.pid}") == 1
-        assert prov.runs().count(f"slow-start-z:{survivor.pid}") == 1
-        # The resumed replica takes calls again, on a new connection.
+        assert prov.runs().count(f"slow-end-p:{paused.pid}") == 1
+        assert prov.runs().count(f"slow-start-p:{survivor.pid}") == 1
+        assert reply_lists(redis_url, prefix) == []
+        # The resumed replica takes calls again (on RabbitMQ, on a new connection).
         wait_for(
             lambda: {probe.get(1, {})["pid"] for _ in range(6)} == {first.pid, second.pid},
             timeout=20,
             what="both replicas serve again",
         )
-    finally:
-        if paused is not None:
-            os.killpg(paused.pid, signal.SIGCONT)
-        first.stop()
-        second.stop()
-        finalize(app)
-        cleanup(rabbitmq_url, redis_url, prov.key, prov.runs_key)
 
 
 @pytest.mark.rabbitmq
@@ -347,11 +308,7 @@ def test_on_rabbitmq_a_call_longer_than_the_lease_stays_with_its_live_replica(
     # without it, or RabbitMQ would give a long call to the other replica while it still runs; and an idle
     # serving thread beats between its waits, or RabbitMQ would close its connection.
     prov = amqp_provider("fastlong", rabbitmq_url, redis_url, prefix, CELERY_SERVICES_LEASE_TIMEOUT="1")
-    first, second = prov.worker(), prov.worker()
-    app, distribution = make_caller(prov, prefix)
-    try:
-        first.start()
-        second.start()
+    with two_replicas(prov, prefix) as (first, second, distribution):
         probe = distribution.remote_service(prov.key, "probe", PROBE)
         result = probe.slow({"tag": "l", "seconds": 5}, {"timeout": 20})
         assert result["redelivered"] is False
@@ -359,11 +316,6 @@ def test_on_rabbitmq_a_call_longer_than_the_lease_stays_with_its_live_replica(
         assert probe.get(1, {})["id"] == 1
         # Nor did the other replica, idle meanwhile, lose its connection: its serving loop beats too.
         assert "cannot reach its queue" not in first.log() + second.log()
-    finally:
-        first.stop()
-        second.stop()
-        finalize(app)
-        cleanup(rabbitmq_url, redis_url, prov.key, prov.runs_key)
 
 
 @pytest.mark.timeout(60)
@@ -372,7 +324,7 @@ def test_a_slow_call_holds_one_slot_and_the_others_go_on(
     request: pytest.FixtureRequest, redis_url: str, prefix: str, broker: str
 ) -> None:
     # -c 3: three serving threads; two slow calls hold two, quick calls go through the third meanwhile.
-    prov = provider_on(request, broker, redis_url, prefix, "slots")
+    prov = broker_provider(request, broker, redis_url, prefix, "slots")
     app, distribution = make_caller(prov, prefix)
     try:
         with prov.worker(pool="threads", concurrency=3) as worker:
@@ -399,7 +351,7 @@ def test_a_slow_call_holds_one_slot_and_the_others_go_on(
 def test_an_unreadable_message_is_dropped_and_the_next_call_served(
     request: pytest.FixtureRequest, redis_url: str, prefix: str, broker: str
 ) -> None:
-    prov = provider_on(request, broker, redis_url, prefix, "garbage")
+    prov = broker_provider(request, broker, redis_url, prefix, "garbage")
     app, distribution = make_caller(prov, prefix)
     try:
         with prov.worker() as worker:
