@@ -46,7 +46,7 @@ import redis.asyncio
 
 from ..core.aio import run_blocking
 from ..core.errors import ServiceError, Unavailable
-from .caller import READ_MARGIN, Call, Transport, _not_sent, connect_pauses, timed_out
+from .caller import READ_MARGIN, Call, Transport, connect_pauses, not_sent, timed_out
 from .observability import client_acall, hooks
 from .protocol import reply_key
 from .redis_clients import RedisOptions, async_redis_client, connecting_by, pack_commands
@@ -183,7 +183,7 @@ class AsyncTransport:
                     connection = await _connected(pool, call.deadline)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 log.warning("broker not reached while sending %s: %s", call.name, exc)
-                raise _not_sent(call, exc) from None
+                raise not_sent(call, exc) from None
             try:
                 remaining = call.deadline - time.time()
                 if remaining <= 0:
@@ -194,15 +194,15 @@ class AsyncTransport:
             except (redis.TimeoutError, TimeoutError) as exc:
                 await _drop(connection)
                 log.warning("broker did not take %s by its deadline", call.name)
-                raise _not_sent(call, exc) from None
+                raise not_sent(call, exc) from None
             except redis.ResponseError as exc:  # refused: out of memory (noeviction)
                 log.warning("broker refused %s: %s", call.name, exc)
-                raise _not_sent(call, exc) from None
+                raise not_sent(call, exc) from None
             except (redis.ConnectionError, OSError) as exc:
                 await _drop(connection)  # died while idle: replaced once
                 if attempt == 2:
                     log.warning("broker not reached while sending %s: %s", call.name, exc)
-                    raise _not_sent(call, exc) from None
+                    raise not_sent(call, exc) from None
             except BaseException:  # cancelled: withdrawn if it was queued
                 await _drop(connection)
                 key = reply_key(self.transport.settings.registry_prefix, call.call_id)
@@ -245,7 +245,7 @@ class AsyncTransport:
                 if connection is None:  # the deadline came while connecting, and nothing refused
                     if queued:
                         return None  # sent before (RabbitMQ's publish): no reply by the deadline
-                    raise _not_sent(call, exc) from None
+                    raise not_sent(call, exc) from None
                 raise self._lost(call, True, exc) from None  # the server stopped answering
             except (redis.ConnectionError, OSError, redis.ResponseError) as exc:
                 # A connection that died while idle (a Redis restart) is replaced once. UNBLOCKED / READONLY:
@@ -270,7 +270,7 @@ class AsyncTransport:
     def _lost(self, call: Call, queued: bool, exc: BaseException) -> ServiceError:
         if not queued:
             log.warning("broker not reached while sending %s: %s", call.name, exc)
-            return _not_sent(call, exc)
+            return not_sent(call, exc)
         return Unavailable(
             f"Reply store unreachable while waiting for '{call.name}': {type(exc).__name__}",
             {"task": call.name, "call_id": call.call_id},

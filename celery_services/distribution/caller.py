@@ -342,7 +342,7 @@ class Transport:
                     connection = _connected(held, call.deadline)
             except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
                 log.warning("broker %s not reached while sending %s: %s", self._broker, call.name, exc)
-                raise _not_sent(call, exc) from None
+                raise not_sent(call, exc) from None
             try:
                 remaining = call.deadline - time.time()
                 if remaining <= 0:
@@ -353,15 +353,15 @@ class Transport:
             except (redis.TimeoutError, TimeoutError) as exc:
                 held.drop()  # an answer may still come on it
                 log.warning("broker %s did not take %s by its deadline", self._broker, call.name)
-                raise _not_sent(call, exc) from None
+                raise not_sent(call, exc) from None
             except redis.ResponseError as exc:  # refused: out of memory (noeviction)
                 log.warning("broker %s refused %s: %s", self._broker, call.name, exc)
-                raise _not_sent(call, exc) from None
+                raise not_sent(call, exc) from None
             except (redis.ConnectionError, OSError, ValueError) as exc:
                 held.drop()
                 if attempt == 2:
                     log.warning("broker %s not reached while sending %s: %s", self._broker, call.name, exc)
-                    raise _not_sent(call, exc) from None
+                    raise not_sent(call, exc) from None
 
     def _publish(self, call: Call) -> None:
         """Publish a call on RabbitMQ: the message Celery's ``send_task_message`` would send, its body the
@@ -450,7 +450,7 @@ class Transport:
             log.warning("broker %s not reached while sending %s: %s", self._broker, call.name, exc)
             refusal = next((failure for failure in failures if not timed_out(failure)), None)
             last = failures[-1] if failures else exc.__cause__ or exc  # kombu's OperationalError wraps it
-            raise _not_sent(call, refusal or last) from None
+            raise not_sent(call, refusal or last) from None
         finally:
             connection.connect_timeout = configured
 
@@ -489,7 +489,7 @@ class Transport:
                 return self._pop(key, call, message)
         except _NotQueued as exc:
             log.warning("broker %s not reached while sending %s", self._broker, call.name, exc_info=True)
-            raise _not_sent(call, exc.__cause__) from None
+            raise not_sent(call, exc.__cause__) from None
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise Unavailable(
                 f"Reply store unreachable while waiting for '{call.name}': {type(exc).__name__}",
@@ -606,7 +606,7 @@ def timed_out(exc: BaseException | None) -> bool:
     return isinstance(exc, TimeoutError | redis.TimeoutError)
 
 
-def _not_sent(call: Call, cause: BaseException | None = None) -> ServiceError:
+def not_sent(call: Call, cause: BaseException | None = None) -> ServiceError:
     """The error of a call the broker never took. A :class:`Timeout` when the call's deadline came while
     the broker was being reached and nothing refused (``cause``: a stalled broker, or a connection slower
     than a short deadline on a loaded machine): the broker was not shown unreachable. Else
