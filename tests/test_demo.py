@@ -92,6 +92,26 @@ EVENT_LINES = [
 ]
 
 
+def served_counts(transcript: str) -> tuple[int, int, int]:
+    """What the scale-out and failover steps say each replica served: (replica 1 of the 10 calls, replica 2
+    of the 10 calls, replica 2 of the calls after the kill)."""
+    shared = re.search(r"10 calls: replica 1 served (\d+), replica 2 served (\d+)", transcript)
+    after = re.search(r"calls succeeded after the kill in \d+ ms, (\d+) served by replica 2", transcript)
+    assert shared is not None and after is not None, transcript
+    return int(shared.group(1)), int(shared.group(2)), int(after.group(1))
+
+
+def registry_row(transcript: str) -> str:
+    """The registry table's first row (the demo's console is 120 columns wide when not a terminal)."""
+    found = re.search(
+        r"^.*registry \(celery-services services\)\n(.*?)\n\s*10 calls", transcript, re.M | re.S
+    )
+    assert found is not None, transcript
+    rows = [line for line in found.group(1).splitlines() if "my-app" in line]
+    assert rows, f"no row of my-app in the registry table:\n{found.group(1)}"
+    return rows[0]
+
+
 def events_shown(transcript: str) -> list[str]:
     """The event lines of the step "Events reach the consumer's listeners", in order."""
     found = re.search(r"^ ?\d+ Events reach the consumer's listeners.*?\n(.*?)\n\n", transcript, re.M | re.S)
@@ -110,6 +130,12 @@ def test_demo_on_an_embedded_redis_tells_the_story_and_leaves_nothing() -> None:
     for milestone in MILESTONES:
         assert milestone in transcript, f"{milestone!r} missing from:\n{transcript}"
     assert events_shown(transcript) == EVENT_LINES, transcript
+    # Every call is counted where it ran: each replica's worker log has Celery's line for each task it ran.
+    first, second, after_kill = served_counts(transcript)
+    assert first + second == 10 and after_kill == 20, transcript
+    # The registry table fits the console: key, path and methods whole, on the key's first line.
+    row = registry_row(transcript)
+    assert "articles" in row and "find, get" in row, transcript
     steps = [int(n) for n in re.findall(r"^ ?(\d+) [A-Z]", transcript, flags=re.M)]
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 10, steps
     port = embedded_port(transcript)
