@@ -104,7 +104,7 @@ def served_counts(transcript: str) -> tuple[int, int, int]:
 def registry_row(transcript: str) -> str:
     """The registry table's first row (the demo's console is 120 columns wide when not a terminal)."""
     found = re.search(
-        r"^.*registry \(celery-services services\)\n(.*?)\n\s*10 calls", transcript, re.M | re.S
+        r"^.*registry \(celery-services services\) *\n(.*?)\n\s*10 calls", transcript, re.M | re.S
     )
     assert found is not None, transcript
     rows = [line for line in found.group(1).splitlines() if "my-app" in line]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from celery_services import finalize
+from celery_services import NotFound, finalize
 from celery_services.distribution import logs, observability
 from celery_services.testing import WorkerProcess, wait_for
 
-from .support import cleanup, fresh_prefix, make_caller, registered_provider
+from .support import BROKERS, broker_provider, cleanup, fresh_prefix, make_caller, registered_provider
 
 
 @pytest.fixture
@@ -58,6 +59,41 @@ def test_celery_services_worker_writes_json_lines_with_the_call_fields(
         worker.stop()
         finalize(caller)
         cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("broker", BROKERS)
+@pytest.mark.parametrize("fast_path", ["true", "false"], ids=["fast-path", "celery-consumer"])
+def test_a_worker_logs_each_call_in_celerys_words_whichever_path_serves_it(
+    request: pytest.FixtureRequest, redis_url: str, prefix: str, broker: str, fast_path: str
+) -> None:
+    # Operators read a worker's log for the tasks it ran (and the demo counts each replica's calls there):
+    # the fast path writes the line Celery's tracer writes when a task ends, as Celery's consumer does.
+    prov = broker_provider(request, broker, redis_url, prefix, "tasklines")
+    worker = WorkerProcess(
+        "tests.apps.provider", prov.key, env={**prov.env, "CELERY_SERVICES_FAST_PATH": fast_path}
+    )
+    app, distribution = make_caller(prov, prefix)
+    try:
+        worker.start()
+        assert ("fast path serving queue" in worker.log()) is (fast_path == "true")
+        probe = distribution.remote_service(prov.key, "probe", ["get", "boom"])
+        answer = probe.get("logged", {})
+        call_id = answer["params"]["call_id"]
+        with pytest.raises(NotFound):
+            probe.boom("notfound", {})
+        name = re.escape(f"{prov.key}.probe")
+        succeeded = re.compile(rf"Task {name}\.get\[{call_id}\] succeeded in [0-9.e-]+s: .*logged")
+        raised = re.compile(rf"Task {name}\.boom\[[0-9a-f-]+\] raised expected: NotFound\(")
+        wait_for(
+            lambda: succeeded.search(worker.log()) and raised.search(worker.log()),
+            timeout=5,
+            what="the worker's lines of both calls",
+        )
+    finally:
+        worker.stop()
+        finalize(app)
+        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
 
 
 def test_json_formatter_writes_one_line_with_the_fields_of_the_call_being_served() -> None:

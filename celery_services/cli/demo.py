@@ -340,7 +340,7 @@ class Demo:
         )
         second = self.start_replica(2)
         self.wait(lambda: self.instances() == 2, CALL_TIMEOUT)
-        self.console.print(_table(self.distribution))
+        self.console.print(_table(self.distribution, self.console.width))
         before = (self.served(first), self.served(second))
         for _ in range(10):
             articles.find({"query": {"$limit": 1}})
@@ -455,10 +455,11 @@ class Demo:
             self.store.close()
 
 
-def _table(distribution: Distribution) -> Any:
+def _table(distribution: Distribution, width: int) -> Any:
     from .registry import registry_table
 
-    return registry_table(distribution.registry.list(), title="   registry (celery-services services)")
+    rows = distribution.registry.list()
+    return registry_table(rows, title="   registry (celery-services services)", width=width)
 
 
 @contextmanager
