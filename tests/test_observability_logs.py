@@ -32,11 +32,10 @@ def test_celery_services_worker_writes_json_lines_with_the_call_fields(
     redis_url: str, prefix: str, tmp_path: Path
 ) -> None:
     prov = registered_provider(redis_url, prefix, "jsonlog", TEST_SPANS_FILE=str(tmp_path / "spans.jsonl"))
-    probe = WorkerProcess("tests.apps.traced", prov.key)
     command = [
         sys.executable, "-m", "celery_services.cli", "--log-level", "info",
-        "worker", "tests.apps.traced:app", "--log-format", "json",
-        "-P", "threads", "-c", "2", "-n", probe.name, "--without-gossip", "--without-mingle",
+        "worker", "tests.apps.traced:app", "--log-format", "json", "-P", "threads", "-c", "2",
+        "-n", f"{prov.key}@localhost", "--without-gossip", "--without-mingle",
     ]  # fmt: skip
     worker = WorkerProcess("tests.apps.traced", prov.key, env=prov.env, command=command)
     caller, distribution = make_caller(prov, prefix, remote_services=[prov.key])

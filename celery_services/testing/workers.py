@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -74,6 +75,9 @@ class WorkerProcess:
         ]  # fmt: skip
         self.ready_timeout = ready_timeout
         self.log_path = Path(tempfile.mkstemp(prefix="celery-services-worker-", suffix=".log")[1])
+        # Removed by stop(), else once this object is gone: one made and never started, or killed and
+        # dropped, leaves no file behind.
+        weakref.finalize(self, self.log_path.unlink, missing_ok=True)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
