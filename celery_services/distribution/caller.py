@@ -46,6 +46,7 @@ from .protocol import (
     HEADER_DEADLINE,
     HEADER_REPLY,
     HEADER_SIGNATURE,
+    clipped,
     dumps,
     is_secret_header,
     loads,
@@ -668,7 +669,7 @@ def _kwargsrepr(kwargs: dict[str, Any], size: int) -> str:
     if size > 1024:  # a large payload is never rendered whole only to be cut
         shown["data"] = f"<{size} bytes of JSON>"
     text = repr(shown) if kwargs else "{}"
-    return text if len(text) <= 1024 else text[:1021] + "..."
+    return clipped(text, 1024)
 
 
 class RemoteService:

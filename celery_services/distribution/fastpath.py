@@ -66,7 +66,7 @@ from .messages import (
     mark_redelivered,
     task_message,
 )
-from .protocol import HEADER_DEADLINE, HEADER_REPLY
+from .protocol import HEADER_DEADLINE, HEADER_REPLY, clipped
 from .provider import Answer, Handler, SizedRequest, revoked_call, serve, unknown_task
 from .redis_clients import HeldConnection, RedisOptions, pack_commands, redis_client
 
@@ -369,8 +369,7 @@ class FastPath:
             "timestamp": now,
         }
         if kind == "task-succeeded":
-            encoded = answer.encoded  # what the reply carries: no second rendering of a large result
-            fields["result"] = encoded if len(encoded) <= RESULT_REPR else encoded[: RESULT_REPR - 3] + "..."
+            fields["result"] = clipped(answer.encoded, RESULT_REPR)  # the reply's own: no second rendering
             fields["runtime"] = now - started
         elif kind == "task-failed":
             fields["exception"], fields["traceback"] = _failure(answer)
@@ -928,8 +927,7 @@ def _log_outcome(request: Any, answer: Answer, runtime: float) -> None:
     Celery's consumer). There is no "received" line: the fast path takes a call when it starts it."""
     context: dict[str, Any] = {"id": request.id, "name": request.task, "runtime": runtime, **_shown(request)}
     if answer.error is None:
-        encoded = answer.encoded
-        context["return_value"] = encoded if len(encoded) <= LOG_REPR else encoded[: LOG_REPR - 3] + "..."
+        context["return_value"] = clipped(answer.encoded, LOG_REPR)
         _trace_log.info(LOG_SUCCESS, context, extra={"data": context})
     else:
         context |= {"description": "raised expected", "exc": repr(answer.error)}

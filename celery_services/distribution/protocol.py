@@ -25,6 +25,7 @@ __all__ = [
     "HEADER_TRACESTATE",
     "PROTOCOL_VERSION",
     "Envelope",
+    "clipped",
     "dumps",
     "loads",
     "is_secret_header",
@@ -95,6 +96,11 @@ def loads(text: str | bytes) -> Any:
         return from_json(text)
     except ValueError:
         return json.loads(text)
+
+
+def clipped(text: str, limit: int) -> str:
+    """``text`` as Flower and logs show it: ``limit`` characters at most, ending with ``...`` when cut."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def is_secret_header(name: Any) -> bool:
