@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -202,6 +204,51 @@ def test_on_rabbitmq_an_event_consumer_cut_off_from_its_broker_hears_again(
         assert all(listener.thread_health().values()), listener.thread_health()
     finally:
         relay.close()  # first: the listener's other connections, cut off too, would wait on their close
+        listener.close()
+        finalize(app)
+        worker.stop()
+        cleanup(rabbitmq_url, redis_url, prov.key, prov.runs_key)
+        purge_prefix(redis_url, prefix)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(90)
+def test_on_rabbitmq_a_listener_slower_than_the_consumers_heartbeats_keeps_its_connection(
+    redis_url: str, rabbitmq_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Listeners run on the consumer thread, which beats between messages only. RabbitMQ closes a connection
+    # it heard nothing from for two heartbeats: a listener busy for longer lost the connection, the event
+    # it was handling came again (or, with the queue gone, the events sent meanwhile were lost), and the
+    # heartbeat had to stay long (30 s: a broker cut off was seen after a minute). Another thread beats
+    # while a listener runs.
+    monkeypatch.setattr(event_consumer, "_HEARTBEAT", 1)
+    caplog.set_level(logging.WARNING, logger="celery_services.events")
+    prefix = f"cs-evfault-{os.urandom(4).hex()}"
+    prov = amqp_provider("evslow", rabbitmq_url, redis_url, prefix)
+    app, distribution = make_caller(prov, prefix)
+    listener = Consumer(rabbitmq_url, redis_url, prefix, prov.key)
+    worker = prov.worker()
+    titles: list[str] = []
+
+    def slow(data: Any, context: Any = None) -> None:
+        if data["title"] == "slow":
+            time.sleep(4)  # four heartbeats
+        titles.append(data["title"])
+
+    try:
+        worker.start()
+        listener.distribution.wait_for("articles", timeout=10)
+        listener.app.service("articles").on("created", slow)
+        articles = distribution.remote_service(prov.key, "articles", ["create"])
+        articles.create({"title": "slow"}, {})
+        articles.create({"title": "after"}, {})
+        wait_for(lambda: "after" in titles, timeout=20, what="the event after the slow one")
+        articles.create({"title": "last"}, {})
+        wait_for(lambda: "last" in titles, timeout=10, what="the last event")
+        assert titles == ["slow", "after", "last"]  # each once, in order
+        dropped = [r.getMessage() for r in caplog.records if "reconnecting" in r.getMessage()]
+        assert not dropped, dropped
+    finally:
         listener.close()
         finalize(app)
         worker.stop()
