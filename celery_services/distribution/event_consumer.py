@@ -38,6 +38,8 @@ import kombu.entity
 import kombu.messaging
 import kombu.utils.encoding
 
+from .heartbeats import Line
+
 if TYPE_CHECKING:
     from .event_epoch import BindingEpoch
     from .events import Broker
@@ -54,7 +56,10 @@ bytes_to_str: Callable[[Any], str] = kombu.utils.encoding.bytes_to_str
 _POLL = 0.3  # consumer drain timeout and Redis BRPOP timeout: bounds how long close() waits
 _HEAL_INTERVAL = 5.0
 _VISIBILITY_TIMEOUT = 300  # group mode on Redis: an event held by a killed consumer comes back after this
-_HEARTBEAT = 30  # RabbitMQ: the consumer connection's AMQP heartbeat (a broker gone is seen in two of them)
+#: RabbitMQ: the consumer connection's AMQP heartbeat, in seconds. A broker cut off is seen in two or three of
+#: them; a listener running longer keeps the connection, as a keeper thread beats for it (:mod:`.heartbeats`).
+#: It was 30 s while nothing beat during a listener: a broker cut off was seen a minute late.
+_HEARTBEAT = 10
 _REPLY_WAIT = 5.0  # RabbitMQ: seconds the broker may take to answer a method the consumer thread waits on
 
 
@@ -99,6 +104,8 @@ class EventConsumer:
         self._declared = self._closed = False
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        #: On RabbitMQ, the consumer thread's connection while it has one: beaten while a listener runs.
+        self._line: Line | None = None
 
     @property
     def bindings(self) -> frozenset[str]:
@@ -251,6 +258,15 @@ class EventConsumer:
             return
         self._thread = threading.Thread(target=self._run, name=f"events:{self.queue_name}", daemon=True)
         self._thread.start()
+        if not self.broker.redis:
+            name = f"events-heartbeat:{self.queue_name}"
+            threading.Thread(target=self._keep, name=name, daemon=True).start()
+
+    def _keep(self) -> None:
+        """Beat for the consumer thread while a listener runs (its own loop beats between messages)."""
+        while not self._stopping.wait(_HEARTBEAT / 4):
+            if (line := self._line) is not None:
+                line.beat()
 
     def _run(self) -> None:
         delay, redis = 0.1, self.broker.redis
@@ -263,6 +279,7 @@ class EventConsumer:
                 if not redis:
                     # py-amqp waits on the broker's answers for ever: bounded (drains set their own)
                     conn.connection.sock.settimeout(_REPLY_WAIT)
+                    self._line = Line(conn.connection)
                 channel = conn.channel()
                 with self._bind_lock:
                     self._apply(channel, sorted(self._bindings))
@@ -288,6 +305,7 @@ class EventConsumer:
                     consumer.cancel()  # (Redis: close() reads the BRPOP in flight itself; cancelling first
                     # would make kombu requeue that event through the exchange, to every bound queue)
             except Exception as exc:
+                self._line = None
                 # Dropped, not closed: a broker cut off answers no close, which py-amqp would wait for.
                 self.broker.drop(conn)
                 if self._stopping.is_set():
@@ -296,6 +314,7 @@ class EventConsumer:
                 self._stopping.wait(delay)
                 delay = min(delay * 2, 5.0)
             else:
+                self._line = None
                 self.broker.release(conn)
 
     def _connection(self) -> Any:
@@ -329,8 +348,10 @@ class EventConsumer:
 
     def _on_message(self, body: Any, message: Any) -> None:
         if message.delivery_info.get("routing_key") in self._bindings:  # else unbound meanwhile: drop
-            self.handle(body, message.headers)
-        message.ack()
+            line = self._line
+            with line.running() if line is not None else contextlib.nullcontext():
+                self.handle(body, message.headers)
+        message.ack()  # the keeper writes no more once the listener is done
 
     def _on_decode_error(self, message: Any, exc: Exception) -> None:
         log.warning("event queue %s: undecodable message dropped: %r", self.queue_name, exc)

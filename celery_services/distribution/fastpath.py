@@ -56,6 +56,7 @@ from celery.utils.time import utcoffset
 from celery.worker import state as worker_state
 
 from ..core.errors import ServiceError
+from .heartbeats import Line
 from .messages import (
     HEADER_REDELIVERED,
     MalformedMessage,
@@ -743,16 +744,13 @@ class AmqpFastPath(FastPath):
             message.requeue()
             return
         self._waiting[index] = False  # serving a call taken before any pause
-        line.busy = True
-        try:
-            self._on_task(events, replies, line, message)
-        except Exception:  # one bad call must not stop the thread serving the others
-            log.exception("fast path failed to serve a message of queue %s", self.queue)
-            if not message.acknowledged:
-                line.ack(message)  # as the Redis path does: a call that broke the server is not taken again
-        finally:
-            with line.lock:
-                line.busy = False
+        with line.running():
+            try:
+                self._on_task(events, replies, line, message)
+            except Exception:  # one bad call must not stop the thread serving the others
+                log.exception("fast path failed to serve a message of queue %s", self.queue)
+                if not message.acknowledged:
+                    line.ack(message)  # as on Redis: a call that broke the server is not taken again
 
     def _on_task(
         self, events: _TaskEvents | None, replies: HeldConnection, line: _Line, message: Any
@@ -789,19 +787,12 @@ class AmqpFastPath(FastPath):
         self._serve_message(task, received, finish)
 
 
-class _Line:
-    """A RabbitMQ serving thread's connection (py-amqp's), and whether the thread runs a call on it.
-
-    py-amqp's connection is not thread-safe: the keeper writes a heartbeat only while the serving thread
-    runs a call, and under ``lock``, which the serving thread holds for its writes meanwhile (the call's
-    acknowledgement) and to say the call is over.
-    """
+class _Line(Line):
+    """A RabbitMQ serving thread's connection (:class:`.Line`), which also acknowledges its calls."""
 
     def __init__(self, connection: Any, errors: tuple[type[BaseException], ...]) -> None:
-        self.connection = connection
+        super().__init__(connection)
         self.errors = errors  # what a lost connection raises
-        self.lock = threading.Lock()
-        self.busy = False
 
     def ack(self, message: Any) -> None:
         """Acknowledge ``message``; on a lost connection, say so (RabbitMQ delivers the call again: the
@@ -815,16 +806,6 @@ class _Line:
                 message.properties.get("correlation_id"),
                 exc,
             )
-
-    def beat(self) -> None:
-        """Send a heartbeat if the serving thread runs a call."""
-        with self.lock:
-            if not self.busy:
-                return
-            try:
-                self.connection.send_heartbeat()
-            except Exception as exc:  # the connection is gone: its serving thread will find out
-                log.debug("fast path heartbeat not sent: %r", exc)
 
 
 class _TaskEvents:

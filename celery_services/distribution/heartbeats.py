@@ -1,0 +1,57 @@
+"""Heartbeats for a RabbitMQ connection whose one thread is busy: a call, or a listener, running on it.
+
+py-amqp sends a heartbeat only when the connection's own thread asks for one between two reads
+(``heartbeat_check``). A thread that runs a long call (the fast path) or a slow listener (the event consumer)
+sends none meanwhile, and RabbitMQ closes a connection it heard nothing from for two heartbeats, giving its
+unacknowledged message to another consumer. A keeper thread beats for the busy one (:meth:`Line.beat`), so
+that the heartbeat can be short enough to see a broker cut off soon, whatever runs on the connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["Line"]
+
+log = logging.getLogger("celery_services.heartbeats")
+
+
+class Line:
+    """A py-amqp connection read by one thread, and whether that thread runs a call or a listener on it.
+
+    py-amqp's connection is not thread-safe: the keeper writes a heartbeat only while the thread runs
+    (:meth:`running`), and under :attr:`lock`, which the thread holds for its own writes meanwhile and to say
+    it is done.
+
+    Args:
+        connection: the py-amqp connection (kombu's ``Connection.connection``).
+    """
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+        self.lock = threading.Lock()
+        self.busy = False
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        """The block runs a call or a listener: :meth:`beat` sends heartbeats meanwhile."""
+        self.busy = True
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.busy = False
+
+    def beat(self) -> None:
+        """Send a heartbeat if the thread runs something (from the keeper thread, every quarter heartbeat)."""
+        with self.lock:
+            if not self.busy:
+                return
+            try:
+                self.connection.send_heartbeat()
+            except Exception as exc:  # the connection is gone: its own thread will find out
+                log.debug("heartbeat not sent: %r", exc)
