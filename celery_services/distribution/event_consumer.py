@@ -60,7 +60,6 @@ _VISIBILITY_TIMEOUT = 300  # group mode on Redis: an event held by a killed cons
 #: them; a listener running longer keeps the connection, as a keeper thread beats for it (:mod:`.heartbeats`).
 #: It was 30 s while nothing beat during a listener: a broker cut off was seen a minute late.
 _HEARTBEAT = 10
-_REPLY_WAIT = 5.0  # RabbitMQ: seconds the broker may take to answer a method the consumer thread waits on
 
 
 class EventConsumer:
@@ -276,9 +275,7 @@ class EventConsumer:
                 if redis:  # no transport option; set before connecting, as channels are pooled
                     conn.transport.brpop_timeout = _POLL
                 conn.ensure_connection(**self.broker.retry_policy)
-                if not redis:
-                    # py-amqp waits on the broker's answers for ever: bounded (drains set their own)
-                    conn.connection.sock.settimeout(_REPLY_WAIT)
+                if not redis:  # its waits bounded from here (py-amqp's are not), beaten while a listener runs
                     self._line = Line(conn.connection)
                 channel = conn.channel()
                 with self._bind_lock:

@@ -92,9 +92,6 @@ POLL = 0.2
 READ_MARGIN = 5.0
 #: Seconds between two attempts to reach a Redis that stopped answering.
 RETRY_INTERVAL = 0.5
-#: Seconds RabbitMQ may take to answer what a serving thread waits on (a channel opened, a queue declared,
-#: a consumer started or cancelled, the connection closed): py-amqp waits on them for ever by default.
-REPLY_WAIT = 5.0
 #: Seconds the in-flight lists and the instances set outlive their last renewal.
 KEEP = 3600
 #: The task events the fast path sends: one per call.
@@ -660,8 +657,8 @@ class AmqpFastPath(FastPath):
                 try:
                     # One attempt: this loop's own pause between attempts is the retry.
                     connection.ensure_connection(max_retries=1, interval_start=0, interval_step=0)
-                    connection.connection.sock.settimeout(REPLY_WAIT)  # drain_events sets its own
                     errors = connection.connection_errors + connection.channel_errors
+                    # Its waits bounded from here (REPLY_WAIT), and beaten while a call runs.
                     line = self._lines[index] = _Line(connection.connection, errors)
                     channel = connection.channel()
                     events = self._task_events(connection, channel)

@@ -1,10 +1,16 @@
-"""Heartbeats for a RabbitMQ connection whose one thread is busy: a call, or a listener, running on it.
+"""A RabbitMQ connection one thread reads, as py-amqp leaves it to that thread: its waits and its heartbeats.
 
-py-amqp sends a heartbeat only when the connection's own thread asks for one between two reads
-(``heartbeat_check``). A thread that runs a long call (the fast path) or a slow listener (the event consumer)
-sends none meanwhile, and RabbitMQ closes a connection it heard nothing from for two heartbeats, giving its
-unacknowledged message to another consumer. A keeper thread beats for the busy one (:meth:`Line.beat`), so
-that the heartbeat can be short enough to see a broker cut off soon, whatever runs on the connection.
+The fast path's serving threads and the event consumer's thread each read a connection of their own, and run
+calls or listeners on it. py-amqp leaves two things to them:
+
+- it waits on the broker's answer to a method (a channel opened, a queue declared, a consumer started or
+  cancelled, the connection closed) for ever by default: :class:`Line` bounds every such wait to
+  :data:`REPLY_WAIT` (``drain_events`` sets its own timeout);
+- it sends a heartbeat only when the connection's thread asks for one between two reads
+  (``heartbeat_check``): a thread that runs a long call or a slow listener sends none meanwhile, and RabbitMQ
+  closes a connection it heard nothing from for two heartbeats, giving its unacknowledged message to another
+  consumer. A keeper thread beats for the busy one (:meth:`Line.beat`), so that the heartbeat can be short
+  enough to see a broker cut off soon, whatever runs on the connection.
 """
 
 from __future__ import annotations
@@ -15,23 +21,28 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["Line"]
+__all__ = ["REPLY_WAIT", "Line"]
 
 log = logging.getLogger("celery_services.heartbeats")
 
+#: Seconds RabbitMQ may take to answer a method the connection's thread waits on.
+REPLY_WAIT = 5.0
+
 
 class Line:
-    """A py-amqp connection read by one thread, and whether that thread runs a call or a listener on it.
+    """A py-amqp connection read by one thread, its waits bounded, and whether that thread runs a call or a
+    listener on it.
 
     py-amqp's connection is not thread-safe: the keeper writes a heartbeat only while the thread runs
     (:meth:`running`), and under :attr:`lock`, which the thread holds for its own writes meanwhile and to say
     it is done.
 
     Args:
-        connection: the py-amqp connection (kombu's ``Connection.connection``).
+        connection: the py-amqp connection (kombu's ``Connection.connection``), just connected.
     """
 
     def __init__(self, connection: Any) -> None:
+        connection.sock.settimeout(REPLY_WAIT)
         self.connection = connection
         self.lock = threading.Lock()
         self.busy = False
