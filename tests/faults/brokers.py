@@ -718,6 +718,11 @@ class Cuttable:
         userinfo = parts.netloc.rpartition("@")[0]
         return relay, urlunsplit(parts._replace(netloc=f"{userinfo}@127.0.0.1:{relay.port}"))
 
+    @property
+    def connections(self) -> int:
+        """How many connections were relayed so far."""
+        return len(self._pairs)
+
     def cut(self) -> None:
         """Cut every connection open now."""
         self._cut.update(id(pair) for pair in self._pairs)

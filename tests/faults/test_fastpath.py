@@ -20,8 +20,18 @@ from celery import Celery
 from celery.exceptions import TaskRevokedError
 from kombu import Connection
 
-from celery_services import NotFound, Timeout, Unavailable, finalize
-from celery_services.distribution import Distribution
+from celery_services import (
+    App,
+    DistributionSettings,
+    MemoryService,
+    NotFound,
+    Timeout,
+    Unavailable,
+    distribute,
+    finalize,
+)
+from celery_services.distribution import Distribution, heartbeats
+from celery_services.distribution.fastpath import AmqpFastPath
 from celery_services.testing import WorkerProcess, wait_for
 
 from ..support import (
@@ -297,6 +307,64 @@ def test_on_rabbitmq_a_fast_path_cut_off_from_its_broker_connects_again(
         relay.close()
         worker.stop()
         cleanup(rabbitmq_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(60)
+def test_on_rabbitmq_a_serving_thread_waits_on_its_broker_no_longer_than_reply_wait(
+    redis_url: str, rabbitmq_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pause cancels the serving thread's consumer and closes its connection, and py-amqp waits for the
+    # broker's CancelOk and CloseOk with no timeout: a broker cut off silently just then held the thread for
+    # ever, and the worker served nothing again, resumed or not. Every wait of a serving connection on its
+    # broker is bounded (REPLY_WAIT, 1 s here): the thread then connects again. The fast path runs in this
+    # process, its connections through a relay that cuts; the caller's do not go through it.
+    monkeypatch.setattr(heartbeats, "REPLY_WAIT", 1.0)
+    relay, through = Cuttable.to(rabbitmq_url)
+    key = f"fastwait-amqp-{os.urandom(3).hex()}"
+    provider = App()
+    provider.use("articles", MemoryService())
+    # A lease of 30 s: heartbeats every 10 s, which see the cut long after the test.
+    settings = DistributionSettings(
+        key=key,
+        broker_url=through,
+        result_backend=redis_url,
+        registry_prefix=prefix,
+        remote_services=[],
+        lease_timeout=30,
+    )
+    fast = AmqpFastPath(distribute(provider, settings), 1, f"{key}@test", None)
+    caller = App()
+    articles = distribute(
+        caller,
+        DistributionSettings(
+            key=f"caller-{os.urandom(3).hex()}",
+            broker_url=rabbitmq_url,
+            result_backend=redis_url,
+            registry_prefix=prefix,
+            services=[],
+            remote_services=[],
+        ),
+    ).remote_service(key, "articles", ["find"])
+    try:
+        fast.start()
+        assert articles.find({}) == []  # served (a find publishes no event, so opens nothing more)
+        # Back at its wait for the next call: paused then, it leaves (a thread still finishing a call would
+        # see no pause if the resume came first).
+        wait_for(lambda: fast._waiting == [True], timeout=5, what="the serving thread waiting for a call")
+        made = relay.connections
+        relay.cut()
+        fast.pause()
+        fast.resume()
+        # RabbitMQ still gives calls to the cut connection's consumer until its own heartbeats drop it: what
+        # shows the thread free again is its new connection.
+        wait_for(lambda: relay.connections > made, timeout=10, what="the serving thread connected again")
+    finally:
+        relay.close()
+        fast.stop(timeout=5)
+        finalize(caller)
+        finalize(provider)
+        cleanup(rabbitmq_url, redis_url, key)
 
 
 @pytest.mark.rabbitmq
