@@ -38,7 +38,7 @@ import kombu.entity
 import kombu.messaging
 import kombu.utils.encoding
 
-from .heartbeats import Line
+from .heartbeats import Line, keep
 
 if TYPE_CHECKING:
     from .event_epoch import BindingEpoch
@@ -263,9 +263,7 @@ class EventConsumer:
 
     def _keep(self) -> None:
         """Beat for the consumer thread while a listener runs (its own loop beats between messages)."""
-        while not self._stopping.wait(_HEARTBEAT / 4):
-            if (line := self._line) is not None:
-                line.beat()
+        keep(self._stopping, _HEARTBEAT, lambda: [line] if (line := self._line) is not None else [])
 
     def _run(self) -> None:
         delay, redis = 0.1, self.broker.redis

@@ -56,7 +56,7 @@ from celery.utils.time import utcoffset
 from celery.worker import state as worker_state
 
 from ..core.errors import ServiceError
-from .heartbeats import Line
+from .heartbeats import Line, keep
 from .messages import (
     HEADER_REDELIVERED,
     MalformedMessage,
@@ -638,9 +638,7 @@ class AmqpFastPath(FastPath):
 
     def _keep(self) -> None:
         """Beat for each serving thread that runs a call (its own loop beats between calls)."""
-        while not self._stop.wait(self.heartbeat / 4):
-            for line in list(self._lines.values()):
-                line.beat()
+        keep(self._stop, self.heartbeat, lambda: list(self._lines.values()))
 
     def _serve(self, index: int) -> None:
         celery = self.distribution.celery

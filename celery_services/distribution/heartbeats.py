@@ -18,10 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-__all__ = ["REPLY_WAIT", "Line"]
+__all__ = ["REPLY_WAIT", "Line", "keep"]
 
 log = logging.getLogger("celery_services.heartbeats")
 
@@ -66,3 +66,11 @@ class Line:
                 self.connection.send_heartbeat()
             except Exception as exc:  # the connection is gone: its own thread will find out
                 log.debug("heartbeat not sent: %r", exc)
+
+
+def keep(stop: threading.Event, heartbeat: float, lines: Callable[[], Iterable[Line]]) -> None:
+    """The keeper thread's loop, until ``stop``: every quarter ``heartbeat`` (seconds), :meth:`Line.beat` each
+    of the ``lines`` of the moment (a thread's own loop beats between its calls or listeners)."""
+    while not stop.wait(heartbeat / 4):
+        for line in lines():
+            line.beat()
