@@ -257,13 +257,18 @@ def two_replicas(prov: Provider, prefix: str) -> Iterator[tuple[WorkerProcess, W
 
 
 def make_caller(prov: Provider, prefix: str, **options: Any) -> tuple[App, Distribution]:
-    """A consumer app on ``prov``'s broker and backend in the registry ``prefix``: no services of its own
+    """:func:`caller_on` ``prov``'s broker and backend."""
+    return caller_on(prov.broker, prov.backend, prefix, **options)
+
+
+def caller_on(broker: str, backend: str, prefix: str, **options: Any) -> tuple[App, Distribution]:
+    """A consumer app on ``broker`` and ``backend`` in the registry ``prefix``: no services of its own
     and no remote services mounted unless ``options`` say so (finalize it when done)."""
     app = App()
     settings: dict[str, Any] = {
         "key": f"caller-{os.urandom(3).hex()}",
-        "broker_url": prov.broker,
-        "result_backend": prov.backend,
+        "broker_url": broker,
+        "result_backend": backend,
         "registry_prefix": prefix,
         "services": [],
         "remote_services": [],

@@ -18,7 +18,7 @@ from celery_services import App, DistributionSettings, MemoryService, distribute
 from celery_services.distribution import Distribution
 from celery_services.testing import wait_for
 
-from .support import ROOT, Provider, cleanup, provider_env, purge_prefix
+from .support import ROOT, Provider, cleanup, make_caller, provider_env, purge_prefix
 from .test_events_bus import ConnectionAttempts
 
 ARTICLES = ["find", "get", "create", "update", "patch", "remove", "publish_article"]
@@ -81,19 +81,7 @@ def setup(broker: str, redis_url: str) -> Iterator[dict[str, Any]]:
     )
     provider = Provider(key, broker, redis_url, runs, env)
     made: list[Instance] = []
-    caller = App()
-    caller_dist = distribute(
-        caller,
-        DistributionSettings(
-            key=f"caller-{os.urandom(3).hex()}",
-            broker_url=broker,
-            result_backend=redis_url,
-            registry_prefix=prefix,
-            services=[],
-            remote_services=[],
-            timeout=10,
-        ),
-    )
+    caller, caller_dist = make_caller(provider, prefix, timeout=10)
     caller.use("articles", caller_dist.remote_service(key, "articles", ARTICLES))
 
     def instance(consumer_key: str, **options: Any) -> Instance:

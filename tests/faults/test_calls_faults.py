@@ -41,6 +41,7 @@ from celery_services.testing.brokers import RedisServer
 from ..support import (
     ROOT,
     Provider,
+    caller_on,
     cleanup,
     fresh_prefix,
     make_caller,
@@ -367,17 +368,8 @@ def test_held_proxy_works_again_when_its_provider_returns(redis_url: str, prefix
 
 def caller_of_nobody(broker: str, backend: str, registry: str) -> tuple[App, Any]:
     """A consumer app on ``broker`` and ``backend`` (finalize it), and its proxy of a key nobody serves."""
-    app = App()
-    settings = DistributionSettings(
-        key=f"caller-{os.urandom(3).hex()}",
-        broker_url=broker,
-        result_backend=backend,
-        registry_prefix=registry,
-        services=[],
-        remote_services=[],
-        timeout=8,
-    )
-    return app, distribute(app, settings).remote_service("nobody", "articles", ["get"])
+    app, distribution = caller_on(broker, backend, registry)
+    return app, distribution.remote_service("nobody", "articles", ["get"])
 
 
 @pytest.mark.timeout(60)

@@ -39,6 +39,7 @@ from ..support import (
     Provider,
     amqp_provider,
     broker_provider,
+    caller_on,
     cleanup,
     fresh_prefix,
     make_caller,
@@ -334,18 +335,8 @@ def test_on_rabbitmq_a_serving_thread_waits_on_its_broker_no_longer_than_reply_w
         lease_timeout=30,
     )
     fast = AmqpFastPath(distribute(provider, settings), 1, f"{key}@test", None)
-    caller = App()
-    articles = distribute(
-        caller,
-        DistributionSettings(
-            key=f"caller-{os.urandom(3).hex()}",
-            broker_url=rabbitmq_url,
-            result_backend=redis_url,
-            registry_prefix=prefix,
-            services=[],
-            remote_services=[],
-        ),
-    ).remote_service(key, "articles", ["find"])
+    caller, distribution = caller_on(rabbitmq_url, redis_url, prefix)
+    articles = distribution.remote_service(key, "articles", ["find"])
     try:
         fast.start()
         assert articles.find({}) == []  # served (a find publishes no event, so opens nothing more)
