@@ -723,6 +723,11 @@ class Cuttable:
         """How many connections were relayed so far."""
         return len(self._pairs)
 
+    @property
+    def upstream_ports(self) -> set[int]:
+        """The local ports of the relayed connections to the broker (as the broker names its clients)."""
+        return {server.getsockname()[1] for _, server in self._pairs}
+
     def cut(self) -> None:
         """Cut every connection open now."""
         self._cut.update(id(pair) for pair in self._pairs)

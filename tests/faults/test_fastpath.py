@@ -85,13 +85,13 @@ def served(
 
 
 def strike_the_holder(
-    prov: Provider, probe: Any, workers: list[WorkerProcess], tag: str, signum: int
+    prov: Provider, probe: Any, workers: list[WorkerProcess], tag: str, signum: int, seconds: float = 1.5
 ) -> tuple[Any, WorkerProcess, dict[str, int]]:
-    """Start a slow call and send ``signum`` to the process group of the worker running it; the call's
-    result, that worker, and the fast path's in-flight lists on Redis then. A worker stopped (SIGSTOP) is
-    continued once the result came."""
+    """Start a call of ``seconds`` and send ``signum`` to the process group of the worker running it; the
+    call's result, that worker, and the fast path's in-flight lists on Redis then. A worker stopped
+    (SIGSTOP) is continued once the result came."""
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(probe.slow, {"tag": tag, "seconds": 1.5}, {"timeout": 20})
+        future = pool.submit(probe.slow, {"tag": tag, "seconds": seconds}, {"timeout": 20})
         start = wait_for(
             lambda: next((r for r in prov.runs() if r.startswith(f"slow-start-{tag}:")), None),
             timeout=10,
@@ -278,6 +278,73 @@ def test_a_call_of_a_paused_replica_is_served_by_another_and_answered_once(
             timeout=20,
             what="both replicas serve again",
         )
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("broker", BROKERS)
+def test_a_replica_stopped_warm_keeps_the_call_it_runs_past_the_lease(
+    request: pytest.FixtureRequest, redis_url: str, prefix: str, broker: str
+) -> None:
+    # A warm stop (SIGTERM) lets the running calls finish, so the replica keeps its lease until they have:
+    # its alive key on Redis, its connection's heartbeats on RabbitMQ. Had its keeper stopped with the
+    # signal, the other replica would have taken over a call still running, and run it a second time.
+    prov = broker_provider(request, broker, redis_url, prefix, "warm", CELERY_SERVICES_LEASE_TIMEOUT="1")
+    with two_replicas(prov, prefix) as (first, second, distribution):
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        result, stopped, _ = strike_the_holder(prov, probe, [first, second], "w", signal.SIGTERM, seconds=5)
+        assert result["pid"] == stopped.pid
+        assert result["redelivered"] is False
+        assert stopped.process is not None
+        wait_for(lambda: stopped.process.poll() is not None, timeout=20, what="the warm stop done")
+        assert [r for r in prov.runs() if r.startswith("slow-start-w:")] == [f"slow-start-w:{stopped.pid}"]
+
+
+def blocked_takes(redis_url: str, relay: Cuttable) -> int:
+    """How many ``BLMOVE`` wait on Redis on connections that came through ``relay``."""
+    store = redis.Redis.from_url(redis_url)
+    try:
+        relayed = relay.upstream_ports
+        return sum(
+            1
+            for client in store.client_list()
+            if client["cmd"] == "blmove"
+            and "b" in client["flags"]
+            and int(client["addr"].rsplit(":", 1)[1]) in relayed
+        )
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_call_taken_by_a_blmove_whose_answer_was_lost_is_served(redis_url: str, prefix: str) -> None:
+    # Redis ran a serving thread's BLMOVE, moving a call into the thread's in-flight list, but the answer
+    # never reached the thread (its connection cut on the way: a network drop, a failover; or a read that
+    # timed out). The thread takes again on a new connection: the call in its list must be given back and
+    # served, not left there for the next call's acknowledgement (a DEL of the list) to delete unserved.
+    relay, through = Cuttable.to(redis_url)
+    prov = registered_provider(redis_url, prefix, "lost-take")
+    prov.env["CELERY_SERVICES_BROKER_URL"] = through  # its calls taken through the relay
+    worker = prov.worker()
+    app, distribution = caller_on(redis_url, redis_url, prefix)
+    try:
+        worker.start()
+        probe = distribution.remote_service(prov.key, "probe", PROBE)
+        assert probe.get(1, {})["id"] == 1
+        wait_for(lambda: blocked_takes(redis_url, relay) > 0, timeout=10, what="a take waiting on Redis")
+        relay.cut()  # the waiting BLMOVE's answer is lost: the next call goes to its thread's list
+        assert probe.get(2, {"timeout": 20})["id"] == 2
+        assert len([r for r in prov.runs() if r.startswith("get-2:")]) == 1
+        assert probe.get(3, {})["id"] == 3
+        wait_for(
+            lambda: sum(in_flight(redis_url, prefix, prov.key).values()) == 0,
+            timeout=10,
+            what="nothing left in flight",
+        )
+    finally:
+        worker.stop()
+        finalize(app)
+        relay.close()
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
 
 
 @pytest.mark.rabbitmq
