@@ -120,7 +120,7 @@ EVENT_DELAY = 0.05
 # Gives one in-flight call of a lapsed instance back to the front of its queue, unless the instance came
 # back (its alive key) or acknowledged the call meanwhile. KEYS: in-flight list, queue, alive key.
 _GIVE_BACK = """
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 redis.call('RPUSH', KEYS[2], ARGV[2])
 return 1
@@ -154,6 +154,9 @@ class FastPath:
         self.pid = os.getpid()
         self.queue = distribution.key
         self._stop = threading.Event()
+        #: Set once the serving threads ended (or :meth:`stop` gave up waiting): the keeper keeps the lease
+        #: until then, or a call still running through a warm stop would be taken over by another replica.
+        self._served = threading.Event()
         self._taking = threading.Event()
         self._taking.set()
         #: Per serving thread, whether it waits for a call to take: :meth:`pause` returns once none does.
@@ -234,6 +237,7 @@ class FastPath:
         limit = time.monotonic() + (self.distribution.settings.timeout if timeout is None else timeout)
         for thread in self._workers:
             thread.join(max(limit - time.monotonic(), 0.0))
+        self._served.set()
         if self._keeper is not None:
             self._keeper.join(self.lease_timeout)
         self._stopped(any(thread.is_alive() for thread in self._workers))
@@ -464,7 +468,7 @@ class RedisFastPath(FastPath):
 
     def _keep(self) -> None:
         interval = self.lease_timeout / 3
-        while not self._stop.wait(interval):
+        while not self._served.wait(interval):
             try:
                 self._renew()
                 for raw in self.store.smembers(self.instances):
@@ -477,8 +481,9 @@ class RedisFastPath(FastPath):
             except redis.RedisError as exc:
                 log.warning("fast path lease not renewed: %r; retrying", exc)
 
-    def _give_back_all(self, member: str) -> None:
-        """Give back the in-flight call of a serving thread (``{instance}:{n}``) whose instance lapsed."""
+    def _give_back_all(self, member: str, *, own: bool = False) -> None:
+        """Give back the in-flight call of a serving thread (``{instance}:{n}``) whose instance lapsed, or
+        (``own``) of this instance's own thread whose take failed (see :meth:`_serve`)."""
         inflight = self._inflight(member)
         alive = self._alive(member.rsplit(":", 1)[0])
         for raw in self.store.lrange(inflight, 0, -1):
@@ -487,9 +492,11 @@ class RedisFastPath(FastPath):
                 again = json.dumps(mark_redelivered(json.loads(raw))).encode()
             except (ValueError, TypeError, AttributeError):
                 again = raw  # not ours to read: given back as it is, for Celery's consumers to judge
-            if self._give_back(keys=[inflight, self.queue, alive], args=[raw, again]):
+            keys = [inflight, self.queue] if own else [inflight, self.queue, alive]
+            if self._give_back(keys=keys, args=[raw, again]):
                 self.given_back += 1
-                log.warning("call of the lapsed thread %s given back to queue %s", member, self.queue)
+                whose = "thread" if own else "lapsed thread"
+                log.warning("call of the %s %s given back to queue %s", whose, member, self.queue)
         if not self.store.exists(alive) and self.store.llen(inflight) == 0:
             self.store.srem(self.instances, member)
 
@@ -502,10 +509,17 @@ class RedisFastPath(FastPath):
         held = HeldConnection(self.store.connection_pool)
         take = pack_commands([("BLMOVE", self.queue, inflight, "RIGHT", "LEFT", POLL)])  # the same every time
         failing = False
+        # A take that failed may have been run by Redis all the same, its answer lost with the connection:
+        # its call then waits in this thread's list, and would be deleted unserved by the next call's
+        # acknowledgement (a DEL of the list). It goes back to the queue before the thread takes again.
+        unsure = False
         while not self._stop.is_set():
             if not self._may_take(index):
                 continue
             try:
+                if unsure:
+                    self._give_back_all(self.members[index], own=True)
+                    unsure = False
                 connection = held.get()
                 connection.send_packed_command(take)
                 raw = connection.read_response(timeout=POLL + READ_MARGIN)
@@ -516,6 +530,7 @@ class RedisFastPath(FastPath):
             except (redis.RedisError, OSError, ValueError) as exc:
                 # ValueError: a Sentinel pool closed this connection while it was read (redis_clients.py).
                 self._waiting[index] = False
+                unsure = True
                 held.drop()
                 if not failing:
                     log.warning("fast path cannot reach its queue %s: %r; retrying", self.queue, exc)
@@ -638,7 +653,7 @@ class AmqpFastPath(FastPath):
 
     def _keep(self) -> None:
         """Beat for each serving thread that runs a call (its own loop beats between calls)."""
-        keep(self._stop, self.heartbeat, lambda: list(self._lines.values()))
+        keep(self._served, self.heartbeat, lambda: list(self._lines.values()))
 
     def _serve(self, index: int) -> None:
         celery = self.distribution.celery
