@@ -169,6 +169,31 @@ def test_a_plain_worker_and_a_fast_path_worker_serve_one_queue(
         cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("broker", BROKERS)
+def test_a_plain_celery_task_sent_compressed_is_served_by_the_fast_path(
+    request: pytest.FixtureRequest, redis_url: str, prefix: str, broker: str
+) -> None:
+    # ``send_task(..., compression="zlib")`` is a valid Celery task, which Celery's consumer decompresses.
+    # On Redis the fast path reads kombu's message itself: it dropped this one as unreadable, and
+    # acknowledged it, so that the task never ran.
+    prov = broker_provider(request, broker, redis_url, prefix, "zlib")
+    worker = prov.worker()
+    client = Celery(broker=prov.broker, backend=prov.backend, set_as_current=False)
+    try:
+        worker.start()
+        assert FAST in worker.log()
+        result = client.send_task(
+            f"{prov.key}.probe.get", kwargs={"id": "zipped"}, queue=prov.key, compression="zlib"
+        )
+        assert result.get(timeout=10)["id"] == "zipped"
+        assert "unreadable" not in worker.log()
+    finally:
+        worker.stop()
+        client.close()
+        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
+
+
 def signalled(prov: Provider, pid: int | None) -> list[tuple[str, ...]]:
     """The task signals worker ``pid`` sent (``TEST_SIGNALS``): (signal, task, call id, detail, request)."""
     return [
