@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from kombu.compression import decompress
+
 from .protocol import dumps, loads
 
 __all__ = [
@@ -165,8 +167,8 @@ def decode_task(raw: bytes) -> TaskMessage:
     """Read a task message as kombu's Redis transport stored it.
 
     Raises:
-        MalformedMessage: not JSON, not protocol v2 (``headers.task`` and ``headers.id``), or a body that is
-            not ``[args, kwargs, embed]`` in JSON.
+        MalformedMessage: not JSON, not protocol v2 (``headers.task`` and ``headers.id``), a compressed body
+            that does not decompress, or a body that is not ``[args, kwargs, embed]`` in JSON.
     """
     try:
         message = loads(raw)
@@ -177,6 +179,12 @@ def decode_task(raw: bytes) -> TaskMessage:
             body = base64.b64decode(body)
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise MalformedMessage(f"unreadable task message: {type(exc).__name__}: {exc}") from None
+    if isinstance(headers, dict) and headers.get("compression"):
+        # send_task(..., compression="zlib"): undone as kombu's Message undoes it for Celery's consumer.
+        try:
+            body = decompress(body, headers["compression"])  # type: ignore[no-untyped-call]
+        except Exception as exc:  # an unknown scheme (KeyError), corrupt data (each codec's own error)
+            raise MalformedMessage(f"task body not decompressed: {type(exc).__name__}: {exc}") from None
     if message.get("content-type") != "application/json":
         raise MalformedMessage(f"content type {message.get('content-type')!r} is not JSON")
     return task_message(headers, body, properties)
