@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import redis
 from celery_services import (
     App,
     BadGateway,
+    BadRequest,
     DistributionSettings,
     MethodNotAllowed,
     PayloadTooLarge,
@@ -285,6 +287,35 @@ def test_cli_call_to_unknown_key_fails_fast_and_leaves_no_queue(redis_url: str, 
 
 
 @pytest.mark.timeout(60)
+def test_a_timeout_of_no_finite_number_of_seconds_is_refused_unsent(redis_url: str, prefix: str) -> None:
+    # Infinity and NaN failed the call with a bare OverflowError or ValueError; 1e11 seconds was queued,
+    # then the wait for its reply failed with a bare OverflowError, its message left on the queue.
+    key = f"patient-{os.urandom(3).hex()}"
+    write_manifest(redis_url, prefix, key, ["probe"])
+    app, distribution = make_caller(Provider(key, redis_url, redis_url, "", {}), prefix)
+    store = redis.Redis.from_url(redis_url)
+    refused = (math.inf, math.nan, 1e11)
+
+    async def refused_async() -> None:
+        for timeout in refused:
+            with pytest.raises(BadRequest, match="timeout"):
+                await probe.call_async("get", id=1, params={"timeout": timeout})
+
+    try:
+        wait_for(lambda: distribution.registry.has_key(key), timeout=5, what="the provider seen")
+        probe = distribution.remote_service(key, "probe", ["get"])
+        for timeout in refused:
+            with pytest.raises(BadRequest, match="timeout"):
+                probe.get(1, {"timeout": timeout})
+        asyncio.run(refused_async())
+        assert store.llen(key) == 0
+    finally:
+        finalize(app)
+        store.close()
+        cleanup(redis_url, redis_url, key)
+
+
+@pytest.mark.timeout(60)
 def test_malformed_reply_is_a_typed_error(redis_url: str, prefix: str) -> None:
     # A fake provider answering garbage on the reply list: the caller raises BadGateway, never a raw error.
     key = f"liar-{os.urandom(3).hex()}"
@@ -292,7 +323,8 @@ def test_malformed_reply_is_a_typed_error(redis_url: str, prefix: str) -> None:
     prov = Provider(key, redis_url, redis_url, "", {})
     app, distribution = make_caller(prov, prefix)
     store = redis.Redis.from_url(redis_url)
-    answers = [b"not json", b"[1, 2]", json.dumps({"error": "x"}).encode()]
+    # The last one nested deeper than json.loads recurses: it raised a bare RecursionError.
+    answers = [b"not json", b"[1, 2]", json.dumps({"error": "x"}).encode(), b"[" * 5000 + b"]" * 5000]
     stop = threading.Event()
 
     def fake_provider() -> None:
