@@ -72,6 +72,9 @@ log = logging.getLogger("celery_services.remote")
 #: timed-out BLPOP within its 0.1 s cron; network, scheduling). A Redis that stalls ends a call this late,
 #: as Unavailable.
 READ_MARGIN = 0.5
+#: The longest timeout a call may have (a week): a call's deadline is written as a date, and its waits are
+#: socket timeouts; a timeout of no finite number of seconds is a BadRequest, refused before it is sent.
+MAX_TIMEOUT = 7 * 24 * 3600.0
 #: Pauses between attempts to reach a Redis that refuses connections (restarting, failing over): doubling
 #: from the first to the second, until the call's deadline. The RabbitMQ publish retries every 0.5 s too.
 CONNECT_RETRY = (0.05, 0.5)
@@ -182,6 +185,8 @@ class Transport:
         Raises:
             Timeout: no reply within ``timeout`` (or the inherited deadline, when shorter).
             PayloadTooLarge: the envelope is over ``max_payload_bytes``; nothing is sent.
+            BadRequest: the arguments have no JSON form, or ``timeout`` is not a number of seconds up to
+                :data:`MAX_TIMEOUT` (a week); nothing is sent.
             Unavailable: the broker cannot be reached, or no instance of ``key`` is live (nothing is sent).
             MethodNotAllowed: the provider's workers do not serve ``path.method``.
             BadGateway: the reply is not one the protocol knows.
@@ -228,12 +233,19 @@ class Transport:
         cannot disagree on what is sent. Raises what :meth:`call` raises before anything is sent.
         """
         settings = self.settings
+        name = task_name(key, path, method)
+        seconds = timeout if timeout is not None else settings.timeout
+        if not seconds <= MAX_TIMEOUT:  # NaN too: no deadline, no date for the message, no socket timeout
+            raise BadRequest(
+                f"Call to '{name}': its timeout ({seconds!r}) is not a number of seconds up to "
+                f"{MAX_TIMEOUT:g}",
+                {"timeout": str(seconds), "limit": MAX_TIMEOUT},
+            )
         now = time.time()
-        deadline = now + (timeout if timeout is not None else settings.timeout)
+        deadline = now + seconds
         inherited = _deadline.get()
         if inherited is not None:
             deadline = min(deadline, inherited)
-        name = task_name(key, path, method)
         if deadline <= now:
             raise Timeout(f"No time left to call '{name}'", {"key": key, "path": path, "method": method})
         if not wait and self.is_live is not None and self.is_live(key) is False:

@@ -95,7 +95,10 @@ def loads(text: str | bytes) -> Any:
     try:
         return from_json(text)
     except ValueError:
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except RecursionError:  # nested deeper than either parser goes: not JSON a peer of ours writes
+            raise ValueError("JSON nested too deeply") from None
 
 
 def clipped(text: str, limit: int) -> str:
