@@ -22,6 +22,7 @@ import redis
 
 from celery_services import App, DistributionSettings, MemoryService, distribute, finalize
 from celery_services.distribution import event_consumer
+from celery_services.distribution.events import EventBus
 from celery_services.http import make_server
 from celery_services.testing import RedisServer, wait_for
 
@@ -164,6 +165,84 @@ def _open_events(url: str) -> None:
     with contextlib.suppress(httpx.HTTPError), httpx.stream("GET", url, timeout=20) as stream:
         for _ in stream.iter_bytes():
             pass
+
+
+#: A member of a ``group`` of event consumers whose listener never returns (a process about to be killed).
+HUNG_MEMBER = """
+import sys, time
+from celery_services.distribution.events import EventBus
+
+def hang(envelope):
+    print("heard", flush=True)
+    time.sleep(3600)
+
+bus = EventBus(sys.argv[1], exchange="ex", consumer_key="group", instance="g1", delivery="group",
+               on_event=hang, queue_prefix="q")
+bus.bind("prov", "articles", "created")
+bus.start()
+print("ready", flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_an_event_a_killed_group_member_held_goes_back_to_its_group_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # kombu's Redis transport gives an unacknowledged message back through its exchange, to every queue
+    # bound to its routing key: the event a killed member of a group held reached every broadcast listener
+    # a second time (their connections were fine), and the group queues of other apps too.
+    with RedisServer() as server:
+        heard: list[Any] = []
+        listener = EventBus(
+            server.url,
+            exchange="ex",
+            consumer_key="listener",
+            instance="b1",
+            delivery="broadcast",
+            on_event=lambda envelope: heard.append(envelope.data),
+            queue_prefix="q",
+        )
+        publisher = EventBus(server.url, exchange="ex")
+        member = subprocess.Popen(
+            [sys.executable, "-c", HUNG_MEMBER, server.url], stdout=subprocess.PIPE, text=True
+        )
+        replica: EventBus | None = None
+        try:
+            listener.bind("prov", "articles", "created")
+            listener.start()
+            assert member.stdout is not None
+            assert member.stdout.readline().strip() == "ready"
+            publisher.publish("prov", "articles", "created", {"id": 1})
+            assert member.stdout.readline().strip() == "heard"
+            wait_for(lambda: heard == [{"id": 1}], timeout=10, what="the listener heard the event")
+            member.kill()
+            member.wait(timeout=10)
+            # Another member restores what the killed one held, once it is older than this.
+            monkeypatch.setattr(event_consumer, "_VISIBILITY_TIMEOUT", 1)
+            again: list[Any] = []
+            replica = EventBus(
+                server.url,
+                exchange="ex",
+                consumer_key="group",
+                instance="g2",
+                delivery="group",
+                on_event=lambda envelope: again.append(envelope.data),
+                queue_prefix="q",
+            )
+            replica.bind("prov", "articles", "created")
+            replica.start()
+            wait_for(lambda: again == [{"id": 1}], timeout=30, what="the event given back to its group")
+            # A copy sent to the listener's queue with it would be heard before the next event.
+            publisher.publish("prov", "articles", "created", {"id": 2})
+            wait_for(lambda: {"id": 2} in heard, timeout=10, what="the next event heard")
+            assert heard == [{"id": 1}, {"id": 2}]
+        finally:
+            member.kill()
+            member.wait(timeout=10)
+            for bus in (replica, listener, publisher):
+                if bus is not None:
+                    bus.close()
 
 
 @pytest.mark.rabbitmq
