@@ -14,9 +14,10 @@ Traps of kombu's Redis transport handled here:
 - ``queue_unbind`` never touches that set and ``queue_delete`` only drops bindings its own connection made, so
   unbind, close and :meth:`~EventConsumer.sweep` edit the sets and delete the queue lists themselves
   (:meth:`~EventConsumer._apply`, :meth:`~EventConsumer._drop`);
-- a restored unacked message is re-routed to every bound queue: broadcast consumers run without ack emulation,
-  group consumers keep unacked events under their own keys (Celery's visibility timeout stays untouched):
-  :meth:`~EventConsumer._connection`.
+- a restored unacked message is re-routed through its exchange, to every bound queue: broadcast consumers run
+  without ack emulation; each group queue keeps its unacked events under keys of its own (Celery's visibility
+  timeout stays untouched), and gives them back to itself alone: :meth:`~EventConsumer._connection`,
+  :func:`_give_back_to`.
 
 On RabbitMQ, once bindings are added at the broker, :meth:`~EventConsumer._apply` starts a new binding epoch
 (:mod:`.event_epoch`): publishers that skip a key RabbitMQ returned to them send its events again.
@@ -276,6 +277,8 @@ class EventConsumer:
                 if not redis:  # its waits bounded from here (py-amqp's are not), beaten while a listener runs
                     self._line = Line(conn.connection)
                 channel = conn.channel()
+                if redis and self.delivery == "group":
+                    _give_back_to(channel, self._require_queue())
                 with self._bind_lock:
                     self._apply(channel, sorted(self._bindings))
                 consumer = Consumer(
@@ -314,14 +317,14 @@ class EventConsumer:
 
     def _connection(self) -> Any:
         """The consumer thread's connection: AMQP heartbeats; on Redis, the options of the traps above."""
-        unacked = f"{self.queue_prefix}.unacked"
+        unacked = f"{self.queue_name}.unacked"  # only this queue's consumers restore what it holds
         return self.broker.connection(
             heartbeat=_HEARTBEAT,
             socket_timeout=5.0,
             redis_options={
                 "client_name": self.queue_name,
                 # A restored unacked message is re-routed to every bound queue: broadcast consumers run
-                # without ack emulation; group consumers keep unacked events under keys of their own.
+                # without ack emulation; a group queue keeps its unacked events under keys of its own.
                 "ack_emulation": self.delivery == "group",
                 "unacked_key": unacked,
                 "unacked_index_key": f"{unacked}_index",
@@ -380,6 +383,18 @@ class EventConsumer:
             except Exception as exc:
                 log.warning("event queue %s not deleted: %r", self.queue_name, exc)
         self.release()
+
+
+def _give_back_to(channel: Any, queue: str) -> None:
+    """Make ``channel`` give what it restores (the unacknowledged events of a killed member of its group,
+    older than the visibility timeout) back to ``queue`` alone: kombu routes a restored message through its
+    exchange again, to every queue bound to its key, and each broadcast listener heard the event twice."""
+    restore = channel._do_restore_message
+
+    def to_queue(payload: Any, exchange: str, routing_key: str, pipe: Any, leftmost: bool = False) -> None:
+        restore(payload, "", queue, pipe, leftmost)  # kombu's default exchange routes to the queue named
+
+    channel._do_restore_message = to_queue
 
 
 def _client(channel: Any) -> Any:
