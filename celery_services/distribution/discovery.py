@@ -164,12 +164,15 @@ class Discovery:
                     )
         self.collisions, self._decisions = collisions, decisions
         for local, info in list(self.mounted.items()):
-            if wanted.get(local) != info:
+            now = wanted.get(local)
+            if now is None or (now.key, now.path) != (info.key, info.path):
                 self._unmount(local)
         for local, info in wanted.items():
             if local not in self.mounted:
                 self._mount(local, info)
             else:
+                if info != self.mounted[local]:
+                    self._reoffer(local, info)
                 self.mounted[local] = info  # same service; its live instances may differ
         instances = {instance for per_key in view.values() for instance in per_key}
         if self._instances is None or self._instances - instances:
@@ -191,20 +194,41 @@ class Discovery:
         except Exception:
             log.warning("sweeping the event queues of dead consumers failed", exc_info=True)
 
-    def _mount(self, local: str, info: RemoteServiceInfo) -> None:
-        app = self.distribution.app
-        settings = self.distribution.settings
+    def _offered(self, info: RemoteServiceInfo) -> tuple[list[str], list[str]]:
         # As in feathers-distributed, the consumer's own lists say what it uses of what is offered.
+        settings = self.distribution.settings
         methods = [m for m in info.methods if m in settings.distributed_methods]
         events = [e for e in info.events if e in settings.distributed_events]
+        return methods, events
+
+    def _offer(self, wrapper: ServiceWrapper, info: RemoteServiceInfo) -> None:
+        methods, events = self._offered(info)
+        wrapper.service._offer(methods, events, info.options)
+        wrapper.custom_methods = tuple(m for m in methods if m not in SIGNATURES)
+
+    def _reoffer(self, local: str, info: RemoteServiceInfo) -> None:
+        # The same service offers other methods or events (a rolling deploy): changed in place, since an
+        # unmount and a mount unbind its events then bind them again, losing those published in between.
+        wrapper = self.distribution.app.services.get(local)
+        if wrapper is None or not _is_proxy(wrapper):  # unmounted by the app's own hand: left so
+            return
+        before = tuple(wrapper.service.events)
+        self._offer(wrapper, info)
+        self.distribution._events_reoffered(wrapper, before)
+        log.info(
+            "remote service %s/%s at '%s' now offers %s", info.key, info.path, local, wrapper.service.methods
+        )
+
+    def _mount(self, local: str, info: RemoteServiceInfo) -> None:
+        app = self.distribution.app
         wrapper = self._retired.pop(local, None)
         try:
             if wrapper is not None and (wrapper.service.key, wrapper.service.path) == (info.key, info.path):
                 # The provider is back: the handle user code holds works again, listeners and all.
-                wrapper.service._offer(methods, events, info.options)
-                wrapper.custom_methods = tuple(m for m in methods if m not in SIGNATURES)
+                self._offer(wrapper, info)
                 app.mount(wrapper)
             else:
+                methods, events = self._offered(info)
                 proxy = self.distribution.remote_service(info.key, info.path, methods, events, info.options)
                 app.use(local, proxy)
         except Conflict:

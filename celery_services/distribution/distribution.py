@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -304,9 +305,24 @@ class Distribution:
                 sharing.remove(wrapper)
             if not sharing:
                 self._proxies.pop((proxy.key, proxy.path), None)
+        self._unbind(proxy, proxy.events)
+
+    def _events_reoffered(self, wrapper: ServiceWrapper, before: tuple[str, ...]) -> None:
+        # Discovery changed the events a mounted proxy offers, in place: only those added or removed are
+        # bound or unbound, so that the events kept never go unbound while they are published.
+        proxy: RemoteService = wrapper.service
+        for event in proxy.events:
+            if event not in before and wrapper.listeners(event):
+                self._listened(wrapper, event)
+        self._unbind(proxy, [event for event in before if event not in proxy.events])
+
+    def _unbind(self, proxy: RemoteService, events: Sequence[str]) -> None:
+        # Unless another proxy of the same remote service still receives them (they share the bindings).
+        with self._lock:
+            sharing = self._proxies.get((proxy.key, proxy.path), [])
             still = {event for other in sharing for event in other.service.events}
         with self._binding:
-            for event in proxy.events:
+            for event in events:
                 address = (proxy.key, proxy.path, event)
                 if event in still or address not in self._bound:
                     continue
