@@ -21,7 +21,7 @@ provider pushes a call's reply only if it can set the call's reply marker first:
 reply already pushed: it leaves no reply list behind.
 
 Clients belong to the event loop that made them: one set per loop (the gateway's, and the loop each
-serving thread of a worker keeps, :mod:`.loops`).
+serving thread of a worker keeps, :mod:`.loops`), kept on the loop itself and closed when it shuts down.
 
 One piece, past 300 lines: the awaited call path, kept in one module as the blocking one is (DESIGN §6), with
 the per-loop clients it needs and the clean-up of a cancelled call.
@@ -37,7 +37,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +62,12 @@ log = logging.getLogger("celery_services.remote")
 ABANDON_TIMEOUT = 2.0
 
 
+#: The attribute of a loop holding its clients, by transport. On the loop itself: the clients' connections
+#: hold the loop, so anywhere else (a WeakKeyDictionary's values are strong) they kept every loop and its
+#: sockets for ever; on the loop, both are one cycle the collector frees once the loop is dropped.
+_ON_LOOP = "_celery_services_clients"
+
+
 class _LoopClients:
     """The clients of one event loop, and the bound on its calls in flight."""
 
@@ -69,6 +75,26 @@ class _LoopClients:
         self.replies = replies
         self.broker = broker
         self.slots = asyncio.Semaphore(slots)
+        self._until_shutdown: AsyncIterator[None] | None = None  # the loop holds it weakly only
+
+    async def close_at_shutdown(self) -> None:
+        """Close these clients when their loop shuts down. A loop's ``shutdown_asyncgens`` (``asyncio.run``,
+        ``asyncio.Runner``) closes the async generators it runs while it still runs: the only moment the
+        sockets can be closed politely, with no call from the user. A loop closed without it leaves them to
+        the collector."""
+        self._until_shutdown = self._open()
+        await anext(self._until_shutdown)
+
+    async def _open(self) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        for client in (self.replies, self.broker):
+            if client is not None:
+                await client.aclose()
 
 
 class AsyncTransport:
@@ -100,9 +126,7 @@ class AsyncTransport:
         self._options = options or RedisOptions()
         self._publish_threads = publish_threads
         self._max_in_flight = max_in_flight
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClients] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
@@ -148,7 +172,7 @@ class AsyncTransport:
 
     async def send(self, call: Call) -> Any:
         """Send a prepared call and await its reply."""
-        clients = self._clients()
+        clients = await self._clients()
         remaining = call.deadline - time.time()
         try:
             async with asyncio.timeout(max(remaining, 0.0)):
@@ -304,9 +328,10 @@ class AsyncTransport:
         with contextlib.suppress(asyncio.CancelledError):  # cancelled again: it goes on in its own task
             await asyncio.shield(task)
 
-    def _clients(self) -> _LoopClients:
+    async def _clients(self) -> _LoopClients:
         loop = asyncio.get_running_loop()
-        clients = self._loops.get(loop)
+        held = _held_by(loop)
+        clients = held.get(self)
         if clients is None:
             if self._closed:
                 raise Unavailable("This distribution is finalized: no more calls")
@@ -322,8 +347,10 @@ class AsyncTransport:
             )
             broker = make(self._broker_url) if self._broker_url else None
             clients = _LoopClients(make(self._replies_url), broker, self._max_in_flight)
+            held[self] = clients
             with self._lock:
-                self._loops[loop] = clients
+                self._loops.add(loop)
+            await clients.close_at_shutdown()
         return clients
 
     def _publisher(self) -> ThreadPoolExecutor:
@@ -338,14 +365,22 @@ class AsyncTransport:
         """Close every loop's clients (on their loops, when they still run) and the publishing threads."""
         with self._lock:
             self._closed = True
-            loops, self._loops = list(self._loops.items()), weakref.WeakKeyDictionary()
+            loops, self._loops = list(self._loops), weakref.WeakSet()
             executor, self._executor = self._executor, None
-        for loop, clients in loops:
-            for client in (clients.replies, clients.broker):
-                if client is not None:
-                    _close_on(loop, client.aclose)
+        for loop in loops:
+            clients = _held_by(loop).pop(self, None)
+            if clients is not None:
+                _close_on(loop, clients.aclose)
         if executor is not None:
             executor.shutdown(wait=False)
+
+
+def _held_by(loop: asyncio.AbstractEventLoop) -> weakref.WeakKeyDictionary[AsyncTransport, _LoopClients]:
+    held: weakref.WeakKeyDictionary[AsyncTransport, _LoopClients] | None = getattr(loop, _ON_LOOP, None)
+    if held is None:
+        held = weakref.WeakKeyDictionary()
+        setattr(loop, _ON_LOOP, held)
+    return held
 
 
 #: Clean-ups of cancelled calls in progress (a task nobody holds could be collected before it ran).
@@ -353,8 +388,8 @@ _cleanups: set[asyncio.Task[None]] = set()
 
 
 def _close_on(loop: asyncio.AbstractEventLoop, close: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run ``close()`` on ``loop``: from its own thread, or handed to it; a loop that ended took its
-    connections with it."""
+    """Run ``close()`` on ``loop``: from its own thread, or handed to it. A closed loop cannot run it: its
+    shutdown closed them already (:meth:`_LoopClients.close_at_shutdown`), else the collector will."""
     if loop.is_closed():
         return
     try:
