@@ -3,6 +3,7 @@ first event client while its broker stalls."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -27,6 +28,7 @@ from celery_services.distribution.events import EventBus
 from celery_services.distribution.manifest import Manifest, ServiceManifest
 from celery_services.distribution.registry import Registry
 from celery_services.http import make_server
+from celery_services.http.hub import EventHub
 from celery_services.testing import RedisServer, wait_for
 
 from ..support import (
@@ -356,7 +358,8 @@ def test_a_listener_hears_every_event_once_while_the_providers_methods_change(
     # Discovery took a change of methods for another service: it unmounted the proxy (unbinding its events
     # at the broker) and mounted it again (binding them again), and the events published in between, or
     # read from the queue in between, were lost (found by a reviewer: 16 of 4,531 on Redis). An event the
-    # deploy adds is bound for its listener, one it removes unbound, the stream's left bound throughout.
+    # deploy adds is bound for its listener, one it removes unbound, the stream's left bound throughout;
+    # and the gateway's event hub, which listened to the events offered when the proxy was mounted, follows.
     url = redis_url if broker == "redis" else request.getfixturevalue("rabbitmq_url")
     prefix, key = f"cs-evfault-{os.urandom(4).hex()}", f"deploy-{os.urandom(3).hex()}"
     provider = Registry(redis_url, prefix=prefix)  # the provider's instance is its manifest: no worker
@@ -405,8 +408,11 @@ def test_a_listener_hears_every_event_once_while_the_providers_methods_change(
             return False
         return True
 
+    hub = EventHub(app)
+    hub_loop = asyncio.new_event_loop()
     try:
         articles = distribution.wait_for("articles", 10)
+        hub.attach(hub.client(hub_loop))  # a gateway's /events client: the hub listens to what is offered
         articles.on("created", lambda data, context=None: heard.append(data))
         articles.on("archived", lambda data, context=None: archived.append(data))  # not offered yet
         producer.start()
@@ -424,6 +430,7 @@ def test_a_listener_hears_every_event_once_while_the_providers_methods_change(
                 wait_for(
                     lambda: routing not in distribution.events.bindings, 10, what="the event removed unbound"
                 )
+            assert hub.attached()["articles"] == tuple(articles.events)
         stream_heard("after the last change")
         stop.set()
         producer.join()
@@ -441,6 +448,7 @@ def test_a_listener_hears_every_event_once_while_the_providers_methods_change(
         stop.set()
         if producer.is_alive():
             producer.join()
+        hub_loop.close()
         finalize(app)
         bus.close()
         provider.withdraw(key, "deploy-1")
