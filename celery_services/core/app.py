@@ -33,7 +33,8 @@ class App(EventEmitter):
     """Services mounted at paths, with app-level hooks and events.
 
     Events: ``service`` (the wrapper) after every :meth:`use`, ``service-removed`` (the wrapper) after
-    every :meth:`unuse`; remote proxies mounted by the distribution raise the same events.
+    every :meth:`unuse`; remote proxies mounted by the distribution raise the same events, and
+    ``service-changed`` (the wrapper) once their provider offers other methods or events, changed in place.
     """
 
     def __init__(self, hooks: HookSpec | None = None) -> None:

@@ -215,6 +215,8 @@ class Discovery:
         before = tuple(wrapper.service.events)
         self._offer(wrapper, info)
         self.distribution._events_reoffered(wrapper, before)
+        # Told to whoever listens to its events by the offer, as the gateway's event hub does.
+        self.distribution.app.emit("service-changed", wrapper)
         log.info(
             "remote service %s/%s at '%s' now offers %s", info.key, info.path, local, wrapper.service.methods
         )

@@ -84,10 +84,10 @@ class HubClient:
 class EventHub:
     """Fans the events of an app's services out to ``/events`` clients.
 
-    While at least one client is connected, the hub listens to the app's ``service`` / ``service-removed``
-    events and to every event of every mounted service (``wrapper.events``); the last client leaving
-    removes all these listeners. Each event is serialized once, in the emitting thread, then offered to
-    the clients whose filters want it.
+    While at least one client is connected, the hub listens to the app's ``service`` / ``service-changed`` /
+    ``service-removed`` events and to every event of every mounted service (``wrapper.events``); the last
+    client leaving removes all these listeners. Each event is serialized once, in the emitting thread, then
+    offered to the clients whose filters want it.
 
     Clients come and go through :meth:`join` and :meth:`leave` on a thread of the hub's own, in order,
     never on the server's event loop: the first client's listeners bind remote proxies' events at the
@@ -179,12 +179,14 @@ class EventHub:
 
     def _listen(self) -> None:
         self.app.on("service", self._service_listener)
+        self.app.on("service-changed", self._service_listener)
         self.app.on("service-removed", self._removed_listener)
         for wrapper in list(self.app.services.values()):
             self._attach(wrapper)
 
     def _unlisten(self) -> None:
         self.app.off("service", self._service_listener)
+        self.app.off("service-changed", self._service_listener)
         self.app.off("service-removed", self._removed_listener)
         for wrapper in list(self._attached):
             self._detach(wrapper)
@@ -199,14 +201,16 @@ class EventHub:
             self._detach(wrapper)
 
     def _attach(self, wrapper: ServiceWrapper) -> None:
-        if wrapper in self._attached:
-            return
-        entries = []
+        """Listen to the events ``wrapper`` offers now: to those added since it was attached, and no more to
+        those removed (a remote service's offer changes in place: ``service-changed``)."""
+        attached = dict(self._attached.get(wrapper, ()))
         for event in wrapper.events:
-            listener = self._listener(wrapper, event)
-            wrapper.on(event, listener)
-            entries.append((event, listener))
-        self._attached[wrapper] = entries
+            if event not in attached:
+                attached[event] = listener = self._listener(wrapper, event)
+                wrapper.on(event, listener)
+        for event in [event for event in attached if event not in wrapper.events]:
+            wrapper.off(event, attached.pop(event))
+        self._attached[wrapper] = list(attached.items())
 
     def _detach(self, wrapper: ServiceWrapper) -> None:
         for event, listener in self._attached.pop(wrapper, []):
