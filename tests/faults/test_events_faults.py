@@ -430,7 +430,9 @@ def test_a_listener_hears_every_event_once_while_the_providers_methods_change(
                 wait_for(
                     lambda: routing not in distribution.events.bindings, 10, what="the event removed unbound"
                 )
-            assert hub.attached()["articles"] == tuple(articles.events)
+            wait_for(
+                lambda: hub.attached()["articles"] == tuple(articles.events), 10, what="the hub following it"
+            )
         stream_heard("after the last change")
         stop.set()
         producer.join()
