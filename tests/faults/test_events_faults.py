@@ -17,8 +17,11 @@ from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
+import kombu
+import kombu.exceptions
 import pytest
 import redis
 
@@ -36,6 +39,7 @@ from ..support import (
     amqp_provider,
     caller_on,
     cleanup,
+    free_port,
     make_caller,
     purge_prefix,
     registered_provider,
@@ -346,6 +350,70 @@ def test_on_rabbitmq_a_listener_slower_than_the_consumers_heartbeats_keeps_its_c
         worker.stop()
         cleanup(rabbitmq_url, redis_url, prov.key, prov.runs_key)
         purge_prefix(redis_url, prefix)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(60)
+def test_on_rabbitmq_a_binding_that_failed_on_the_admin_connection_comes_while_the_consumer_is_fine(
+    rabbitmq_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # bind() runs on the admin connection; when it cannot reach the broker, the key stays wanted, and the
+    # consumer thread applied the wanted bindings only when it connected again. Its own connection fine, it
+    # never did: the key's events were never heard (found by a reviewer; on Redis the heal re-adds it).
+    caplog.set_level(logging.WARNING, logger="celery_services.events")
+    unique = os.urandom(4).hex()
+    exchange = f"cs-evfault-{unique}"
+    heard: list[tuple[str, Any]] = []
+    listener = EventBus(
+        rabbitmq_url,
+        exchange=exchange,
+        consumer_key="listener",
+        instance="l1",
+        on_event=lambda envelope: heard.append((envelope.event, envelope.data)),
+        queue_prefix=f"cs-evfault-{unique}",
+    )
+    publisher = EventBus(rabbitmq_url, exchange=exchange)
+    sent = 0
+
+    def heard_now(event: str) -> bool:
+        nonlocal sent
+        sent += 1
+        publisher.publish("prov", "articles", event, sent)
+        try:
+            wait_for(lambda: (event, sent) in heard, timeout=1.0)
+        except TimeoutError:
+            return False
+        return True
+
+    try:
+        listener.bind("prov", "articles", "created")
+        listener.start()
+        wait_for(partial(heard_now, "created"), 15, interval=0, what="an event heard before the failed bind")
+        # The admin connection is lost, and for the one bind the broker takes no new connection (a port
+        # nobody listens on); the consumer thread's connection stays as it was.
+        listener._consumer.release()
+        listener.broker_url = _elsewhere(rabbitmq_url)
+        with pytest.raises(kombu.exceptions.OperationalError):  # bind() failed now, and says so
+            listener.bind("prov", "articles", "patched")
+        listener.broker_url = rabbitmq_url
+        assert "prov.articles.patched" in listener.bindings  # still wanted
+        wait_for(partial(heard_now, "patched"), 20, interval=0, what="an event of the failed bind's key")
+        assert heard_now("created")
+        reconnected = [r.getMessage() for r in caplog.records if "reconnecting" in r.getMessage()]
+        assert not reconnected, reconnected  # healed on the consumer's connection, not by a reconnection
+    finally:
+        listener.close()
+        publisher.close()
+        with kombu.Connection(rabbitmq_url) as conn:
+            conn.channel().exchange_delete(exchange)
+
+
+def _elsewhere(url: str) -> str:
+    """``url`` pointed at a loopback port nobody listens on."""
+    parts = urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    netloc = f"{credentials}@127.0.0.1:{free_port()}" if credentials else f"127.0.0.1:{free_port()}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @pytest.mark.timeout(90)
