@@ -20,7 +20,9 @@ Traps of kombu's Redis transport handled here:
   :func:`_give_back_to`.
 
 On RabbitMQ, once bindings are added at the broker, :meth:`~EventConsumer._apply` starts a new binding epoch
-(:mod:`.event_epoch`): publishers that skip a key RabbitMQ returned to them send its events again.
+(:mod:`.event_epoch`): publishers that skip a key RabbitMQ returned to them send its events again. A binding
+the admin connection could not apply is applied by the consumer thread, on its own channel, within a heal
+interval: :meth:`~EventConsumer._heal`.
 
 One piece, past 300 lines: the queue, its bindings (at the broker and in kombu's Redis tables) and the thread
 draining it must agree on one state under one lock.
@@ -98,7 +100,13 @@ class EventConsumer:
         suffix = f".{instance}" if delivery == "broadcast" else ""
         self.queue_name: str | None = f"{queue_prefix}.{consumer_key}{suffix}" if consumer_key else None
         self._bindings: set[str] = set()
-        self._bind_lock = threading.RLock()  # guards _bindings and the admin connection
+        #: RabbitMQ: wanted bindings a bind() could not apply at the broker; the consumer thread applies them.
+        #: (On Redis a binding is a member of kombu's sets, which the heal re-adds whatever the cause.)
+        self._unapplied: set[str] = set()
+        self._bind_lock = threading.RLock()  # guards _bindings, _unapplied and the admin connection
+        #: Consumer thread only: while the heal applies bindings on its channel, the events RabbitMQ delivers
+        #: meanwhile (py-amqp hands them over while it waits for the broker's answer), held for after it.
+        self._held: list[tuple[Any, Any]] | None = None
         self._admin_conn: Any = None
         self._admin_channel: Any = None
         self._declared = self._closed = False
@@ -118,7 +126,7 @@ class EventConsumer:
         Raises:
             ValueError: no ``consumer_key``.
             Exception: the broker's error; the binding stays wanted and the consumer thread applies it on
-                (re)connection.
+                (re)connection, and on RabbitMQ within a heal interval while its own connection is fine.
         """
         self._change(routing_key, add=True)
 
@@ -130,7 +138,11 @@ class EventConsumer:
         self._require_queue()
         with self._bind_lock:
             (self._bindings.add if add else self._bindings.discard)(key)
+            # Marked before trying: should the broker refuse, nothing else on RabbitMQ would ever apply it
+            # (bindings are applied again only on the consumer's reconnection). Unbound: no longer wanted.
+            (self._unapplied.add if add and not self.broker.redis else self._unapplied.discard)(key)
             self._admin(lambda channel: self._apply(channel, [key] if add else [], [] if add else [key]))
+            self._unapplied.discard(key)
 
     def _require_queue(self) -> str:
         if self.queue_name is None:
@@ -281,6 +293,7 @@ class EventConsumer:
                     _give_back_to(channel, self._require_queue())
                 with self._bind_lock:
                     self._apply(channel, sorted(self._bindings))
+                    self._unapplied.clear()
                 consumer = Consumer(
                     channel,
                     queues=[self._queue(channel)],
@@ -296,7 +309,7 @@ class EventConsumer:
                     with contextlib.suppress(TimeoutError):
                         conn.drain_events(timeout=_POLL)
                     conn.heartbeat_check()
-                    if redis and time.monotonic() >= heal_at:
+                    if time.monotonic() >= heal_at:
                         self._heal(channel)
                         heal_at = time.monotonic() + _HEAL_INTERVAL
                 if not redis:  # else an event arriving while the connection closes is acked too late
@@ -334,8 +347,11 @@ class EventConsumer:
         )
 
     def _heal(self, channel: Any) -> None:
-        """Re-add this queue's Redis bindings should they have vanished."""
-        if self._bindings and self._bind_lock.acquire(blocking=False):
+        """Re-add this queue's Redis bindings should they have vanished; on RabbitMQ, apply the bindings a
+        bind() could not (the consumer's connection may be fine while the admin connection failed)."""
+        if not self.broker.redis:
+            self._apply_unapplied(channel)
+        elif self._bindings and self._bind_lock.acquire(blocking=False):
             try:
                 members = [self._member(channel, key) for key in self._bindings]
                 client = _client(channel)
@@ -344,7 +360,30 @@ class EventConsumer:
             finally:
                 self._bind_lock.release()
 
+    def _apply_unapplied(self, channel: Any) -> None:
+        # Not blocking: a bind() holds the lock while it waits out a broker that does not answer, and the
+        # thread must keep draining; the next heal tries again.
+        if not self._unapplied or not self._bind_lock.acquire(blocking=False):
+            return
+        held: list[tuple[Any, Any]] = []
+        self._held = held
+        try:
+            keys = sorted(self._unapplied)
+            self._apply(channel, keys)  # advances the binding epoch, as a bind() would have
+            self._unapplied.clear()
+        finally:
+            self._held = None  # on failure they go unacknowledged with the connection, as at any reconnection
+            self._bind_lock.release()
+        log.warning("event queue %s: applied %d bindings a bind could not", self.queue_name, len(keys))
+        # Handled once the lock is free: a listener run under it could wait on a thread waiting for it
+        # (one whose on() holds the distribution's binding lock while it binds).
+        for body, message in held:
+            self._on_message(body, message)
+
     def _on_message(self, body: Any, message: Any) -> None:
+        if self._held is not None:
+            self._held.append((body, message))
+            return
         if message.delivery_info.get("routing_key") in self._bindings:  # else unbound meanwhile: drop
             line = self._line
             with line.running() if line is not None else contextlib.nullcontext():

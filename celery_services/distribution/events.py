@@ -353,7 +353,7 @@ class EventBus:
         Raises:
             ValueError: invalid names, or no ``consumer_key``.
             Exception: the broker's error; the binding stays wanted and the consumer thread applies it on
-                (re)connection.
+                (re)connection, and on RabbitMQ within a few seconds while its own connection is fine.
         """
         self._consumer.bind(routing_key(key, path, event))
 
