@@ -304,6 +304,24 @@ class PrivateRabbitMQ(BrokerProcess):
         self.start_seconds.append(time.monotonic() - started)
         return self
 
+    def ctl(self, *args: str, timeout: float = 60.0) -> str:
+        """Run ``rabbitmqctl args`` against this node (its environment: cookie, ``epmd`` port); its output.
+
+        Raises:
+            subprocess.CalledProcessError: the command failed.
+        """
+        ctl = self.server.parent / "rabbitmqctl"
+        done = subprocess.run(
+            [str(ctl), "-n", self.node, *args],
+            env=self._env(),
+            cwd=self.dir,
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=timeout,
+            check=True,
+        )
+        return done.stdout.decode(errors="replace").strip()
+
     def stop(self, timeout: float = 15.0) -> None:
         """Stop the node (SIGTERM to its process group: a clean shutdown), then its ``epmd``.
 

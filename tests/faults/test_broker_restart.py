@@ -23,6 +23,9 @@ own (:mod:`tests.faults.brokers`), so that restarting them never touches anyone 
   Celery's, measured), and events published after the restart reach the consumer's listeners.
 - ``test_a_call_queued_across_a_rabbitmq_restart_is_served``: a call waiting in its queue (no worker yet)
   survives a RabbitMQ restart and is answered once a worker starts: why calls are published persistent.
+- ``test_a_call_ends_by_its_deadline_while_rabbitmq_blocks_publishers``: under a memory alarm RabbitMQ stops
+  reading from publishers: a large call (8 MB) ends by its deadline, typed, whichever way it is published, and
+  both calling threads call again once the alarm is over.
 - ``test_consumer_redis_connections_killed``: ``CLIENT KILL`` of the consumer's normal and pub/sub connections
   while calls go on: only calls in flight may fail (typed), events still arrive, and discovery still sees
   the provider die afterwards.
@@ -34,6 +37,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -399,6 +403,77 @@ def test_a_call_queued_across_a_rabbitmq_restart_is_served(
             assert queued(rabbitmq.url, prov.key) == 1
             with prov.worker():
                 assert answer.result(timeout=30)["id"] == "kept"
+    finally:
+        finalize(app)
+
+
+#: A call this large fills the socket buffers between the caller and a RabbitMQ that stopped reading.
+HUGE = 8_000_000
+
+
+@contextlib.contextmanager
+def memory_alarm(node: PrivateRabbitMQ) -> Iterator[None]:
+    """A memory alarm on ``node`` (its watermark far under what it uses): RabbitMQ blocks every connection
+    that publishes, and stops reading from it. Always cleared after, for the session's next tests."""
+    node.ctl("set_vm_memory_high_watermark", "0.0000001")
+    try:
+        assert "memory" in node.ctl("eval", "rabbit_alarm:get_alarms()."), "no memory alarm raised"
+        yield
+    finally:
+        node.ctl("set_vm_memory_high_watermark", "0.4")  # RabbitMQ's default: the node's config sets none
+        wait_for(lambda: node.ctl("eval", "rabbit_alarm:get_alarms().") == "[]", timeout=20, what="alarm off")
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(120)
+def test_a_call_ends_by_its_deadline_while_rabbitmq_blocks_publishers(
+    rabbitmq: PrivateRabbitMQ, private_redis: RedisServer
+) -> None:
+    # Under a resource alarm (memory, disk) RabbitMQ stops reading from the connections that publish: a
+    # publish blocks once the socket buffers are full, at once for a large call. Nothing bounded that write
+    # (the producer's socket is blocking; the "socket_timeout" transport option is Redis's, which py-amqp
+    # ignores): the call waited past its deadline. On Linux py-amqp's own TCP_USER_TIMEOUT (1 s) cut the
+    # write, a second past the deadline; turned off here, as on a platform that has none, the call hung
+    # until the alarm cleared. Both ways a call is published are tried: straight on a thread's producer
+    # channel (after its first call), and through kombu's publish (a thread's first call, which declares
+    # the queue).
+    prefix = f"cs-fault-{os.urandom(4).hex()}"
+    prov = provider_on(rabbitmq.url, private_redis.url, prefix, "alarm")
+    app, distribution = make_caller(prov, prefix, max_payload_bytes=4 * HUGE)
+    options = distribution.celery.conf.broker_transport_options
+    distribution.celery.conf.broker_transport_options = {
+        **options,
+        "socket_settings": {socket.TCP_USER_TIMEOUT: 0},  # no library default bounds the write
+    }
+    probe = distribution.remote_service(prov.key, "probe", ["get"])
+    huge = "x" * HUGE
+    timeout = 2.0
+    try:
+        with prov.worker(), ThreadPoolExecutor(1) as warm, ThreadPoolExecutor(1) as fresh:
+            assert warm.submit(probe.get, "warm-up", {"wait": True}).result(timeout=30)["id"] == "warm-up"
+
+            def huge_call() -> tuple[float, BaseException | None]:
+                start = time.monotonic()
+                try:
+                    probe.get(huge, {"timeout": timeout, "wait": True})
+                except BaseException as exc:
+                    return time.monotonic() - start, exc
+                return time.monotonic() - start, None
+
+            with memory_alarm(rabbitmq):
+                ended: dict[str, tuple[float, BaseException | None]] = {}
+                for path, pool in (("producer channel", warm), ("kombu publish", fresh)):
+                    with contextlib.suppress(TimeoutError):  # still blocked: the alarm's end lets it go
+                        ended[path] = pool.submit(huge_call).result(timeout=timeout + SLACK + 5)
+                for path in ("producer channel", "kombu publish"):
+                    assert path in ended, f"{path}: a {timeout} s call still ran {timeout + SLACK + 5} s on"
+                    took, error = ended[path]
+                    assert isinstance(error, TYPED), (path, took, error)
+                    assert took < timeout + SLACK, f"{path}: a {timeout} s call took {took:.2f} s"
+            # Once the alarm is over, both threads call again (a connection a timed-out write left with part
+            # of a frame on it is not reused).
+            for pool in (warm, fresh):
+                assert pool.submit(probe.get, "after", {"timeout": 10}).result(timeout=30)["id"] == "after"
     finally:
         finalize(app)
 
