@@ -412,7 +412,14 @@ class Transport:
                     headers,
                     {"delivery_mode": 2, **properties},
                 )
-                channel.basic_publish(message, exchange=queue.exchange.name, routing_key=queue.routing_key)
+                # Its write bounded by the deadline: a RabbitMQ under a resource alarm stops reading from
+                # publishers, and the write waited for ever once the socket buffers were full.
+                channel.basic_publish(
+                    message,
+                    exchange=queue.exchange.name,
+                    routing_key=queue.routing_key,
+                    timeout=max(call.deadline - time.time(), 0.001),
+                )
                 return
             except Exception as exc:  # a connection or channel gone: kombu's publish below revives it
                 if not isinstance(
@@ -423,6 +430,10 @@ class Transport:
                     + connection.channel_errors,
                 ):
                     raise
+                if time.time() >= call.deadline:  # its write cut at the deadline: nothing to retry
+                    _drop(connection)  # part of a frame may be on it
+                    log.warning("broker %s did not take %s by its deadline: %r", self._broker, call.name, exc)
+                    raise not_sent(call, TimeoutError(str(exc))) from None
                 log.debug("publishing %s again on a revived connection: %r", call.name, exc)
         del properties["expiration"]  # kombu writes it from ``expiration`` (seconds) below
         # A bounded retry: an unreachable broker must fail the call within its deadline, not hang it. Each
@@ -454,11 +465,13 @@ class Transport:
                     content_encoding="utf-8",
                     delivery_mode=2,
                     expiration=expires,
+                    timeout=expires,  # each write (the errback ends the retries at the deadline)
                     retry=True,
                     retry_policy=policy,
                     **properties,
                 )
         except (OperationalError, OSError, ConnectionError) as exc:
+            _drop(connection)  # a write cut short may have left part of a frame on it
             # The broker's address and the library's message stay in the log: an error reaches HTTP clients.
             log.warning("broker %s not reached while sending %s: %s", self._broker, call.name, exc)
             refusal = next((failure for failure in failures if not timed_out(failure)), None)
@@ -657,6 +670,14 @@ def _decode_reply(name: str, call_id: str, raw: bytes) -> Any:
         f"Malformed reply to '{name}': not a protocol reply ({len(raw)} bytes)",
         {"task": name, "call_id": call_id},
     )
+
+
+def _drop(connection: Any) -> None:
+    """Let go of a kombu connection without a word to its broker; the next call on it connects again."""
+    try:
+        connection.collect()
+    except Exception:  # pragma: no cover - best effort on a broken connection
+        log.debug("dropping a broker connection failed", exc_info=True)
 
 
 def _close_quietly(producer: Any) -> None:

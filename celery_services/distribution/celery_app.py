@@ -86,7 +86,8 @@ def make_celery(settings: DistributionSettings) -> Celery:
         # calls of a dead replica come back through the library's own leases (lease.py).
         broker_transport_options={
             "socket_connect_timeout": 2.0,
-            # A publish never blocks longer than a call may last.
+            # Redis: a publish never blocks longer than a call may last. (py-amqp ignores both options: a
+            # call's publish on RabbitMQ is bounded by its deadline where it is written, caller.py.)
             "socket_timeout": settings.timeout,
             **_sentinel_options(settings.resolved_broker_url(), settings, "broker_url"),
         },
