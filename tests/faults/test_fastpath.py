@@ -31,7 +31,7 @@ from celery_services import (
     finalize,
 )
 from celery_services.distribution import Distribution, heartbeats
-from celery_services.distribution.fastpath import AmqpFastPath
+from celery_services.distribution.fastpath import AmqpFastPath, RedisFastPath
 from celery_services.testing import WorkerProcess, wait_for
 
 from ..support import (
@@ -400,6 +400,46 @@ def test_on_rabbitmq_a_fast_path_cut_off_from_its_broker_connects_again(
         relay.close()
         worker.stop()
         cleanup(rabbitmq_url, redis_url, prov.key, prov.runs_key)
+
+
+@pytest.mark.timeout(60)
+def test_the_keeper_outlives_a_connection_closed_under_it(
+    redis_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A Sentinel pool closes the connections of the master it left while they are read (redis_clients.py):
+    # the reading thread gets a ValueError ("I/O operation on closed file"), which the serving threads
+    # survive. The keeper thread did not: it ended there, and the instance's lease lapsed while it went on
+    # serving, so that the other replicas gave back and ran again every call it held. The renewal fails so
+    # here once, in a fast path running in this process.
+    key = f"keeper-{os.urandom(3).hex()}"
+    provider = App()
+    provider.use("articles", MemoryService())
+    settings = DistributionSettings(
+        key=key,
+        broker_url=redis_url,
+        result_backend=redis_url,
+        registry_prefix=prefix,
+        remote_services=[],
+        lease_timeout=1,
+    )
+    fast = RedisFastPath(distribute(provider, settings), 1, f"{key}@test")
+    renew, renewals = fast._renew, [0]
+
+    def renew_broken_once() -> None:
+        renewals[0] += 1
+        if renewals[0] == 2:  # the keeper's first (the start renews first)
+            raise ValueError("I/O operation on closed file.")
+        renew()
+
+    monkeypatch.setattr(fast, "_renew", renew_broken_once)
+    try:
+        fast.start()
+        wait_for(lambda: renewals[0] >= 5, timeout=10, what="the lease renewed after the broken renewal")
+        assert redis.Redis.from_url(redis_url).exists(fast.alive)
+    finally:
+        fast.stop(timeout=5)
+        finalize(provider)
+        cleanup(redis_url, redis_url, key)
 
 
 @pytest.mark.rabbitmq
