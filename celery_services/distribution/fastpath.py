@@ -478,7 +478,7 @@ class RedisFastPath(FastPath):
                         self._alive(instance)
                     ):
                         self._give_back_all(member)
-            except redis.RedisError as exc:
+            except (redis.RedisError, OSError, ValueError) as exc:  # ValueError: as in _serve
                 log.warning("fast path lease not renewed: %r; retrying", exc)
 
     def _give_back_all(self, member: str, *, own: bool = False) -> None:
@@ -556,7 +556,7 @@ class RedisFastPath(FastPath):
             try:
                 self.store.delete(inflight)
                 return
-            except redis.RedisError as exc:
+            except (redis.RedisError, OSError, ValueError) as exc:  # ValueError: as in _serve
                 log.warning("fast path cannot acknowledge its call: %r; retrying", exc)
                 if self._stop.wait(RETRY_INTERVAL):
                     return
