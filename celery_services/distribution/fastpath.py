@@ -118,7 +118,8 @@ EVENT_BATCH = 64
 EVENT_DELAY = 0.05
 
 # Gives one in-flight call of a lapsed instance back to the front of its queue, unless the instance came
-# back (its alive key) or acknowledged the call meanwhile. KEYS: in-flight list, queue, alive key.
+# back (its alive key) or acknowledged the call meanwhile. KEYS: in-flight list, queue, alive key (none for
+# a list of this instance's own: a thread's whose take failed).
 _GIVE_BACK = """
 if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
