@@ -398,9 +398,9 @@ def test_held_proxy_works_again_when_its_provider_returns(redis_url: str, prefix
         cleanup(redis_url, redis_url, prov.key, prov.runs_key)
 
 
-def caller_of_nobody(broker: str, backend: str, registry: str) -> tuple[App, Any]:
+def caller_of_nobody(broker: str, backend: str, registry: str, **options: Any) -> tuple[App, Any]:
     """A consumer app on ``broker`` and ``backend`` (finalize it), and its proxy of a key nobody serves."""
-    app, distribution = caller_on(broker, backend, registry)
+    app, distribution = caller_on(broker, backend, registry, **options)
     return app, distribution.remote_service("nobody", "articles", ["get"])
 
 
@@ -547,6 +547,43 @@ def test_a_call_on_a_held_connection_ends_by_its_deadline_while_redis_stalls(tra
     finally:
         finalize(app)
         server.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", ["blocking", "asyncio"])
+@pytest.mark.parametrize("apart", [False, True], ids=["broker is the reply store", "broker apart"])
+def test_a_large_call_ends_by_its_deadline_while_redis_stalls(
+    redis_url: str, transport: str, apart: bool
+) -> None:
+    # Reading a call's answers was cut to its deadline, writing the call was not: the client's socket
+    # timeout (5 s) bounded the write of a call larger than the socket buffers, to a Redis that stopped
+    # reading, and a 1 s call of 12 MB ended 5 s after it began (found by a reviewer, both transports).
+    server = RedisServer().start()
+    backend = redis_url if apart else server.url  # apart: the stalled Redis is the broker only
+    registry = f"cs-stall-{os.urandom(3).hex()}"
+    app, proxy = caller_of_nobody(server.url, backend, registry, max_payload_bytes=64_000_000)
+    huge = "x" * 12_000_000
+    process = server.process
+    assert process is not None
+
+    def call(id: Any, timeout: float) -> float:
+        start = time.monotonic()
+        with pytest.raises((Timeout, Unavailable)):
+            if transport == "blocking":
+                proxy.get(id, {"timeout": timeout, "wait": True})
+            else:
+                asyncio.run(proxy.call_async("get", id=id, params={"timeout": timeout, "wait": True}))
+        return time.monotonic() - start
+
+    try:
+        call(1, 0.2)  # the connections made and held while Redis answers
+        with stalled(process):
+            took = call(huge, 1.0)
+        assert took < 1 + 1.5, f"a 1 s call of 12 MB took {took:.2f} s against a stalled Redis"
+    finally:
+        finalize(app)
+        server.close()
+        purge_prefix(redis_url, registry)
 
 
 @pytest.mark.timeout(90)
