@@ -55,7 +55,7 @@ from .protocol import (
     safe_params,
     task_name,
 )
-from .redis_clients import HeldConnection, connecting_by, pack_commands
+from .redis_clients import HeldConnection, connecting_by, pack_commands, send_by
 from .signing import Signer, unsigned_body
 
 if TYPE_CHECKING:
@@ -360,7 +360,7 @@ class Transport:
                 remaining = call.deadline - time.time()
                 if remaining <= 0:
                     raise TimeoutError("no time left to queue the call")
-                connection.send_packed_command(message)
+                send_by(connection, message, call.deadline)
                 connection.read_response(timeout=remaining)
                 return
             except (redis.TimeoutError, TimeoutError) as exc:
@@ -556,7 +556,7 @@ class Transport:
                 else:
                     push = ("LPUSH", self.queue_key(call.key), message)
                     pop = ("BLPOP", key, max(remaining, 0.001))
-                    connection.send_packed_command(pack_commands([push, pop]))
+                    send_by(connection, pack_commands([push, pop]), call.deadline)
                     connection.read_response(timeout=remaining + READ_MARGIN)
                     queued = True
                 reply = connection.read_response(timeout=remaining + READ_MARGIN)

@@ -64,6 +64,7 @@ __all__ = [
     "is_tls",
     "pack_commands",
     "redis_client",
+    "send_by",
     "sentinel_nodes",
 ]
 
@@ -90,6 +91,27 @@ def pack_commands(commands: Iterable[tuple[Any, ...]]) -> list[bytes]:
     against 2.5 us here. The library's commands are plain names and str, bytes, int or float arguments.
     """
     return [b"".join([hiredis.pack_command(command) for command in commands])]
+
+
+def send_by(connection: Any, packed: list[bytes], deadline: float) -> None:
+    """``connection.send_packed_command(packed)``, its write ending by ``deadline`` (epoch) when that comes
+    before the connection's socket timeout: a call larger than the socket buffers, written to a Redis that
+    stopped reading, took that timeout (5 s) whatever its deadline.
+
+    Raises:
+        redis.TimeoutError: not written by then (redis-py closes the connection: part of it may be sent).
+    """
+    left = deadline - time.time()
+    sock = connection._sock
+    if sock is None or left >= (connection.socket_timeout or float("inf")):
+        connection.send_packed_command(packed)
+        return
+    sock.settimeout(max(left, 0.001))
+    try:
+        connection.send_packed_command(packed)
+    finally:
+        if connection._sock is sock:
+            sock.settimeout(connection.socket_timeout)
 
 
 class connecting_by:
