@@ -49,7 +49,7 @@ from ..core.errors import ServiceError, Unavailable
 from .caller import READ_MARGIN, Call, Transport, connect_pauses, not_sent, timed_out
 from .observability import client_acall, hooks
 from .protocol import reply_key
-from .redis_clients import RedisOptions, async_redis_client, connecting_by, pack_commands
+from .redis_clients import RedisOptions, async_redis_client, connecting_by, pack_commands, send_by_async
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -212,7 +212,7 @@ class AsyncTransport:
                 remaining = call.deadline - time.time()
                 if remaining <= 0:
                     raise TimeoutError("no time left to queue the call")
-                await connection.send_packed_command(push)
+                await send_by_async(connection, push, call.deadline)
                 await _read(connection, remaining)
                 return
             except (redis.TimeoutError, TimeoutError) as exc:
@@ -260,7 +260,7 @@ class AsyncTransport:
                     else:
                         push = ("LPUSH", self.transport.queue_key(call.key), message)
                         pop = ("BLPOP", key, max(remaining, 0.001))
-                        await connection.send_packed_command(pack_commands([push, pop]))
+                        await send_by_async(connection, pack_commands([push, pop]), call.deadline)
                         await _read(connection, remaining + READ_MARGIN)
                         queued = True
                     reply = await _read(connection, remaining + READ_MARGIN)

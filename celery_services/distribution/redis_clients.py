@@ -32,6 +32,7 @@ does, so callers handle both the same way.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import logging
 import os
@@ -65,6 +66,7 @@ __all__ = [
     "pack_commands",
     "redis_client",
     "send_by",
+    "send_by_async",
     "sentinel_nodes",
 ]
 
@@ -112,6 +114,20 @@ def send_by(connection: Any, packed: list[bytes], deadline: float) -> None:
     finally:
         if connection._sock is sock:
             sock.settimeout(connection.socket_timeout)
+
+
+async def send_by_async(connection: Any, packed: list[bytes], deadline: float) -> None:
+    """:func:`send_by` on a ``redis.asyncio`` connection (whose write waits its socket timeout for room).
+
+    Raises:
+        TimeoutError: not written by then (the connection is closed).
+    """
+    left = deadline - time.time()
+    if left >= (connection.socket_timeout or float("inf")):
+        await connection.send_packed_command(packed)
+        return
+    async with asyncio.timeout(max(left, 0.001)):
+        await connection.send_packed_command(packed)
 
 
 class connecting_by:
