@@ -38,6 +38,7 @@ from ..core.errors import (
     Unavailable,
 )
 from ..core.service import SIGNATURES, method_attribute
+from .events import Broker
 from .logs import call_fields
 from .messages import NO_EMBED, call_message, encode_task
 from .observability import call_headers, client_call, hooks
@@ -431,7 +432,7 @@ class Transport:
                 ):
                     raise
                 if time.time() >= call.deadline:  # its write cut at the deadline: nothing to retry
-                    _drop(connection)  # part of a frame may be on it
+                    Broker.drop(connection)  # part of a frame may be on it
                     log.warning("broker %s did not take %s by its deadline: %r", self._broker, call.name, exc)
                     raise not_sent(call, TimeoutError(str(exc))) from None
                 log.debug("publishing %s again on a revived connection: %r", call.name, exc)
@@ -471,7 +472,7 @@ class Transport:
                     **properties,
                 )
         except (OperationalError, OSError, ConnectionError) as exc:
-            _drop(connection)  # a write cut short may have left part of a frame on it
+            Broker.drop(connection)  # a write cut short may have left part of a frame on it
             # The broker's address and the library's message stay in the log: an error reaches HTTP clients.
             log.warning("broker %s not reached while sending %s: %s", self._broker, call.name, exc)
             refusal = next((failure for failure in failures if not timed_out(failure)), None)
@@ -670,14 +671,6 @@ def _decode_reply(name: str, call_id: str, raw: bytes) -> Any:
         f"Malformed reply to '{name}': not a protocol reply ({len(raw)} bytes)",
         {"task": name, "call_id": call_id},
     )
-
-
-def _drop(connection: Any) -> None:
-    """Let go of a kombu connection without a word to its broker; the next call on it connects again."""
-    try:
-        connection.collect()
-    except Exception:  # pragma: no cover - best effort on a broken connection
-        log.debug("dropping a broker connection failed", exc_info=True)
 
 
 def _close_quietly(producer: Any) -> None:
