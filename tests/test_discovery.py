@@ -292,6 +292,28 @@ def test_collision_winner_replaces_a_mounted_proxy_and_restart_loses_seniority(
     assert consumer.app.services["shared"].key == "zeta"
 
 
+def test_a_change_of_options_only_reaches_the_mounted_proxy(
+    redis_url: str, prefix: str, consumers: list[Consumer]
+) -> None:
+    # A deploy that changes only a service's options (same methods, same events) is a change of the offer
+    # too: the proxy mounted must say what the provider says now, and the app hear of it, as for a method.
+    def offer(options: dict[str, Any]) -> None:
+        service = {"path": "notes", "methods": ["get"], "events": ["created"], "options": options}
+        put_manifest(redis_url, prefix, "opts", services=[service])
+
+    offer({"page_size": 10})
+    consumer = Consumer(redis_url, prefix)
+    consumers.append(consumer)
+    notes = consumer.app.services["notes"]
+    assert notes.service.remote_options == {"page_size": 10}
+    changed: list[Any] = []
+    consumer.app.on("service-changed", changed.append)
+    offer({"page_size": 50})
+    wait_for(lambda: notes.service.remote_options == {"page_size": 50}, timeout=5, what="the new options")
+    assert consumer.app.services["notes"] is notes  # changed in place, not remounted
+    wait_for(lambda: changed == [notes], timeout=5, what="service-changed emitted")
+
+
 def test_pins_override_seniority_and_leave_the_path_empty_while_absent(
     redis_url: str, prefix: str, consumers: list[Consumer], caplog: pytest.LogCaptureFixture
 ) -> None:
