@@ -171,7 +171,8 @@ class Discovery:
             if local not in self.mounted:
                 self._mount(local, info)
             else:
-                if info != self.mounted[local]:
+                was = self.mounted[local]
+                if info != was or info.options != was.options:  # options are not compared (unhashable)
                     self._reoffer(local, info)
                 self.mounted[local] = info  # same service; its live instances may differ
         instances = {instance for per_key in view.values() for instance in per_key}
