@@ -408,6 +408,68 @@ def test_on_rabbitmq_a_binding_that_failed_on_the_admin_connection_comes_while_t
             conn.channel().exchange_delete(exchange)
 
 
+def routed(url: str, exchange: str, key: str) -> bool:
+    """Whether the broker routes ``key`` on ``exchange`` to some queue: on Redis a member of kombu's binding
+    set; on RabbitMQ a mandatory publish, confirmed, that the broker does not return."""
+    if url.startswith("redis"):
+        store = redis.Redis.from_url(url)
+        try:
+            members = store.smembers(f"_kombu.binding.{exchange}")
+        finally:
+            store.close()
+        return any(member.decode().split(SEP)[0] == key for member in members)
+    returned: list[Any] = []
+    with kombu.Connection(url, transport_options={"confirm_publish": True}) as conn:
+        producer = kombu.Producer(
+            conn.channel(), kombu.Exchange(exchange, "topic"), on_return=lambda *a: returned.append(a)
+        )
+        producer.publish({}, routing_key=key, mandatory=True, declare=[])  # returned before it is confirmed
+    return not returned
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("broker", BROKERS)
+def test_a_binding_whose_unbind_failed_is_removed_once_the_broker_answers(
+    broker: str, request: pytest.FixtureRequest
+) -> None:
+    # unbind() runs on the admin connection; when it could not reach the broker, the key was no longer wanted
+    # but stayed bound at the broker for good: its events kept coming to the queue, each one read and dropped
+    # (found by a review). The consumer thread removes it as it applies a failed bind().
+    url = request.getfixturevalue(f"{broker}_url")
+    unique = os.urandom(4).hex()
+    exchange, key = f"cs-evfault-{unique}", "prov.articles.patched"
+    listener = EventBus(
+        url,
+        exchange=exchange,
+        consumer_key="listener",
+        instance="l1",
+        on_event=lambda envelope: None,
+        queue_prefix=f"cs-evfault-{unique}",
+    )
+    try:
+        listener.bind("prov", "articles", "created")
+        listener.bind("prov", "articles", "patched")
+        listener.start()
+        assert routed(url, exchange, key)
+        listener._consumer.release()  # the admin connection is lost, and the broker takes no new one
+        listener.broker_url = _elsewhere(url)
+        with pytest.raises(kombu.exceptions.OperationalError):  # unbind() failed now, and says so
+            listener.unbind("prov", "articles", "patched")
+        listener.broker_url = url
+        assert key not in listener.bindings  # no longer wanted
+        wait_for(lambda: not routed(url, exchange, key), 20, interval=0.2, what="the binding removed")
+        assert routed(url, exchange, "prov.articles.created")  # the rest left as it was
+    finally:
+        listener.close()
+        if broker == "redis":
+            store = redis.Redis.from_url(url)
+            store.delete(f"_kombu.binding.{exchange}", f"cs-evfault-{unique}.listener.l1")
+            store.close()
+        else:
+            with kombu.Connection(url) as conn:
+                conn.channel().exchange_delete(exchange)
+
+
 def _elsewhere(url: str) -> str:
     """``url`` pointed at a loopback port nobody listens on."""
     parts = urlsplit(url)
