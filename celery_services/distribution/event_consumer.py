@@ -100,9 +100,10 @@ class EventConsumer:
         suffix = f".{instance}" if delivery == "broadcast" else ""
         self.queue_name: str | None = f"{queue_prefix}.{consumer_key}{suffix}" if consumer_key else None
         self._bindings: set[str] = set()
-        #: RabbitMQ: wanted bindings a bind() could not apply at the broker; the consumer thread applies them.
-        #: (On Redis a binding is a member of kombu's sets, which the heal re-adds whatever the cause.)
-        self._unapplied: set[str] = set()
+        #: Routing key -> bound or not: the changes a bind() or unbind() could not make at the broker, which
+        #: the consumer thread makes. (On Redis a wanted binding is also a member of kombu's sets, which the
+        #: heal re-adds whatever the cause.)
+        self._unapplied: dict[str, bool] = {}
         self._bind_lock = threading.RLock()  # guards _bindings, _unapplied and the admin connection
         #: Consumer thread only: while the heal applies bindings on its channel, the events RabbitMQ delivers
         #: meanwhile (py-amqp hands them over while it waits for the broker's answer), held for after it.
@@ -138,11 +139,11 @@ class EventConsumer:
         self._require_queue()
         with self._bind_lock:
             (self._bindings.add if add else self._bindings.discard)(key)
-            # Marked before trying: should the broker refuse, nothing else on RabbitMQ would ever apply it
-            # (bindings are applied again only on the consumer's reconnection). Unbound: no longer wanted.
-            (self._unapplied.add if add and not self.broker.redis else self._unapplied.discard)(key)
+            # Marked before trying: should the broker refuse, nothing else would ever make the change (a
+            # reconnection applies only the wanted bindings, and a binding no longer wanted stays bound).
+            self._unapplied[key] = add
             self._admin(lambda channel: self._apply(channel, [key] if add else [], [] if add else [key]))
-            self._unapplied.discard(key)
+            del self._unapplied[key]
 
     def _require_queue(self) -> str:
         if self.queue_name is None:
@@ -292,7 +293,7 @@ class EventConsumer:
                 if redis and self.delivery == "group":
                     _give_back_to(channel, self._require_queue())
                 with self._bind_lock:
-                    self._apply(channel, sorted(self._bindings))
+                    self._apply(channel, sorted(self._bindings), self._unbinding())
                     self._unapplied.clear()
                 consumer = Consumer(
                     channel,
@@ -346,12 +347,14 @@ class EventConsumer:
             },
         )
 
+    def _unbinding(self) -> list[str]:
+        return sorted(key for key, bound in self._unapplied.items() if not bound)
+
     def _heal(self, channel: Any) -> None:
-        """Re-add this queue's Redis bindings should they have vanished; on RabbitMQ, apply the bindings a
-        bind() could not (the consumer's connection may be fine while the admin connection failed)."""
-        if not self.broker.redis:
-            self._apply_unapplied(channel)
-        elif self._bindings and self._bind_lock.acquire(blocking=False):
+        """Make the changes a bind() or unbind() could not (the consumer's connection may be fine while the
+        admin connection failed); on Redis, re-add this queue's bindings should they have vanished."""
+        self._apply_unapplied(channel)
+        if self.broker.redis and self._bindings and self._bind_lock.acquire(blocking=False):
             try:
                 members = [self._member(channel, key) for key in self._bindings]
                 client = _client(channel)
@@ -368,13 +371,18 @@ class EventConsumer:
         held: list[tuple[Any, Any]] = []
         self._held = held
         try:
-            keys = sorted(self._unapplied)
-            self._apply(channel, keys)  # advances the binding epoch, as a bind() would have
+            add = sorted(key for key, bound in self._unapplied.items() if bound)
+            remove = self._unbinding()
+            self._apply(channel, add, remove)  # advances the binding epoch, as a bind() would have
             self._unapplied.clear()
         finally:
             self._held = None  # on failure they go unacknowledged with the connection, as at any reconnection
             self._bind_lock.release()
-        log.warning("event queue %s: applied %d bindings a bind could not", self.queue_name, len(keys))
+        log.warning(
+            "event queue %s: made %d binding changes a bind or unbind could not",
+            self.queue_name,
+            len(add) + len(remove),
+        )
         # Handled once the lock is free: a listener run under it could wait on a thread waiting for it
         # (one whose on() holds the distribution's binding lock while it binds).
         for body, message in held:
