@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -534,3 +535,33 @@ def test_a_proxy_offers_exactly_what_its_provider_offers_now() -> None:
         proxy.pin_it({}, None)
     proxy.find({})
     assert sent[-1][:3] == ("k", "notes", "find")
+
+
+@pytest.mark.timeout(20)
+def test_a_method_made_while_the_offer_changes_is_not_kept() -> None:
+    # A thread making a proxy's method (its first lookup) while discovery changes the offer kept that method
+    # as an attribute, though the provider had stopped offering it: later calls went on to the provider.
+    from celery_services.distribution.caller import RemoteService
+
+    proxy = RemoteService(lambda *args, **fields: None, "k", "notes", ["get"])
+    making, go = threading.Event(), threading.Event()
+    make = proxy._method
+
+    def slow(name: str) -> Any:
+        making.set()
+        go.wait(10)
+        return make(name)
+
+    proxy.__dict__["_method"] = slow  # the first lookup of get is held while it makes the method
+    looked_up = threading.Thread(target=lambda: proxy.get)
+    looked_up.start()
+    making.wait(10)
+    offer = threading.Thread(target=proxy._offer, args=(["find"], []))
+    offer.start()
+    offer.join(0.5)  # unguarded, the offer is made by now; guarded, it waits for the lookup
+    go.set()
+    for thread in (looked_up, offer):
+        thread.join(10)
+    with pytest.raises(AttributeError):
+        proxy.get(1, {})
+    assert "get" not in proxy.__dict__
