@@ -698,6 +698,11 @@ def _kwargsrepr(kwargs: dict[str, Any], size: int) -> str:
     return clipped(text, 1024)
 
 
+#: Guards the making of a proxy's methods against a change of its offer (discovery's thread): a method made
+#: from the old offer and stored after the change would outlive it. Taken once per method and change only.
+_OFFERING = threading.Lock()
+
+
 class RemoteService:
     """A proxy for the service at ``path`` of the app ``key``: each method sends the call and waits.
 
@@ -741,26 +746,28 @@ class RemoteService:
     ) -> None:
         # What the provider offers now (discovery mounts a returning provider's proxy again). Private: any
         # public name could be one of the remote service's methods.
-        for attribute in self._bound:
-            self.__dict__.pop(attribute, None)
-        self._bound = []
-        self.methods = tuple(methods)
-        self.events = tuple(events)
-        self.remote_options = dict(remote_options or {})
+        with _OFFERING:
+            for attribute in self._bound:
+                self.__dict__.pop(attribute, None)
+            self._bound = []
+            self.methods = tuple(methods)
+            self.events = tuple(events)
+            self.remote_options = dict(remote_options or {})
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         # The method offered under this attribute: publish_article is the Python spelling of publish-article.
         # Made once and kept as an instance attribute, so later lookups never reach here (a call looks its
         # method up three times: async or not, offered or not, then the call).
-        offered = self.__dict__.get("methods", ())
-        attribute = name
-        name = next((m for m in offered if method_attribute(m) == name), name)
-        if name.startswith("_") or name not in offered:
-            raise AttributeError(name)
-        method = self._method(name)
-        self.__dict__[attribute] = method
-        self._bound.append(attribute)
-        return method
+        with _OFFERING:
+            offered = self.__dict__.get("methods", ())
+            attribute = name
+            name = next((m for m in offered if method_attribute(m) == name), name)
+            if name.startswith("_") or name not in offered:
+                raise AttributeError(name)
+            method = self._method(name)
+            self.__dict__[attribute] = method
+            self._bound.append(attribute)
+            return method
 
     def _method(self, name: str) -> Callable[..., Any]:
         names = SIGNATURES.get(name, ("data",))
