@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from celery_services import (
     distribute,
     finalize,
 )
+from celery_services.distribution import loops
 from celery_services.testing import WorkerProcess, wait_for
 
 from .support import Provider, cleanup, fresh_prefix, registered_provider
@@ -89,6 +91,17 @@ def caller(redis_url: str, prefix: str) -> Iterator[App]:
 def proxy(app: App, key: str, path: str, methods: list[str], events: list[str] | None = None) -> Any:
     assert app.distribution is not None
     return app.use(path, app.distribution.remote_service(key, path, methods, events))
+
+
+def held_connections(raw: redis.Redis) -> int:
+    """This process's connections ``raw``'s Redis lists as its clients."""
+    port = raw.connection_pool.connection_kwargs["port"]
+    mine = {
+        f"{c.laddr.ip}:{c.laddr.port}"
+        for c in psutil.Process().net_connections(kind="tcp")
+        if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
+    }
+    return sum(1 for client in raw.client_list() if client["addr"] in mine)
 
 
 def test_async_proxy_every_method_equals_the_blocking_proxy(blocking: Provider, caller: App) -> None:
@@ -276,7 +289,6 @@ def test_a_loop_per_call_leaves_no_connection_and_no_loop_behind(
     connections its calls opened are closed and the loop itself is freed; neither grows with the loops."""
     articles = proxy(caller, blocking.key, "articles", ["get", "create"])
     created = articles.create({"title": f"loops-{os.urandom(3).hex()}"})
-    port = raw.connection_pool.connection_kwargs["port"]
     raw.ping()  # its own connection is counted from the start
     loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
 
@@ -285,13 +297,7 @@ def test_a_loop_per_call_leaves_no_connection_and_no_loop_behind(
         assert await articles.aio.get(created["id"]) == created
 
     def held() -> int:
-        """This process's connections Redis lists as its clients."""
-        mine = {
-            f"{c.laddr.ip}:{c.laddr.port}"
-            for c in psutil.Process().net_connections(kind="tcp")
-            if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED
-        }
-        return sum(1 for client in raw.client_list() if client["addr"] in mine)
+        return held_connections(raw)
 
     asyncio.run(one())
     before = held()
@@ -307,6 +313,47 @@ def test_a_loop_per_call_leaves_no_connection_and_no_loop_behind(
         gc.enable()
     gc.collect()
     assert [ref for ref in loops if ref() is not None] == [], "ended loops still held"
+
+
+@pytest.mark.parametrize("in_a_loop", [False, True], ids=["dropped", "dropped-where-a-loop-runs"])
+def test_a_serving_threads_loop_closes_its_connections_when_the_thread_goes(
+    blocking: Provider, caller: App, raw: redis.Redis, in_a_loop: bool
+) -> None:
+    """A provider's ``async def`` method awaiting another remote service runs on the loop its serving thread
+    keeps (``loops.run``). Once the pool lets that thread go, its loop is closed and so are the Redis
+    connections of its calls, not left to the collector (which closes them with a ResourceWarning). The
+    thread object may be let go anywhere, in a thread running a loop of its own too (the gateway's)."""
+    articles = proxy(caller, blocking.key, "articles", ["get", "create"])
+    created = articles.create({"title": f"served-{os.urandom(3).hex()}"})
+    raw.ping()
+    before = held_connections(raw)
+    served: list[Any] = []
+
+    async def nested() -> Any:
+        return await articles.aio.get(created["id"])
+
+    threads = [threading.Thread(target=lambda: served.append(loops.run(nested())))]
+    gc.disable()  # closed with the loop, not later by the collector
+    try:
+        threads[0].start()
+        threads[0].join(10)
+        assert served == [created]
+        assert held_connections(raw) == before + 1  # the ended thread's loop, still kept, holds its call's
+
+        async def let_go() -> None:
+            threads.clear()
+
+        if in_a_loop:
+            asyncio.run(let_go())
+        else:
+            threads.clear()
+        try:
+            wait_for(lambda: held_connections(raw) <= before, 5, what="its loop's connections closed")
+        except TimeoutError:
+            left = held_connections(raw) - before
+            pytest.fail(f"{left} connection(s) of the let-go thread's loop still open, left to the collector")
+    finally:
+        gc.enable()
 
 
 @pytest.mark.rabbitmq
