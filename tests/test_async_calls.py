@@ -26,7 +26,7 @@ from celery_services import (
     distribute,
     finalize,
 )
-from celery_services.distribution import loops
+from celery_services.distribution import aio, loops
 from celery_services.testing import WorkerProcess, wait_for
 
 from .support import Provider, cleanup, fresh_prefix, registered_provider
@@ -354,6 +354,50 @@ def test_a_serving_threads_loop_closes_its_connections_when_the_thread_goes(
             pytest.fail(f"{left} connection(s) of the let-go thread's loop still open, left to the collector")
     finally:
         gc.enable()
+
+
+def test_a_call_racing_close_is_unavailable_and_leaves_no_client(
+    blocking: Provider, redis_url: str, prefix: str, raw: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``close()`` (``finalize``) on one thread while a call on another thread's loop makes that loop's
+    clients: the call fails ``Unavailable`` instead of going out on a finalized distribution, and leaves no
+    client open on its loop (close() had taken its list of loops before the call's was in it)."""
+    app = make_caller(redis_url, prefix)
+    assert app.distribution is not None
+    transport = app.distribution.aio
+    articles = proxy(app, blocking.key, "articles", ["get", "create"])
+    created = articles.create({"title": f"race-{os.urandom(3).hex()}"})
+    making, go_on = threading.Event(), threading.Event()
+    make = aio.async_redis_client
+
+    def held_while_making(*args: Any, **kwargs: Any) -> Any:  # the loop's clients being made: the race
+        making.set()
+        assert go_on.wait(10)
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(aio, "async_redis_client", held_while_making)
+    seen: dict[str, Any] = {}
+
+    def call_on_its_own_loop() -> None:
+        with asyncio.Runner() as runner:
+            try:
+                seen["outcome"] = runner.run(articles.aio.get(created["id"]))
+            except Exception as exc:
+                seen["outcome"] = exc
+            seen["kept"] = aio._held_by(runner.get_loop()).get(transport)  # while its loop still lives
+            seen["opened"] = held_connections(raw) - seen["before"]
+
+    calling = threading.Thread(target=call_on_its_own_loop)
+    calling.start()
+    try:
+        assert making.wait(10)
+        finalize(app)  # returns while the call makes its clients
+        seen["before"] = held_connections(raw)
+    finally:
+        go_on.set()
+        calling.join(10)
+    assert isinstance(seen["outcome"], Unavailable), f"the call went on after close(): {seen['outcome']!r}"
+    assert (seen["kept"], seen["opened"]) == (None, 0), "clients left on the call's loop after close()"
 
 
 @pytest.mark.rabbitmq
