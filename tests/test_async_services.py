@@ -4,6 +4,7 @@ the event loop a serving thread keeps (no worker, no broker)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from typing import Any
@@ -204,3 +205,27 @@ def test_each_thread_keeps_one_loop_and_the_deadline_is_an_asyncio_timeout() -> 
         assert loops.settle("plain") == "plain"
     finally:
         reset_deadline(token)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_leaves_its_parents_kept_loops_alone() -> None:
+    """A forked child shares its parent's loops' epoll instances and sockets. A serving thread's object let
+    go in the child (or the child's exit, which runs the finalizers left) must neither close nor run the
+    parent's loop there: closing it took its self-pipe out of the shared epoll (the parent's loop then
+    slept through other threads' wake-ups); running it would close its connections under the parent (a TLS
+    one with a close_notify on the shared socket)."""
+
+    async def running() -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    kept: list[asyncio.AbstractEventLoop] = []
+    threads = [threading.Thread(target=lambda: kept.append(loops.run(running())))]
+    threads[0].start()
+    threads[0].join(10)
+    pid = os.fork()
+    if pid == 0:  # the child: the thread object let go here, then out at once
+        threads.clear()
+        os._exit(1 if kept[0].is_closed() else 0)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, "the child closed its parent's loop"
+    threads.clear()
+    assert kept[0].is_closed()  # the parent's to close
