@@ -39,7 +39,7 @@ def thread_loop() -> asyncio.AbstractEventLoop:
     loop = asyncio.new_event_loop()
     _local.loop = (os.getpid(), loop)
     # The loop goes with its thread (pools replace threads): closed once the thread object is collected.
-    weakref.finalize(threading.current_thread(), _close, loop)
+    weakref.finalize(threading.current_thread(), _close, loop, os.getpid())
     return loop
 
 
@@ -88,6 +88,26 @@ def _close_pending(awaitable: Any) -> None:
         close()
 
 
-def _close(loop: asyncio.AbstractEventLoop) -> None:
-    if not loop.is_running() and not loop.is_closed():
+def _close(loop: asyncio.AbstractEventLoop, pid: int) -> None:
+    # A forked child's copy of its parent's loop is left alone: its epoll instance is the parent's own, which
+    # running or closing the loop here would change under the parent.
+    if pid != os.getpid() or loop.is_running() or loop.is_closed():
+        return
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        _shut_down(loop)
+        return
+    # The thread object was let go where a loop runs (a gateway's), which cannot run this one: a thread of its
+    # own shuts it down, without holding up the running loop.
+    threading.Thread(target=_shut_down, args=(loop,), name="celery-services-loop-close", daemon=True).start()
+
+
+def _shut_down(loop: asyncio.AbstractEventLoop) -> None:
+    # As asyncio.run ends: the loop's async generators first, which close the asyncio clients of its calls
+    # (aio._LoopClients.close_at_shutdown) while it still runs; a bare close() left their sockets to the
+    # collector, with a ResourceWarning.
+    try:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
         loop.close()
