@@ -333,8 +333,6 @@ class AsyncTransport:
         held = _held_by(loop)
         clients = held.get(self)
         if clients is None:
-            if self._closed:
-                raise Unavailable("This distribution is finalized: no more calls")
             # Short commands only: the reply wait sets its own read timeout from each call's deadline. A
             # call in flight holds a connection: the pool fits them all (redis-py's default is 100, and it
             # fails the 101st with "Too many connections" rather than waiting), with room for clean-ups.
@@ -347,8 +345,12 @@ class AsyncTransport:
             )
             broker = make(self._broker_url) if self._broker_url else None
             clients = _LoopClients(make(self._replies_url), broker, self._max_in_flight)
-            held[self] = clients
+            # Kept under close()'s lock, or refused: clients kept after close() took its loops stayed open
+            # and their call went out. Refused ones never connected (a client connects on its first command).
             with self._lock:
+                if self._closed:
+                    raise Unavailable("This distribution is finalized: no more calls")
+                held[self] = clients
                 self._loops.add(loop)
             await clients.close_at_shutdown()
         return clients
