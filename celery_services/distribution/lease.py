@@ -6,8 +6,9 @@ one index (``unacked_index``), and any worker on that database gives back whatev
 run again, so the library leaves Celery's default (one hour) alone and redelivers only its own calls:
 
 - the worker that received a call writes a lease for its delivery tag in ``{prefix}:leases:{key}`` (a
-  sorted set, score = last renewal) and renews it every third of :attr:`LeaseKeeper.lease_timeout` while
-  kombu's unacked hash still holds the tag (an acknowledged call's lease is dropped);
+  sorted set, score = last renewal by the broker's clock) and renews it every third of
+  :attr:`LeaseKeeper.lease_timeout` while kombu's unacked hash still holds the tag (an acknowledged
+  call's lease is dropped);
 - every worker of the key looks, at the same pace, for leases older than ``lease_timeout``: their holder is
   dead or paused. One atomic script moves such a message from kombu's unacked hash back to the front of the
   key's queue, with a new delivery tag (the paused holder's late ack then removes nothing of the new
@@ -40,11 +41,15 @@ log = logging.getLogger("celery_services.lease")
 
 
 # Renews the leases of the tags still unacknowledged; returns those (the others were acked: forgotten).
+# Stamped by Redis's clock, the one every replica judges by: a host's own clock may be off by more than a
+# lease (scripts replicate their effects, so reading TIME before writing is allowed).
 _RENEW = """
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
 local alive = {}
-for i = 2, #ARGV do
+for i = 1, #ARGV do
   if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
-    redis.call('ZADD', KEYS[2], ARGV[1], ARGV[i])
+    redis.call('ZADD', KEYS[2], now, ARGV[i])
     alive[#alive + 1] = ARGV[i]
   else
     redis.call('ZREM', KEYS[2], ARGV[i])
@@ -161,12 +166,13 @@ class LeaseKeeper:
             tags = list(self._tags)
         if not tags:
             return
-        alive = {_text(tag) for tag in renew(keys=[self.unacked, self.leases], args=[time.time(), *tags])}
+        alive = {_text(tag) for tag in renew(keys=[self.unacked, self.leases], args=tags)}
         with self._lock:
             self._tags.difference_update(tag for tag in tags if tag not in alive)
 
     def _restore_lapsed(self, client: redis.Redis, restore: Any) -> None:
-        cutoff = time.time() - self.lease_timeout
+        seconds, micros = client.time()  # by the clock the leases were stamped with
+        cutoff = seconds + micros / 1e6 - self.lease_timeout
         with self._lock:
             mine = set(self._tags)
         lapsed = [
