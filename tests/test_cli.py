@@ -141,11 +141,21 @@ def test_services_lists_keys_paths_and_collisions(
 
 
 def test_services_of_an_empty_registry(env: dict[str, str]) -> None:
+    # With the broker's password in its URL (a Redis without one takes any for its default user): the
+    # message names the registry, never the password.
+    url = env["CELERY_SERVICES_BROKER_URL"].replace("redis://", "redis://default:S3cretPassw0rd@", 1)
     result = invoke(
-        {**env, "CELERY_SERVICES_REGISTRY_PREFIX": f"cs-empty-{uuid.uuid4().hex[:6]}"}, "services"
+        {
+            **env,
+            "CELERY_SERVICES_BROKER_URL": url,
+            "CELERY_SERVICES_RESULT_BACKEND": url,
+            "CELERY_SERVICES_REGISTRY_PREFIX": f"cs-empty-{uuid.uuid4().hex[:6]}",
+        },
+        "services",
     )
     assert result.exit_code == 0
     assert "No live app" in result.stdout
+    assert "S3cretPassw0rd" not in result.output
 
 
 def test_call_prints_the_result_as_json(env: dict[str, str], provider: tuple[str, WorkerProcess]) -> None:
