@@ -15,8 +15,9 @@ import redis
 import typer
 from rich.console import Console
 
+from ..distribution.celery_app import bus_connection, make_celery
 from ..distribution.event_epoch import BindingEpoch
-from ..distribution.events import EventBus, EventEnvelope
+from ..distribution.events import EventBus, EventEnvelope, routing_key
 from ..distribution.manifest import Manifest
 from ..distribution.registry import Registry
 from ..distribution.settings import DistributionSettings
@@ -64,6 +65,7 @@ def _follower(
     try:
         bus = EventBus(
             settings.resolved_broker_url(),
+            **bus_connection(make_celery(settings)),  # the Sentinel master and TLS, as an app's bus has
             exchange=settings.events_exchange,
             consumer_key=key,
             delivery="broadcast",
@@ -107,6 +109,11 @@ def events(
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     with _failures():
         wanted = _routing_keys(settings, key, path, event)
+    for binding in wanted:
+        try:
+            routing_key(*binding)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="KEY --path --event") from None
     if not wanted:
         err.print("No events to follow: no live service matches (give KEY --path --event to wait for one).")
         raise typer.Exit(EXIT_CLIENT_ERROR)
@@ -133,10 +140,7 @@ def events(
     try:
         with _failures(), _sigterm_exits(), _follower(settings, show) as bus:
             for binding in wanted:
-                try:
-                    bus.bind(*binding)
-                except ValueError as exc:
-                    raise typer.BadParameter(str(exc), param_hint="KEY --path --event") from None
+                bus.bind(*binding)
             bus.start()
             err.print(f"following {len(wanted)} routing key(s): " + ", ".join(".".join(b) for b in wanted))
             sys.stderr.flush()

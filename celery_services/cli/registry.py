@@ -11,6 +11,7 @@ from rich.table import Table
 
 from ..core.errors import NotFound, Unavailable
 from ..distribution.manifest import KeyInfo
+from ..distribution.protocol import mask_url
 from ..distribution.registry import Registry
 from .app import JsonOption, Options, _consumer, _failures, app
 
@@ -106,7 +107,8 @@ def services(ctx: typer.Context, as_json: JsonOption = False) -> None:
     out = Console(highlight=False)
     if not rows:
         out.print(
-            f"No live app in the registry '{settings.registry_prefix}' of {settings.resolved_registry_url()}"
+            f"No live app in the registry '{settings.registry_prefix}' of "
+            f"{mask_url(settings.resolved_registry_url())}"
         )
         return
     table = registry_table(rows, width=out.width)

@@ -20,7 +20,7 @@ from .redis_clients import RedisOptions, is_sentinel, is_tls
 from .redis_transport import reuse_sync_clients
 from .settings import DistributionSettings
 
-__all__ = ["PromptReconnection", "make_celery"]
+__all__ = ["PromptReconnection", "bus_connection", "make_celery"]
 
 #: Seconds between a worker's attempts to reach its broker again (kombu's own: 2 s, then 4, 6 … up to 30).
 RECONNECT_INTERVAL = 0.5
@@ -105,6 +105,17 @@ def make_celery(settings: DistributionSettings) -> Celery:
         celery.conf.redis_backend_use_ssl = tls
     celery.amqp.Connection = PromptReconnection
     return celery
+
+
+def bus_connection(celery: Celery) -> dict[str, Any]:
+    """What an event bus (:class:`.EventBus`) takes of ``celery``'s broker settings for its own kombu
+    connections: the Sentinel part of ``broker_transport_options`` (the rest is Celery's business) and TLS."""
+    options = celery.conf.broker_transport_options or {}
+    names = ("master_name", "sentinel_kwargs", "min_other_sentinels")
+    return {
+        "transport_options": {name: options[name] for name in names if name in options},
+        "ssl": celery.conf.broker_use_ssl,
+    }
 
 
 def _sentinel_options(url: str, settings: DistributionSettings, setting: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from ..core.service import ServiceWrapper
 from .aio import AsyncTransport
 from .bootsteps import add_bootsteps
 from .caller import RemoteService, Transport
-from .celery_app import make_celery
+from .celery_app import bus_connection, make_celery
 from .discovery import Discovery
 from .event_epoch import BindingEpoch
 from .events import EventBus, EventEnvelope, event_context
@@ -137,9 +137,7 @@ class Distribution:
         )
         self.events = EventBus(
             broker,
-            # The Celery app's Sentinel master and TLS options reach the bus's kombu connections too.
-            transport_options=_sentinel_options(self.celery.conf.broker_transport_options),
-            ssl=self.celery.conf.broker_use_ssl,
+            **bus_connection(self.celery),
             exchange=settings.events_exchange,
             consumer_key=self.key,
             instance=self.instance,
@@ -488,12 +486,6 @@ def _broker_store(celery: Celery, settings: DistributionSettings, replies: redis
     if broker == str(celery.conf.result_backend or settings.resolved_result_backend()):
         return replies
     return redis_client(broker, RedisOptions.of(settings), socket_timeout=5.0, socket_connect_timeout=2.0)
-
-
-def _sentinel_options(options: Any) -> dict[str, Any]:
-    """The Sentinel part of Celery's ``broker_transport_options`` (the rest is Celery's own business)."""
-    names = ("master_name", "sentinel_kwargs", "min_other_sentinels")
-    return {name: options[name] for name in names if name in (options or {})}
 
 
 def distribute(
