@@ -209,6 +209,40 @@ def test_heartbeat_announces_changed_content(make: Callable[..., Registry]) -> N
     wait_for(lambda: seen.has("app") and seen.latest["app"]["i1"].service("comments"), what="changed")  # type: ignore[index]
 
 
+@pytest.mark.timeout(20)
+def test_a_heartbeat_never_brings_back_content_older_than_a_publish(
+    make: Callable[..., Registry], raw: redis.Redis, prefix: str
+) -> None:
+    # The heartbeat thread asks the app for its manifest, then writes it. An app that published a newer one
+    # in between (a service mounted: Distribution publishes at once) saw it replaced by the older one,
+    # announced "changed": consumers unmounted the new service until the next beat (found by a review).
+    registry = make(heartbeat_interval=60)  # the first beat only, held in the supplier below
+    old, new = manifest("app"), manifest("app", paths=("articles", "users"))
+    built, go = threading.Event(), threading.Event()
+
+    def supplier() -> Manifest:
+        made = old
+        built.set()
+        go.wait(10)  # the thread is descheduled between building the manifest and writing it
+        return made
+
+    registry.publish(old)
+    registry.start_heartbeat(supplier)
+    built.wait(10)
+    published = registry.publish(new, changed=True)  # the app mounts "users" meanwhile
+    pubsub = subscribe(raw, prefix)
+    go.set()
+    name = RegistryLayout(prefix).name("app", "i1")
+
+    def stored() -> Manifest:
+        return Manifest.model_validate_json(raw.get(name) or b"")
+
+    wait_for(lambda: stored().heartbeat > published.heartbeat, what="the beat written, whatever its content")
+    assert [service.path for service in stored().services] == ["articles", "users"]
+    assert announcements(pubsub) == []  # nothing announced: the content did not change
+    pubsub.close()
+
+
 def test_withdraw_stops_heartbeat(make: Callable[..., Registry], raw: redis.Redis, prefix: str) -> None:
     registry = make(heartbeat_interval=0.1)
     name = RegistryLayout(prefix).name("app", "i1")
