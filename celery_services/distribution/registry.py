@@ -112,6 +112,8 @@ class Registry:
         self._suppliers: builtins.list[Callable[[], Manifest]] = []
         self._published: dict[tuple[str, str], Manifest] = {}
         self._withdrawn: set[tuple[str, str]] = set()
+        #: Publishes so far: a heartbeat whose supplier ran before the last one holds older content.
+        self._publishes = 0
         self._heartbeat_thread: threading.Thread | None = None
         self._view_lock = threading.Lock()  # consumer state
         self._view: View = {}
@@ -165,6 +167,7 @@ class Registry:
             pipe.execute()
             self._published[ident] = stamped
             self._withdrawn.discard(ident)
+            self._publishes += 1
         return stamped
 
     def start_heartbeat(self, supplier: Callable[[], Manifest]) -> None:
@@ -208,7 +211,11 @@ class Registry:
             errors: builtins.list[Exception] = []
             for supplier in suppliers:
                 try:
-                    self._beat(supplier())
+                    # The supplier runs outside the lock (it may take the app's own locks, under which the
+                    # app publishes): what it gives is stale if a publish came meanwhile.
+                    with self._lock:
+                        publishes = self._publishes
+                    self._beat(supplier(), publishes)
                 except Exception as exc:
                     errors.append(exc)
             if errors and not failing:
@@ -219,12 +226,14 @@ class Registry:
                 log.info("registry heartbeat recovered")
             failing = bool(errors)
 
-    def _beat(self, manifest: Manifest) -> None:
+    def _beat(self, manifest: Manifest, publishes: int) -> None:
         ident = (manifest.key, manifest.instance)
         with self._lock:
             if ident in self._withdrawn or self._closing.is_set():
                 return
             last = self._published.get(ident)
+            if last is not None and publishes != self._publishes:
+                manifest = last  # published since the supplier ran: newer than what it gave
             refused: ManifestLimitError | None = None
             if last is None or not last.same_content(manifest):
                 try:
