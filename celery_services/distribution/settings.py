@@ -252,10 +252,12 @@ class DistributionSettings(BaseSettings):
 
     signing_keys: dict[str, list[SecretStr]] = Field(default_factory=dict)
     """Message signing (HMAC-SHA256) of calls and replies: app key → secrets, ``"*"`` for every key without
-    its own entry (a plain list stands for ``{"*": [...]}``). A caller signs with the first secret of its
-    own key, a provider checks with every secret of the caller's key (key rotation: put the new secret first
-    everywhere, then drop the old one). Empty: no signing; a provider with signing on refuses unsigned,
-    forged and replayed calls (``NotAuthenticated``)."""
+    its own entry (a plain list stands for ``{"*": [...]}``; in the environment, a value that is not JSON is
+    such a list, split at commas: a secret holding a comma is given in JSON). A caller signs with the first
+    secret of its own key, a provider checks with every secret of the caller's key. Key rotation: add the new
+    secret second everywhere, then make it first everywhere, then drop the old one (a new secret put first
+    at once signs calls and replies that apps not yet given it refuse). Empty: no signing; a provider with
+    signing on refuses unsigned, forged and replayed calls (``NotAuthenticated``)."""
 
     allow_callers: dict[str, list[str]] | None = None
     """Which caller keys may call which ``path.method`` of this app's services, as globs:

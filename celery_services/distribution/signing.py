@@ -5,8 +5,9 @@ and anything that can write to the reply store can answer a call (feathers-distr
 Moleculer trust the same way). With ``signing_keys`` set, each call carries ``cs_signature``: an
 HMAC-SHA256 over its task name, call id, caller key, deadline and arguments, made with the first secret of
 the caller's key; each reply is prefixed with an HMAC over the call id and the reply body, made with the
-first secret of the provider's key. Every secret of a key is accepted (rotation: put the new one first,
-then drop the old one once every app has it).
+first secret of the provider's key. Every secret of a key is accepted (rotation: add the new one second
+everywhere, then make it first, then drop the old one: first at once, it signed what apps without it yet
+refuse).
 
 A provider with signing on refuses, before any hook runs: an unsigned call, a forged one (any signed part
 changed, or a secret it does not know), and a replayed one: a call id already started here is refused
