@@ -13,13 +13,20 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+import socketio  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from starlette.requests import HTTPConnection
 
 from celery_services import App, MemoryService, NotAuthenticated, distribute, finalize
 from celery_services.http import make_server
-from celery_services.http.auth import Authenticate, JWTAuthentication, JWTSettings, warn_if_anonymous
+from celery_services.http.auth import (
+    Authenticate,
+    JWTAuthentication,
+    JWTSettings,
+    bearer_token,
+    warn_if_anonymous,
+)
 from celery_services.testing import KitConfig, ProviderWorker, wait_for
 from workers.services import guard
 
@@ -98,6 +105,32 @@ def serve(api: App) -> Iterator[Callable[[Authenticate], str]]:
 @pytest.fixture(scope="module")
 def hs256(serve: Callable[[Authenticate], str]) -> str:
     return serve(JWTAuthentication(JWTSettings(secret=SECRET)))
+
+
+@contextlib.contextmanager
+def socket_client(url: str) -> Iterator[Any]:
+    """A python-socketio client connected to the gateway's Feathers socket transport."""
+    client = socketio.Client()
+    client.connect(url, transports=["websocket"], wait_timeout=10)
+    try:
+        yield client
+    finally:
+        client.disconnect()
+
+
+def authenticate(client: Any, access_token: str) -> Any:
+    """Feathers' ``authenticate({strategy: 'jwt', accessToken})`` on a socket: ``(None, result)``, or the
+    error."""
+    return client.call(
+        "create", ("authentication", {"strategy": "jwt", "accessToken": access_token}), timeout=5
+    )
+
+
+def socket_refused(answer: Any, message: str) -> None:
+    """A socket call's error answer is Feathers' NotAuthenticated saying ``message`` (python-socketio
+    gives an answer of one argument, an error, as that argument itself)."""
+    error = answer if isinstance(answer, dict) else {}
+    assert (error.get("name"), error.get("code"), error.get("message")) == ("NotAuthenticated", 401, message)
 
 
 def refused(response: httpx.Response, message: str) -> None:
@@ -281,3 +314,39 @@ def test_an_anonymous_gateway_off_loopback_is_warned_about(caplog: pytest.LogCap
         "the HTTP gateway listens on '0.0.0.0' without authentication: every client is anonymous and hears "
         "every event (asgi_app(authenticate=JWTAuthentication()), or serve --auth jwt)"
     ]
+
+
+class SessionTokens:
+    """An async authenticate step (as auth.py allows): tokens looked up in a session store."""
+
+    sessions = {"ada-session": {"sub": "ada"}}
+
+    async def verify(self, access_token: str) -> dict[str, str]:
+        user = self.sessions.get(access_token)
+        if user is None:
+            raise NotAuthenticated("Unknown session")
+        return user
+
+    async def __call__(self, connection: HTTPConnection) -> dict[str, str]:
+        return await self.verify(bearer_token(connection) or "")
+
+
+def test_a_socket_is_refused_by_an_async_verify_and_let_in_by_what_it_returns() -> None:
+    app = App()
+    articles = app.use("articles", MemoryService())
+    with served(app, SessionTokens()) as url, socket_client(url) as client:
+        heard: list[Any] = []
+        client.on("articles created", heard.append)
+        socket_refused(authenticate(client, "forged"), "Unknown session")
+        socket_refused(
+            client.call("find", ("articles", {}), timeout=5),
+            "Not authenticated: create on 'authentication' first",
+        )
+        articles.create({"title": "before login"})
+        answer = authenticate(client, "ada-session")
+        assert answer[0] is None and answer[1]["user"] == {"sub": "ada"}, answer
+        found = client.call("find", ("articles", {}), timeout=5)
+        assert found == (None, [{"title": "before login", "id": 0}])
+        articles.create({"title": "after login"})
+        # One socket's events come in order: the first it hears is the first published once it logged in.
+        assert wait_for(lambda: heard, timeout=10, what="an event")[0]["title"] == "after login"
