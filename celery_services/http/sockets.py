@@ -15,9 +15,9 @@ on the event loop), with ``params = {"provider": "socketio", "query", "headers" 
 
 Authentication is Feathers' authentication client's: ``create`` on the path ``authentication`` with
 ``{"strategy": "jwt", "accessToken"}`` checks the token (the gateway's :class:`~.auth.JWTAuthentication`,
-or any authenticate step with a ``verify(token)`` method) and keeps the user on the socket for its later
-calls and events; ``remove`` on ``authentication`` forgets it. With an authenticate step, a socket without a
-user may only authenticate.
+or any authenticate step with a ``verify(token)`` method, sync or async) and keeps the user on the socket
+for its later calls and events; ``remove`` on ``authentication`` forgets it. With an authenticate step, a
+socket without a user may only authenticate.
 
 Events: each connected socket is a client of the gateway's :class:`~.sse.EventHub`, so it hears what an
 ``/events`` client of its user would (the publish filters), as ``'{path} {event}'`` with the data; a
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 from collections.abc import Callable
@@ -237,6 +238,10 @@ class SocketTransport:
             raise NotAuthenticated("This gateway has no JWT strategy")
         token = data["accessToken"]
         claims = verify(token)
+        if inspect.isawaitable(claims):
+            claims = await claims
+        if claims is None:  # no user: the socket would pass as logged in while it is not
+            raise NotAuthenticated("Invalid token")
         authentication = {"strategy": "jwt", "accessToken": token, "payload": claims}
         await self.server.save_session(
             sid, {**session, "user": claims, "authentication": {"strategy": "jwt", "accessToken": token}}
