@@ -216,6 +216,10 @@ class SSEReader:
     def wait(self, name: str, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
         return wait_for(lambda: len(self.named(name)) >= count and self.named(name), timeout, what=name)
 
+    def ended(self) -> bool:
+        """Whether the stream ended (the server closed it, or it failed: see ``error``)."""
+        return not self._thread.is_alive()
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(10)

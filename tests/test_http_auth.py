@@ -350,3 +350,45 @@ def test_a_socket_is_refused_by_an_async_verify_and_let_in_by_what_it_returns() 
         articles.create({"title": "after login"})
         # One socket's events come in order: the first it hears is the first published once it logged in.
         assert wait_for(lambda: heard, timeout=10, what="an event")[0]["title"] == "after login"
+
+
+def expiry_of(short_lived: str) -> float:
+    exp: float = jwt.decode(short_lived, options={"verify_signature": False})["exp"]
+    return exp
+
+
+def test_a_socket_authentication_ends_at_its_token_expiry() -> None:
+    app = App()
+    articles = app.use("articles", MemoryService())
+    short_lived = token("ada", ttl=3)
+    with served(app, JWTAuthentication(JWTSettings(secret=SECRET))) as url, socket_client(url) as client:
+        heard: list[Any] = []
+        client.on("articles created", heard.append)
+        assert authenticate(client, short_lived)[0] is None
+        assert client.call("find", ("articles", {}), timeout=5) == (None, [])
+        wait_for(lambda: time.time() >= expiry_of(short_lived), timeout=10, what="the token's expiry")
+        articles.create({"title": "after expiry"})
+        socket_refused(client.call("find", ("articles", {}), timeout=5), "Token expired")
+        socket_refused(client.call("create", ("articles", {"title": "x"}, {}), timeout=5), "Token expired")
+        # A fresh token lets it in again; one socket's events come in order: the first it hears is the first
+        # published since, none of those while its token had expired.
+        assert authenticate(client, token("ada"))[0] is None
+        articles.create({"title": "fresh"})
+        assert wait_for(lambda: heard, timeout=10, what="an event")[0]["title"] == "fresh"
+
+
+def test_an_events_stream_ends_at_its_token_expiry() -> None:
+    app = App()
+    articles = app.use("articles", MemoryService())
+    short_lived = token("ada", ttl=3)
+    with served(app, JWTAuthentication(JWTSettings(secret=SECRET))) as url:
+        reader = SSEReader(url, f"access_token={short_lived}")
+        try:
+            articles.create({"title": "before expiry"})
+            reader.wait("created", 1)
+            wait_for(
+                reader.ended, timeout=10, what="the stream's end"
+            )  # the client reconnects with a fresh one
+            assert time.time() >= expiry_of(short_lived) and reader.error is None
+        finally:
+            reader.close()
