@@ -17,6 +17,14 @@ CSRF defences; a bearer token is only ever sent on purpose.) The query parameter
 gateway allows it: it marks its ``/events`` requests with :data:`TOKEN_IN_QUERY`, so
 ``GET /articles/events?access_token=...`` (a REST ``get``) is not let in by it.
 
+A user carrying ``exp`` (a token's claims, as :class:`JWTAuthentication`'s users are) is authenticated until
+then only (:func:`expired`): REST checks its token at each request, but a socket's login and an ``/events``
+stream outlive the request that showed it, so at ``exp`` a socket's calls are refused, no more events go to
+either, and the stream ends (its client reconnects with a fresh token), as Feathers' JWT strategy drops a
+connection's authentication at ``exp``. The expiry is the user's own claim, read where it is used: nothing
+else must be kept beside the user, and a custom step whose users carry ``exp`` gets the same. (``leeway``
+lets a token in a little late; it does not lengthen a connection.)
+
 Without an authenticate step the gateway is anonymous, as a development gateway on loopback may be;
 :func:`warn_if_anonymous` says so at start when it listens on any other interface.
 """
@@ -26,7 +34,9 @@ from __future__ import annotations
 import inspect
 import ipaddress
 import logging
-from collections.abc import Awaitable, Callable
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import jwt
@@ -43,6 +53,8 @@ __all__ = [
     "JWTSettings",
     "authenticate_request",
     "bearer_token",
+    "expired",
+    "expires_at",
     "warn_if_anonymous",
 ]
 
@@ -181,6 +193,18 @@ async def authenticate_request(authenticate: Authenticate | None, connection: HT
     if inspect.isawaitable(user):
         user = await user
     return user
+
+
+def expires_at(user: Any) -> float:
+    """When the authentication of ``user`` ends (seconds since the epoch): the ``exp`` of a user that is a
+    token's claims; ``math.inf`` when it has none (it lasts as long as its connection)."""
+    exp = user.get("exp") if isinstance(user, Mapping) else None
+    return float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else math.inf
+
+
+def expired(user: Any) -> bool:
+    """Whether the authentication of ``user`` has ended (see :func:`expires_at`)."""
+    return time.time() >= expires_at(user)
 
 
 def warn_if_anonymous(host: str, authenticate: Authenticate | None) -> bool:

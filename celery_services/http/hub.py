@@ -9,7 +9,7 @@ are connected.
 Each client carries its user (``None`` when anonymous), and each event goes only to the clients the
 service's publish filter accepts (:meth:`~.ServiceWrapper.publish`, else :meth:`~.App.publish`; without a
 filter, every client), and never to a client without a user when the hub ``requires_user`` (an
-authenticated gateway).
+authenticated gateway), nor to one whose user's token expired (:func:`~.auth.expired`).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any
 
 from ..core.app import App
 from ..core.service import ServiceWrapper
+from .auth import expired
 
 __all__ = ["EventHub", "HubClient"]
 
@@ -226,6 +227,8 @@ class EventHub:
         """Whether a client of ``user`` gets ``event``: the publish filter's answer, else the default."""
         if user is None and self.requires_user:
             return False  # an authenticated gateway's anonymous socket (one that has not logged in yet)
+        if expired(user):
+            return False  # checked at each event: a client's login outlives its token only until exp
         decided = wrapper.published_to(event, data, context, user)
         return True if decided is None else decided
 

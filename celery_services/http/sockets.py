@@ -16,8 +16,9 @@ on the event loop), with ``params = {"provider": "socketio", "query", "headers" 
 Authentication is Feathers' authentication client's: ``create`` on the path ``authentication`` with
 ``{"strategy": "jwt", "accessToken"}`` checks the token (the gateway's :class:`~.auth.JWTAuthentication`,
 or any authenticate step with a ``verify(token)`` method, sync or async) and keeps the user on the socket
-for its later calls and events; ``remove`` on ``authentication`` forgets it. With an authenticate step, a
-socket without a user may only authenticate.
+for its later calls and events, until its token's ``exp``: then each call answers NotAuthenticated
+``Token expired`` and its events stop, until it authenticates again. ``remove`` on ``authentication``
+forgets the user. With an authenticate step, a socket without a user may only authenticate.
 
 Events: each connected socket is a client of the gateway's :class:`~.sse.EventHub`, so it hears what an
 ``/events`` client of its user would (the publish filters), as ``'{path} {event}'`` with the data; a
@@ -39,7 +40,7 @@ import socketio  # type: ignore[import-untyped]
 
 from ..core.app import App
 from ..core.errors import BadRequest, GeneralError, MethodNotAllowed, NotAuthenticated, NotFound, ServiceError
-from .auth import Authenticate
+from .auth import Authenticate, expired
 from .hub import EventHub, HubClient
 from .query import parse_id
 
@@ -200,6 +201,10 @@ class SocketTransport:
             raise MethodNotAllowed(f"Method '{method}' not allowed on service '{path}'", {"method": method})
         if self.authenticate is not None and session["user"] is None:
             raise NotAuthenticated("Not authenticated: create on 'authentication' first")
+        # Checked at each call, as REST checks its token, rather than by a timer at exp: nothing to cancel
+        # when the socket logs in again, out, or goes, and no call slips in before a timer's turn.
+        if expired(session["user"]):
+            raise NotAuthenticated("Token expired")
         position = _PARAMS_AT.get(method, 1)
         if len(args) > position + 1:
             raise BadRequest(f"Too many arguments for '{method}' method")
