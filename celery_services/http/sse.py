@@ -1,12 +1,13 @@
 """Server-Sent Events of an app's services: the ``/events`` response, each one a client of the gateway's
 :class:`~.hub.EventHub`, with a heartbeat comment while nothing happens and a ``dropped`` event after events
-it could not take.
+it could not take; a stream of a user whose token carries ``exp`` ends then (:func:`~.auth.expired`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from .auth import expires_at
 from .hub import EventHub, HubClient
 
 __all__ = ["EventStream"]
@@ -57,11 +59,15 @@ class EventStream(StreamingResponse):
         client = self.client
         assert client is not None
         reported = 0
-        while True:
+        # Its user is authenticated until its token's exp, where the stream ends: the client opens another
+        # with a fresh token (EventSource's own retry repeats the URL's expired one, which is refused).
+        deadline = expires_at(self.user)
+        while (left := deadline - time.time()) > 0:
             try:
-                message = await asyncio.wait_for(client.queue.get(), self.heartbeat)
+                message = await asyncio.wait_for(client.queue.get(), min(self.heartbeat, left))
             except TimeoutError:
-                yield b": ping\n\n"
+                if left > self.heartbeat:
+                    yield b": ping\n\n"
                 continue
             if message is None:
                 return
