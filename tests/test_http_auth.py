@@ -3,7 +3,9 @@ events to their owners only. A real provider worker, a consumer app, real uvicor
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -392,3 +394,25 @@ def test_an_events_stream_ends_at_its_token_expiry() -> None:
             assert time.time() >= expiry_of(short_lived) and reader.error is None
         finally:
             reader.close()
+
+
+def crafted(header: Any) -> str:
+    """A token of ``header`` (not checked by the client), valid claims and a bogus signature."""
+
+    def part(value: Any) -> str:
+        return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+    return f"{part(header)}.{part({'sub': 'mallory', 'exp': int(time.time() + 60)})}.c2ln"
+
+
+@pytest.mark.parametrize("alg", [["HS256"], {"HS256": True}], ids=["array", "object"])
+def test_a_token_whose_header_names_no_algorithm_is_an_invalid_token(
+    hs256: str, alg: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    forged = crafted({"alg": alg, "typ": "JWT"})
+    with caplog.at_level(logging.ERROR, logger="celery_services.http"):
+        refused(httpx.get(f"{hs256}/articles", headers=bearer(forged)), "Invalid token")
+        refused(httpx.get(f"{hs256}/events", params={"access_token": forged}), "Invalid token")
+        with socket_client(hs256) as client:
+            socket_refused(authenticate(client, forged), "Invalid token")
+    assert caplog.records == []  # a client's mistake, not the gateway's: no traceback
