@@ -158,8 +158,8 @@ class JWTAuthentication:
             NotAuthenticated: the token is malformed, forged, expired, or of another audience or issuer.
         """
         try:
-            algorithm = jwt.get_unverified_header(token).get("alg")
-            if algorithm not in self._keys:
+            algorithm = jwt.get_unverified_header(token).get("alg")  # any JSON: a list is unhashable
+            if not isinstance(algorithm, str) or algorithm not in self._keys:
                 raise jwt.InvalidAlgorithmError("algorithm not accepted")
             claims: dict[str, Any] = jwt.decode(
                 token,
