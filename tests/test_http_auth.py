@@ -255,6 +255,19 @@ def test_jwt_settings_refuse_what_would_be_unsafe() -> None:
     assert SECRET not in repr(JWTSettings(secret=SECRET))
 
 
+def test_a_misspelt_jwt_variable_is_refused_not_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The distribution's variables refuse a typo; the JWT ones were skipped by that check and read by no
+    # other: CELERY_SERVICES_JWT_AUDIENCES passed silently, and tokens of any audience were let in.
+    monkeypatch.setenv("CELERY_SERVICES_JWT_AUDIENCES", "my-api")
+    with pytest.raises(
+        ValueError, match="CELERY_SERVICES_JWT_AUDIENCES; did you mean CELERY_SERVICES_JWT_AUDIENCE"
+    ):
+        JWTSettings(secret=SECRET)
+    monkeypatch.delenv("CELERY_SERVICES_JWT_AUDIENCES")
+    monkeypatch.setenv("CELERY_SERVICES_JWT_AUDIENCE", "my-api")
+    assert JWTSettings(secret=SECRET).audience == "my-api"
+
+
 def test_publish_filters_per_service_and_app_wide_and_a_failing_one_drops_only_its_event(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
