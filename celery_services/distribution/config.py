@@ -61,22 +61,27 @@ def _closest(name: str, names: list[str]) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
-def check_environment(fields: list[str], environ: dict[str, str] | None = None) -> None:
-    """Refuse a ``CELERY_SERVICES_*`` variable that names no setting: a typo must not pass silently.
+def check_environment(
+    fields: list[str], environ: dict[str, str] | None = None, prefix: str = ENV_PREFIX
+) -> None:
+    """Refuse a ``{prefix}*`` variable that names no setting: a typo must not pass silently. Under the
+    distribution's own prefix, the variables of other settings models (:data:`OTHER_PREFIXES`) are theirs
+    to check.
 
     Raises:
         ValueError: naming the variable and the closest valid one.
     """
     environ = dict(os.environ) if environ is None else environ
     known = [field.upper() for field in fields]
+    others = OTHER_PREFIXES if prefix == ENV_PREFIX else ()
     for variable in sorted(environ):
         upper = variable.upper()
-        if not upper.startswith(ENV_PREFIX) or upper in OTHER_VARIABLES or upper.startswith(OTHER_PREFIXES):
+        if not upper.startswith(prefix) or upper in OTHER_VARIABLES or upper.startswith(others):
             continue
-        name = upper[len(ENV_PREFIX) :]
+        name = upper[len(prefix) :]
         if name not in known:
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
-            hint = f"; did you mean {ENV_PREFIX}{close[0]}?" if close else ""
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
             raise ValueError(f"unknown setting variable {variable}{hint}")
 
 

@@ -41,10 +41,11 @@ from typing import Any
 
 import jwt
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 from starlette.requests import HTTPConnection
 
 from ..core.errors import NotAuthenticated
+from ..distribution.config import check_environment
 
 __all__ = [
     "TOKEN_IN_QUERY",
@@ -97,6 +98,20 @@ class JWTSettings(BaseSettings):
 
     leeway: float = 0.0
     """Seconds of clock skew tolerated on ``exp`` / ``nbf``."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """pydantic-settings' sources, once a misspelt variable is refused: a typo of ``AUDIENCE`` or
+        ``ISSUER`` would turn that check off without a word."""
+        check_environment(list(settings_cls.model_fields), prefix="CELERY_SERVICES_JWT_")
+        return init_settings, env_settings, dotenv_settings, file_secret_settings
 
     @model_validator(mode="after")
     def _check(self) -> JWTSettings:
