@@ -219,6 +219,59 @@ def test_errors_come_back_typed(provider: Provider, caller: tuple[App, Distribut
     )
 
 
+def test_an_error_whose_detail_has_no_json_form_is_answered_not_timed_out(
+    provider: Provider, caller: tuple[App, Distribution]
+) -> None:
+    # A BadRequest whose errors hold an exception object (a validator's, per field) could not be written:
+    # the provider answered nothing, and its caller waited its whole timeout for a Timeout (found by a
+    # review). Its detail goes as its text, as the data of such an error already did.
+    app, distribution = caller
+    app.use("probe", distribution.remote_service(provider.key, "probe", PROBE))
+    started = time.monotonic()
+    with pytest.raises(BadRequest) as refused:
+        app.service("probe").boom("unencodable", {"timeout": 6})
+    assert time.monotonic() - started < 3, "answered, not timed out"
+    assert refused.value.message == "Invalid user"
+    assert "not an e-mail" in json.dumps(refused.value.to_dict())
+
+
+@pytest.mark.parametrize("deadline", ["abc", "nan", "inf", "1e400", [1]])
+def test_a_call_whose_deadline_header_is_no_time_is_refused_unrun(
+    provider: Provider, caller: tuple[App, Distribution], deadline: Any
+) -> None:
+    # Only senders outside the library write cs_deadline by hand (with signing on it is signed). An unreadable
+    # one escaped untyped; NaN or infinity passed the check, so the call ran, then its answer failed.
+    _app, distribution = caller
+    tag = f"deadline-{os.urandom(3).hex()}"
+    sent = distribution.celery.send_task(
+        f"{provider.key}.probe.get",
+        kwargs={"id": tag, "params": {}},
+        queue=provider.key,
+        headers={"cs_deadline": deadline},
+    )
+    with pytest.raises(BadRequest, match="deadline"):
+        sent.get(timeout=8)
+    assert not any(run.startswith(f"get-{tag}") for run in provider.runs())
+
+
+def test_the_payload_limit_counts_bytes_not_characters(
+    provider: Provider, caller: tuple[App, Distribution]
+) -> None:
+    # A call of 350,000 euro signs is 1.05 MB on the wire, over the 1 MiB default, in 350,000 characters:
+    # the limit counted characters (found by a review).
+    app, distribution = caller
+    euros = "\u20ac" * 350_000
+    assert len(euros) < 1_048_576 < len(euros.encode())
+    app.use("probe", distribution.remote_service(provider.key, "probe", PROBE))
+    with pytest.raises(PayloadTooLarge):
+        app.service("probe").slow({"tag": euros, "seconds": 0})
+    sent = distribution.celery.send_task(
+        f"{provider.key}.probe.get", kwargs={"id": 1, "data": euros, "params": {}}, queue=provider.key
+    )
+    with pytest.raises(PayloadTooLarge):
+        sent.get(timeout=8)
+
+
 def test_provider_hooks_run_with_from_remote_and_gateway_params(
     provider: Provider, caller: tuple[App, Distribution]
 ) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from celery_services import App, NotFound, Service, distribute
+from celery_services import App, BadRequest, NotFound, Service, distribute
 from celery_services.distribution.caller import current_deadline
 from celery_services.distribution.settings import DistributionSettings
 from workers.services import Articles
@@ -65,6 +65,8 @@ class Probe(Service):
     def boom(self, data: Any, params: dict[str, Any]) -> Any:
         if data == "notfound":
             raise NotFound("No record found for id 'x'", {"id": "x"})
+        if data == "unencodable":  # a validator's exception per field, as validation errors often hold
+            raise BadRequest("Invalid user", {"errors": {"email": ValueError("not an e-mail")}})
         raise KeyError("secret-internal-detail")
 
     def nested(self, data: Any, params: dict[str, Any]) -> Any:
