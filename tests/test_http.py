@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import decimal
 import json
+import logging
 import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,9 +21,11 @@ from typing import Any
 import httpx
 import pytest
 import redis
+import socketio  # type: ignore[import-untyped]
 import uvicorn
 
 from celery_services import App, DistributionSettings, MemoryService, distribute, finalize
+from celery_services.distribution.protocol import dumps
 from celery_services.http import EventHub, asgi_app, make_server
 from celery_services.testing import KitConfig, ProviderWorker, purge_queues, unique_name, wait_for
 
@@ -237,6 +243,17 @@ def sse(served: Served) -> Iterator[Any]:
     yield open_reader
     for reader in readers:
         reader.close()
+
+
+@contextlib.contextmanager
+def socket_client(url: str) -> Iterator[Any]:
+    """A Socket.IO client of the gateway, connected (its socket joined the event hub) until the block ends."""
+    client = socketio.Client()
+    client.connect(url, transports=["websocket"], wait_timeout=10)
+    try:
+        yield client
+    finally:
+        client.disconnect()
 
 
 def raw_request(port: int, head: str, body: bytes = b"") -> tuple[int, dict[str, Any]]:
@@ -723,3 +740,71 @@ def test_slow_client_never_blocks_others(
     finally:
         slow.close()
     wait_for(lambda: served.hub.clients == 1, timeout=10, what="slow client forgotten")
+
+
+# -- what every transport carries: the JSON of the wire ----------------------------------------------------
+
+
+class Stamped:
+    """A local service whose items carry what an ORM row does: a datetime, a UUID, a decimal."""
+
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+
+    def find(self, params: dict[str, Any]) -> Any:
+        return self.items
+
+    def create(self, data: Any, params: dict[str, Any]) -> Any:
+        at = dt.datetime(2024, 5, 1, 12, tzinfo=dt.UTC)
+        item = {
+            **data,
+            "id": len(self.items),
+            "at": at,
+            "uid": uuid.UUID(int=1),
+            "price": decimal.Decimal("1.10"),
+        }
+        self.items.append(item)
+        return item
+
+
+def test_answers_and_events_carry_the_json_of_the_wire(
+    served: Served, http: httpx.Client, sse: Any, mount: Any
+) -> None:
+    stamped = Stamped()
+    mount("stamped", stamped)
+    reader = sse("path=stamped")
+    with socket_client(served.url) as client:
+        heard: list[Any] = []
+        client.on("stamped created", heard.append)
+        created = http.post("/stamped", json={"text": "over REST"})
+        assert created.status_code == 201, created.text
+        wire = json.loads(dumps(stamped.items[0]))
+        assert wire["at"] == "2024-05-01T12:00:00Z" and wire["price"] == "1.10"
+        assert created.json() == wire
+        assert http.get("/stamped").json() == [wire]
+        answer = client.call("create", ("stamped", {"text": "over a socket"}, {}), timeout=10)
+        assert answer == (None, json.loads(dumps(stamped.items[1])))
+        both = [wire, answer[1]]
+        assert [event["data"] for event in reader.wait("created", 2)] == both
+        assert wait_for(lambda: len(heard) == 2 and heard, timeout=10, what="socket events") == both
+    assert len(stamped.items) == 2  # each create answered once, as it happened
+
+
+def test_a_value_of_no_json_form_is_a_typed_error_and_a_warning(
+    served: Served, http: httpx.Client, sse: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="celery_services.http")
+    reader = sse("path=echo")
+    with socket_client(served.url) as client:
+        heard: list[Any] = []
+        client.on("echo created", heard.append)
+        error_of(http.post("/echo", json={"unserializable": True}), 500, "GeneralError")
+        error = client.call("create", ("echo", {"unserializable": True}, {}), timeout=10)  # (error,)
+        assert error["name"] == "GeneralError" and error["code"] == 500
+        # Neither event was sent; the next one reaches both transports.
+        fine = http.post("/echo", json={"text": "fine"}).json()
+        assert [event["data"] for event in reader.wait("created")] == [fine]
+        assert wait_for(lambda: heard, timeout=10, what="socket event") == [fine]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # Two answers, two events.
+    assert sum("not JSON serializable" in message for message in warnings) == 4, warnings
