@@ -808,3 +808,20 @@ def test_a_value_of_no_json_form_is_a_typed_error_and_a_warning(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     # Two answers, two events.
     assert sum("not JSON serializable" in message for message in warnings) == 4, warnings
+
+
+def test_nan_and_the_infinities_answer_null_as_json_stringify_writes_them(local_app: App) -> None:
+    class Ratios:
+        def get(self, id: Any, params: dict[str, Any]) -> Any:
+            return {"id": id, "ratio": float("nan"), "range": [float("-inf"), float("inf")]}
+
+    local_app.use("ratios", Ratios())
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=asgi_app(local_app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            answer = await c.get("/ratios/1")  # JSON has no NaN: a browser's JSON.parse refuses it
+            assert answer.status_code == 200
+            assert answer.content == b'{"id":1,"ratio":null,"range":[null,null]}'
+
+    run(main())

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -25,6 +25,7 @@ __all__ = [
     "HEADER_TRACESTATE",
     "PROTOCOL_VERSION",
     "Envelope",
+    "client_json",
     "clipped",
     "dumps",
     "loads",
@@ -80,6 +81,20 @@ def dumps(value: Any) -> str:
         ValueError: a value of no JSON form (an ``object()``, a lone surrogate).
     """
     return to_json(value, inf_nan_mode="constants").decode()
+
+
+def client_json(value: Any, *, fallback: Callable[[Any], Any] | None = None) -> bytes:
+    """The JSON of ``value`` for the gateway's clients (REST, Socket.IO, SSE): what :func:`dumps` writes,
+    in UTF-8, but NaN and the infinities as ``null``, as JavaScript's ``JSON.stringify`` (and so a Feathers
+    server) writes them: JSON has no form of them, and a browser's ``JSON.parse`` refuses the constants.
+
+    Args:
+        fallback: what stands for a value of no JSON form (``None``: a ``ValueError``).
+
+    Raises:
+        ValueError: a value of no JSON form, without a ``fallback``.
+    """
+    return to_json(value, inf_nan_mode="null", fallback=fallback)
 
 
 def loads(text: str | bytes) -> Any:

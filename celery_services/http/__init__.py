@@ -5,6 +5,7 @@
 - :mod:`.query`: the query-string parser (``$limit``, ``$in``, ``$or[0][id]`` …);
 - :mod:`.sse`: the hub fanning service events out to ``/events`` clients, through the publish filters;
 - :mod:`.sockets`: Feathers' socket protocol over Socket.IO;
+- :mod:`.encoding`: what the gateway sends, in the JSON of the wire;
 - ``static/``: the live page.
 """
 

@@ -29,7 +29,7 @@ to an id and verbs other than these are a 405. Every call carries ``params = {"p
 for ``Authorization: Bearer t``. Calls are awaited (:meth:`~.ServiceWrapper.acall`): a remote proxy's on
 asyncio clients and an ``async def`` service's on the loop, holding no thread while they wait; a blocking
 service runs in one of the gateway's own threads (at most ``threads`` at once), never on the event loop. A
-result of ``None`` answers 204.
+result of ``None`` answers 204, any other its JSON as the wire writes it (:mod:`.encoding`).
 
 Authentication: ``asgi_app(app, authenticate=...)`` turns each REST call and ``/events`` request into a user
 (``params["user"]``) or refuses it with a 401 (:mod:`celery_services.http.auth`); the healthcheck and the
@@ -86,7 +86,9 @@ from ..core.errors import (
     Unavailable,
 )
 from ..core.service import ServiceWrapper
+from ..distribution.protocol import client_json
 from .auth import TOKEN_IN_QUERY, Authenticate, authenticate_request, warn_if_anonymous
+from .encoding import answer
 from .hub import EventHub
 from .metrics import metrics_endpoint
 from .query import Coerce, parse_id, parse_query
@@ -113,8 +115,8 @@ _ASSETS = {
 
 
 def _json_response(body: Any, status: int = 200) -> Response:
-    content = json.dumps(body, ensure_ascii=False, allow_nan=False, default=str).encode()
-    return Response(content, status_code=status, media_type=_JSON)
+    # An error's detail of no JSON form is shown, rather than the error lost.
+    return Response(client_json(body, fallback=repr), status_code=status, media_type=_JSON)
 
 
 def _error_response(exc: BaseException, request: Request | None = None) -> Response:
@@ -129,13 +131,6 @@ def _error_response(exc: BaseException, request: Request | None = None) -> Respo
     if status == 401:
         response.headers["WWW-Authenticate"] = "Bearer"
     return response
-
-
-def _encode(result: Any) -> bytes:
-    try:
-        return json.dumps(result, ensure_ascii=False, allow_nan=False).encode()
-    except (TypeError, ValueError) as exc:
-        raise GeneralError(f"The result is not JSON serializable: {exc}") from None
 
 
 def _decode(body: bytes) -> Any:
@@ -228,10 +223,9 @@ class _Gateway:
             params["user"] = user
 
         result = await self.invoke(wrapper, method, id, _decode(data) if data is not None else None, params)
-        content = None if result is None else _encode(result)
-        if content is None:
+        if result is None:
             return Response(status_code=204)
-        return Response(content, status_code=201 if method == "create" else 200, media_type=_JSON)
+        return Response(answer(result), status_code=201 if method == "create" else 200, media_type=_JSON)
 
     def _check_length(self, request: Request) -> None:
         length = request.headers.get("content-length")

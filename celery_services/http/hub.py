@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
-import logging
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -27,10 +24,9 @@ from typing import Any
 from ..core.app import App
 from ..core.service import ServiceWrapper
 from .auth import expired
+from .encoding import Event
 
 __all__ = ["EventHub", "HubClient"]
-
-log = logging.getLogger("celery_services.http")
 
 
 class HubClient:
@@ -57,11 +53,11 @@ class HubClient:
     def wants(self, path: str, event: str) -> bool:
         return (not self.paths or path in self.paths) and (not self.events or event in self.events)
 
-    def offer_event(self, path: str, event: str, data: Any, message: Callable[[], bytes | None]) -> None:
-        """Hand one event to the client (any thread); ``message()`` is its SSE form, built once per event."""
-        encoded = message()
-        if encoded is not None:
-            self.offer(encoded)
+    def offer_event(self, event: Event) -> None:
+        """Hand one event to the client (the emitting thread)."""
+        message = event.sse
+        if message is not None:
+            self.offer(message)
 
     def offer(self, message: bytes | None) -> None:
         """Hand ``message`` to the client's loop (any thread); ``None`` ends the stream."""
@@ -238,19 +234,6 @@ class EventHub:
         with self._lock:
             candidates = [client for client in self._clients if client.wants(path, event)]
         clients = [c for c in candidates if self.receives(wrapper, event, data, context, c.user)]
-        if not clients:
-            return
-
-        @functools.cache
-        def message() -> bytes | None:
-            try:
-                payload = json.dumps(
-                    {"path": path, "event": event, "data": data}, ensure_ascii=False, default=str
-                )
-            except (TypeError, ValueError):
-                log.warning("event %s of %s is not JSON serializable: not streamed", event, path)
-                return None
-            return f"event: {event}\ndata: {payload}\n\n".encode()
-
+        encoded = Event(path, event, data)
         for client in clients:
-            client.offer_event(path, event, data, message)
+            client.offer_event(encoded)

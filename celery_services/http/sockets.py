@@ -30,9 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import json
 import logging
-from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
@@ -40,7 +38,9 @@ import socketio  # type: ignore[import-untyped]
 
 from ..core.app import App
 from ..core.errors import BadRequest, GeneralError, MethodNotAllowed, NotAuthenticated, NotFound, ServiceError
+from ..distribution.protocol import client_json
 from .auth import Authenticate, expired
+from .encoding import Encoded, Event, answer
 from .hub import EventHub, HubClient
 from .query import parse_id
 
@@ -64,18 +64,21 @@ class _SocketClient(HubClient):
     ) -> None:
         super().__init__(hub, loop, frozenset(), frozenset(), size, user)
         self.sid = sid
-        self.outbox: asyncio.Queue[tuple[str, Any] | None] = asyncio.Queue(maxsize=size)
+        self.outbox: asyncio.Queue[tuple[str, Encoded] | None] = asyncio.Queue(maxsize=size)
 
-    def offer_event(self, path: str, event: str, data: Any, message: Callable[[], bytes | None]) -> None:
+    def offer_event(self, event: Event) -> None:
+        encoded = event.encoded
+        if encoded is None:
+            return
         with contextlib.suppress(RuntimeError):  # a closed loop: the socket is gone
-            self.loop.call_soon_threadsafe(self._enqueue, (f"{path} {event}", data))
+            self.loop.call_soon_threadsafe(self._enqueue, (f"{event.path} {event.name}", encoded))
 
     def offer(self, message: bytes | None) -> None:
         if message is None:  # the hub closes: end the sender
             with contextlib.suppress(RuntimeError):
                 self.loop.call_soon_threadsafe(self._enqueue, None)
 
-    def _enqueue(self, item: tuple[str, Any] | None) -> None:
+    def _enqueue(self, item: tuple[str, Encoded] | None) -> None:
         if item is None:
             while self.outbox.full():
                 self.outbox.get_nowait()
@@ -117,6 +120,7 @@ class SocketTransport:
             async_mode="asgi",
             cors_allowed_origins=None,  # a browser page of the gateway's own origin only ([] would allow any)
             max_http_buffer_size=max_bytes,
+            serializer=_Packet,
             ping_interval=10,
             ping_timeout=10,
             logger=False,
@@ -220,7 +224,7 @@ class SocketTransport:
         result = await wrapper.acall(
             method, id=fields.get("id"), data=fields.get("data"), params=params, executor=self.executor
         )
-        return _json_safe(result)
+        return Encoded(answer(result).decode())
 
     async def _authentication(self, sid: str, method: str, args: list[Any]) -> Any:
         session = await self.server.get_session(sid)
@@ -260,8 +264,28 @@ class SocketTransport:
             client.user = user
 
 
-def _json_safe(result: Any) -> Any:
-    try:
-        return json.loads(json.dumps(result, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise GeneralError(f"The result is not JSON serializable: {exc}") from None
+class _JSON:
+    """The JSON module of the transport's packets: written as the gateway's answers are, what was
+    encoded beforehand (a result, an event) put in as it is; read as python-socketio reads."""
+
+    loads = staticmethod(socketio.packet.Packet.json.loads)
+
+    @staticmethod
+    def dumps(value: Any, **options: Any) -> str:
+        if isinstance(value, list):  # a packet's arguments
+            return f"[{','.join(_text(item) for item in value)}]"
+        return _text(value)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, Encoded):
+        return value.text
+    # Errors and the authentication's answers: a detail of no JSON form is shown, not the answer lost.
+    return client_json(value, fallback=repr).decode()
+
+
+class _Packet(socketio.packet.Packet):  # type: ignore[misc]
+    """python-socketio's packet, with the JSON module of this server alone (``json=`` sets it for every
+    server and client of the process)."""
+
+    json = _JSON
