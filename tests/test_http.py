@@ -630,6 +630,43 @@ def test_coerce_option_reaches_the_parser(local_app: App) -> None:
     run(main())
 
 
+def test_head_answers_as_get_without_a_body_and_a_405_says_what_is_allowed(local_app: App) -> None:
+    local_app.service("notes").create({"title": "t"})
+    local_app.use("echo", Echo(), methods=["shout"])  # find, get, create, remove and shout
+
+    async def main() -> None:
+        transport = httpx.ASGITransport(app=asgi_app(local_app))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as c:
+            for path in ("/notes", "/notes/0"):
+                got, head = await c.get(path), await c.head(path)
+                assert head.status_code == 200 and head.content == b"", head.text
+                for header in ("content-type", "content-length"):
+                    assert head.headers[header] == got.headers[header], header
+            missing = await c.head("/notes/9")
+            assert missing.status_code == 404 and missing.content == b""
+            for verb, path, allowed in (
+                ("POST", "/notes/0", "GET, HEAD, PUT, PATCH, DELETE"),
+                ("PUT", "/echo/1", "GET, HEAD, DELETE"),
+                ("PATCH", "/echo", "GET, HEAD, POST, DELETE"),
+                ("OPTIONS", "/echo", "GET, HEAD, POST, DELETE"),
+                ("PROPFIND", "/echo/1", "GET, HEAD, DELETE"),
+            ):
+                refused = await c.request(verb, path, json={} if verb != "OPTIONS" else None)
+                error_of(refused, 405, "MethodNotAllowed")
+                assert refused.headers.get("allow") == allowed, (verb, path)
+            unknown = await c.post("/echo", json={}, headers={"X-Service-Method": "whisper"})
+            assert error_of(unknown, 405, "MethodNotAllowed")["data"] == {"method": "whisper"}
+            assert unknown.headers.get("allow") == "GET, HEAD, POST, DELETE"
+
+    run(main())
+
+
+def test_head_over_the_server(http: httpx.Client) -> None:
+    got, head = http.get("/notes"), http.head("/notes")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["content-length"] == got.headers["content-length"]
+
+
 def test_options_are_checked() -> None:
     app = App()
     for bad in (
