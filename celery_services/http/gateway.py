@@ -24,7 +24,8 @@ an optional ``-`` and at most 18 digits without a leading zero become ints; any 
 
 Requests: the body is JSON (an empty body reads as ``{}``, as Feathers' body parser gives);
 ``X-Service-Method`` must name a custom method of the service (standard methods have their verbs); ``POST``
-to an id and verbs other than these are a 405. Every call carries ``params = {"provider": "rest", "query":
+to an id and verbs other than these are a 405, whose ``Allow`` lists the verbs of the path. ``HEAD`` answers
+as ``GET`` without the body. Every call carries ``params = {"provider": "rest", "query":
 {...}, "headers": {lowercased headers}}`` plus ``"authentication": {"strategy": "jwt", "accessToken": t}``
 for ``Authorization: Bearer t``. Calls are awaited (:meth:`~.ServiceWrapper.acall`): a remote proxy's on
 asyncio clients and an ``async def`` service's on the loop, holding no thread while they wait; a blocking
@@ -73,6 +74,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
+from starlette.types import Receive, Scope, Send
 
 from ..core.app import App
 from ..core.errors import (
@@ -102,9 +104,16 @@ log = logging.getLogger("celery_services.http")
 T = TypeVar("T")
 
 _JSON = "application/json"
-_METHODS = {"PUT": "update", "PATCH": "patch", "DELETE": "remove"}
-#: What the service route accepts; any other verb answers a 405 MethodNotAllowed.
-_VERBS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+#: The method each verb calls on a service (no id) and on one of its items; other verbs answer a 405.
+_ON_SERVICE = {
+    "GET": "find",
+    "HEAD": "find",
+    "POST": "create",
+    "PUT": "update",
+    "PATCH": "patch",
+    "DELETE": "remove",
+}
+_ON_ITEM = {"GET": "get", "HEAD": "get", "PUT": "update", "PATCH": "patch", "DELETE": "remove"}
 _BEARER = re.compile(r"^\s*(?:Bearer|JWT)\s+(\S+)\s*$", re.IGNORECASE)
 _PREFIX = re.compile(r"^(/[A-Za-z0-9_.~-]+)*$")
 _ASSETS = {
@@ -203,18 +212,32 @@ class _Gateway:
 
     # services
 
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The service route as an ASGI app, which Starlette routes whatever the verb (a function, only for
+        # the verbs it is given): _method refuses, saying in Allow what the path takes.
+        response = await self.service(Request(scope, receive))
+        await response(scope, receive, send)
+
     async def service(self, request: Request) -> Response:
         try:
-            return await self._service(request)
+            response = await self._service(request)
         except ClientDisconnect:  # gone while sending its body: nobody reads the answer
             return Response(status_code=400)
         except Exception as exc:
-            return _error_response(exc, request)
+            response = _error_response(exc, request)
+        if request.method.upper() == "HEAD":  # GET's headers (its Content-Length too), whatever the server
+            response.body = b""
+        return response
 
     async def _service(self, request: Request) -> Response:
         self._check_length(request)
         wrapper, id = self._resolve(request)
-        method = self._method(request, wrapper, id)
+        try:
+            method = self._method(request, wrapper, id)
+        except MethodNotAllowed as exc:
+            response = _error_response(exc, request)
+            response.headers["Allow"] = _allowed(wrapper, id)
+            return response
         user = await authenticate_request(self.authenticate, request)
         data = await self._body(request) if request.method in ("POST", "PUT", "PATCH") else None
         query = parse_query(request.url.query, coerce=self.coerce)
@@ -281,21 +304,16 @@ class _Gateway:
 
     def _method(self, request: Request, wrapper: ServiceWrapper, id: int | str | None) -> str:
         verb = request.method.upper()
-        custom = request.headers.get("x-service-method")
-        if verb == "GET":
-            method = "find" if id is None else "get"
-        elif verb == "POST":
-            if id is not None:
-                raise MethodNotAllowed(f"POST is not allowed on an id of '{wrapper.path}': use PUT or PATCH")
-            method = custom.strip() if custom else "create"
-            if custom and method not in wrapper.custom_methods:
+        method = (_ON_SERVICE if id is None else _ON_ITEM).get(verb)
+        if method is None:
+            where = f"'{wrapper.path}'" if id is None else f"an id of '{wrapper.path}'"
+            raise MethodNotAllowed(f"HTTP method {verb} is not allowed on {where}", {"method": verb})
+        if method == "create" and (custom := request.headers.get("x-service-method")):
+            method = custom.strip()
+            if method not in wrapper.custom_methods:
                 raise MethodNotAllowed(
                     f"Method '{method}' is not a custom method of '{wrapper.path}'", {"method": method}
                 )
-        elif verb in _METHODS:
-            method = _METHODS[verb]
-        else:
-            raise MethodNotAllowed(f"HTTP method {verb} is not allowed", {"method": verb})
         if method not in wrapper.methods:
             raise MethodNotAllowed(
                 f"Method '{method}' is not offered by service '{wrapper.path}'", {"method": method}
@@ -356,6 +374,13 @@ class _Gateway:
         if name not in _ASSETS:
             return _error_response(NotFound(f"No static file '{name}'"))
         return Response(_asset(name), media_type=_ASSETS[name], headers={"Cache-Control": "no-cache"})
+
+
+def _allowed(wrapper: ServiceWrapper, id: int | str | None) -> str:
+    """The ``Allow`` of a 405: the verbs of what ``wrapper`` offers (POST: create or a custom method)."""
+    verbs = _ON_SERVICE if id is None else _ON_ITEM
+    offered = {*wrapper.methods, *(["create"] if wrapper.custom_methods else [])}
+    return ", ".join(verb for verb, method in verbs.items() if method in offered)
 
 
 @functools.cache
@@ -446,7 +471,7 @@ def asgi_app(
             queue_size=queue_size,
         )
         routes.append(Mount("/socket.io", app=transport.asgi()))
-    routes.append(Route(f"{base}/{{path:path}}", gateway.service, methods=_VERBS))
+    routes.append(Route(f"{base}/{{path:path}}", gateway))
     starlette = Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
     starlette.state.hub = hub
     starlette.state.executor = gateway.executor
