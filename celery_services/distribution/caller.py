@@ -52,6 +52,7 @@ from .protocol import (
     is_secret_header,
     loads,
     mask_url,
+    payload_size,
     reply_key,
     safe_params,
     task_name,
@@ -269,7 +270,7 @@ class Transport:
             encoded = dumps(kwargs)
         except ValueError as exc:
             raise BadRequest(f"Call to '{name}' is not JSON serializable: {exc}") from None
-        size = len(encoded)
+        size = payload_size(encoded)
         if size > settings.max_payload_bytes:
             raise PayloadTooLarge(
                 f"Call to '{name}' is {size} bytes, over the {settings.max_payload_bytes} byte limit",

@@ -19,7 +19,7 @@ from typing import Any
 
 from kombu.compression import decompress
 
-from .protocol import dumps, loads
+from .protocol import dumps, loads, payload_size
 
 __all__ = [
     "DEFAULT_HEADERS",
@@ -204,7 +204,7 @@ def task_message(headers: Any, body: str | bytes, properties: dict[str, Any]) ->
         raise MalformedMessage(f"unreadable task body: {type(exc).__name__}: {exc}") from None
     if not isinstance(args, list) or not isinstance(kwargs, dict):
         raise MalformedMessage("its body is not [args, kwargs, embed]")
-    return TaskMessage(headers, args, kwargs, properties, len(body))
+    return TaskMessage(headers, args, kwargs, properties, payload_size(body))
 
 
 def mark_redelivered(message: dict[str, Any]) -> dict[str, Any]:

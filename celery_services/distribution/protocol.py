@@ -29,6 +29,7 @@ __all__ = [
     "clipped",
     "dumps",
     "loads",
+    "payload_size",
     "is_secret_header",
     "mask_url",
     "parse_envelope",
@@ -67,7 +68,7 @@ SECRET_HEADER_PARTS = ("token", "secret", "password", "api-key", "apikey", "api_
 log = logging.getLogger("celery_services.protocol")
 
 
-def dumps(value: Any) -> str:
+def dumps(value: Any, *, fallback: Callable[[Any], Any] | None = None) -> str:
     """The JSON text of ``value`` as it travels: a call's arguments, a reply's result.
 
     pydantic's encoder, not :func:`json.dumps`: it escapes a string four to five times faster (0.04 ms
@@ -77,10 +78,21 @@ def dumps(value: Any) -> str:
     and pydantic models travel as their JSON form. Compact separators; non-ASCII as UTF-8; NaN and the
     infinities as Python's ``json`` writes them (it reads them back).
 
+    Args:
+        fallback: what stands for a value of no JSON form (``None``: a ``ValueError``).
+
     Raises:
         ValueError: a value of no JSON form (an ``object()``, a lone surrogate).
     """
-    return to_json(value, inf_nan_mode="constants").decode()
+    return to_json(value, inf_nan_mode="constants", fallback=fallback).decode()
+
+
+def payload_size(text: str | bytes) -> int:
+    """The bytes ``text`` takes on the wire (UTF-8): what ``max_payload_bytes`` limits. A text is encoded
+    to be measured only when it holds non-ASCII characters (``isascii`` reads a flag CPython keeps)."""
+    if isinstance(text, bytes) or text.isascii():
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 def client_json(value: Any, *, fallback: Callable[[Any], Any] | None = None) -> bytes:

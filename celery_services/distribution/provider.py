@@ -10,8 +10,10 @@ it answers (reply list, Celery state, Flower's view of an expected error) are re
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
+import math
 import re
 import threading
 import time
@@ -27,7 +29,9 @@ from celery.app.task import Context
 from celery.worker.request import Request
 
 from ..core.errors import (
+    BadRequest,
     Forbidden,
+    GeneralError,
     MethodNotAllowed,
     NotAuthenticated,
     PayloadTooLarge,
@@ -48,8 +52,11 @@ from .protocol import (
     HEADER_CALLER,
     HEADER_DEADLINE,
     HEADER_REPLY,
+    clipped,
     dumps,
+    loads,
     parse_envelope,
+    payload_size,
     reply_key,
     split_task_name,
     task_name,
@@ -255,11 +262,30 @@ def _refused(
     # The reply is signed as every other reply is, or a caller with signing on would refuse it (BadGateway).
     answer = Answer(error=error)
     if headers.get(HEADER_REPLY):
-        raw_deadline = headers.get(HEADER_DEADLINE)
         answer.reply_to = reply_key(distribution.settings.registry_prefix, call_id)
-        answer.deadline = float(raw_deadline) if raw_deadline is not None else None
-        answer.body = _error_reply(distribution.signer, call_id, error)
+        with contextlib.suppress(BadRequest):  # no time: its reply lives the default TTL
+            answer.deadline = call_deadline(headers.get(HEADER_DEADLINE))
+        answer.error, answer.body = _error_reply(distribution.signer, call_id, error)
     return answer
+
+
+def call_deadline(raw: Any) -> float | None:
+    """A call's deadline (epoch seconds) from its ``cs_deadline`` header; ``None`` without one.
+
+    Raises:
+        BadRequest: the header is no finite number. Only a sender outside the library writes it by hand
+            (with signing on it is signed): unread, it escaped untyped, and NaN or infinity passed the
+            deadline check, so the call ran, then its reply could not be given a lifetime.
+    """
+    if raw is None:
+        return None
+    try:
+        deadline = float(raw)
+    except (TypeError, ValueError, OverflowError):
+        deadline = math.nan
+    if not math.isfinite(deadline):
+        raise BadRequest(f"Malformed call: its deadline {clipped(repr(raw), 64)} is no time")
+    return deadline
 
 
 def health_task_name(key: str) -> str:
@@ -441,19 +467,22 @@ def _answer(
     """
     call_id = str(request.id)
     extra = {**fields, "call_id": call_id}
-    raw_deadline = getattr(request, HEADER_DEADLINE, None)
-    deadline = float(raw_deadline) if raw_deadline is not None else None
     reply_to = None
     if getattr(request, HEADER_REPLY, None):
         reply_to = reply_key(distribution.settings.registry_prefix, call_id)
     signer = distribution.signer
-    answer = Answer(reply_to=reply_to, deadline=deadline)
+    answer = Answer(reply_to=reply_to)
 
     def failed(error: ServiceError, cause: BaseException | None = None) -> Answer:
-        answer.error, answer.cause = error, cause
-        answer.body = _error_reply(signer, call_id, error)
+        answer.cause = cause
+        answer.error, answer.body = _error_reply(signer, call_id, error)
         return answer
 
+    try:
+        deadline = answer.deadline = call_deadline(getattr(request, HEADER_DEADLINE, None))
+    except BadRequest as malformed:
+        log.warning("call %s refused: %s", call_id, malformed.message, extra=extra)
+        return failed(malformed)
     if deadline is not None and deadline <= time.time():
         # Its caller gave up (Celery's ``expires`` is only checked on receipt, not when a prefetched or
         # redelivered call starts): nothing runs, nothing is pushed.
@@ -478,11 +507,11 @@ def _answer(
         result = work()
         encoded = dumps(result)
         body = f'{{"result": {encoded}}}'
-        limit = distribution.settings.max_payload_bytes
-        if len(body) > limit:
+        limit, size = distribution.settings.max_payload_bytes, payload_size(body)
+        if size > limit:
             raise PayloadTooLarge(
-                f"Result of '{request.task}' is {len(body)} bytes, over the {limit} byte limit",
-                {"size": len(body), "limit": limit, "call_id": call_id},
+                f"Result of '{request.task}' is {size} bytes, over the {limit} byte limit",
+                {"size": size, "limit": limit, "call_id": call_id},
             )
     except Exception as exc:
         error = error_from_exception(exc, debug=distribution.settings.debug, call_id=call_id)
@@ -548,7 +577,7 @@ def _run(
     settings = distribution.settings
     envelope = parse_envelope(args, kwargs)
     # The fast path read the envelope's size off its message: no second serialization of a large call.
-    size = request.envelope_size if isinstance(request, SizedRequest) else len(dumps(kwargs))
+    size = request.envelope_size if isinstance(request, SizedRequest) else payload_size(dumps(kwargs))
     if size > settings.max_payload_bytes:
         raise PayloadTooLarge(
             f"Call is {size} bytes, over the {settings.max_payload_bytes} byte limit",
@@ -561,15 +590,21 @@ def _run(
     )
 
 
-def _error_reply(signer: Signer | None, call_id: str, error: ServiceError) -> str:
-    """The reply of a call that failed with ``error``, signed when signing is on."""
-    body = dumps({"error": _json_safe(error.to_dict())})
-    return signer.sign_reply(call_id, body) if signer else body
+def _error_reply(signer: Signer | None, call_id: str, error: ServiceError) -> tuple[ServiceError, str]:
+    """``error`` as it can travel, and the reply of a call that failed with it, signed when signing is on.
 
-
-def _json_safe(payload: dict[str, Any]) -> dict[str, Any]:
+    A detail of no JSON form (a validator's exception object in its ``errors``) travels as its ``repr``, in
+    a copy of the error, which Celery's result backend can write too: unwritten, the caller got no reply
+    and waited its whole timeout. An error not even so (a lone surrogate in its message) is an internal one.
+    """
     try:
-        dumps(payload)
+        text = dumps(error.to_dict())
     except ValueError:
-        payload = {**payload, "data": repr(payload.get("data"))}
-    return payload
+        try:
+            text = dumps(error.to_dict(), fallback=repr)
+            error = ServiceError.from_dict(loads(text))
+        except ValueError:
+            error = GeneralError("Internal error", {"call_id": call_id})
+            text = dumps(error.to_dict())
+    body = f'{{"error":{text}}}'
+    return error, signer.sign_reply(call_id, body) if signer else body
