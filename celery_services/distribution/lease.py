@@ -55,6 +55,9 @@ for i = 1, #ARGV do
     redis.call('ZREM', KEYS[2], ARGV[i])
   end
 end
+-- As long as Celery keeps an unacknowledged message (its visibility timeout's default, an hour): the set
+-- of a key whose replicas are all gone for good goes too.
+if #alive > 0 then redis.call('EXPIRE', KEYS[2], 3600) end
 return alive
 """
 
