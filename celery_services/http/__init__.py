@@ -3,7 +3,8 @@
 - :mod:`.gateway`: the Starlette app (REST routes with Feathers' conventions, healthcheck, live page);
 - :mod:`.auth`: who is calling (the authenticate step, :class:`JWTAuthentication` and its settings);
 - :mod:`.query`: the query-string parser (``$limit``, ``$in``, ``$or[0][id]`` …);
-- :mod:`.sse`: the hub fanning service events out to ``/events`` clients, through the publish filters;
+- :mod:`.hub`: the hub fanning service events out to the gateway's clients, through the publish filters;
+- :mod:`.sse`: the ``/events`` stream of one client of the hub;
 - :mod:`.sockets`: Feathers' socket protocol over Socket.IO;
 - :mod:`.encoding`: what the gateway sends, in the JSON of the wire;
 - ``static/``: the live page.
