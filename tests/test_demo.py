@@ -35,7 +35,7 @@ MILESTONES = [
     "20/20 calls succeeded after the kill",
     "the registry dropped the killed replica",
     "healthcheck('my-app') → {\"articles\": true}",
-    'articles → 201, then GET /articles/0 → {"title": "Over HTTP", "id": 0}',
+    'articles → 201, then GET /articles/0 → {"title":"Over HTTP","id":0}',
     "left behind: 0 keys, 0 processes",
     "Done in",
 ]
