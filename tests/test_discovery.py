@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -512,6 +513,45 @@ def test_dynamic_custom_service(redis_url: str, prefix: str, consumers: list[Con
     finally:
         store.rpush(commands, "stop")
         cleanup(redis_url, redis_url, prov.key, commands, f"{commands}:done")
+
+
+@pytest.mark.timeout(120)
+def test_a_prefork_child_follows_the_registry(redis_url: str, prefix: str, consumers: list[Consumer]) -> None:
+    # The calls a prefork worker serves run in its pool's children, forked before the provider they call
+    # started, and still running when it dies: each child must see both, as its main process does.
+    target = registered_provider(redis_url, prefix, "late")
+    relay = registered_provider(redis_url, prefix, "relay", TEST_RELAY_TARGET=target.key)
+    consumer = Consumer(redis_url, prefix, remote_services=[relay.key])
+    consumers.append(consumer)
+    worker = WorkerProcess("tests.apps.relay", relay.key, env=relay.env, pool="prefork", concurrency=1)
+    late = target.worker()
+    seen: list[dict[str, Any]] = []
+
+    def relayed() -> dict[str, Any]:
+        answer = consumer.app.service("relay").get(1, {"timeout": 15})
+        assert answer.pop("pid") != worker.pid  # served in the pool's child
+        seen.append(answer)
+        return answer
+
+    def relayed_until(expected: dict[str, Any]) -> dict[str, Any]:
+        with contextlib.suppress(TimeoutError):
+            wait_for(lambda: relayed() == expected, timeout=15)
+        return seen[-1]
+
+    gone = {"mounted": "NotFound", "direct": "Unavailable"}
+    try:
+        with worker:
+            consumer.distribution.wait_for("relay", timeout=10)
+            assert relayed() == gone
+            late.start()
+            reached = {"mounted": late.pid, "direct": late.pid}
+            assert relayed_until(reached) == reached
+            late.kill()
+            # Seen dead once its entry expired: its calls fail at once, not after their timeout.
+            assert relayed_until(gone) == gone
+    finally:
+        late.stop()
+        cleanup(redis_url, redis_url, relay.key, target.key, relay.runs_key, target.runs_key)
 
 
 def test_a_proxy_offers_exactly_what_its_provider_offers_now() -> None:
