@@ -185,6 +185,8 @@ class Discovery:
     def _sweep(self) -> None:
         # Some instance is gone (or this app just started): remove the event queues of dead consumers,
         # asking the registry afresh who is alive (see EventBus.sweep for why it is asked last).
+        if self.distribution.forked:
+            return
         registry = self.distribution.registry
 
         def live() -> set[str]:

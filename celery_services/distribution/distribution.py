@@ -77,6 +77,7 @@ class Distribution:
         handlers: what serves each call task of this key, by task name (:mod:`.provider`).
         fastpath: the fast path serving this key's queue in this worker, if it runs (:mod:`.fastpath`).
         registry, discovery: manifests in Redis, and the proxies that follow them.
+        pid: the process the distribution was made in, whose threads beat, watch and hear the events.
         events: the event bus.
         worker: what the distribution does inside a Celery worker (:mod:`.worker`).
     """
@@ -87,7 +88,8 @@ class Distribution:
         self.key = settings.key
         # Names a broadcast queue too: only [A-Za-z0-9_-].
         host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())
-        self.instance = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.pid = os.getpid()
+        self.instance = f"{host}-{self.pid}-{uuid.uuid4().hex[:6]}"
         self.celery = celery if celery is not None else make_celery(settings)
         self.worker = WorkerSignals(self)
         install(self)  # metrics, a worker's log format and metrics server (observability.py)
@@ -181,6 +183,30 @@ class Distribution:
             log.warning("the registry did not answer in time: remote services will appear when it does")
         self.worker.connect()
         return self
+
+    @property
+    def forked(self) -> bool:
+        """Whether this process is a fork of the one the distribution was made in (a prefork pool's child).
+
+        Such a child leaves the events to its parent: the parent's consumer hears them for the whole worker,
+        and its discovery, following the same registry, binds, unbinds and sweeps. The child would compete
+        for the parent's queue, on connections and locks it inherited, maybe in use.
+        """
+        return os.getpid() != self.pid
+
+    def follow_registry_after_fork(self) -> None:
+        """Follow the registry again in a forked child (a prefork pool's: Celery's ``worker_process_init``).
+
+        The registry's watcher is a thread, which a fork does not carry: the child kept the view of that
+        moment for good, never mounting a provider that started later nor seeing one die. It watches on a
+        registry of its own (its own connections and thread), which publishes nothing: the parent's
+        instance is the one registered, and beats.
+        """
+        if not self.forked:  # a spawned child: the distribution was made there, and watches already
+            return
+        self.registry = Registry.from_settings(self.settings)
+        self.transport.is_live = self.registry.has_key
+        self.registry.watch(self.discovery.on_view)
 
     def exposable_methods(self, wrapper: ServiceWrapper) -> tuple[str, ...]:
         """The methods of ``wrapper`` this app distributes (none for proxies or unselected services)."""
@@ -282,6 +308,8 @@ class Distribution:
         afterwards reach the listener. A binding lasts until its proxy is unmounted: an event whose last
         listener went stays bound, its events dropped on arrival.
         """
+        if self.forked:
+            return
         proxy: RemoteService = wrapper.service
         address = (proxy.key, proxy.path, event)
         with self._binding:  # held while binding: a second listener's on() returns once it is bound too
@@ -316,6 +344,8 @@ class Distribution:
 
     def _unbind(self, proxy: RemoteService, events: Sequence[str]) -> None:
         # Unless another proxy of the same remote service still receives them (they share the bindings).
+        if self.forked:
+            return
         with self._lock:
             sharing = self._proxies.get((proxy.key, proxy.path), [])
             still = {event for other in sharing for event in other.service.events}

@@ -3,6 +3,8 @@
 - ``worker_init``: remembers the pool (a prefork pool cannot serve a service mounted after it forked, so
   :meth:`WorkerSignals.check_mount` refuses it) and the worker controller (its consumer learns the tasks of
   services mounted later);
+- ``worker_process_init``: in a prefork pool's child, follows the registry again (the parent's watcher
+  thread did not survive the fork);
 - ``worker_ready``: starts the lease keeper in the consumer's process (the parent of a prefork pool);
 - ``task_received``: leases each call of the key's queue (:mod:`.lease`);
 - ``task_unknown``: answers at once a call the worker does not serve, instead of letting Celery drop it;
@@ -98,7 +100,9 @@ class WorkerSignals:
             self.controller = sender
 
     def _on_worker_process_init(self, **_: Any) -> None:
+        # Sent with a hostname only: every distribution of the child needs its own view, whatever its app.
         self.pool = "prefork"
+        self.distribution.follow_registry_after_fork()
 
     def _on_worker_ready(self, sender: Any = None, **_: Any) -> None:
         lease = self.distribution.lease
