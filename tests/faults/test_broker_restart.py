@@ -29,6 +29,9 @@ own (:mod:`tests.faults.brokers`), so that restarting them never touches anyone 
 - ``test_consumer_redis_connections_killed``: ``CLIENT KILL`` of the consumer's normal and pub/sub connections
   while calls go on: only calls in flight may fail (typed), events still arrive, and discovery still sees
   the provider die afterwards.
+- ``test_a_worker_told_to_stop_while_its_broker_is_gone_exits_within_seconds``: a worker SIGTERMed while its
+  broker answers nothing (SIGSTOP: a host cut off looks the same to it) exits well within ``docker stop``'s
+  10 s grace, on either broker; it never exited before.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from celery_services.distribution.manifest import Manifest
 from celery_services.distribution.registry import Registry
 from celery_services.testing import WorkerProcess, wait_for
 
-from ..support import Provider, make_caller, provider_env
+from ..support import BROKERS, Provider, cleanup, make_caller, provider_env
 from .brokers import (
     HEARTBEAT,
     TYPED,
@@ -66,6 +69,7 @@ from .brokers import (
     first_success_after,
     overran,
     running,
+    stalled,
     summary,
     untyped,
 )
@@ -574,3 +578,50 @@ def test_consumer_redis_connections_killed(private_redis: RedisServer) -> None:
         consumer.close()
         worker.stop()
         admin.close()
+
+
+#: ``docker stop`` sends SIGKILL 10 s after SIGTERM (Kubernetes 30 s by default, often set lower). A warm stop
+#: with no call to finish takes about 5 s when its broker is gone (the stop's grace, worker.py), well within.
+STOP_BOUND = 8.0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("broker", BROKERS)
+def test_a_worker_told_to_stop_while_its_broker_is_gone_exits_within_seconds(
+    request: pytest.FixtureRequest, private_redis: RedisServer, broker: str
+) -> None:
+    # The broker's process is stopped (SIGSTOP), not killed: it accepts connections and answers nothing, as a
+    # broker behind a dead host or a partition does (a killed one refuses them, and the worker stopped at
+    # once). The warm stop then never ended on either broker: on Redis the main thread sat in Celery's worker
+    # heartbeat, whose publish kombu retries for ever; on RabbitMQ in the cancel of Celery's remote-control
+    # consumer, py-amqp waiting for its answer for ever; and every step of the stop after them waits out a
+    # timeout of its own on the silent broker.
+    node = private_redis if broker == "redis" else request.getfixturevalue("rabbitmq")
+    assert node.process is not None
+    prefix = f"cs-fault-{os.urandom(4).hex()}"
+    prov = provider_on(node.url, private_redis.url, prefix, "gone")
+    app, distribution = make_caller(prov, prefix)
+    worker = prov.worker()
+    try:
+        worker.start()
+        assert "fast path serving queue" in worker.log()
+        probe = distribution.remote_service(prov.key, "probe", ["get"])
+        assert probe.get(1, {})["id"] == 1  # serving: nothing left of its start
+        finalize(app)  # the caller's connections stay out of the outage
+        with stalled(node.process):
+            # The outage itself, not a wait: longer than the worker heartbeat's interval (2 s), so that its
+            # publish is caught in it, as in the stack dumps that found the bug.
+            time.sleep(3.0)
+            os.kill(worker.pid, signal.SIGTERM)
+            told = time.monotonic()
+            try:
+                wait_for(lambda: worker.process.poll() is not None, STOP_BOUND, what="the worker exited")
+            except TimeoutError:
+                pytest.fail(f"the worker still ran {STOP_BOUND:.0f} s after SIGTERM, its broker gone")
+            took = time.monotonic() - told
+        assert worker.process.returncode == 0, worker.log()[-3000:]  # a warm stop's, not a kill's
+        report(f"warm stop, {broker} gone", stop_s=took)
+    finally:
+        worker.kill()
+        finalize(app)
+        cleanup(node.url, private_redis.url, prov.key, prov.runs_key)
