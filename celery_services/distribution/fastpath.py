@@ -190,6 +190,11 @@ class FastPath:
         ]
 
     @property
+    def busy(self) -> bool:
+        """Whether a serving thread runs a call now."""
+        return bool(self._running)
+
+    @property
     def taking(self) -> bool:
         """Whether the serving threads take calls (not paused by :meth:`pause`)."""
         return self._taking.is_set()
