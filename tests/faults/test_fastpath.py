@@ -367,9 +367,7 @@ def test_a_call_taken_by_a_blmove_whose_answer_was_lost_is_served(redis_url: str
         )
     finally:
         relay.close()
-        # Killed, not stopped: with its broker gone, Celery's worker heartbeat retries its publish on the
-        # main thread, and a warm stop waits for it (over 15 s here, the stop's own SIGKILL then).
-        worker.kill()
+        worker.stop()  # its broker gone: the stop ends 5 s after its last call (STOP_GRACE, worker.py)
         finalize(app)
         cleanup(redis_url, redis_url, prov.key, prov.runs_key)
 
