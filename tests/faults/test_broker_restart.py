@@ -230,6 +230,39 @@ def test_a_call_made_while_redis_is_down_is_answered_once_it_is_back(private_red
         report("calls during a redis outage", **{how: o["seconds"] for how, o in outcomes.items()})
 
 
+@pytest.mark.timeout(150)
+def test_a_worker_outlives_a_broker_outage_past_celerys_retry_limit(private_redis: RedisServer) -> None:
+    # Celery's consumer gives up after broker_connection_max_retries failed reconnections (100 by default),
+    # and the worker exits ("Unrecoverable error"). At kombu's own pace (2 s, 4, 6 … up to 30) that was most
+    # of an hour; at the library's 0.5 s (PromptReconnection) it was 50 s: a Redis down for a minute ended
+    # every worker of it. Counted in attempts, not seconds: the worker logs each failed one.
+    url, prefix = private_redis.url, f"cs-fault-{os.urandom(4).hex()}"
+    prov = provider_on(url, url, prefix, "outage")
+    with prov.worker() as worker:
+        consumer = Consumer(url, url, prefix, prov.key)
+        try:
+            probe = consumer.distribution.wait_for("probe", timeout=10)
+            assert probe.get("before")["id"] == "before"
+            private_redis.stop()
+            wait_for(
+                lambda: worker.log().count("Cannot connect") > 101 or worker.process.poll() is not None,
+                timeout=100,
+                what="more than 100 failed reconnections",
+            )
+            assert worker.process.poll() is None, worker.log()[-1500:]
+            private_redis.start()
+            wait_for(lambda: _answers(probe), timeout=20, what="calls served again")
+        finally:
+            consumer.close()
+
+
+def _answers(probe: Any) -> bool:
+    try:
+        return bool(probe.get("back", {"timeout": 2})["id"] == "back")
+    except Exception:
+        return False
+
+
 @pytest.mark.timeout(60)
 def test_a_redis_restart_keeps_live_providers_in_the_view_until_they_can_announce_again(
     private_redis: RedisServer,
