@@ -80,6 +80,9 @@ def make_celery(settings: DistributionSettings) -> Celery:
         task_default_queue=settings.key,
         result_expires=3600,
         broker_connection_retry_on_startup=True,
+        # Retried for as long as the broker is away: Celery's limit (100 attempts) was most of an hour at
+        # kombu's pace, 50 s at the library's (PromptReconnection), after which the worker exited.
+        broker_connection_max_retries=None,
         broker_connection_timeout=min(settings.timeout, 4.0),
         # Client timeouts are set here, never left to the client library. Nothing broker-wide is changed:
         # Celery's visibility timeout (shared by every app on a Redis database) keeps its default, and the
