@@ -4,6 +4,7 @@ import pytest
 
 from celery_services import App, MethodNotAllowed, NotFound, Service
 from celery_services.core.errors import BadRequest, Conflict
+from celery_services.core.service import method_attribute
 
 
 class Articles(Service):
@@ -114,8 +115,8 @@ def test_missing_method_is_method_not_allowed_never_attribute_error() -> None:
 
 def test_custom_methods_and_events_must_be_declared_correctly() -> None:
     app = App()
-    with pytest.raises(ValueError, match="no method 'publish'"):
-        app.use("a", Articles(), methods=["publish"])
+    with pytest.raises(ValueError, match="no method 'archive'"):
+        app.use("a", Articles(), methods=["archive"])
     with pytest.raises(ValueError, match="invalid method name"):
         app.use("b", Articles(), methods=["publish.article"])
     with pytest.raises(ValueError, match="invalid event name"):
@@ -124,6 +125,20 @@ def test_custom_methods_and_events_must_be_declared_correctly() -> None:
     assert app.use("d", Articles(), methods=["publish-article"], events=["article-published"]).methods[
         -1
     ] == ("publish-article")
+
+
+@pytest.mark.parametrize(
+    "name", ["publish", "hooks", "on", "emit", "call", "off", "watch", "is-async", "custom_methods", "setup"]
+)
+def test_custom_method_named_like_a_wrapper_attribute_is_refused(name: str) -> None:
+    # wrapper.publish(data) would run ServiceWrapper.publish (data became the publish filter) while
+    # call("publish") ran the service's: Feathers refuses such names at use() too.
+    app = App()
+    service = Articles()
+    setattr(service, method_attribute(name), lambda data, params: {"ran": data})
+    with pytest.raises(ValueError, match=f"'{name}' on service 'articles' is not allowed as a custom method"):
+        app.use("articles", service, methods=["get", name])
+    assert "articles" not in app.services
 
 
 def test_custom_method_and_custom_event() -> None:
