@@ -100,9 +100,10 @@ class ServiceWrapper(EventEmitter):
     """A mounted service: runs hooks around each call and emits the service's events.
 
     ``app.service(path)`` returns it. Standard methods are methods of the wrapper; custom methods listed at
-    ``app.use(..., methods=[...])`` are reached as attributes. Any other method name gives a callable that
-    raises :class:`MethodNotAllowed`, never ``AttributeError``. Non-callable attributes of the service
-    (``remote``, ``key``, ``id_field`` …) are readable through the wrapper.
+    ``app.use(..., methods=[...])`` are reached as attributes, so none may be named like one of the
+    wrapper's own (``publish``, ``hooks``, ``on`` …: refused at ``use``). Any other method name gives a
+    callable that raises :class:`MethodNotAllowed`, never ``AttributeError``. Non-callable attributes of the
+    service (``remote``, ``key``, ``id_field`` …) are readable through the wrapper.
     """
 
     def __init__(
@@ -115,14 +116,6 @@ class ServiceWrapper(EventEmitter):
         events: Sequence[str] = (),
     ) -> None:
         super().__init__()
-        for name in methods:
-            check_name("method", name)
-            if name in SIGNATURES:
-                continue
-            if not callable(getattr(service, method_attribute(name), None)):
-                raise ValueError(f"service at {path!r} has no method {method_attribute(name)!r} to offer")
-        for name in events:
-            check_name("event", name)
         self.app = app
         self.path = path
         self.service = service
@@ -132,6 +125,21 @@ class ServiceWrapper(EventEmitter):
         self._async_methods: dict[str, tuple[object, bool]] = {}  # see is_async
         #: This service's publish filter (see :meth:`publish`).
         self.publisher: Publisher | None = None
+        # Checked once every attribute is set, so that the instance's own names count too.
+        taken = set(dir(self)) | _SERVICE_ATTRIBUTES
+        for name in methods:
+            check_name("method", name)
+            if name in SIGNATURES:
+                continue
+            attribute = method_attribute(name)
+            if attribute in taken:
+                # wrapper.<attribute> would be the wrapper's own, never this method, while call(name) would
+                # run the method: Feathers refuses such names at use() too.
+                raise ValueError(f"{name!r} on service {path!r} is not allowed as a custom method name")
+            if not callable(getattr(service, attribute, None)):
+                raise ValueError(f"service at {path!r} has no method {attribute!r} to offer")
+        for name in events:
+            check_name("event", name)
 
     def publish(self, publisher: Publisher) -> ServiceWrapper:
         """Decide which connected clients of the app's transports (the gateway's ``/events``, its sockets)
@@ -368,6 +376,9 @@ class ServiceWrapper(EventEmitter):
 
 
 _STD_EVENTS = frozenset(STANDARD_EVENTS.values())
+#: Names a custom method cannot take on the service either: mount calls ``setup(app, path)`` on any
+#: service, and :class:`Service` keeps its ``app`` and ``path`` and offers ``emit`` under them.
+_SERVICE_ATTRIBUTES = frozenset(dir(Service))
 _MISSING = object()
 
 
