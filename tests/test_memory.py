@@ -464,7 +464,6 @@ def test_find_equal_multiple(service: MemoryService, people: dict[str, Any]) -> 
         pytest.param(
             {"$or": [{"name": "Doug"}, {"age": {"$gte": 18, "$lt": 25}}]}, ["Alice", "Doug"], id="$or nested"
         ),
-        pytest.param({"$or": []}, [], id="$or empty"),
         pytest.param({"$and": [{"age": {"$gt": 18}}, {"age": {"$lt": 30}}]}, ["Alice", "Bob"], id="$and"),
         pytest.param({"$and": [{"name": "Bob"}, {"age": 19}]}, [], id="$and none"),
         pytest.param(
@@ -485,6 +484,67 @@ def test_find_operators(
     service: MemoryService, people: dict[str, Any], query: dict[str, Any], expected: list[str]
 ) -> None:
     assert names(service.find({"query": {**query, "$sort": {"name": 1}}})) == expected
+
+
+#: Items with array fields (nested, empty, of objects, mixed), for the cases below.
+ARRAY_ITEMS: list[dict[str, Any]] = [
+    {"name": "a", "tags": ["x", "y"], "nums": [1, 5]},
+    {"name": "b", "tags": ["z"], "nums": [10]},
+    {"name": "c"},
+    {"name": "d", "tags": [], "nums": []},
+    {"name": "e", "tags": [["x"]], "nums": [[1]]},
+    {"name": "f", "tags": "x", "nums": 3},
+    {"name": "g", "tags": [None]},
+    {"name": "h", "nums": [1, "a"]},
+    {"name": "i", "tags": [{"k": 1}], "nums": ["1"]},
+    {"name": "j", "tags": [["x", "y"]]},
+    {"name": "k", "tags": ["y"], "nums": [1, 10]},
+]
+
+
+# What @feathersjs/memory 5.0.50 (sift 17) finds for each query among ARRAY_ITEMS: a condition on an array
+# field holds for the array or any element, nested arrays included; $ne and $nin, for none of them; each
+# operator of a field may hold by another element.
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ({"tags": "x"}, "aefj"),
+        ({"tags": ["x", "y"]}, "aj"),
+        ({"tags": ["y", "x"]}, ""),
+        ({"tags": ["x"]}, "e"),
+        ({"tags": []}, "d"),
+        ({"tags": None}, "cgh"),
+        ({"tags": {"k": 1}}, "i"),
+        ({"tags": {"$in": ["x"]}}, "aefj"),
+        ({"tags": {"$in": [["x", "y"]]}}, "aj"),
+        ({"tags": {"$in": [None]}}, "cgh"),
+        ({"tags": {"$nin": ["x"]}}, "bcdghik"),
+        ({"tags": {"$nin": [["x", "y"]]}}, "bcdefghik"),
+        ({"tags": {"$nin": []}}, "abcdefghijk"),
+        ({"tags": {"$nin": [None]}}, "abdefijk"),
+        ({"tags": {"$ne": "x"}}, "bcdghik"),
+        ({"tags": {"$ne": ["x", "y"]}}, "bcdefghik"),
+        ({"tags": {"$ne": None}}, "abdefijk"),
+        ({"tags": {"$ne": []}}, "abcefghijk"),
+        ({"nums": {"$gt": 4}}, "abk"),
+        ({"nums": {"$lt": 2}}, "aehk"),
+        ({"nums": {"$gte": 10}}, "bk"),
+        ({"nums": {"$lte": 1}}, "aehk"),
+        ({"nums": {"$gt": 4, "$lt": 6}}, "ak"),
+        ({"nums": 1}, "aehk"),
+        ({"nums": {"$in": [1, 3]}}, "aefhk"),
+        ({"nums": {"$nin": [1, 3]}}, "bcdgij"),
+        ({"tags": {"$gt": "w"}}, "abefjk"),
+        ({"tags": {"$in": ["x"], "$nin": ["y"]}}, "ef"),
+        ({"tags": {"$ne": "y", "$in": ["x", "z"]}}, "bef"),
+        ({"$or": [{"tags": "x"}, {"tags": "z"}]}, "abefj"),
+        ({"$and": [{"tags": "x"}, {"tags": "y"}]}, "aj"),
+    ],
+    ids=repr,
+)
+def test_find_on_array_fields_as_feathers(query: dict[str, Any], expected: str) -> None:
+    service = MemoryService(store={n: item for n, item in enumerate(ARRAY_ITEMS)})
+    assert "".join(names(service.find({"query": {**query, "$sort": {"name": 1}}}))) == expected
 
 
 def test_find_sort(service: MemoryService, people: dict[str, Any]) -> None:
@@ -552,6 +612,9 @@ def test_find_select(service: MemoryService, people: dict[str, Any]) -> None:
         pytest.param({"age": {"$gt": 1, "plain": 2}}, id="operator object with a plain key"),
         pytest.param({"$or": [{"$limit": 1}]}, id="filter inside $or"),
         pytest.param({"$or": {"name": "Bob"}}, id="$or not a list"),
+        pytest.param({"$or": []}, id="$or empty"),  # Feathers (sift): "must be a nonempty array"
+        pytest.param({"$and": []}, id="$and empty"),
+        pytest.param({"$or": [{"name": "Bob"}, {"$and": []}]}, id="$and empty inside $or"),
         pytest.param({"$and": ["name"]}, id="$and of non-queries"),
         pytest.param({"age": {"$in": 25}}, id="$in not a list"),
         pytest.param({"age": {"$nin": "Bob"}}, id="$nin a string"),
