@@ -547,6 +547,12 @@ def test_find_on_array_fields_as_feathers(query: dict[str, Any], expected: str) 
     assert "".join(names(service.find({"query": {**query, "$sort": {"name": 1}}}))) == expected
 
 
+def test_a_tuple_value_is_an_array_too() -> None:
+    service = MemoryService(store={0: {"name": "t", "tags": ("x", ("y",))}, 1: {"name": "u", "tags": "z"}})
+    assert names(service.find({"query": {"tags": "y"}})) == ["t"]
+    assert names(service.find({"query": {"tags": {"$nin": ["x"]}}})) == ["u"]
+
+
 def test_find_sort(service: MemoryService, people: dict[str, Any]) -> None:
     assert names(service.find({"query": {"$sort": {"name": 1}}})) == ["Alice", "Bob", "Doug"]
     assert names(service.find({"query": {"$sort": {"name": -1}}})) == ["Doug", "Bob", "Alice"]

@@ -5,9 +5,14 @@ A query is ``params["query"]``::
     {"age": {"$gte": 18}, "$or": [{"name": "Alice"}, {"name": "Bob"}], "$sort": {"name": 1}, "$limit": 10}
 
 Field conditions are equality, or an object of ``$in``, ``$nin``, ``$lt``, ``$lte``, ``$gt``, ``$gte`` and
-``$ne``; ``$or`` and ``$and`` take lists of sub-queries; ``$limit``, ``$skip``, ``$sort`` and ``$select`` are
-top-level filters. Values are compared as given: turning query strings into numbers belongs to the transport
-that parsed them. A missing field reads as ``None``. Any other ``$`` key is a :class:`~.errors.BadRequest`.
+``$ne``; ``$or`` and ``$and`` take non-empty lists of sub-queries; ``$limit``, ``$skip``, ``$sort`` and
+``$select`` are top-level filters. Values are compared as given: turning query strings into numbers belongs to
+the transport that parsed them. A missing field reads as ``None``. Any other ``$`` key is a
+:class:`~.errors.BadRequest`.
+
+On an array field, as in ``@feathersjs/memory`` (sift, Mongo's rule): a condition holds when it holds for the
+array or for any element, the elements of nested arrays included (``{"tags": "x"}`` finds ``["x", "y"]``),
+each operator of a field by any element; ``$ne`` and ``$nin`` hold when their opposite holds for none.
 
 :func:`parse_query` validates a query into a :class:`Query` (the item predicate and the filters),
 :func:`sort_key` orders items by one field, and :func:`check_paginate` validates the ``paginate`` option.
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeGuard
 
@@ -31,15 +36,26 @@ Predicate: TypeAlias = Callable[[Item], bool]
 
 _FILTERS = frozenset({"$limit", "$skip", "$sort", "$select"})
 _LISTS = (list, tuple, set, frozenset)
-_OPERATORS: dict[str, Callable[[Any, Any], Any]] = {
-    "$in": lambda value, arg: value in arg,
-    "$nin": lambda value, arg: value not in arg,
+#: The types of an array value: JSON's arrays arrive as lists, Python callers may store tuples. A set of
+#: exact types: per scalar checked, ``isinstance`` with a tuple cost 40 ns (of 60), the set lookup 12.
+_ARRAYS = frozenset({list, tuple})
+
+
+def _is_in(value: Any, arg: Any) -> bool:
+    return value in arg
+
+
+#: Operators that hold when the value, or one element of an array value, passes the test.
+_SOME: dict[str, Callable[[Any, Any], Any]] = {
+    "$in": _is_in,
     "$lt": operator.lt,
     "$lte": operator.le,
     "$gt": operator.gt,
     "$gte": operator.ge,
-    "$ne": operator.ne,
 }
+#: Operators that hold when neither the value nor any element of an array value passes the test ($nin is
+#: not $in, $ne not equal, across all of them).
+_NONE: dict[str, Callable[[Any, Any], Any]] = {"$nin": _is_in, "$ne": operator.eq}
 
 
 @dataclass(frozen=True)
@@ -74,26 +90,64 @@ def _any(checks: list[Predicate]) -> Predicate:
     return lambda item: any(check(item) for check in checks)
 
 
+def _nested(values: Any) -> Iterator[Any]:
+    """The values below an array as sift walks them: each element, a nested array's elements before it."""
+    for value in values:
+        if type(value) in _ARRAYS:
+            yield from _nested(value)
+        yield value
+
+
+def _passes(test: Callable[[Any, Any], Any], value: Any, arg: Any) -> bool:
+    try:
+        return bool(test(value, arg))
+    except TypeError:  # values of different types (or None) are not ordered: no match, as in sift
+        return False
+
+
+# A find runs a check per item, and most values are not arrays: each check tests the value itself inline
+# first, and walks an array only when the value alone did not settle the answer.
+
+
 def _equals(field: str, expected: Any) -> Predicate:
-    return lambda item: bool(item.get(field) == expected)
+    def check(item: Item) -> bool:
+        value = item.get(field)
+        if value == expected:
+            return True
+        return type(value) in _ARRAYS and any(element == expected for element in _nested(value))
+
+    return check
 
 
 def _operator(field: str, name: str, arg: Any) -> Predicate:
-    if name not in _OPERATORS:
+    if name not in _SOME and name not in _NONE:
         raise BadRequest(f"Invalid query parameter {name}")
     if name in ("$in", "$nin"):
         if not isinstance(arg, _LISTS):
             raise BadRequest(f"{name} of '{field}' must be a list")
         arg = list(arg)
-    compare = _OPERATORS[name]
+    if name in _NONE:
+        found = _NONE[name]
 
-    def check(item: Item) -> bool:
+        def check_none(item: Item) -> bool:
+            value = item.get(field)
+            if found(value, arg):  # equality and membership raise no TypeError
+                return False
+            return type(value) not in _ARRAYS or not any(found(v, arg) for v in _nested(value))
+
+        return check_none
+    test = _SOME[name]
+
+    def check_some(item: Item) -> bool:
+        value = item.get(field)
         try:
-            return bool(compare(item.get(field), arg))
+            if test(value, arg):
+                return True
         except TypeError:  # values of different types (or None) are not ordered: no match, as in sift
-            return False
+            pass
+        return type(value) in _ARRAYS and any(_passes(test, v, arg) for v in _nested(value))
 
-    return check
+    return check_some
 
 
 def _compile(query: Mapping[str, Any]) -> Predicate:
@@ -101,9 +155,11 @@ def _compile(query: Mapping[str, Any]) -> Predicate:
     checks: list[Predicate] = []
     for key, value in query.items():
         if key in ("$or", "$and"):
-            if not isinstance(value, (list, tuple)) or not all(isinstance(q, Mapping) for q in value):
-                raise BadRequest(f"{key} must be a list of queries")
-            subs = [_compile(q) for q in value]
+            # An empty one is refused as sift refuses it, not read as "nothing" or "everything".
+            queries = value if isinstance(value, (list, tuple)) else ()
+            if not queries or not all(isinstance(q, Mapping) for q in queries):
+                raise BadRequest(f"{key} must be a non-empty list of queries")
+            subs = [_compile(q) for q in queries]
             checks.append(_any(subs) if key == "$or" else _all(subs))
         elif isinstance(key, str) and key.startswith("$"):
             raise BadRequest(f"Invalid query parameter {key}")
