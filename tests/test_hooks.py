@@ -1,3 +1,4 @@
+import asyncio
 from typing import Any
 
 import pytest
@@ -80,6 +81,28 @@ def test_context_fields_and_params_copy() -> None:
     assert seen == {"app": app, "path": "echo", "method": "get", "id": 5, "event": None}
     assert result["params"] == {"query": {"a": 1}, "user": "alice"}
     assert caller_params == {"query": {"a": 1}}
+
+
+def test_a_hook_that_restricts_the_query_leaves_the_callers_query_alone() -> None:
+    # The usual ownership hook writes into params["query"]: the caller's dict, reused for another user's
+    # call, must not carry the first user's restriction.
+    app = App()
+
+    def owned(ctx: HookContext) -> None:
+        ctx.params["query"]["owner"] = ctx.params["user"]
+
+    svc = app.use("echo", Echo())
+    svc.hooks({"before": {"get": owned}})
+    query = {"state": "open"}
+    params = {"query": query, "user": 1}
+    assert svc.get(1, params)["params"]["query"] == {"state": "open", "owner": 1}
+    assert params == {"query": {"state": "open"}, "user": 1}
+    assert query == {"state": "open"}
+    params["user"] = 2
+    assert svc.get(1, params)["params"]["query"] == {"state": "open", "owner": 2}
+    awaited = asyncio.run(svc.acall("get", id=1, params=params))
+    assert awaited["params"]["query"] == {"state": "open", "owner": 2}
+    assert query == {"state": "open"}
 
 
 def test_before_hook_setting_result_skips_method() -> None:
