@@ -47,7 +47,8 @@ class HookContext:
         type: the hook type being run (``before``, ``after`` or ``error``).
         id: the id argument (``get``, ``update``, ``patch``, ``remove``).
         data: the data argument (``create``, ``update``, ``patch``, custom methods).
-        params: the call's params (a copy owned by this call).
+        params: the call's params (a copy owned by this call, its ``query`` too; values further down are
+            the caller's).
         result: the result; setting it in a before hook skips the method.
         error: the error being handled, in error hooks.
         event: the event emitted on success (``created`` …); set it to ``None`` to emit nothing.

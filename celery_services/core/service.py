@@ -238,7 +238,8 @@ class ServiceWrapper(EventEmitter):
             method: a standard or custom method the service offers.
             id: the id argument, for the methods that take one.
             data: the data argument, for the methods that take one.
-            params: the call's params; copied, so hooks never change the caller's dict.
+            params: the call's params; copied, and their ``query`` too, so a hook's writes (an owner added to
+                the query) never reach the caller's dicts. Values further down are shared.
             timeout: seconds a remote call may take (stored as ``params["timeout"]``).
         """
         context = self._context(method, id, data, params, timeout)
@@ -315,7 +316,14 @@ class ServiceWrapper(EventEmitter):
             raise MethodNotAllowed(f"Method '{method}' is not offered by service '{self.path}'")
         if method in SIGNATURES and not callable(getattr(self.service, method, None)):
             raise MethodNotAllowed(f"Method '{method}' is not supported by service '{self.path}'")
-        call_params = dict(params) if params else {}
+        if params:
+            call_params = dict(params)
+            query = call_params.get("query")
+            # One level more: hooks write into the query (an owner), which a caller reusing params would keep.
+            if isinstance(query, dict):
+                call_params["query"] = query.copy()
+        else:
+            call_params = {}
         if timeout is not None:
             call_params["timeout"] = timeout
         return HookContext(
