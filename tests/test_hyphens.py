@@ -113,7 +113,9 @@ def test_names_are_checked_the_same_everywhere() -> None:
     assert DistributionSettings(distributed_methods=["publish-article"]).distributed_methods == [
         "publish-article"
     ]
-    for bad in ("-publish", "_private", "publish.article", "class"):
+    # A name the service wrapper's own attributes take (its methods, its fields, Service's setup) too: a
+    # consumer that asked for one could never mount the provider offering it, app.use refusing it.
+    for bad in ("-publish", "_private", "publish.article", "class", "publish", "on", "setup", "path"):
         with pytest.raises(ValueError):
             DistributionSettings(distributed_methods=[bad])
         with pytest.raises(ValueError):
