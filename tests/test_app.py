@@ -141,6 +141,16 @@ def test_custom_method_named_like_a_wrapper_attribute_is_refused(name: str) -> N
     assert "articles" not in app.services
 
 
+def test_every_public_field_of_a_wrapper_is_a_name_no_custom_method_takes() -> None:
+    # The fields are listed by hand beside the wrapper's methods (settings check names without a wrapper):
+    # one added to the wrapper and not to that list would let a method be hidden by it.
+    from celery_services.core.service import shadowed
+
+    wrapper = App().use("articles", Articles())
+    fields = [name for name in vars(wrapper) if not name.startswith("_")]
+    assert fields and all(shadowed(name) for name in fields), fields
+
+
 def test_custom_method_and_custom_event() -> None:
     app = App()
     svc = app.use("articles", Articles(), methods=["publish_article"], events=["article_published"])

@@ -30,6 +30,7 @@ __all__ = [
     "Service",
     "ServiceWrapper",
     "method_attribute",
+    "shadowed",
 ]
 
 log = logging.getLogger("celery_services.service")
@@ -90,6 +91,15 @@ def method_attribute(name: str) -> str:
     return name.replace("-", "_")
 
 
+def shadowed(name: str) -> bool:
+    """Whether custom method ``name`` would be hidden by an attribute of the service wrapper (its methods,
+    :class:`EventEmitter`'s, its fields) or of :class:`Service` (``setup`` …): ``wrapper.<name>`` would reach
+    that attribute, never the method, while ``call(name)`` and remote callers ran the method. Such a name
+    is refused at ``use``, as Feathers refuses it, and in ``distributed_methods``."""
+    attribute = method_attribute(name)
+    return attribute in _FIELDS or attribute in _SERVICE_ATTRIBUTES or hasattr(ServiceWrapper, attribute)
+
+
 def check_name(kind: str, name: str) -> None:
     """Reject a custom method or event name that cannot travel in a task name or routing key."""
     if not _NAME.match(name) or keyword.iskeyword(method_attribute(name)):
@@ -125,16 +135,12 @@ class ServiceWrapper(EventEmitter):
         self._async_methods: dict[str, tuple[object, bool]] = {}  # see is_async
         #: This service's publish filter (see :meth:`publish`).
         self.publisher: Publisher | None = None
-        # Checked once every attribute is set, so that the instance's own names count too.
-        taken = set(dir(self)) | _SERVICE_ATTRIBUTES
         for name in methods:
             check_name("method", name)
             if name in SIGNATURES:
                 continue
             attribute = method_attribute(name)
-            if attribute in taken:
-                # wrapper.<attribute> would be the wrapper's own, never this method, while call(name) would
-                # run the method: Feathers refuses such names at use() too.
+            if shadowed(name):
                 raise ValueError(f"{name!r} on service {path!r} is not allowed as a custom method name")
             if not callable(getattr(service, attribute, None)):
                 raise ValueError(f"service at {path!r} has no method {attribute!r} to offer")
@@ -387,6 +393,8 @@ _STD_EVENTS = frozenset(STANDARD_EVENTS.values())
 #: Names a custom method cannot take on the service either: mount calls ``setup(app, path)`` on any
 #: service, and :class:`Service` keeps its ``app`` and ``path`` and offers ``emit`` under them.
 _SERVICE_ATTRIBUTES = frozenset(dir(Service))
+#: The public fields :meth:`ServiceWrapper.__init__` sets (a test holds it to them).
+_FIELDS = frozenset({"app", "path", "service", "custom_methods", "custom_events", "publisher"})
 _MISSING = object()
 
 

@@ -26,7 +26,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from ..core.service import STANDARD_EVENTS, STANDARD_METHODS
+from ..core.service import SIGNATURES, STANDARD_EVENTS, STANDARD_METHODS, shadowed
 from . import config
 from .config import CONFIG_ENV_VAR as CONFIG_ENV_VAR
 from .config import ENV_NAME_VAR as ENV_NAME_VAR
@@ -347,6 +347,8 @@ class DistributionSettings(BaseSettings):
             spelled = method.replace("-", "_")
             if not spelled.isidentifier() or not method[:1].isalpha() or keyword.iskeyword(spelled):
                 raise ValueError(f"method {method!r}: a letter, then letters, digits, '_' and '-'")
+            if method not in SIGNATURES and shadowed(method):  # app.use would refuse the proxy
+                raise ValueError(f"method {method!r}: taken by the service wrapper's own attributes")
         return value
 
     @field_validator("distributed_events")
