@@ -520,7 +520,10 @@ def test_a_prefork_child_follows_the_registry(redis_url: str, prefix: str, consu
     # The calls a prefork worker serves run in its pool's children, forked before the provider they call
     # started, and still running when it dies: each child must see both, as its main process does.
     target = registered_provider(redis_url, prefix, "late")
-    relay = registered_provider(redis_url, prefix, "relay", TEST_RELAY_TARGET=target.key)
+    # The child's first snapshot takes 3 s: meanwhile it holds its parent's view of the fork.
+    relay = registered_provider(
+        redis_url, prefix, "relay", TEST_RELAY_TARGET=target.key, TEST_SLOW_CHILD_SNAPSHOT="3"
+    )
     consumer = Consumer(redis_url, prefix, remote_services=[relay.key])
     consumers.append(consumer)
     worker = WorkerProcess("tests.apps.relay", relay.key, env=relay.env, pool="prefork", concurrency=1)

@@ -36,6 +36,22 @@ class Relay(Service):
         }
 
 
+if os.environ.get("TEST_SLOW_CHILD_SNAPSHOT"):
+    # A registry slow to answer a pool child's first snapshot (a loaded machine, a large database): until it
+    # answers, the child's calls must still know what its parent knew at the fork.
+    import threading
+
+    from celery_services.distribution.registry import Registry
+
+    parent, snapshot = os.getpid(), Registry.snapshot
+
+    def slow_in_a_child(self: Registry) -> Any:
+        if os.getpid() != parent:
+            threading.Event().wait(float(os.environ["TEST_SLOW_CHILD_SNAPSHOT"]))
+        return snapshot(self)
+
+    Registry.snapshot = slow_in_a_child  # type: ignore[method-assign]
+
 api = App()
 api.use("relay", Relay())
 distribution = distribute(api, DistributionSettings.load(services=["relay"], remote_services=[TARGET]))
