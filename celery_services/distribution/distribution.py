@@ -200,11 +200,12 @@ class Distribution:
         The registry's watcher is a thread, which a fork does not carry: the child kept the view of that
         moment for good, never mounting a provider that started later nor seeing one die. It watches on a
         registry of its own (its own connections and thread), which publishes nothing: the parent's
-        instance is the one registered, and beats.
+        instance is the one registered, and beats. Until its first snapshot it holds the view of the fork.
         """
         if not self.forked:  # a spawned child: the distribution was made there, and watches already
             return
-        self.registry = Registry.from_settings(self.settings)
+        inherited, self.registry = self.registry, Registry.from_settings(self.settings)
+        self.registry.inherit(inherited)
         self.transport.is_live = self.registry.has_key
         self.registry.watch(self.discovery.on_view)
 

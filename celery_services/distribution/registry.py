@@ -302,6 +302,16 @@ class Registry:
         """Wait until the watcher delivered its first view; return whether it did within ``timeout``."""
         return self._synced.wait(timeout)
 
+    def inherit(self, parent: Registry) -> None:
+        """Hold the view ``parent`` held, until this registry's watcher delivers its own: a forked child's
+        registry (:meth:`.Distribution.follow_registry_after_fork`), whose view is otherwise unknown until
+        its first snapshot, and its calls to an absent key sent to time out. Read without ``parent``'s lock,
+        which a thread that did not survive the fork may hold: nothing else runs in the child yet."""
+        if parent._synced.is_set():
+            with self._view_lock:
+                self._view = {key: dict(instances) for key, instances in parent._view.items()}
+            self._synced.set()
+
     def has_key(self, key: str) -> bool | None:
         """Whether the watcher's view holds a live instance of ``key``; ``None`` before its first view."""
         if not self._synced.is_set():
