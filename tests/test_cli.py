@@ -398,6 +398,8 @@ def test_unreachable_broker_exits_5(command: list[str]) -> None:
     result = CliRunner().invoke(app, ["--broker", f"redis://127.0.0.1:{port}/0", *command])
     assert result.exit_code == EXIT_SERVER_ERROR, result.output
     assert "Unreachable" in result.stderr
+    # An expected error, said in one line: not four chained tracebacks about a manifest never published.
+    assert "Traceback" not in result.stderr and "withdraw" not in result.stderr, result.stderr
 
 
 def test_worker_refuses_what_is_not_a_distributed_app() -> None:

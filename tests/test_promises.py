@@ -291,6 +291,30 @@ def test_a_call_whose_prefork_child_is_killed_is_served_again(server: RedisServe
     assert not any(r.startswith(f"late-start-{tag}") for r in runs)
 
 
+def test_a_prefork_worker_stopped_by_the_kit_finishes_the_call_it_runs(server: RedisServer) -> None:
+    # WorkerProcess.stop() is a warm stop, as docker stop's SIGTERM is: to the worker's main process. Sent to
+    # its whole process group, it reached the pool's children too, which Celery leaves on SIGTERM's default:
+    # the call in flight died with its child (WorkerLostError) and its caller waited out its timeout.
+    prefix = f"cs-prom-stop-{token()}"
+    provider = registered_provider(server.url, prefix, "prefstop")
+    tag = f"stopped-{token()}"
+    with provider.worker(pool="prefork", concurrency=1) as worker:
+        app, distribution = consumer(server.url, prefix, provider.key, timeout=8)
+        try:
+            probe = distribution.wait_for("probe", timeout=15)
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(probe.slow, {"tag": tag, "seconds": 2}, {"timeout": 8})
+                wait_for(
+                    lambda: any(r.startswith(f"slow-start-{tag}:") for r in provider.runs()),
+                    timeout=15,
+                    what="the slow call started",
+                )
+                worker.stop()
+                assert pending.result(timeout=15)["tag"] == tag
+        finally:
+            finalize(app)
+
+
 # -- 3. tracebacks only with debug ----------------------------------------------------------------------
 
 

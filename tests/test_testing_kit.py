@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import re
 import textwrap
 from collections.abc import Iterator
@@ -31,9 +32,12 @@ from celery_services.testing import (
     KitConfig,
     MockRemote,
     ProviderWorker,
+    RedisServer,
+    WorkerProcess,
     mock_remote,
     unique_name,
 )
+from celery_services.testing.brokers import BrokerUnavailable
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -274,6 +278,28 @@ def test_a_worker_that_exits_at_start_fails_with_its_log(celery_services_config:
     with pytest.raises(RuntimeError, match="no_such_module"):
         worker.start()
     worker.stop()
+
+
+def test_a_redis_server_whose_port_is_taken_does_not_start() -> None:
+    # Its own redis-server exited (the port taken), but the server already there answered its PING: start()
+    # succeeded, and the test went on with someone else's Redis, which restart() and kill() never touched.
+    with RedisServer() as first:
+        second = RedisServer(port=first.port)
+        try:
+            with pytest.raises(BrokerUnavailable):
+                second.start()
+        finally:
+            second.stop()
+        assert first.process is not None and first.process.poll() is None
+
+
+def test_workers_leave_no_open_file_behind() -> None:
+    # Each WorkerProcess kept the descriptor mkstemp opened for its log: the unlinked log stayed on disk, and
+    # a long session leaked one descriptor per worker.
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        WorkerProcess("tests.apps.provider", "nobody").stop()
+    assert len(os.listdir("/proc/self/fd")) == before
 
 
 INNER = """
