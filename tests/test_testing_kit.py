@@ -28,6 +28,7 @@ from celery_services import (
     finalize,
 )
 from celery_services.testing import (
+    BrokerUnavailable,
     EventWaiter,
     KitConfig,
     MockRemote,
@@ -37,7 +38,6 @@ from celery_services.testing import (
     mock_remote,
     unique_name,
 )
-from celery_services.testing.brokers import BrokerUnavailable
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -156,6 +156,7 @@ class Distribution:
         self._binding = threading.RLock()  # guards _bound, held across the broker's (un)binding
         self._lock = threading.RLock()
         self._closed = False
+        self._published = False  # the manifest, by start()
         self._started = False
 
     # -- exposing ---------------------------------------------------------------------------------------
@@ -169,6 +170,7 @@ class Distribution:
                 self._on_service(wrapper)
         # Registered before any event binding (proxies bind): a sweep that lists our queue must find us live.
         self.registry.publish(self.manifest())
+        self._published = True
         for wrapper in mounted:
             if getattr(wrapper.service, "remote", False):
                 self._on_service(wrapper)
@@ -487,10 +489,11 @@ class Distribution:
         # The event consumer stops before the manifest goes: other instances then sweep nothing of ours
         # that we would put back.
         self.events.close()
-        try:
-            self.registry.withdraw(self.key, self.instance)
-        except redis.RedisError:
-            log.warning("could not withdraw the manifest: it expires after its TTL", exc_info=True)
+        if self._published:  # a start that failed first (a broker unreachable) has nothing to withdraw
+            try:
+                self.registry.withdraw(self.key, self.instance)
+            except redis.RedisError as exc:
+                log.warning("could not withdraw the manifest (%r): it expires after its TTL", exc)
         self.registry.close()
         # Unmounted once the app is no longer followed, so nothing is unbound: a group queue keeps its
         # bindings while the app is down.

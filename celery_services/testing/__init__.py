@@ -20,7 +20,7 @@ Installing the library gives pytest its fixtures (the plugin :mod:`celery_servic
 - :func:`purge_queues`, :func:`purge_prefix`: remove what a test left on its broker.
 """
 
-from .brokers import EmbeddedRedis, RedisServer
+from .brokers import BrokerUnavailable, EmbeddedRedis, RedisServer
 from .cleanup import purge_prefix, purge_queues
 from .config import KitConfig, unique_name
 from .events import EventWaiter, Expectation, HeardEvent
@@ -44,6 +44,7 @@ __all__ = [
     "HeardEvent",
     "wait_for",
     # brokers
+    "BrokerUnavailable",
     "EmbeddedRedis",
     "RedisServer",
     "purge_prefix",

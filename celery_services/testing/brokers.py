@@ -141,10 +141,10 @@ class RedisServer(BrokerProcess):
         ]  # fmt: skip
 
     def start(self, timeout: float = 10.0) -> Self:
-        """Start the server and wait until it answers ``PING``.
+        """Start the server and wait until it answers, as itself.
 
         Raises:
-            BrokerUnavailable: it exited or did not answer within ``timeout`` seconds.
+            BrokerUnavailable: it exited (its port taken, say) or did not answer within ``timeout`` seconds.
         """
         if self.process is not None and self.process.poll() is None:
             return self
@@ -162,7 +162,9 @@ class RedisServer(BrokerProcess):
                     f"redis-server exited with {process.returncode}:\n{_tail(self.log_path)}"
                 )
             try:
-                return bool(client.ping())
+                # Its own pid: a server another process holds the port with answers too, until this one
+                # has exited (taken for it, the test went on with someone else's Redis).
+                return int(client.info("server")["process_id"]) == process.pid
             except redis.RedisError:
                 return False
 

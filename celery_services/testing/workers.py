@@ -74,7 +74,9 @@ class WorkerProcess:
             "--without-gossip", "--without-mingle", "-l", "info",
         ]  # fmt: skip
         self.ready_timeout = ready_timeout
-        self.log_path = Path(tempfile.mkstemp(prefix="celery-services-worker-", suffix=".log")[1])
+        descriptor, log = tempfile.mkstemp(prefix="celery-services-worker-", suffix=".log")
+        os.close(descriptor)  # reopened by start(); kept, it held the log's space after stop() unlinked it
+        self.log_path = Path(log)
         # Removed by stop(), else once this object is gone: one made and never started, or killed and
         # dropped, leaves no file behind.
         weakref.finalize(self, self.log_path.unlink, missing_ok=True)
@@ -129,8 +131,21 @@ class WorkerProcess:
             self.process.wait(timeout=5)
 
     def stop(self) -> None:
-        """Stop the worker (warm shutdown, then SIGKILL if it lingers) and remove its log."""
-        self.kill(signal.SIGTERM)
+        """Stop the worker warm, as ``docker stop`` does: SIGTERM to its main process, which lets the calls
+        in flight end (a prefork pool's children, left on SIGTERM's default by Celery, died of it when it was
+        sent to the whole group); then SIGKILL to the group if it lingers, or to what it left behind. Its log
+        goes too."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=15)
+        if process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)  # the group of its own session: its pid
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=5)
         self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> WorkerProcess:
