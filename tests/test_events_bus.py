@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
+import os
 import re
 import socket
 import threading
@@ -600,3 +602,47 @@ def test_invalid_configuration() -> None:
         EventBus("redis://127.0.0.1:1/0", consumer_key="a.b")
     with pytest.raises(ValueError):
         EventBus("redis://127.0.0.1:1/0").bind("app", "articles", "created")
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(30)
+def test_a_forked_child_publishes_on_a_connection_of_its_own(rabbitmq_url: str, unique: str) -> None:
+    # A prefork pool's children are forked from a worker whose bus may have published already (an event of a
+    # call made at import): they published on the producer connection they inherited, one socket shared by
+    # every child and the parent, whose frames and replies they could take from one another. (On Redis,
+    # redis-py's pools make new connections in a new process themselves.)
+    broker = Broker("rabbitmq", rabbitmq_url, unique)
+    try:
+        forked_child_publishes(broker)
+    finally:
+        broker.cleanup()
+
+
+def forked_child_publishes(broker: Broker) -> None:
+    got = Collector()
+    listener = broker.bus(consumer_key="gw", on_event=got)
+    listener.bind("app", "articles", "created")
+    listener.start()
+    publisher = broker.bus()
+    assert publisher.publish("app", "articles", "created", "parent")
+    got.wait_for(1)
+
+    def socket_of(bus: EventBus) -> Any:
+        producer: Any = bus._publisher._producer
+        return producer.connection.connection.sock.getsockname()  # py-amqp's socket
+
+    inherited = socket_of(publisher)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: publish, say whether on a connection of its own, and leave at once
+        try:
+            sent = publisher.publish("app", "articles", "created", "child")
+            os.write(write, json.dumps([sent, socket_of(publisher) != inherited]).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        sent, own = json.loads(answer.read() or "[false, false]")
+    os.waitpid(child, 0)
+    assert sent and own, "the child published on the connection it inherited"
+    assert sorted(got.wait_for(2)[i].data for i in range(2)) == ["child", "parent"]
