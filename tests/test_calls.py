@@ -639,3 +639,37 @@ def test_own_celery_app_with_an_in_process_worker_serves_services_mounted_later(
         finalize(caller)
         finalize(provider)
         cleanup(redis_url, redis_url, key)
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(30)
+def test_a_forked_child_calls_on_a_rabbitmq_connection_of_its_own(rabbitmq_url: str, redis_url: str) -> None:
+    # A thread's RabbitMQ producer was kept across a fork (a prefork pool's child, forked by a thread that had
+    # made a call, at import say): the child published its calls on its parent's socket. (Its Redis
+    # connections were already made anew, by pid.)
+    app = App()
+    settings = DistributionSettings(
+        key=f"forker-{os.urandom(3).hex()}",
+        broker_url=rabbitmq_url,
+        result_backend=redis_url,
+        services=[],
+        remote_services=[],
+    )
+    distribution = distribute(app, settings)
+    try:
+        inherited = distribution.transport._producer()
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:
+            try:
+                own = distribution.transport._producer() is not inherited
+                os.write(write, b"own" if own else b"inherited")
+            finally:
+                os._exit(0)
+        os.close(write)
+        with os.fdopen(read) as answer:
+            told = answer.read()
+        os.waitpid(child, 0)
+        assert told == "own"
+    finally:
+        finalize(app)

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -49,6 +51,22 @@ _LOCK_TIMEOUT = 1.0
 
 #: An event's JSON, or a function that makes it (called only when someone is bound for the event).
 Payload = str | Callable[[], str]
+
+
+#: Every publisher of the process, made anew in a forked child (:func:`_after_fork_in_child`).
+_PUBLISHERS: weakref.WeakSet[EventPublisher] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A prefork pool's child inherits its parent's publishers: their producer connection is the parent's
+    # socket (py-amqp checks no pid, unlike redis-py's pools), which every child would share, and a lock
+    # held by a parent's thread at the fork would stay held. Only the forking thread runs here.
+    for publisher in list(_PUBLISHERS):
+        publisher._producer = None  # forgotten, never closed: closing would write on the parent's socket
+        publisher._publish_lock, publisher._count_lock = threading.Lock(), threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @dataclass
@@ -91,6 +109,7 @@ class EventPublisher:
         self._outage: _Outage | None = None  # guarded by _count_lock
         self._last_error = ""
         self._closed = False
+        _PUBLISHERS.add(self)
 
     def publish(self, routing_key: str, payload: Payload, headers: dict[str, Any] | None = None) -> bool:
         """Publish one JSON ``payload`` under ``routing_key``; returns whether the broker took it.
