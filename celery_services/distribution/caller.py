@@ -483,15 +483,19 @@ class Transport:
             connection.connect_timeout = configured
 
     def _producer(self) -> Any:
-        producer = getattr(self._local, "producer", None)
-        if producer is None:
-            connection = self.celery.connection_for_write()
-            producer = self.celery.amqp.Producer(connection, auto_declare=False)
-            self._local.producer = producer
-            with self._producers_lock:
-                self._producers.append(producer)
-            # Callers' threads come and go (thread pools): a thread's connection goes with it.
-            weakref.finalize(threading.current_thread(), self._forget, producer)
+        held = getattr(self._local, "producer", None)
+        # By pid, as the Redis connections are: a forking thread's locals live on in its child, and py-amqp
+        # would have the child publish on its parent's socket (a prefork pool's child, forked by a thread
+        # that had made a call).
+        if held is not None and held[0] == os.getpid():
+            return held[1]
+        connection = self.celery.connection_for_write()
+        producer = self.celery.amqp.Producer(connection, auto_declare=False)
+        self._local.producer = (os.getpid(), producer)
+        with self._producers_lock:
+            self._producers.append(producer)
+        # Callers' threads come and go (thread pools): a thread's connection goes with it.
+        weakref.finalize(threading.current_thread(), self._forget, producer)
         return producer
 
     def _forget(self, producer: Any) -> None:
