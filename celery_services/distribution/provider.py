@@ -78,6 +78,7 @@ __all__ = [
     "Replies",
     "SizedRequest",
     "after_reply",
+    "call_deadline",
     "call_params",
     "health_task_name",
     "register_health",
