@@ -202,8 +202,12 @@ def ping(
     wanted = list(nodes or [f"celery@{socket.gethostname()}"])
     celery = make_celery(ctx.obj.settings())
     try:
-        with _failures():
-            replies = celery.control.ping(destination=wanted, timeout=timeout)
+        with _failures(), celery.connection_for_write() as connection:
+            # Reached once within the timeout, or not at all: the ping's own publish would retry the
+            # connection at kombu's pace (6 s for a --timeout of 1, a health check's whole budget).
+            connection.connect_timeout = timeout
+            connection.ensure_connection(max_retries=1, timeout=timeout)
+            replies = celery.control.ping(destination=wanted, timeout=timeout, connection=connection)
     finally:
         celery.close()
     answered = {node for reply in replies for node in reply}
