@@ -13,6 +13,9 @@ then routes by the same read: :func:`.redis_transport.routing_by`). RabbitMQ rou
 cannot be asked beforehand: there the events of a served call are published *mandatory*, and once
 RabbitMQ returned one nobody took, the later ones of its routing key are skipped while no listener bound
 anything since (:mod:`.event_epoch`).
+
+One piece, past 300 lines: one producer connection and what guards it (its lock, its cooldown, its drop
+counts, what a forked child makes anew), which every publish reads together.
 """
 
 from __future__ import annotations
