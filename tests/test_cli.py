@@ -200,6 +200,15 @@ def test_call_timeout_and_bad_arguments(env: dict[str, str], provider: tuple[str
     bad = invoke(env, "call", key, "articles", "create", "--data", "{not json")
     assert bad.exit_code == 2
     assert "not JSON" in bad.output
+    # An argument the method does not take is refused, not dropped: `find 1` found everything.
+    for args in (["find", "1"], ["get", "1", "--data", "{}"], ["create", "1", "--data", "{}"]):
+        extra = invoke(env, "call", key, "articles", *args)
+        assert extra.exit_code == 2, extra.output
+        assert "takes no" in extra.output
+    # An id that reads as NaN or Infinity is the string it is, not a number JSON has no form of.
+    nan = invoke(env, "call", key, "articles", "get", "NaN")
+    assert nan.exit_code == EXIT_CLIENT_ERROR
+    assert "No record found for id 'NaN'" in nan.stderr, nan.stderr
     slow = invoke(
         env, "call", key, "probe", "slow", "--data", '{"tag": "t", "seconds": 2}', "--timeout", "0.3"
     )
