@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any
 
 import typer
@@ -23,13 +24,15 @@ def _json_arg(value: str | None, name: str) -> Any:
 
 
 def _id_arg(value: str | None) -> Any:
-    """An id as JSON when it parses (``1`` is the number 1, ``'"1"'`` the string), else the string."""
+    """An id as JSON when it parses (``1`` is the number 1, ``'"1"'`` the string), else the string: ``NaN``
+    and ``Infinity`` too, which Python's JSON reads as numbers JSON has no form of."""
     if value is None:
         return None
     try:
-        return json.loads(value)
+        parsed = json.loads(value)
     except ValueError:
         return value
+    return value if isinstance(parsed, float) and not math.isfinite(parsed) else parsed
 
 
 @app.command()
@@ -51,6 +54,10 @@ def call(
     as_json: Annotated[bool, typer.Option("--json", help="Also print an error as JSON.")] = False,
 ) -> None:
     """Call a remote method and print its result as JSON; an error prints its name, code and message."""
+    takes = SIGNATURES.get(method, ("data",))
+    for name, given, hint in (("id", id, "ID"), ("data", data, "--data")):
+        if given is not None and name not in takes:  # dropped, it changed the call (`find 1`: everything)
+            raise typer.BadParameter(f"{method} takes no {name}", param_hint=hint)
     values = {"id": _id_arg(id), "data": _json_arg(data, "--data")}
     params: dict[str, Any] = {}
     if query is not None:
@@ -61,6 +68,6 @@ def call(
         params["wait"] = True
     with _failures(as_json), _consumer(ctx.obj, remote_services=[]) as distribution:
         proxy = distribution.remote_service(key, path, [method])
-        args = [values[name] for name in SIGNATURES.get(method, ("data",))]
+        args = [values[name] for name in takes]
         result = getattr(proxy, method)(*args, params)
     typer.echo(json.dumps(result, indent=2, default=str))
