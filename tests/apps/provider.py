@@ -118,5 +118,7 @@ if os.environ.get("TEST_SIGNALS"):
     signals.task_success.connect(on_success, weak=False)
     signals.task_failure.connect(on_failure, weak=False)
     signals.task_postrun.connect(on_postrun, weak=False)
+if keyprefix := os.environ.get("TEST_GLOBAL_KEYPREFIX"):  # kombu's keys and channels under it
+    app.conf.broker_transport_options = {**app.conf.broker_transport_options, "global_keyprefix": keyprefix}
 if exchange := os.environ.get("TEST_EVENT_EXCHANGE"):
     app.conf.event_exchange = exchange  # the worker's events go there (tests/faults/test_event_exchange.py)

@@ -14,9 +14,11 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import redis
 from kombu import Connection
 
-from celery_services import finalize
+from celery_services import App, DistributionSettings, distribute, finalize
+from celery_services.distribution.celery_app import make_celery
 from celery_services.testing import wait_for
 
 from ..support import BROKERS, amqp_provider, broker_provider, cleanup, fresh_prefix, make_caller
@@ -72,6 +74,54 @@ def test_task_events_go_to_the_workers_own_event_exchange_declared_first(
     finally:
         finalize(app)
         cleanup(prov.broker, redis_url, prov.key, prov.runs_key, exchange)  # the exchange too, by name
+
+
+@pytest.mark.timeout(90)
+def test_task_events_reach_flower_on_a_redis_broker_with_a_global_keyprefix(
+    request: pytest.FixtureRequest, redis_url: str, prefix: str
+) -> None:
+    # kombu puts global_keyprefix before every pub/sub channel, Flower's subscription included; the fast path
+    # published its task events on the channels unprefixed, where nobody listens: Flower showed the worker
+    # online and none of its calls (found by a review).
+    keyprefix = f"cs-kp-{uuid.uuid4().hex[:6]}:"
+    prov = broker_provider(request, "redis", redis_url, prefix, "kp", TEST_GLOBAL_KEYPREFIX=keyprefix)
+    settings = DistributionSettings(
+        key=f"caller-{uuid.uuid4().hex[:6]}",
+        broker_url=redis_url,
+        result_backend=redis_url,
+        registry_prefix=prefix,
+        services=[],
+        remote_services=[],
+        timeout=8,
+    )
+    celery = make_celery(settings)  # the caller's Celery app, configured as the provider's
+    celery.conf.broker_transport_options = {
+        **celery.conf.broker_transport_options,
+        "global_keyprefix": keyprefix,
+    }
+    app = App()
+    distribution = distribute(app, settings, celery=celery)
+    events = TaskEvents(redis_url)
+    events.celery.conf.broker_transport_options = {"global_keyprefix": keyprefix}  # Flower, configured alike
+    try:
+        with prov.worker() as worker:
+            assert "fast path serving queue" in worker.log()
+            probe = distribution.remote_service(prov.key, "probe", ["get"])
+            name = f"{prov.key}.probe.get"
+            with events:
+
+                def heard() -> bool:
+                    probe.get(1, {})
+                    return any(e["type"] == "task-succeeded" for e in events.received(name))
+
+                wait_for(heard, 15, interval=0.1, what=f"a task event of {name} under {keyprefix}")
+    finally:
+        finalize(app)
+        cleanup(prov.broker, redis_url, prov.key, prov.runs_key)
+        store = redis.Redis.from_url(redis_url)
+        for stale in store.scan_iter(f"{keyprefix}*"):
+            store.delete(stale)
+        store.close()
 
 
 @pytest.mark.timeout(60)

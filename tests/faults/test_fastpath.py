@@ -340,6 +340,32 @@ def blocked_takes(redis_url: str, relay: Cuttable) -> int:
         store.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_call_in_flight_is_in_a_list_that_expires_from_its_take(redis_url: str, prefix: str) -> None:
+    # A thread's in-flight list is made by its take (BLMOVE) and given its lifetime by the keeper's next
+    # renewal, a third of a lease later: a worker killed in between, with no other instance of its key to
+    # give its call back, left the list, and the call in it, for good (found by a review).
+    prov = registered_provider(redis_url, prefix, "ttl", CELERY_SERVICES_LEASE_TIMEOUT="30")
+    app, distribution = caller_on(redis_url, redis_url, prefix)
+    store = redis.Redis.from_url(redis_url)
+    try:
+        with prov.worker():
+            probe = distribution.remote_service(prov.key, "probe", PROBE)
+            with ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(probe.slow, {"tag": "ttl", "seconds": 1.5}, {})
+                listed = wait_for(
+                    lambda: [name for name, size in in_flight(redis_url, prefix, prov.key).items() if size],
+                    timeout=10,
+                    what="the call in flight",
+                )
+                assert store.ttl(listed[0]) > 0, "the in-flight list lives until a renewal 10 s on"
+                assert pending.result(timeout=10)["tag"] == "ttl"
+    finally:
+        store.close()
+        finalize(app)
+        cleanup(redis_url, redis_url, prov.key, prov.runs_key)
+
+
 @pytest.mark.timeout(90)
 def test_a_call_taken_by_a_blmove_whose_answer_was_lost_is_served(redis_url: str, prefix: str) -> None:
     # Redis ran a serving thread's BLMOVE, moving a call into the thread's in-flight list, but the answer
