@@ -150,9 +150,16 @@ def _topics(c: Any, exchange: Exchange | None) -> EventTopics | None:
     """The pub/sub channels of each task event the fast path sends on Redis (``None``: it sends none)."""
     if exchange is None:
         return None
-    # The channel of the worker's own dispatcher knows the transport's fanout prefix and patterns.
-    topics = c.event_dispatcher.producer.channel._get_publish_topics
-    channels = {kind: list(topics(exchange.name, kind.replace("-", "."))) for kind in EVENT_TYPES}
+    # The channel of the worker's own dispatcher knows the transport's fanout prefix and patterns; kombu's
+    # client puts global_keyprefix before each channel it publishes or subscribes to (Flower's included),
+    # which the fast path, writing PUBLISH itself, must do too.
+    channel = c.event_dispatcher.producer.channel
+    keyprefix = str(getattr(channel, "global_keyprefix", "") or "")
+    topics = channel._get_publish_topics
+    channels = {
+        kind: [keyprefix + topic for topic in topics(exchange.name, kind.replace("-", "."))]
+        for kind in EVENT_TYPES
+    }
     return EventTopics(exchange.name, channels)
 
 

@@ -513,7 +513,12 @@ class RedisFastPath(FastPath):
         # One connection held by the thread, commands written and read on it directly: redis-py's command
         # and pipeline layers cost more per call than the rest of the call's own work (DESIGN §6).
         held = HeldConnection(self.store.connection_pool)
-        take = pack_commands([("BLMOVE", self.queue, inflight, "RIGHT", "LEFT", POLL)])  # the same every time
+        # The same every time. The list a take makes gets its lifetime with it (the EXPIRE, pipelined, runs
+        # once the BLMOVE returns): given by the keeper's next renewal only, a third of a lease on, a worker
+        # killed meanwhile with no other instance of its key left the list, and its call, for good.
+        take = pack_commands(
+            [("BLMOVE", self.queue, inflight, "RIGHT", "LEFT", POLL), ("EXPIRE", inflight, KEEP)]
+        )
         failing = False
         # A take that failed may have been run by Redis all the same, its answer lost with the connection:
         # its call then waits in this thread's list, and would be deleted unserved by the next call's
@@ -529,6 +534,7 @@ class RedisFastPath(FastPath):
                 connection = held.get()
                 connection.send_packed_command(take)
                 raw = connection.read_response(timeout=POLL + READ_MARGIN)
+                connection.read_response(timeout=READ_MARGIN)
                 self._waiting[index] = False
                 if failing:
                     log.warning("fast path reaches its queue %s again", self.queue)
