@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import jwt
 import pytest
-import socketio  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from starlette.requests import HTTPConnection
@@ -32,7 +31,7 @@ from celery_services.http.auth import (
 from celery_services.testing import KitConfig, ProviderWorker, wait_for
 from workers.services import guard
 
-from .test_http import SSEReader, gateway_settings, provider_worker
+from .test_http import SSEReader, gateway_settings, provider_worker, socket_client
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -107,17 +106,6 @@ def serve(api: App) -> Iterator[Callable[[Authenticate], str]]:
 @pytest.fixture(scope="module")
 def hs256(serve: Callable[[Authenticate], str]) -> str:
     return serve(JWTAuthentication(JWTSettings(secret=SECRET)))
-
-
-@contextlib.contextmanager
-def socket_client(url: str) -> Iterator[Any]:
-    """A python-socketio client connected to the gateway's Feathers socket transport."""
-    client = socketio.Client()
-    client.connect(url, transports=["websocket"], wait_timeout=10)
-    try:
-        yield client
-    finally:
-        client.disconnect()
 
 
 def authenticate(client: Any, access_token: str) -> Any:
