@@ -148,6 +148,13 @@ def redis_broker(redis_url: str, unique: str) -> Iterator[Broker]:
     b.cleanup()
 
 
+@pytest.fixture
+def rabbitmq_broker(rabbitmq_url: str, unique: str) -> Iterator[Broker]:
+    b = Broker("rabbitmq", rabbitmq_url, unique)
+    yield b
+    b.cleanup()
+
+
 def test_routing_key() -> None:
     assert (
         routing_key("my-app", "/api/articles/", "article_published")
@@ -606,19 +613,12 @@ def test_invalid_configuration() -> None:
 
 @pytest.mark.rabbitmq
 @pytest.mark.timeout(30)
-def test_a_forked_child_publishes_on_a_connection_of_its_own(rabbitmq_url: str, unique: str) -> None:
+def test_a_forked_child_publishes_on_a_connection_of_its_own(rabbitmq_broker: Broker) -> None:
     # A prefork pool's children are forked from a worker whose bus may have published already (an event of a
     # call made at import): they published on the producer connection they inherited, one socket shared by
     # every child and the parent, whose frames and replies they could take from one another. (On Redis,
     # redis-py's pools make new connections in a new process themselves.)
-    broker = Broker("rabbitmq", rabbitmq_url, unique)
-    try:
-        forked_child_publishes(broker)
-    finally:
-        broker.cleanup()
-
-
-def forked_child_publishes(broker: Broker) -> None:
+    broker = rabbitmq_broker
     got = Collector()
     listener = broker.bus(consumer_key="gw", on_event=got)
     listener.bind("app", "articles", "created")
