@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.utils.nodenames import anon_nodename
 from kombu.exceptions import OperationalError
@@ -67,6 +67,8 @@ if TYPE_CHECKING:
     from .settings import DistributionSettings
 
 __all__ = ["Call", "RemoteService", "Transport", "current_deadline"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("celery_services.remote")
 
@@ -483,19 +485,13 @@ class Transport:
             connection.connect_timeout = configured
 
     def _producer(self) -> Any:
-        held = getattr(self._local, "producer", None)
-        # By pid, as the Redis connections are: a forking thread's locals live on in its child, and py-amqp
-        # would have the child publish on its parent's socket (a prefork pool's child, forked by a thread
-        # that had made a call).
-        if held is not None and held[0] == os.getpid():
-            return held[1]
-        connection = self.celery.connection_for_write()
-        producer = self.celery.amqp.Producer(connection, auto_declare=False)
-        self._local.producer = (os.getpid(), producer)
+        # Kept by pid (_kept): py-amqp would have a forked child publish on its parent's socket.
+        return self._kept("producer", self._new_producer, self._forget)
+
+    def _new_producer(self) -> Any:
+        producer = self.celery.amqp.Producer(self.celery.connection_for_write(), auto_declare=False)
         with self._producers_lock:
             self._producers.append(producer)
-        # Callers' threads come and go (thread pools): a thread's connection goes with it.
-        weakref.finalize(threading.current_thread(), self._forget, producer)
         return producer
 
     def _forget(self, producer: Any) -> None:
@@ -591,14 +587,19 @@ class Transport:
         Taken from the pool once, not per call: taking and returning it cost a call some 15 us, 6% of it
         (measured in alternating rounds). A forked child takes its own.
         """
+        return self._kept(slot, lambda: HeldConnection(store.connection_pool), HeldConnection.release)
+
+    def _kept(self, slot: str, make: Callable[[], T], release: Callable[[T], object]) -> T:
+        """This thread's ``slot``: made by ``make`` on its first use in this process, given to ``release``
+        once the thread ends (callers' threads come and go: thread pools). Kept by pid: a forking thread's
+        locals live on in its child (a prefork pool's), which must not use its parent's sockets."""
         held = getattr(self._local, slot, None)
         if held is not None and held[0] == os.getpid():
             return held[1]  # type: ignore[no-any-return]
-        connection = HeldConnection(store.connection_pool)
-        # Callers' threads come and go (thread pools): the pool gets a finished thread's connection back.
-        weakref.finalize(threading.current_thread(), connection.release)
-        setattr(self._local, slot, (os.getpid(), connection))
-        return connection
+        value = make()
+        weakref.finalize(threading.current_thread(), release, value)
+        setattr(self._local, slot, (os.getpid(), value))
+        return value
 
 
 def connect_pauses(deadline: float) -> Iterator[float]:
