@@ -59,6 +59,7 @@ from ..core.errors import ServiceError
 from .heartbeats import Line, keep
 from .messages import (
     HEADER_REDELIVERED,
+    KEEP,
     MalformedMessage,
     TaskMessage,
     decode_task,
@@ -92,8 +93,6 @@ POLL = 0.2
 READ_MARGIN = 5.0
 #: Seconds between two attempts to reach a Redis that stopped answering.
 RETRY_INTERVAL = 0.5
-#: Seconds the in-flight lists and the instances set outlive their last renewal.
-KEEP = 3600
 #: The task events the fast path sends: one per call.
 EVENT_TYPES = ("task-succeeded", "task-failed", "task-revoked")
 #: What Flower shows of a result, at most.

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from .messages import HEADER_REDELIVERED, mark_redelivered
+from .messages import HEADER_REDELIVERED, KEEP, mark_redelivered
 from .redis_clients import RedisOptions, is_redis, redis_client
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ _RENEW = """
 local time = redis.call('TIME')
 local now = tonumber(time[1]) + tonumber(time[2]) / 1000000
 local alive = {}
-for i = 1, #ARGV do
+for i = 2, #ARGV do
   if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
     redis.call('ZADD', KEYS[2], now, ARGV[i])
     alive[#alive + 1] = ARGV[i]
@@ -55,9 +55,9 @@ for i = 1, #ARGV do
     redis.call('ZREM', KEYS[2], ARGV[i])
   end
 end
--- As long as Celery keeps an unacknowledged message (its visibility timeout's default, an hour): the set
--- of a key whose replicas are all gone for good goes too.
-if #alive > 0 then redis.call('EXPIRE', KEYS[2], 3600) end
+-- ARGV[1]: as long as Celery keeps an unacknowledged message (messages.KEEP): the set of a key whose
+-- replicas are all gone for good goes too.
+if #alive > 0 then redis.call('EXPIRE', KEYS[2], ARGV[1]) end
 return alive
 """
 
@@ -169,7 +169,7 @@ class LeaseKeeper:
             tags = list(self._tags)
         if not tags:
             return
-        alive = {_text(tag) for tag in renew(keys=[self.unacked, self.leases], args=tags)}
+        alive = {_text(tag) for tag in renew(keys=[self.unacked, self.leases], args=[KEEP, *tags])}
         with self._lock:
             self._tags.difference_update(tag for tag in tags if tag not in alive)
 

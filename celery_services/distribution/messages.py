@@ -24,6 +24,7 @@ from .protocol import dumps, loads, payload_size
 __all__ = [
     "DEFAULT_HEADERS",
     "EMBED",
+    "KEEP",
     "NO_EMBED",
     "MalformedMessage",
     "TaskMessage",
@@ -38,6 +39,10 @@ __all__ = [
 
 #: Header a redelivery increments (the library's own; kombu's ``redelivered`` flag is set too).
 HEADER_REDELIVERED = "cs_redelivered"
+#: Seconds kombu's Redis transport keeps an unacknowledged message before giving it back (Celery's default
+#: visibility timeout, which the library leaves alone): the bookkeeping of calls in flight (leases, the fast
+#: path's in-flight lists and instances) outlives its last renewal as long.
+KEEP = 3600
 
 
 class MalformedMessage(ValueError):
