@@ -20,9 +20,9 @@ Traps of kombu's Redis transport handled here:
   :func:`_give_back_to`.
 
 On RabbitMQ, once bindings are added at the broker, :meth:`~EventConsumer._apply` starts a new binding epoch
-(:mod:`.event_epoch`): publishers that skip a key RabbitMQ returned to them send its events again. A binding
-the admin connection could not apply is applied by the consumer thread, on its own channel, within a heal
-interval: :meth:`~EventConsumer._heal`.
+(:mod:`.event_epoch`): publishers that skip a key RabbitMQ returned to them send its events again. A bind or
+unbind the admin connection could not make at the broker is made by the consumer thread, on its own channel,
+within a heal interval (both brokers): :meth:`~EventConsumer._heal`.
 
 One piece, past 300 lines: the queue, its bindings (at the broker and in kombu's Redis tables) and the thread
 draining it must agree on one state under one lock.
